@@ -1,0 +1,100 @@
+"""`lorakit <job> [--config file.toml] [--option value ...]` — flags derived from each job's config schema.
+
+Precedence: schema default < TOML file < command-line flag. Errors become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .config import JOB_CONFIGS, FieldSpec, JobConfig
+from .errors import LorakitError
+
+# job name -> "module:function" taking the job's config object; imported only when the job runs
+RUNNERS = {
+    "train": "lorakit.training:train",
+    "merge": "lorakit.merging:merge",
+    "extract": "lorakit.extraction:extract",
+    "generate": "lorakit.generation:generate",
+    "prepare": "lorakit.dataprep:prepare",
+    "push": "lorakit.hub:push_to_hub",
+    "inspect": "lorakit.formats:inspect",
+    "tiny": "lorakit.tiny:build_tiny_cli",
+}
+
+
+def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: bool) -> None:
+    help_text = spec.help + (f" [default: {spec.default}]" if spec.default not in (None, [], "") else "")
+    if positional:
+        parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        return
+    kw = dict(dest=spec.name, default=argparse.SUPPRESS, help=help_text)
+    if spec.type is bool:
+        parser.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, **kw)
+    elif spec.type is list:
+        parser.add_argument(f"--{spec.name}", nargs="*", metavar=spec.item_type.__name__.upper(), **kw)
+    else:
+        metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else spec.type.__name__.upper()
+        parser.add_argument(f"--{spec.name}", metavar=metavar, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA training kit for Stable Diffusion.")
+    sub = parser.add_subparsers(dest="job", metavar="<job>")
+    for name, cls in JOB_CONFIGS.items():
+        p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
+                           description=(cls.__doc__ or "").strip() or None)
+        p.add_argument("--config", dest="_config", default=None, help="Read options from a TOML file first.")
+        p.add_argument("--dry_run", dest="_dry_run", action="store_true",
+                       help="Validate and print the resolved config, then stop.")
+        groups: dict[str, argparse._ArgumentGroup] = {}
+        for spec in cls.specs():
+            g = groups.setdefault(spec.group, p.add_argument_group(spec.group))
+            _add_field(g, spec, spec.name in cls.positional)
+    return parser
+
+
+def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
+    """Parse `argv` (without the program name) into (config, dry_run)."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    job = ns.pop("job")
+    if job is None:
+        parser.print_help()
+        raise SystemExit(2)
+    cls = JOB_CONFIGS[job]
+    config_path, dry_run = ns.pop("_config"), ns.pop("_dry_run")
+    if config_path:
+        return cls.from_toml(config_path, overrides=ns), dry_run
+    return cls.from_dict(ns, where=""), dry_run
+
+
+def run_job(cfg: JobConfig):
+    module, func = RUNNERS[cfg.job].split(":")
+    return getattr(importlib.import_module(module), func)(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, dry_run = parse_config(argv)
+        if dry_run:
+            print(cfg.to_toml(), end="")
+            return 0
+        run_job(cfg)
+    except LorakitError as e:
+        print(f"lorakit {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"lorakit {argv[0] if argv else ''}: error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,290 @@
+"""The one schema mechanism behind every job's options.
+
+Each job (train, merge, extract, generate, prepare, push, ...) is a dataclass whose fields are declared with
+`option(...)`: type (from the annotation), default, help text, group, choices and bounds. Everything else is derived
+from those fields — the CLI flags (`cli.py`), TOML loading, the metadata saved in outputs, and the notebook forms
+(`widgets.py`). There is no second list of options anywhere.
+
+Why dataclasses and not pydantic: the standard library is enough for flat configs of scalars and lists, adds no
+dependency, and the field metadata (`help`, `group`, `choices`) is exactly what peft's configs use. Validation is
+explicit in `validate()` so every message can name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    group: str = "general",
+    choices: list | tuple | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    basic: bool = False,
+    secret: bool = False,
+    cli_only: bool = False,
+    default_factory: Any = MISSING,
+):
+    """Declare one config field.
+
+    `basic` fields are shown first in forms; `secret` fields (tokens) are never saved or printed;
+    `min`/`max` are inclusive bounds checked by `validate()`.
+    """
+    meta = dict(help=help, group=group, choices=tuple(choices) if choices else None, min=min, max=max,
+                basic=basic, secret=secret, cli_only=cli_only)
+    if isinstance(default, (list, dict, set)):
+        default_factory, default = (lambda d=default: type(d)(d)), MISSING
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """Everything a face (CLI, TOML, widget, metadata) needs to know about one field."""
+
+    name: str
+    type: Any  # the base type: bool, int, float, str, or list[...] given as `list`
+    item_type: Any  # element type for lists, else None
+    optional: bool
+    default: Any
+    help: str
+    group: str
+    choices: tuple | None
+    min: float | None
+    max: float | None
+    basic: bool
+    secret: bool
+
+
+def _unwrap(tp) -> tuple[Any, Any, bool]:
+    """Return (base type, item type, optional) for the annotations lorakit uses."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if len(args) != 1:
+            raise TypeError(f"unsupported annotation {tp}")
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return list, typing.get_args(tp)[0], optional
+    return tp, None, optional
+
+
+def _type_name(spec: FieldSpec) -> str:
+    if spec.type is list:
+        return f"a list of {spec.item_type.__name__}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(spec.type, str(spec.type))
+
+
+def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
+    """Check/convert one scalar. Strings from the CLI are parsed; values from TOML must already have the type."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
+
+
+class JobConfig:
+    """Mixin for job configs: construction from dicts/TOML/CLI, validation, export."""
+
+    job: ClassVar[str] = ""
+    # fields whose value may be given positionally on the CLI (e.g. `lorakit inspect file.safetensors`)
+    positional: ClassVar[tuple[str, ...]] = ()
+
+    # ---------- the schema
+    @classmethod
+    def specs(cls) -> list[FieldSpec]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            base, item, optional = _unwrap(hints[f.name])
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else MISSING)
+            m = f.metadata
+            out.append(FieldSpec(f.name, base, item, optional, default, m.get("help", ""), m.get("group", "general"),
+                                 m.get("choices"), m.get("min"), m.get("max"), m.get("basic", False),
+                                 m.get("secret", False)))
+        return out
+
+    @classmethod
+    def spec(cls, name: str) -> FieldSpec:
+        for s in cls.specs():
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    # ---------- construction
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def coerce(cls, spec: FieldSpec, value, where: str = ""):
+        if value is None:
+            if spec.optional or spec.default is None:
+                return None
+            raise ConfigError(f"`{spec.name}` must be set ({_type_name(spec)}){where}")
+        if spec.type is list:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
+            return [_coerce_scalar(spec, spec.item_type, v, where) for v in value]
+        return _coerce_scalar(spec, spec.type, value, where)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str = ""):
+        """Build from a plain dict (TOML, JSON, widgets). Unknown keys are errors with a suggestion."""
+        specs = {s.name: s for s in cls.specs()}
+        aliases = getattr(cls, "aliases", {})
+        kwargs = {}
+        for key, value in data.items():
+            key = aliases.get(key, key)
+            if key not in specs:
+                close = difflib.get_close_matches(key, list(specs), n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else f"; valid options: `lorakit {cls.job} --help`"
+                raise ConfigError(f"unknown option `{key}` for `{cls.job}`{where}{hint}")
+            kwargs[key] = cls.coerce(specs[key], value, where)
+        missing = [s.name for s in specs.values() if s.default is MISSING and s.name not in kwargs]
+        if missing:
+            raise ConfigError(f"`{missing[0]}` is required for `{cls.job}`{where}")
+        return cls(**kwargs)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: dict | None = None):
+        """Load a TOML file (flat `name = value`, sections are allowed and flattened); `overrides` win."""
+        data = read_toml(path)
+        flat = {}
+        for k, v in data.items():
+            if isinstance(v, dict):  # [model], [training] ... groups are a convenience, keys stay flat
+                flat.update(v)
+            else:
+                flat[k] = v
+        flat.update(overrides or {})
+        return cls.from_dict(flat, where=f" (in {Path(path).name})")
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        specs = {s.name: s for s in self.specs()}
+        for k in changes:
+            if k not in specs:
+                raise ConfigError(f"unknown option `{k}` for `{self.job}`")
+        return dataclasses.replace(self, **{k: self.coerce(specs[k], v) for k, v in changes.items()})
+
+    # ---------- validation
+    def validate(self) -> None:
+        """Types, choices, bounds, then the job's own cross-field checks in `check()`."""
+        for s in self.specs():
+            v = getattr(self, s.name)
+            if v is None:
+                if not (s.optional or s.default is None):
+                    raise ConfigError(f"`{s.name}` must be set ({_type_name(s)})")
+                continue
+            values = v if isinstance(v, list) else [v]
+            if s.type is not list and isinstance(v, list):
+                raise ConfigError(f"`{s.name}` must be {_type_name(s)}, got a list")
+            for item in values:
+                if s.choices is not None and item not in s.choices:
+                    raise ConfigError(
+                        f"`{s.name}` must be one of {', '.join(map(str, s.choices))}; got {item!r}")
+                if isinstance(item, (int, float)) and not isinstance(item, bool):
+                    if s.min is not None and item < s.min:
+                        raise ConfigError(f"`{s.name}` must be ≥ {s.min}, got {item}")
+                    if s.max is not None and item > s.max:
+                        raise ConfigError(f"`{s.name}` must be ≤ {s.max}, got {item}")
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks; overridden per job."""
+
+    # ---------- export
+    def to_dict(self, *, include_secrets: bool = False) -> dict:
+        """All fields as plain values (for metadata, JSON, TOML). Secret fields are left out unless asked."""
+        return {s.name: getattr(self, s.name) for s in self.specs() if include_secrets or not s.secret}
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps({k: v for k, v in self.to_dict().items() if v is not None})
+
+    def save_toml(self, path: str | os.PathLike) -> Path:
+        from ..fileio import write_text
+
+        return write_text(path, self.to_toml())
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{s.name}={'***' if s.secret and getattr(self, s.name) else getattr(self, s.name)!r}"
+                         for s in self.specs())
+        return f"{type(self).__name__}({body})"
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path.name}: invalid TOML ({e})") from None
+
+
+def parse_resolution(value: str | int | None) -> tuple[int, int] | None:
+    """`"512"` → (512, 512); `"768,512"` → (768, 512) as (width, height)."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in str(value).replace("x", ",").split(",") if p.strip()]
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"`resolution` must be \"N\" or \"W,H\", got {value!r}") from None
+    if len(nums) == 1:
+        nums = nums * 2
+    if len(nums) != 2 or min(nums) < 8:
+        raise ConfigError(f"`resolution` must be \"N\" or \"W,H\" with sizes ≥ 8, got {value!r}")
+    return nums[0], nums[1]

@@ -1,0 +1,194 @@
+"""The `train` job's options, spelled as sd-scripts spells them so its users feel at home.
+
+lorakit's defaults differ from sd-scripts' in a few deliberate places, each for the user:
+- `network_dim = 16`, `network_alpha = 8` (scale 0.5): sd-scripts' alpha 1 trains weakly, the most common
+  complaint; 16/8 is what the popular Colab kits settled on.
+- `cache_latents = true`: ~40% less work per step; turn it off for `color_aug`/`random_crop`.
+- `resolution` unset means the model's native size (512 for SD1, 768 for SD2-v, 64 for the toy model).
+- `seed = 42`: runs are reproducible unless asked otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .schema import JobConfig, option, parse_resolution
+
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("float", "fp16", "bf16")
+SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmsolver++", "dpmsingle", "unipc")
+
+
+@dataclass(repr=False)
+class TrainConfig(JobConfig):
+    job = "train"
+
+    # ---- model
+    pretrained_model_name_or_path: str = option(
+        "lorakit-toy", "Base model: a Hub repo id (diffusers layout), a local diffusers folder, a single-file "
+        ".safetensors/.ckpt, or the built-in `lorakit-toy`.", group="model", basic=True)
+    v2: bool | None = option(None, "The base model is SD 2.x. Unset: detected from the weights.", group="model")
+    v_parameterization: bool | None = option(
+        None, "Train with v-prediction (SD 2.x 768 models). Unset: detected from the model.", group="model")
+    vae: str | None = option(None, "Use this VAE instead of the model's own (folder, file or repo id).", group="model")
+    clip_skip: int = option(1, "Use the text encoder's k-th layer from the end (2 for many anime models).",
+                            group="model", min=1, max=12)
+
+    # ---- data
+    train_data_dir: str | None = option(
+        None, "Training images: DreamBooth folders `<repeats>_<identifier> <class>` or images with caption files.",
+        group="data", basic=True)
+    reg_data_dir: str | None = option(None, "Regularisation (class) images in the DreamBooth layout.", group="data")
+    dataset_config: str | None = option(None, "An sd-scripts dataset TOML ([general], [[datasets]], "
+                                        "[[datasets.subsets]]).", group="data")
+    caption_extension: str = option(".txt", "Extension of caption files next to the images.", group="data")
+    shuffle_caption: bool = option(False, "Shuffle comma-separated tags each step (after `keep_tokens`).",
+                                   group="data")
+    keep_tokens: int = option(0, "Keep the first N tags in place when shuffling.", group="data", min=0)
+    caption_dropout_rate: float = option(0.0, "Probability of training a step with an empty caption.",
+                                         group="data", min=0.0, max=1.0)
+    color_aug: bool = option(False, "Random hue jitter (needs cache_latents = false).", group="data")
+    flip_aug: bool = option(False, "Random horizontal flips (don't use for asymmetric subjects).", group="data")
+    random_crop: bool = option(False, "Random instead of centre crop (needs cache_latents = false).", group="data")
+    resolution: str | None = option(None, "Training size \"N\" or \"W,H\". Unset: the model's native size.",
+                                    group="data", basic=True)
+    enable_bucket: bool = option(False, "Aspect-ratio bucketing: train each image near its own aspect ratio.",
+                                 group="data")
+    min_bucket_reso: int = option(256, "Smallest bucket side.", group="data", min=8)
+    max_bucket_reso: int = option(1024, "Largest bucket side.", group="data", min=8)
+    bucket_reso_steps: int = option(64, "Bucket sides are multiples of this.", group="data", min=8)
+    bucket_no_upscale: bool = option(False, "Never enlarge small images to fill a bucket.", group="data")
+    cache_latents: bool = option(True, "Encode images once, before training (faster, less VRAM).", group="data")
+    cache_latents_to_disk: bool = option(False, "Keep cached latents on disk next to the images, reused across "
+                                         "runs (invalidated when the image or settings change).", group="data")
+    prior_loss_weight: float = option(1.0, "Loss weight of regularisation images.", group="data", min=0.0)
+    train_batch_size: int = option(1, "Images per step.", group="training", min=1, basic=True)
+
+    # ---- network
+    network_module: str = option("networks.lora", "Network type (sd-scripts name; LoRA and LoCon via conv_dim).",
+                                 group="network", choices=["networks.lora"])
+    network_dim: int = option(16, "LoRA rank: capacity of the adapter.", group="network", min=1, max=1024,
+                              basic=True)
+    network_alpha: float = option(8.0, "LoRA alpha: the adapter's output is scaled by alpha / dim.",
+                                  group="network", min=0.0, basic=True)
+    network_dropout: float = option(0.0, "Dropout on the LoRA path.", group="network", min=0.0, max=1.0)
+    network_args: list[str] = option([], "Extra `key=value` network options (sd-scripts style), e.g. conv_dim=8.",
+                                     group="network")
+    conv_dim: int | None = option(None, "Rank for 3x3 convolutions (LoCon). Unset: no conv LoRA.", group="network",
+                                  min=1, max=1024)
+    conv_alpha: float | None = option(None, "Alpha for conv LoRA. Unset: same as conv_dim.", group="network",
+                                      min=0.0)
+    network_weights: str | None = option(None, "Start from an existing LoRA file.", group="network")
+    network_train_unet_only: bool = option(False, "Train only the U-Net LoRA.", group="network")
+    network_train_text_encoder_only: bool = option(False, "Train only the text-encoder LoRA.", group="network")
+    learning_rate: float = option(1e-4, "Learning rate (fallback for unet_lr and text_encoder_lr).",
+                                  group="training", min=0.0, basic=True)
+    unet_lr: float | None = option(None, "Learning rate of the U-Net LoRA.", group="training", min=0.0)
+    text_encoder_lr: float | None = option(None, "Learning rate of the text-encoder LoRA.", group="training",
+                                           min=0.0)
+
+    # ---- training
+    output_dir: str = option("output", "Folder for the LoRA, samples, loss history and state.", group="training",
+                             basic=True)
+    output_name: str = option("lora", "File name (without extension) of the saved LoRA.", group="training",
+                              basic=True)
+    max_train_steps: int | None = option(1600, "Total optimizer steps (ignored when max_train_epochs is set).",
+                                         group="training", min=1, basic=True)
+    max_train_epochs: int | None = option(None, "Train for this many epochs instead of max_train_steps.",
+                                          group="training", min=1)
+    gradient_accumulation_steps: int = option(1, "Accumulate gradients over N batches per optimizer step.",
+                                              group="training", min=1)
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward: much less VRAM, ~30% slower.",
+                                          group="training")
+    mixed_precision: str = option("no", "Compute precision: fp16 (T4), bf16 (Ampere+), or no (fp32, CPU).",
+                                  group="training", choices=PRECISIONS)
+    optimizer_type: str = option("AdamW", "Optimizer.", group="training", choices=OPTIMIZERS)
+    optimizer_args: list[str] = option([], "Extra optimizer `key=value` options, e.g. weight_decay=0.01.",
+                                       group="training")
+    use_8bit_adam: bool = option(False, "Alias of optimizer_type = AdamW8bit (sd-scripts).", group="training")
+    lr_scheduler: str = option("constant", "Learning-rate schedule.", group="training", choices=SCHEDULERS)
+    lr_warmup_steps: int = option(0, "Linear warm-up steps.", group="training", min=0)
+    lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts.", group="training", min=1)
+    lr_scheduler_power: float = option(1.0, "Power for the polynomial schedule.", group="training", min=0.0)
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
+    noise_offset: float = option(0.0, "Offset noise (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05–0.1 "
+                                 "helps very dark/bright images.", group="training", min=0.0, max=1.0)
+    min_snr_gamma: float | None = option(None, "Min-SNR loss weighting (Hang et al. 2023); 5 is typical.",
+                                         group="training", min=0.0)
+    seed: int | None = option(42, "Random seed; a run with the same seed is reproducible on CPU.",
+                              group="training", min=0)
+    xformers: bool = option(False, "Use xformers attention (optional package) instead of PyTorch SDPA.",
+                            group="training")
+    sdpa: bool = option(True, "Use PyTorch scaled-dot-product attention (the default).", group="training")
+    device: str | None = option(None, "cuda, mps or cpu. Unset: the best available.", group="training")
+
+    # ---- saving
+    save_model_as: str = option("safetensors", "LoRA file format.", group="saving",
+                                choices=["safetensors", "ckpt", "pt"])
+    save_precision: str = option("fp16", "Precision of the saved LoRA.", group="saving", choices=SAVE_PRECISIONS)
+    save_every_n_epochs: int | None = option(None, "Also save a LoRA every N epochs.", group="saving", min=1)
+    save_every_n_steps: int | None = option(None, "Also save a LoRA every N steps.", group="saving", min=1)
+    save_state: bool = option(False, "Save optimizer/scheduler/RNG state with each save, so `resume` can continue "
+                              "exactly (use on Colab).", group="saving")
+    resume: str | None = option(None, "Resume from a state folder written by save_state (or `latest`).",
+                                group="saving")
+    no_metadata: bool = option(False, "Write no training metadata into the LoRA file.", group="saving")
+    training_comment: str | None = option(None, "A comment stored in the metadata.", group="saving")
+
+    # ---- samples
+    sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d).",
+                                        group="samples")
+    sample_every_n_steps: int | None = option(None, "Generate samples every N steps.", group="samples", min=1)
+    sample_every_n_epochs: int | None = option(None, "Generate samples every N epochs.", group="samples", min=1)
+    sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS)
+
+    def check(self) -> None:
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            raise ConfigError("`network_train_unet_only` and `network_train_text_encoder_only` cannot both be set: "
+                              "choose one, or neither to train both")
+        if self.cache_latents and (self.color_aug or self.random_crop):
+            what = "color_aug" if self.color_aug else "random_crop"
+            raise ConfigError(f"`{what}` changes the image every step, so latents cannot be cached: "
+                              f"set `cache_latents = false`")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise ConfigError("`cache_latents_to_disk` needs `cache_latents = true`")
+        if self.min_bucket_reso > self.max_bucket_reso:
+            raise ConfigError(f"`min_bucket_reso` ({self.min_bucket_reso}) must be ≤ `max_bucket_reso` "
+                              f"({self.max_bucket_reso})")
+        if self.max_train_steps is None and self.max_train_epochs is None:
+            raise ConfigError("set `max_train_steps` or `max_train_epochs`")
+        parse_resolution(self.resolution)
+        for arg in self.network_args:
+            if "=" not in arg:
+                raise ConfigError(f"`network_args` entries must be key=value, got {arg!r}")
+        for arg in self.optimizer_args:
+            if "=" not in arg:
+                raise ConfigError(f"`optimizer_args` entries must be key=value, got {arg!r}")
+
+    # ---- derived values (one place, used by train, metadata and the forms' summary)
+    @property
+    def resolved_optimizer(self) -> str:
+        return "AdamW8bit" if self.use_8bit_adam else self.optimizer_type
+
+    @property
+    def resolved_conv(self) -> tuple[int | None, float | None]:
+        """(conv_dim, conv_alpha), also read from sd-scripts-style `network_args`."""
+        args = dict(a.split("=", 1) for a in self.network_args)
+        conv_dim = self.conv_dim if self.conv_dim is not None else (int(args["conv_dim"]) if "conv_dim" in args
+                                                                     else None)
+        conv_alpha = self.conv_alpha if self.conv_alpha is not None else (
+            float(args["conv_alpha"]) if "conv_alpha" in args else None)
+        if conv_dim is not None and conv_alpha is None:
+            conv_alpha = float(conv_dim)
+        return conv_dim, conv_alpha
+
+    @property
+    def resolved_unet_lr(self) -> float:
+        return self.learning_rate if self.unet_lr is None else self.unet_lr
+
+    @property
+    def resolved_text_encoder_lr(self) -> float:
+        return self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr

@@ -1,0 +1,86 @@
+"""Atomic writes and safe reads. Every file lorakit writes goes through `atomic_path`: a temporary file in the
+destination folder, renamed over the target only when fully written, so a crash never leaves a half file."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import ModelLoadError, UnsafeCheckpointError
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; on success rename it onto `dest`, on error remove it."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, dest)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(dest: str | os.PathLike, text: str) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(dest)
+
+
+def write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+    return Path(dest)
+
+
+def write_json(dest: str | os.PathLike, obj) -> Path:
+    return write_text(dest, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def save_safetensors(tensors: dict, dest: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically. Tensors are made contiguous (shared storage is not allowed)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(dest) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(dest)
+
+
+def torch_save(obj, dest: str | os.PathLike) -> Path:
+    import torch
+
+    with atomic_path(dest) as tmp:
+        torch.save(obj, tmp)
+    return Path(dest)
+
+
+def safe_torch_load(path: str | os.PathLike):
+    """Load a .ckpt/.pt/.bin with `weights_only=True`: plain tensors and containers only, never code.
+
+    A pickle that references anything else (a function to call, a class to build) is refused with
+    `UnsafeCheckpointError`; its payload is never executed.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path.name}: refused to load — this pickle file asks to run code or build objects that are not "
+            f"plain tensors ({str(e).splitlines()[0][:200]}). Convert it to .safetensors with a tool you trust."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None

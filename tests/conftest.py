@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny SD1/SD2 models built offline once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    """A tiny random SD1-style model saved as a diffusers folder."""
+    from lorakit.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-sd1")
+    build_tiny("sd1", seed=0, folder=folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """A tiny random SD2-style model (v-prediction, linear projections) saved as a diffusers folder."""
+    from lorakit.tiny import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny-sd2")
+    build_tiny("sd2", seed=0, folder=folder)
+    return folder

@@ -1,0 +1,94 @@
+"""The config schema: one source for CLI, TOML, metadata; errors name the field and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.cli import main, parse_config
+from lorakit.config import JOB_CONFIGS, MergeConfig, TrainConfig, parse_resolution
+from lorakit.errors import ConfigError
+
+
+def test_every_field_has_help_group_and_type():
+    for cls in JOB_CONFIGS.values():
+        for spec in cls.specs():
+            assert spec.help, f"{cls.job}.{spec.name} has no help"
+            assert spec.group
+            assert spec.type in (bool, int, float, str, list)
+
+
+def test_defaults_validate_and_roundtrip_through_toml(tmp_path):
+    cfg = TrainConfig(train_data_dir="data", network_dim=32)
+    path = cfg.save_toml(tmp_path / "train.toml")
+    again = TrainConfig.from_toml(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_cli_overrides_toml(tmp_path):
+    (tmp_path / "t.toml").write_text('network_dim = 8\nlearning_rate = 0.001\n[data]\ntrain_data_dir = "x"\n')
+    cfg, dry = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--network_dim", "32", "--flip_aug"])
+    assert (cfg.network_dim, cfg.learning_rate, cfg.train_data_dir, cfg.flip_aug) == (32, 0.001, "x", True)
+    assert not dry
+
+
+def test_cli_lists_and_optional_bools():
+    cfg, _ = parse_config(["merge", "--models", "a.safetensors", "b.safetensors", "--ratios", "0.8", "0.5",
+                           "--save_to", "m.safetensors", "--v2"])
+    assert cfg.models == ["a.safetensors", "b.safetensors"] and cfg.ratios == [0.8, 0.5] and cfg.v2 is True
+    assert MergeConfig(models=["a"], save_to="x").v2 is None
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"network_dimm": 4}, ["network_dimm", "network_dim"]),
+    ({"network_dim": "many"}, ["network_dim", "integer"]),
+    ({"network_dim": 0}, ["network_dim", "≥ 1"]),
+    ({"caption_dropout_rate": 1.5}, ["caption_dropout_rate", "≤ 1"]),
+    ({"mixed_precision": "fp8"}, ["mixed_precision", "fp16"]),
+    ({"network_train_unet_only": True, "network_train_text_encoder_only": True}, ["network_train_unet_only",
+                                                                                  "choose one"]),
+    ({"color_aug": True}, ["color_aug", "cache_latents = false"]),
+    ({"resolution": "big"}, ["resolution", "W,H"]),
+])
+def test_bad_values_name_the_field(data, words):
+    with pytest.raises(ConfigError) as e:
+        TrainConfig.from_dict(data)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_toml_wrong_type_is_an_error(tmp_path):
+    (tmp_path / "t.toml").write_text('network_dim = "sixteen"\n')
+    with pytest.raises(ConfigError, match=r"network_dim.*t\.toml"):
+        TrainConfig.from_toml(tmp_path / "t.toml")
+
+
+def test_ratios_must_match_models():
+    with pytest.raises(ConfigError, match="one ratio per model"):
+        MergeConfig(models=["a", "b"], ratios=[1.0], save_to="x")
+
+
+def test_cli_prints_one_clear_line(capsys, tmp_path):
+    (tmp_path / "t.toml").write_text("unknown_key = 1\n")
+    assert main(["train", "--config", str(tmp_path / "t.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown option `unknown_key`" in err[0]
+    assert main(["train", "--network_train_unet_only", "--network_train_text_encoder_only", "--dry_run"]) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_toml(capsys):
+    assert main(["train", "--network_dim", "4", "--dry_run"]) == 0
+    assert "network_dim = 4" in capsys.readouterr().out
+
+
+def test_secret_fields_never_exported():
+    from lorakit.config import PushConfig
+
+    cfg = PushConfig(repo_id="u/r", token="hf_secret123")
+    assert "token" not in cfg.to_dict() and "hf_secret123" not in repr(cfg) and "hf_secret123" not in cfg.to_toml()
+
+
+def test_parse_resolution():
+    assert parse_resolution("512") == (512, 512)
+    assert parse_resolution("768,512") == (768, 512)
+    assert parse_resolution(None) is None
