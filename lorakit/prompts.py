@@ -1,0 +1,109 @@
+"""Prompt lines in kohya's syntax (KOHYA_FORMAT.md §9), used by `generate` and by sampling during training.
+
+    a photo of sks dog --n lowres, blurry --w 512 --h 512 --s 28 --l 7.5 --d 42
+
+`--n` negative prompt, `--w`/`--h` size (multiples of 8), `--s` steps, `--l` guidance (CFG) scale, `--d` seed.
+Options not given fall back to the caller's defaults (`None` here). A prompt file holds one prompt per line; empty
+lines and lines starting with `#` are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+# option letter -> (field, converter, description)
+_OPTIONS = {
+    "n": ("negative_prompt", str, "negative prompt"),
+    "w": ("width", int, "width"),
+    "h": ("height", int, "height"),
+    "s": ("num_inference_steps", int, "steps"),
+    "l": ("guidance_scale", float, "guidance scale"),
+    "d": ("seed", int, "seed"),
+}
+# ` --x value`: an option starts at a space (or the line start) followed by `--` and one known letter and a space
+_SPLIT = re.compile(r"(?:^|\s)--([a-zA-Z]+)(?=\s|$)")
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt and the generation settings its line overrides (`None`: use the job's setting)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+    def with_defaults(self, **defaults) -> PromptSpec:
+        """Fill the settings this line left unset from `defaults` (keys are the field names)."""
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+    def to_line(self) -> str:
+        """The kohya prompt line for this spec (parse_prompt_line(spec.to_line()) == spec)."""
+        parts = [self.prompt]
+        for letter, (field, _, _) in _OPTIONS.items():
+            value = getattr(self, field)
+            if value is not None:
+                parts.append(f"--{letter} {value}")
+        return " ".join(parts)
+
+
+def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
+    """Parse one kohya prompt line. Unknown options and bad values raise `ConfigError` naming them."""
+    line = line.strip()
+    matches = list(_SPLIT.finditer(line))
+    prompt = line[: matches[0].start()].strip() if matches else line
+    values: dict = {}
+    for i, m in enumerate(matches):
+        letter = m.group(1)
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
+        raw = line[m.end(): end].strip()
+        if letter not in _OPTIONS:
+            known = ", ".join(f"--{k} ({v[2]})" for k, v in _OPTIONS.items())
+            raise ConfigError(f"unknown prompt option `--{letter}`{where}; known: {known}")
+        field, conv, desc = _OPTIONS[letter]
+        if not raw and field != "negative_prompt":
+            raise ConfigError(f"prompt option `--{letter}` ({desc}) needs a value{where}")
+        try:
+            value = conv(raw)
+        except ValueError:
+            raise ConfigError(f"prompt option `--{letter}` ({desc}) must be {conv.__name__}, got {raw!r}{where}") \
+                from None
+        if field in ("width", "height") and (value < 8 or value % 8):
+            raise ConfigError(f"prompt option `--{letter}` ({desc}) must be a multiple of 8, got {value}{where}")
+        if field == "num_inference_steps" and value < 1:
+            raise ConfigError(f"prompt option `--s` (steps) must be ≥ 1, got {value}{where}")
+        if field == "seed" and value < 0:
+            raise ConfigError(f"prompt option `--d` (seed) must be ≥ 0, got {value}{where}")
+        values[field] = value
+    if not prompt:
+        raise ConfigError(f"empty prompt{where}: a line must start with the prompt text")
+    return PromptSpec(prompt=prompt, **values)
+
+
+def parse_prompt_text(text: str, source: str = "") -> list[PromptSpec]:
+    """Parse the lines of a prompt file's text (blank lines and `#` comments skipped)."""
+    specs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        specs.append(parse_prompt_line(line, where=f" (line {number}{' of ' + source if source else ''})"))
+    return specs
+
+
+def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
+    """Read a kohya prompt file (.txt, one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt file not found: {path}")
+    specs = parse_prompt_text(path.read_text(encoding="utf-8"), source=path.name)
+    if not specs:
+        raise ConfigError(f"prompt file {path} has no prompts (only blank or `#` lines)")
+    return specs

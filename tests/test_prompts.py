@@ -1,0 +1,60 @@
+"""Kohya prompt lines and prompt files."""
+
+from __future__ import annotations
+
+import pytest
+
+from lorakit.errors import ConfigError
+from lorakit.prompts import PromptSpec, parse_prompt_line, parse_prompt_text, read_prompt_file
+
+
+def test_full_line():
+    spec = parse_prompt_line("a photo of sks dog --n lowres, blurry --w 512 --h 768 --s 28 --l 7.5 --d 42")
+    assert spec == PromptSpec("a photo of sks dog", "lowres, blurry", 512, 768, 28, 7.5, 42)
+
+
+def test_plain_prompt_and_any_order():
+    assert parse_prompt_line("  a cat, sitting  ") == PromptSpec("a cat, sitting")
+    spec = parse_prompt_line("a cat --d 3 --n dog --l 4")
+    assert (spec.seed, spec.negative_prompt, spec.guidance_scale, spec.width) == (3, "dog", 4.0, None)
+
+
+def test_dashes_inside_words_are_prompt_text():
+    spec = parse_prompt_line("a well-lit half--timbered house --s 5")
+    assert spec.prompt == "a well-lit half--timbered house" and spec.num_inference_steps == 5
+
+
+def test_round_trip_through_to_line():
+    spec = PromptSpec("x y", "bad", 64, 64, 3, 2.5, 7)
+    assert parse_prompt_line(spec.to_line()) == spec
+
+
+def test_defaults_fill_only_unset_fields():
+    spec = parse_prompt_line("a cat --s 5").with_defaults(num_inference_steps=30, guidance_scale=7.5)
+    assert (spec.num_inference_steps, spec.guidance_scale) == (5, 7.5)
+
+
+@pytest.mark.parametrize("line, match", [
+    ("a cat --w 500", "multiple of 8"),
+    ("a cat --s x", "must be int"),
+    ("a cat --q 3", "unknown prompt option `--q`"),
+    ("--n bad", "empty prompt"),
+    ("a cat --s", "needs a value"),
+])
+def test_bad_lines_are_clear_errors(line, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_prompt_line(line)
+
+
+def test_file_skips_comments_and_names_the_bad_line(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# samples\n\na cat --s 4\n  a dog --d 1\n")
+    specs = read_prompt_file(f)
+    assert [s.prompt for s in specs] == ["a cat", "a dog"]
+    with pytest.raises(ConfigError, match="line 2 of p.txt"):
+        parse_prompt_text("ok\nbad --w 7", source="p.txt")
+    with pytest.raises(ConfigError, match="not found"):
+        read_prompt_file(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="no prompts"):
+        read_prompt_file(tmp_path / "empty.txt")
