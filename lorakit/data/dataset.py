@@ -1,0 +1,239 @@
+"""The training dataset: images assigned to buckets, drawn in batches that share one size.
+
+Every random choice (batch order, flips, crops, caption shuffles, dropout, colour jitter) comes from a generator
+seeded by `(seed, epoch, batch position)`. So the batches of any epoch can be rebuilt exactly without replaying the
+previous ones — which is what makes `resume` give the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..config.schema import parse_resolution
+from ..errors import ConfigError, DatasetError
+from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
+from .captions import process_caption
+from .dataset_toml import load_dataset_config
+from .folders import DatasetReport, DatasetSpec, ImageItem, balance_reg_images, scan_subset, subsets_from_folder
+from .images import image_to_tensor, load_rgb
+from .latents import cache_file, cache_key, encode, image_sha, read_cached, vae_fingerprint, write_cached
+
+
+@dataclass
+class Example:
+    """One image at its bucket: what the loader needs to produce its pixels or latents."""
+
+    item: ImageItem
+    choice: BucketChoice
+    batch_size: int
+    group: int  # batches never mix datasets with different batch sizes
+
+
+@dataclass
+class Batch:
+    captions: list[str]
+    weights: torch.Tensor  # per-sample loss weight: 1, or prior_loss_weight for regularisation images
+    latents: torch.Tensor | None = None  # [B, 4, h, w], scaled, when cached
+    pixels: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1], when encoded every step
+    is_reg: list[bool] | None = None
+
+
+def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
+    """The datasets to train on, from `dataset_config` or from `train_data_dir`/`reg_data_dir`."""
+    default = (native_resolution, native_resolution)
+    if cfg.dataset_config:
+        return load_dataset_config(cfg.dataset_config, cfg, default)
+    if not cfg.train_data_dir:
+        raise ConfigError("set `train_data_dir` (a folder of images) or `dataset_config` (an sd-scripts dataset TOML)")
+    return [DatasetSpec(subsets=[], resolution=parse_resolution(cfg.resolution) or default,
+                        enable_bucket=cfg.enable_bucket, min_bucket_reso=cfg.min_bucket_reso,
+                        max_bucket_reso=cfg.max_bucket_reso, bucket_reso_steps=cfg.bucket_reso_steps,
+                        bucket_no_upscale=cfg.bucket_no_upscale, batch_size=cfg.train_batch_size)]
+
+
+def _subset_options(cfg) -> dict:
+    return dict(shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                caption_dropout_rate=cfg.caption_dropout_rate, flip_aug=cfg.flip_aug, color_aug=cfg.color_aug,
+                random_crop=cfg.random_crop)
+
+
+class TrainDataset:
+    """Examples grouped into buckets; `batches(epoch)` gives the epoch's batches, `load(batch, ...)` their data."""
+
+    def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: DatasetReport):
+        if not examples:
+            raise DatasetError("no usable training images (see the dataset report above for what was skipped)")
+        self.examples = examples
+        self.seed = seed
+        self.prior_loss_weight = prior_loss_weight
+        self.report = report
+        self.cached: dict[int, dict[str, torch.Tensor]] | None = None
+        self.groups: dict[tuple, list[int]] = {}
+        for i, ex in enumerate(examples):
+            self.groups.setdefault((ex.group, ex.choice.bucket), []).extend([i] * ex.item.repeats)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg, *, native_resolution: int, vae_scale_factor: int = 8) -> TrainDataset:
+        report = DatasetReport()
+        specs = dataset_specs(cfg, native_resolution)
+        if not cfg.dataset_config:
+            opts = _subset_options(cfg)
+            specs[0].subsets = subsets_from_folder(cfg.train_data_dir, is_reg=False, report=report,
+                                                   caption_extension=cfg.caption_extension, **opts)
+            if cfg.reg_data_dir:
+                specs[0].subsets += subsets_from_folder(cfg.reg_data_dir, is_reg=True, report=report,
+                                                        caption_extension=cfg.caption_extension, **opts)
+        examples = []
+        for group, spec in enumerate(specs):
+            _check_sizes(spec, vae_scale_factor)
+            train_items, reg_items = [], []
+            for subset in spec.subsets:
+                (reg_items if subset.is_reg else train_items).extend(scan_subset(subset, report))
+            if reg_items and not train_items:
+                raise DatasetError("only regularisation images were found; add training images")
+            if spec.subsets and any(s.is_reg for s in spec.subsets) and not reg_items:
+                report.note("reg_data_dir", "no usable regularisation images: training without prior preservation")
+            items = train_items + balance_reg_images(train_items, reg_items)
+            table = (make_bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso,
+                                             spec.bucket_reso_steps)
+                     if spec.enable_bucket and not spec.bucket_no_upscale else None)
+            max_area = spec.resolution[0] * spec.resolution[1]
+            for item in items:
+                try:
+                    if spec.enable_bucket:
+                        choice = select_bucket(item.size, table, max_area=max_area, steps=spec.bucket_reso_steps,
+                                               no_upscale=spec.bucket_no_upscale)
+                    else:
+                        choice = fixed_size_choice(item.size, spec.resolution)
+                except ValueError as e:
+                    report.skip(item.path, str(e))
+                    continue
+                examples.append(Example(item, choice, spec.batch_size, group))
+        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report)
+
+    # ---------------------------------------------------------------- epochs and batches
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches (lists of example indices). Images are shuffled within their bucket, cut into
+        batches, and the batches shuffled; deterministic in (seed, epoch)."""
+        rng = random.Random(f"{self.seed}/{epoch}/order")
+        out = []
+        for (_, _), members in sorted(self.groups.items()):
+            members = members[:]
+            rng.shuffle(members)
+            bs = self.examples[members[0]].batch_size
+            out += [members[i:i + bs] for i in range(0, len(members), bs)]
+        rng.shuffle(out)
+        return out
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same every epoch)."""
+        return sum(math.ceil(len(m) / self.examples[m[0]].batch_size) for m in self.groups.values())
+
+    @property
+    def num_images(self) -> int:
+        return len({ex.item.path for ex in self.examples if not ex.item.subset.is_reg})
+
+    def bucket_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for ex in self.examples:
+            key = f"{ex.choice.bucket[0]}x{ex.choice.bucket[1]}"
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # ---------------------------------------------------------------- loading
+    def _rng(self, epoch: int, position: int, slot: int) -> random.Random:
+        return random.Random(f"{self.seed}/{epoch}/{position}/{slot}")  # str seeds hash stably (sha512)
+
+    def load(self, indices: list[int], epoch: int, position: int) -> Batch:
+        """The data of one batch. `position` is the batch's index within the epoch (seeds its augmentations)."""
+        captions, weights, latents, pixels, is_reg = [], [], [], [], []
+        for slot, i in enumerate(indices):
+            ex = self.examples[i]
+            sub = ex.item.subset
+            rng = self._rng(epoch, position, slot)
+            flip = sub.flip_aug and rng.random() < 0.5
+            if self.cached is not None:
+                entry = self.cached[i]
+                latents.append(entry["flipped"] if flip else entry["latent"])
+            else:
+                offset = (rng.random(), rng.random()) if sub.random_crop else None
+                hue = rng.uniform(-8 / 180, 8 / 180) if sub.color_aug else None
+                pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, hue_shift=hue))
+            captions.append(process_caption(ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
+                                            dropout_rate=sub.caption_dropout_rate, rng=rng))
+            weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
+            is_reg.append(sub.is_reg)
+        return Batch(captions=captions, weights=torch.tensor(weights),
+                     latents=torch.stack(latents) if latents else None,
+                     pixels=torch.stack(pixels) if pixels else None, is_reg=is_reg)
+
+    # ---------------------------------------------------------------- latent cache
+    def cache_latents(self, vae, scale: float, *, to_disk: bool = False, batch_size: int = 4, progress=None) -> dict:
+        """Encode every example once (and its mirror image when `flip_aug` is on). Returns counts
+        {"encoded", "from_disk"} for the log."""
+        vae_id = vae_fingerprint(vae)
+        shas: dict[Path, str] = {}
+        self.cached, todo, stats = {}, [], {"encoded": 0, "from_disk": 0}
+        for i, ex in enumerate(self.examples):
+            key = None
+            if to_disk:
+                crop = crop_box(ex.choice.resized, ex.choice.bucket)
+                key = cache_key(image_sha(ex.item.path, shas), ex.choice.bucket, ex.choice.resized, crop, vae_id)
+                hit = read_cached(cache_file(ex.item.path, ex.choice.bucket), key)
+                if hit is not None and (not ex.item.subset.flip_aug or "flipped" in hit):
+                    self.cached[i] = hit
+                    stats["from_disk"] += 1
+                    continue
+            todo.append((i, key))
+        by_bucket: dict[tuple, list] = {}
+        for i, key in todo:
+            by_bucket.setdefault(self.examples[i].choice.bucket, []).append((i, key))
+        for chunk in (c[j:j + batch_size] for c in by_bucket.values() for j in range(0, len(c), batch_size)):
+            pixels = torch.stack([prepare_pixels(self.examples[i]) for i, _ in chunk])
+            seeds = [self.seed * 1_000_003 + i for i, _ in chunk]
+            lat = encode(vae, pixels, scale, seeds).float().cpu()
+            flipped = encode(vae, pixels.flip(-1), scale, seeds).float().cpu() if any(
+                self.examples[i].item.subset.flip_aug for i, _ in chunk) else None
+            for n, (i, key) in enumerate(chunk):
+                entry = {"latent": lat[n].clone()}
+                if flipped is not None and self.examples[i].item.subset.flip_aug:
+                    entry["flipped"] = flipped[n].clone()
+                self.cached[i] = entry
+                if key is not None:
+                    write_cached(cache_file(self.examples[i].item.path, self.examples[i].choice.bucket), entry, key)
+            stats["encoded"] += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+        return stats
+
+
+def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float, float] | None = None,
+                   hue_shift: float | None = None) -> torch.Tensor:
+    """Load, resize to cover the bucket, crop, flip, jitter hue → [3, H, W] in [-1, 1]."""
+    im = load_rgb(ex.item.path)
+    if im.size != ex.choice.resized:
+        im = im.resize(ex.choice.resized, Image.Resampling.LANCZOS)
+    im = im.crop(crop_box(ex.choice.resized, ex.choice.bucket, random_offset=crop_offset))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if hue_shift:
+        h, s, v = im.convert("HSV").split()
+        shift = int(round(hue_shift * 255))
+        h = h.point(lambda x: (x + shift) % 256)
+        im = Image.merge("HSV", (h, s, v)).convert("RGB")
+    return image_to_tensor(im)
+
+
+def _check_sizes(spec: DatasetSpec, vae_scale_factor: int) -> None:
+    w, h = spec.resolution
+    if w % vae_scale_factor or h % vae_scale_factor:
+        raise ConfigError(f"`resolution` {w},{h} must be a multiple of {vae_scale_factor} (the VAE's downsampling)")
+    if spec.enable_bucket and spec.bucket_reso_steps % vae_scale_factor:
+        raise ConfigError(f"`bucket_reso_steps` ({spec.bucket_reso_steps}) must be a multiple of {vae_scale_factor}")

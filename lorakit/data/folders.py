@@ -1,0 +1,287 @@
+"""Dataset layouts on disk → a list of images with captions, and a report of everything that was not perfect.
+
+Layouts (all from sd-scripts, plus Hugging Face's imagefolder):
+- **DreamBooth**: `train_data_dir/<repeats>_<identifier> <class>/` (e.g. `10_sks dog`): each image is drawn
+  `repeats` times per epoch; its caption is its caption file if there is one, else the folder's tokens
+  (`sks dog`). `reg_data_dir` uses the same layout for regularisation (class) images.
+- **Captions**: images directly in the folder with `<stem><caption_extension>` files next to them.
+- **imagefolder**: a `metadata.jsonl` with one `{"file_name": ..., "text": ...}` object per line.
+- A subset of an sd-scripts dataset TOML may also name a `metadata_file` (sd-scripts' fine-tuning JSON:
+  `{"<image key>": {"caption": ..., "tags": ...}}`).
+
+Nothing here decodes more than it must, and nothing fails silently: unusable images are skipped and *listed* (or, if
+nothing usable is left, refused with a message naming the folder and the expected layout).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DatasetError
+from .captions import read_caption_file
+from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, is_image_file, load_rgb
+
+DREAMBOOTH_FOLDER = re.compile(r"^(\d+)_(.*)$")
+CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
+
+
+@dataclass
+class Subset:
+    """One folder of images and how to draw from it (sd-scripts' `[[datasets.subsets]]`)."""
+
+    image_dir: Path
+    num_repeats: int = 1
+    is_reg: bool = False
+    class_tokens: str | None = None  # DreamBooth folder tokens: the caption when an image has no caption file
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    caption_dropout_rate: float = 0.0
+    flip_aug: bool = False
+    color_aug: bool = False
+    random_crop: bool = False
+    metadata_file: Path | None = None
+
+
+@dataclass
+class DatasetSpec:
+    """A group of subsets sharing resolution, bucketing and batch size (sd-scripts' `[[datasets]]`)."""
+
+    subsets: list[Subset]
+    resolution: tuple[int, int]
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    batch_size: int = 1
+
+
+@dataclass
+class ImageItem:
+    path: Path
+    caption: str
+    subset: Subset
+    size: tuple[int, int]  # (width, height), upright
+    repeats: int = 1
+
+
+@dataclass
+class DatasetReport:
+    """What was used, what was fixed, what was skipped (printed before training and saved next to the LoRA)."""
+
+    used: dict[str, int] = field(default_factory=dict)  # folder -> images used
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (path, what was done about it)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why it was not used)
+
+    def note(self, path, message: str) -> None:
+        self.notes.append((str(path), message))
+
+    def skip(self, path, reason: str) -> None:
+        self.skipped.append((str(path), reason))
+
+    def to_dict(self) -> dict:
+        return {"used": self.used, "notes": [{"path": p, "note": n} for p, n in self.notes],
+                "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+    def format(self) -> str:
+        lines = ["dataset:"] + [f"  {n:5d} images  {folder}" for folder, n in self.used.items()]
+        if self.notes:
+            lines.append(f"handled ({len(self.notes)}):")
+            lines += [f"  {p}: {n}" for p, n in self.notes]
+        if self.skipped:
+            lines.append(f"skipped ({len(self.skipped)}):")
+            lines += [f"  {p}: {r}" for p, r in self.skipped]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ layout detection (train_data_dir / reg_data_dir)
+def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: str, report: DatasetReport,
+                        **subset_options) -> list[Subset]:
+    """Detect the layout of `folder` and return its subsets (DreamBooth folders, imagefolder or captions)."""
+    folder = Path(folder)
+    what = "reg_data_dir" if is_reg else "train_data_dir"
+    if not folder.exists():
+        raise DatasetError(f"`{what}` does not exist: {folder}")
+    if not folder.is_dir():
+        raise DatasetError(f"`{what}` must be a folder, got a file: {folder}")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    subdirs = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if p.is_file() and is_image_file(p)]
+    dreambooth = [d for d in subdirs if DREAMBOOTH_FOLDER.match(d.name)]
+    common = dict(caption_extension=caption_extension, is_reg=is_reg, **subset_options)
+
+    if dreambooth:
+        subsets = []
+        for d in dreambooth:
+            repeats, tokens = DREAMBOOTH_FOLDER.match(d.name).groups()
+            if int(repeats) < 1:
+                report.skip(d, "repeats is 0 in the folder name: the folder is never drawn")
+                continue
+            subsets.append(Subset(image_dir=d, num_repeats=int(repeats), class_tokens=tokens.strip() or None,
+                                  **common))
+        for d in subdirs:
+            if d not in dreambooth:
+                report.skip(d, "folder name is not `<repeats>_<identifier> <class>` (e.g. `10_sks dog`): ignored")
+        for p in images:
+            report.skip(p, "image at the top of a DreamBooth folder: ignored (put it in a `<repeats>_<name>` folder)")
+        return subsets
+    if (folder / "metadata.jsonl").is_file():
+        return [Subset(image_dir=folder, metadata_file=folder / "metadata.jsonl", **common)]
+    if images:
+        for d in subdirs:
+            report.skip(d, "sub-folder of a caption dataset: ignored (DreamBooth folders are named "
+                           "`<repeats>_<identifier> <class>`)")
+        return [Subset(image_dir=folder, **common)]
+    hint = ""
+    if subdirs:
+        names = ", ".join(f"`{d.name}`" for d in subdirs[:5])
+        hint = (f"; its sub-folders ({names}) are not named `<repeats>_<identifier> <class>` — rename them, "
+                f"e.g. `10_sks dog`")
+    raise DatasetError(f"`{what}` {folder} has no images (looked for {', '.join(IMAGE_EXTENSIONS)} files, "
+                       f"DreamBooth sub-folders or a metadata.jsonl){hint}")
+
+
+# ------------------------------------------------------------------ scanning a subset
+def _caption_for(image: Path, subset: Subset, report: DatasetReport) -> str | None:
+    cap_file = image.with_suffix(subset.caption_extension)
+    if cap_file.is_file():
+        caption, note = read_caption_file(cap_file)
+        if note:
+            report.note(cap_file, note)
+        if caption:
+            return caption
+        report.note(cap_file, "empty caption file")
+    return None
+
+
+def _metadata_captions(subset: Subset, report: DatasetReport) -> dict[Path, str]:
+    """image path -> caption from an imagefolder metadata.jsonl or an sd-scripts metadata JSON."""
+    meta = Path(subset.metadata_file)
+    if not meta.is_file():
+        raise DatasetError(f"metadata file not found: {meta}")
+    out: dict[Path, str] = {}
+    if meta.suffix == ".jsonl":
+        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                name = row["file_name"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DatasetError(f"{meta.name} line {n}: expected a JSON object with `file_name`, got "
+                                   f"{line[:80]!r}") from None
+            caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
+            if caption is None:
+                report.note(subset.image_dir / name, f"no {'/'.join(CAPTION_COLUMNS)} column in {meta.name}")
+                caption = ""
+            out[subset.image_dir / name] = caption.strip()
+        return out
+    try:
+        data = json.loads(meta.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{meta}: invalid JSON ({e})") from None
+    for key, entry in data.items():
+        caption = entry.get("caption") or entry.get("tags") or ""
+        path = subset.image_dir / key
+        if not path.suffix:
+            path = next((path.with_suffix(e) for e in IMAGE_EXTENSIONS if path.with_suffix(e).is_file()), path)
+        out[path] = caption.strip()
+    return out
+
+
+def scan_subset(subset: Subset, report: DatasetReport) -> list[ImageItem]:
+    """The usable images of one subset with their captions. Every image is decoded once here, so that corrupt or
+    truncated files are found now and listed, not in the middle of training."""
+    if not subset.image_dir.is_dir():
+        raise DatasetError(f"image folder not found: {subset.image_dir}")
+    if subset.metadata_file is not None:
+        listed = _metadata_captions(subset, report)
+        candidates = list(listed)
+    else:
+        listed = {}
+        candidates = sorted(p for p in subset.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    items = []
+    for path in candidates:
+        if not is_image_file(path):
+            if path.suffix.lower() not in (subset.caption_extension, ".txt", ".caption", ".json", ".jsonl", ".npz",
+                                           ".safetensors", ".toml"):
+                report.skip(path, "not an image file (by extension): ignored")
+            continue
+        if not path.is_file():
+            report.skip(path, "listed in the metadata but missing")
+            continue
+        try:
+            size, notes = _probe(path)
+        except ImageProblem as e:
+            report.skip(path, str(e))
+            continue
+        for n in notes:
+            report.note(path, n)
+        caption = listed.get(path) if subset.metadata_file is not None else _caption_for(path, subset, report)
+        if not caption:
+            if subset.class_tokens:
+                caption = subset.class_tokens
+            else:
+                report.note(path, f"no caption (no {subset.caption_extension} file): trained with an empty caption")
+                caption = ""
+        items.append(ImageItem(path=path, caption=caption, subset=subset, size=size, repeats=subset.num_repeats))
+    report.used[str(subset.image_dir)] = len(items)
+    if not items:
+        report.note(subset.image_dir, "no usable images in this folder")
+    return items
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], list[str]]:
+    """Decode the image fully (finds truncation) and say what conversion it needs."""
+    from PIL import Image
+
+    if path.stat().st_size == 0:
+        raise ImageProblem("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            mode, orientation = im.mode, im.getexif().get(0x0112, 1)
+            transparent = "transparency" in im.info
+    except Exception as e:  # noqa: BLE001 - any decoder failure is "not an image" for the report
+        raise ImageProblem(f"not an image or unreadable ({type(e).__name__})") from None
+    rgb = load_rgb(path)  # raises ImageProblem for truncated/corrupt files and decompression bombs
+    notes = []
+    if orientation not in (1, None):
+        notes.append(f"EXIF orientation {orientation}: rotated upright")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and transparent):
+        notes.append("transparent: composited on white")
+    elif mode == "CMYK":
+        notes.append("CMYK: converted to RGB")
+    elif mode.startswith("I") or mode == "F":
+        notes.append(f"{mode} (16/32-bit): scaled to 8-bit RGB")
+    elif mode not in ("RGB", "L", "P"):
+        notes.append(f"{mode}: converted to RGB")
+    if min(rgb.size) < MIN_SIDE:
+        raise ImageProblem(f"too small ({rgb.size[0]}x{rgb.size[1]})")
+    return rgb.size, notes
+
+
+def balance_reg_images(train_items: list[ImageItem], reg_items: list[ImageItem]) -> list[ImageItem]:
+    """Repeat regularisation images so that they are drawn as often as the training images (sd-scripts' rule):
+    the first pass takes each reg image with its folder repeats; further passes add one repeat at a time, until the
+    count reaches the number of training draws. Extra reg images beyond that are not used."""
+    target = sum(it.repeats for it in train_items)
+    if not reg_items or target == 0:
+        return []
+    used: list[ImageItem] = []
+    n, first = 0, True
+    while n < target:
+        for item in reg_items:
+            if first:
+                used.append(item)
+                n += item.repeats
+            else:
+                item.repeats += 1
+                n += 1
+            if n >= target:
+                break
+        first = False
+    return used
