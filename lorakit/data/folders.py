@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,7 +243,10 @@ def _probe(path: Path) -> tuple[tuple[int, int], list[str]]:
     if path.stat().st_size == 0:
         raise ImageProblem("empty file (0 bytes)")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_rgb below refuses it by name
+            im = Image.open(path)
+        with im:
             mode, orientation = im.mode, im.getexif().get(0x0112, 1)
             transparent = "transparency" in im.info
     except Exception as e:  # noqa: BLE001 - any decoder failure is "not an image" for the report

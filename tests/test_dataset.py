@@ -1,0 +1,265 @@
+"""Dataset layouts, captions, bad images, reg balancing, dataset TOML and the latent cache."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lorakit.config import TrainConfig
+from lorakit.data.captions import process_caption, read_caption_file
+from lorakit.data.dataset import TrainDataset
+from lorakit.data.folders import ImageItem, Subset, balance_reg_images
+from lorakit.data.images import load_rgb
+from lorakit.errors import ConfigError, DatasetError
+
+
+def pattern(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A procedural image (smooth gradients + a seeded colour), so every file is different and decodable."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.uniform(0, 255, size=3)
+    arr = np.stack([(base[c] + 80 * np.sin(xx / (7 + c) + yy / (5 + seed % 3))) % 256 for c in range(3)], -1)
+    im = Image.fromarray(arr.astype(np.uint8), "RGB")
+    return im.convert(mode) if mode != "RGB" else im
+
+
+def cfg_for(tmp_path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(tmp_path / "out"), max_train_steps=1, resolution="64")
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+# ---------------------------------------------------------------- captions
+def test_caption_processing_keeps_first_tokens():
+    rng = random.Random(0)
+    caption = "sks, dog, red collar, grass, sunny, park, ball"
+    seen = set()
+    for _ in range(30):
+        out = process_caption(caption, shuffle=True, keep_tokens=2, rng=rng)
+        tags = out.split(", ")
+        assert tags[:2] == ["sks", "dog"] and sorted(tags) == sorted(caption.split(", "))
+        seen.add(out)
+    assert len(seen) > 5
+    drops = [process_caption(caption, dropout_rate=0.5, rng=rng) for _ in range(400)]
+    assert 120 < drops.count("") < 280
+    assert process_caption(caption, shuffle=False, dropout_rate=0.0, rng=rng) == caption
+
+
+def test_caption_file_encodings(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_bytes("\ufeffcafé, dog\nsecond line\n".encode())
+    assert read_caption_file(p)[0] == "café, dog"
+    assert "2 lines" in read_caption_file(p)[1]
+    p.write_bytes("caf\xe9".encode("cp1252"))
+    caption, note = read_caption_file(p)
+    assert caption == "café" and "not UTF-8" in note
+
+
+# ---------------------------------------------------------------- layouts
+def test_dreambooth_layout_with_reg_balancing(tmp_path):
+    train = tmp_path / "train"
+    (train / "3_sks dog").mkdir(parents=True)
+    for i in range(2):
+        pattern(64, 64, i).save(train / "3_sks dog" / f"{i}.png")
+    (train / "3_sks dog" / "1.txt").write_text("sks dog on a beach")  # caption file overrides the folder tokens
+    reg = tmp_path / "reg"
+    (reg / "1_dog").mkdir(parents=True)
+    for i in range(4):
+        pattern(64, 64, 10 + i).save(reg / "1_dog" / f"r{i}.jpg")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(train), reg_data_dir=str(reg),
+                                          prior_loss_weight=0.5), native_resolution=64)
+    train_ex = [e for e in ds.examples if not e.item.subset.is_reg]
+    reg_ex = [e for e in ds.examples if e.item.subset.is_reg]
+    assert {e.item.caption for e in train_ex} == {"sks dog", "sks dog on a beach"}
+    assert all(e.item.caption == "dog" for e in reg_ex)
+    # 2 images x 3 repeats = 6 training draws per epoch; reg draws are balanced to 6 too
+    assert sum(e.item.repeats for e in train_ex) == 6
+    assert sum(e.item.repeats for e in reg_ex) == 6
+    assert len(ds) == 12
+    batch = ds.load(ds.batches(0)[0], epoch=0, position=0)
+    assert batch.weights.tolist() == [0.5 if r else 1.0 for r in batch.is_reg]
+
+
+def test_reg_balancing_matches_sd_scripts_rule():
+    sub, reg = Subset(image_dir=None), Subset(image_dir=None, is_reg=True)
+    train = [ImageItem(None, "", sub, (1, 1), repeats=5)]
+    regs = [ImageItem(None, "", reg, (1, 1), repeats=1) for _ in range(3)]
+    used = balance_reg_images(train, regs)
+    assert [r.repeats for r in used] == [2, 2, 1]  # first pass 3, then one more each until 5
+    many = [ImageItem(None, "", reg, (1, 1), repeats=1) for _ in range(8)]
+    assert len(balance_reg_images(train, many)) == 5  # extra reg images are not used
+
+
+def test_caption_layout_and_metadata_jsonl(tmp_path):
+    d = tmp_path / "caps"
+    d.mkdir()
+    for i in range(3):
+        pattern(80, 64, i).save(d / f"img{i}.png")
+    (d / "img0.txt").write_text("a red square")
+    (d / "img1.txt").write_text("a blue square")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
+    caps = {e.item.path.name: e.item.caption for e in ds.examples}
+    assert caps == {"img0.png": "a red square", "img1.png": "a blue square", "img2.png": ""}
+    assert any("no caption" in n for p, n in ds.report.notes if p.endswith("img2.png"))
+    (d / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"img{i}.png", "text": f"meta {i}"})
+                                                for i in range(3)))
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
+    assert sorted(e.item.caption for e in ds.examples) == ["meta 0", "meta 1", "meta 2"]
+
+
+def test_empty_and_misnamed_folders_are_refused_with_the_fix(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "nope")), native_resolution=64)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="has no images"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(empty)), native_resolution=64)
+    (empty / "sks dog").mkdir()
+    pattern(64, 64).save(empty / "sks dog" / "a.png")
+    with pytest.raises(DatasetError, match=r"not named `<repeats>_<identifier> <class>`.*10_sks dog"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(empty)), native_resolution=64)
+    with pytest.raises(ConfigError, match="train_data_dir"):
+        TrainDataset.from_config(cfg_for(tmp_path), native_resolution=64)
+
+
+def test_bad_images_are_handled_or_listed(tmp_path):
+    d = tmp_path / "train" / "2_ünïcode 狗"
+    d.mkdir(parents=True)
+    pattern(64, 64, 1).save(d / "good.png")
+    pattern(64, 64, 2).convert("RGBA").save(d / "rgba.png")
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))  # fully transparent red: must become white, not black
+    rgba.save(d / "transparent.png")
+    pattern(64, 64, 3).convert("CMYK").save(d / "cmyk.jpg")
+    pattern(64, 64, 4).convert("P").save(d / "palette.png")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(d / "sixteen.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° on display
+    pattern(96, 64, 5).save(d / "rotated.jpg", exif=exif)
+    Image.new("RGB", (6000, 4000), (20, 200, 30)).save(d / "huge.png")  # large but legitimate: downscaled
+    (d / "empty.png").write_bytes(b"")
+    buf = (tmp_path / "full.jpg")
+    pattern(64, 64, 7).save(buf)
+    (d / "truncated.jpg").write_bytes(buf.read_bytes()[: len(buf.read_bytes()) // 2])
+    (d / "notes.pdf").write_bytes(b"%PDF-1.4")
+    (d / "fake.png").write_text("this is not a png")
+    Image.new("1", (12000, 9000)).save(d / "bomb.png")  # over Pillow's decompression-bomb limit
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train")), native_resolution=64)
+    used = {e.item.path.name for e in ds.examples}
+    assert used == {"good.png", "rgba.png", "transparent.png", "cmyk.jpg", "palette.png", "sixteen.png",
+                    "rotated.jpg", "huge.png"}
+    skipped = {p.split("/")[-1]: r for p, r in ds.report.skipped}
+    assert set(skipped) == {"empty.png", "truncated.jpg", "notes.pdf", "fake.png", "bomb.png"}
+    assert "0 bytes" in skipped["empty.png"] and "truncated" in skipped["truncated.jpg"]
+    assert "too large" in skipped["bomb.png"] and "not an image" in skipped["fake.png"]
+    notes = "\n".join(f"{p}: {n}" for p, n in ds.report.notes)
+    for name, what in [("rgba.png", "white"), ("cmyk.jpg", "CMYK"), ("sixteen.png", "8-bit"), ("rotated.jpg", "EXIF")]:
+        assert any(name in line and what in line for line in notes.splitlines()), name
+    assert load_rgb(d / "rotated.jpg").size == (64, 96)
+    assert load_rgb(d / "transparent.png").getpixel((5, 5)) == (255, 255, 255)
+    assert ds.examples[0].item.caption == "ünïcode 狗"
+    # every handled image really loads at its bucket size
+    for i in range(len(ds.examples)):
+        assert ds.load([i], 0, 0) is not None
+    assert "skipped (5)" in ds.report.format()
+
+
+def test_only_bad_images_refused(tmp_path):
+    d = tmp_path / "train" / "1_x"
+    d.mkdir(parents=True)
+    (d / "a.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="no usable training images"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train")), native_resolution=64)
+
+
+def test_batches_share_a_bucket_and_are_deterministic(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    sizes = [(128, 64), (64, 128), (96, 96), (130, 60), (60, 130), (100, 100)]
+    for i, s in enumerate(sizes):
+        pattern(*s, seed=i).save(d / f"{i}.png")
+    cfg = cfg_for(tmp_path, train_data_dir=str(d), enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+                  bucket_reso_steps=16, train_batch_size=2, cache_latents=False)
+    ds = TrainDataset.from_config(cfg, native_resolution=64)
+    # table for area 64² in steps of 16 between 32 and 128: 32x128 48x80 64x64 80x48 96x32 112x32 128x32 (+flips);
+    # aspect 2.0 and 2.17 -> 80x48 (1.67), 0.5 -> 48x80 (0.6), 0.46 -> 32x96 (0.33), squares -> 64x64
+    assert ds.bucket_counts() == {"32x96": 1, "48x80": 1, "64x64": 2, "80x48": 2}
+    assert ds.batches(3) == ds.batches(3) and ds.batches(3) != ds.batches(4)
+    for pos, b in enumerate(ds.batches(0)):
+        assert len({ds.examples[i].choice.bucket for i in b}) == 1
+        batch = ds.load(b, 0, pos)
+        w, h = ds.examples[b[0]].choice.bucket
+        assert batch.pixels.shape == (len(b), 3, h, w)
+        assert batch.pixels.min() >= -1 and batch.pixels.max() <= 1
+
+
+def test_dataset_toml(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "regs").mkdir()
+    for i in range(2):
+        pattern(64, 64, i).save(tmp_path / "imgs" / f"{i}.png")
+        pattern(64, 64, 9 + i).save(tmp_path / "regs" / f"{i}.png")
+    toml = tmp_path / "dataset.toml"
+    toml.write_text("""
+[general]
+shuffle_caption = true
+keep_tokens = 1
+[[datasets]]
+resolution = [64, 64]
+batch_size = 2
+  [[datasets.subsets]]
+  image_dir = "imgs"
+  class_tokens = "sks cat"
+  num_repeats = 4
+  [[datasets.subsets]]
+  image_dir = "regs"
+  class_tokens = "cat"
+  is_reg = true
+  keep_tokens = 0
+""")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml), keep_tokens=3), native_resolution=64)
+    train = [e for e in ds.examples if not e.item.subset.is_reg]
+    reg = [e for e in ds.examples if e.item.subset.is_reg]
+    assert train[0].item.subset.keep_tokens == 1 and reg[0].item.subset.keep_tokens == 0  # subset > general > cfg
+    assert all(e.item.subset.shuffle_caption for e in ds.examples)
+    assert train[0].batch_size == 2 and train[0].item.repeats == 4
+    assert sum(e.item.repeats for e in reg) == 8
+    toml.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'imgs'\nface_crop_aug_range = [1, 2]\n")
+    with pytest.raises(ConfigError, match="face_crop_aug_range"):
+        TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+
+
+def test_latent_cache_on_disk_is_reused_and_invalidated(tmp_path, tiny_sd1_dir):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd1_dir, subfolder="vae")
+    d = tmp_path / "train" / "1_sks"
+    d.mkdir(parents=True)
+    for i in range(3):
+        pattern(64, 64, i).save(d / f"{i}.png")
+    cfg = cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), cache_latents_to_disk=True, flip_aug=True)
+
+    def run():
+        ds = TrainDataset.from_config(cfg, native_resolution=64)
+        return ds, ds.cache_latents(vae, 0.18215, to_disk=True)
+
+    ds1, stats1 = run()
+    assert stats1 == {"encoded": 3, "from_disk": 0}
+    ds2, stats2 = run()
+    assert stats2 == {"encoded": 0, "from_disk": 3}
+    for i in range(3):
+        assert torch.equal(ds1.cached[i]["latent"], ds2.cached[i]["latent"])
+        assert not torch.equal(ds1.cached[i]["latent"], ds1.cached[i]["flipped"])
+    pattern(64, 64, 99).save(d / "1.png")  # an edited image is re-encoded, the others are reused
+    _, stats3 = run()
+    assert stats3 == {"encoded": 1, "from_disk": 2}
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1.5)  # another VAE: everything is re-encoded
+    _, stats4 = run()
+    assert stats4 == {"encoded": 3, "from_disk": 0}
+    batch = ds2.load(ds2.batches(0)[0], 0, 0)
+    assert batch.latents.shape == (1, 4, 8, 8) and batch.pixels is None
