@@ -1,0 +1,261 @@
+"""Push a trained LoRA to the Hugging Face Hub: the LoRA file(s), sample images and a model card, in one commit.
+
+`plan_upload(cfg)` works offline: it finds the files in the training output folder, reads the LoRA's metadata and
+writes the model card (`README.md`, YAML metadata in the format the Hub's LoRA pages read: `base_model`, `tags`,
+`instance_prompt`, `license`, a `widget` gallery of samples). `push_to_hub` then creates/updates the repo and uploads
+the plan with one `create_commit`, so the repo never holds half an upload.
+
+The token comes from `token=`, `HF_TOKEN` or `huggingface_hub.login()`; it is handed to `HfApi` and nowhere else —
+never printed, never written into the card, the config or any file (`PushConfig.token` is a secret field).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import PushConfig
+from .errors import ConfigError
+from .fileio import write_text
+
+TAGS = ["lora", "text-to-image", "stable-diffusion", "lorakit"]
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_GALLERY = 8
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# settings shown in the card's table: (label, lorakit config key, sd-scripts metadata key)
+SETTINGS = [
+    ("base model", "pretrained_model_name_or_path", "ss_sd_model_name"),
+    ("rank (network_dim)", "network_dim", "ss_network_dim"),
+    ("alpha (network_alpha)", "network_alpha", "ss_network_alpha"),
+    ("learning rate", "learning_rate", "ss_learning_rate"),
+    ("U-Net learning rate", "unet_lr", "ss_unet_lr"),
+    ("text encoder learning rate", "text_encoder_lr", "ss_text_encoder_lr"),
+    ("steps", "max_train_steps", "ss_steps"),
+    ("resolution", "resolution", "ss_resolution"),
+    ("batch size", "train_batch_size", "ss_batch_size_per_device"),
+    ("optimizer", "optimizer_type", "ss_optimizer"),
+    ("LR scheduler", "lr_scheduler", "ss_lr_scheduler"),
+    ("mixed precision", "mixed_precision", "ss_mixed_precision"),
+    ("clip skip", "clip_skip", "ss_clip_skip"),
+    ("noise offset", "noise_offset", "ss_noise_offset"),
+    ("min-SNR gamma", "min_snr_gamma", "ss_min_snr_gamma"),
+    ("seed", "seed", "ss_seed"),
+]
+
+
+@dataclass
+class UploadPlan:
+    """What `push_to_hub` will upload: (local file, path in the repo) pairs plus the card text."""
+
+    repo_id: str
+    files: list[tuple[Path, str]]
+    card: str
+    private: bool
+    commit_message: str
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def paths_in_repo(self) -> list[str]:
+        return [p for _, p in self.files]
+
+
+# ------------------------------------------------------------------------------------------------ reading outputs
+def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a `.safetensors` header (empty for other formats)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def training_config(meta: dict[str, str]) -> dict:
+    """lorakit's resolved training config stored in the LoRA header (JSON under a `lorakit*` key), if any."""
+    for key in sorted(meta):
+        if "lorakit" in key.lower():
+            try:
+                value = json.loads(meta[key])
+            except (TypeError, ValueError):
+                continue
+            if isinstance(value, dict) and ("network_dim" in value or "max_train_steps" in value):
+                return value
+    return {}
+
+
+def _main_lora(files: list[Path], meta_name: str | None) -> Path:
+    """The final LoRA: the one named like the run, else one without a `-000400`-style step suffix, else newest."""
+    by_stem = {p.stem: p for p in files}
+    if meta_name and meta_name in by_stem:
+        return by_stem[meta_name]
+    finals = [p for p in files if not re.search(r"[-_](step|e|epoch)?\d{3,}$", p.stem)]
+    return max(finals or files, key=lambda p: p.stat().st_mtime)
+
+
+def _prompt_of(image: Path) -> str:
+    """A sample's prompt: the PNG `parameters`/`prompt` text chunk (A1111 convention), a sidecar .txt, or its name."""
+    try:
+        from PIL import Image
+
+        with Image.open(image) as im:
+            text = im.info.get("prompt") or im.info.get("parameters") or ""
+        if text:
+            return str(text).split("\n")[0].strip()
+    except OSError:
+        pass
+    for side in (image.with_suffix(".txt"), image.with_suffix(".json")):
+        if side.is_file():
+            text = side.read_text(encoding="utf-8", errors="replace")
+            if side.suffix == ".json":
+                try:
+                    text = json.loads(text).get("prompt", "")
+                except (ValueError, AttributeError):
+                    text = ""
+            if text.strip():
+                return text.strip().split("\n")[0]
+    return image.stem.replace("_", " ")
+
+
+def _trigger_words(meta: dict[str, str], train_cfg: dict) -> str | None:
+    """`sks shape` from DreamBooth folder names like `20_sks shape` in the metadata's dataset dirs."""
+    dirs = {}
+    try:
+        dirs = json.loads(meta.get("ss_dataset_dirs", "{}")) or {}
+    except ValueError:
+        pass
+    names = [re.sub(r"^\d+_", "", Path(d).name) for d in dirs if re.match(r"^\d+_", Path(d).name)]
+    if not names and train_cfg.get("train_data_dir"):
+        folder = Path(train_cfg["train_data_dir"])
+        if folder.is_dir():
+            names = [re.sub(r"^\d+_", "", p.name) for p in sorted(folder.iterdir())
+                     if p.is_dir() and re.match(r"^\d+_", p.name)]
+    return ", ".join(dict.fromkeys(names)) or None
+
+
+def _looks_like_repo_id(name: str | None) -> bool:
+    return bool(name) and not Path(name).suffix and not name.startswith((".", "/", "~")) and "\\" not in name \
+        and name.count("/") <= 1 and not Path(name).exists()
+
+
+# --------------------------------------------------------------------------------------------------- model card
+def model_card(*, title: str, lora_file: str, base_model: str | None, instance_prompt: str | None, license: str,
+               gallery: list[tuple[str, str]], settings: list[tuple[str, str]]) -> str:
+    """The README.md text: YAML metadata the Hub reads, then a human description, usage and the settings table."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        license=license, tags=list(TAGS), library_name="diffusers",
+        base_model=base_model if _looks_like_repo_id(base_model) else None,
+        instance_prompt=instance_prompt,
+        widget=[{"text": prompt, "output": {"url": url}} for url, prompt in gallery] or None,
+    )
+    trigger = (f"Use the trigger words **`{instance_prompt}`** in your prompt.\n\n" if instance_prompt else "")
+    rows = "\n".join(f"| {k} | `{v}` |" for k, v in settings) or "| (no training metadata found) | |"
+    body = (
+        f"# {title}\n\n"
+        f"A LoRA for Stable Diffusion{f' (`{base_model}`)' if base_model else ''}, trained with "
+        f"lorakit — a kohya-format `.safetensors` file that A1111, ComfyUI, diffusers and "
+        f"sd-scripts read.\n\n{trigger}"
+        "## Use it with diffusers\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f"pipe = StableDiffusionPipeline.from_pretrained({base_model or '<base model>'!r})\n"
+        f"pipe.load_lora_weights(\"<this repo>\", weight_name={lora_file!r})\n"
+        f"image = pipe({(instance_prompt or 'your prompt')!r}).images[0]\n```\n\n"
+        "## Training settings\n\n| setting | value |\n|---|---|\n" + rows + "\n"
+    )
+    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    ModelCard(text, ignore_metadata_errors=False)  # the Hub's own parser must accept it
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------ the plan
+def _config(cfg: PushConfig | None, kwargs: dict) -> PushConfig:
+    if cfg is None:
+        return PushConfig.from_dict(kwargs)
+    return cfg.replace(**kwargs) if kwargs else cfg
+
+
+def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
+    """Find what to upload and write the model card to `<output_dir>/README.md` (offline, no token needed)."""
+    cfg = _config(cfg, kwargs)
+    if not cfg.repo_id or not _REPO_ID.match(cfg.repo_id):
+        raise ConfigError(f"`repo_id` must be a Hub repo name like `your-name/my-lora`, got {cfg.repo_id!r}")
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        raise ConfigError(f"`output_dir` {str(out)!r} does not exist: train first, or point it at the folder "
+                          f"that holds your LoRA")
+    loras = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in LORA_SUFFIXES)
+    if not loras:
+        raise ConfigError(f"no LoRA file (.safetensors/.ckpt/.pt) in `output_dir` {str(out)!r}: train first")
+    first_meta = read_lora_metadata(loras[0])
+    main = _main_lora(loras, first_meta.get("ss_output_name"))
+    meta = read_lora_metadata(main)
+    train_cfg = training_config(meta)
+
+    images = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(out).parts))
+    files = [(p, p.name) for p in loras]
+    files += [(p, "images/" + p.relative_to(out).as_posix()) for p in images]
+    files += [(p, p.name) for p in sorted(out.glob("*.toml"))]
+    samples = [p for p in images if "loss" not in p.stem.lower()]
+    last = sorted(samples, key=lambda p: (p.stat().st_mtime, p.name))[-MAX_GALLERY:]
+    gallery = [("images/" + p.relative_to(out).as_posix(), _prompt_of(p)) for p in last]
+
+    base_model = cfg.base_model or train_cfg.get("pretrained_model_name_or_path") or meta.get("ss_sd_model_name")
+    instance_prompt = cfg.instance_prompt or _trigger_words(meta, train_cfg)
+    settings = []
+    for label, key, ss_key in SETTINGS:
+        value = train_cfg.get(key, meta.get(ss_key))
+        if value not in (None, "", "None"):
+            settings.append((label, str(value)))
+    card = model_card(title=cfg.repo_id.split("/")[-1], lora_file=main.name, base_model=base_model,
+                      instance_prompt=instance_prompt, license=cfg.license, gallery=gallery, settings=settings)
+    readme = write_text(out / "README.md", card)
+    files.append((readme, "README.md"))
+    return UploadPlan(cfg.repo_id, files, card, cfg.private, cfg.commit_message,
+                      dict(base_model=base_model, instance_prompt=instance_prompt, lora=main.name))
+
+
+# ---------------------------------------------------------------------------------------------------------- push
+def resolve_token(explicit: str | None = None) -> str | None:
+    """`explicit`, else HF_TOKEN, else the token saved by `huggingface_hub.login()`; None when there is none."""
+    if explicit:
+        return explicit
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - an unreadable token file simply means "no token"
+        return None
+
+
+def push_to_hub(cfg: PushConfig | None = None, /, *, api=None, **kwargs) -> str:
+    """Create/update `repo_id` and upload the LoRA, samples and card in one commit; returns the repo URL.
+
+    `api` is an `huggingface_hub.HfApi` (made from the token and `endpoint` when not given).
+    """
+    cfg = _config(cfg, kwargs)
+    plan = plan_upload(cfg)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        token = resolve_token(cfg.token)
+        if not token:
+            raise ConfigError("no Hugging Face token: set the HF_TOKEN environment variable, log in with "
+                              "`huggingface_hub.login()` (on Colab: `notebook_login()`), or pass `token=`")
+        api = HfApi(endpoint=cfg.endpoint, token=token)
+    from huggingface_hub import CommitOperationAdd
+
+    url = api.create_repo(repo_id=plan.repo_id, repo_type="model", private=plan.private, exist_ok=True)
+    ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in plan.files]
+    api.create_commit(repo_id=plan.repo_id, repo_type="model", operations=ops, commit_message=plan.commit_message)
+    url = str(url) if url else f"https://huggingface.co/{plan.repo_id}"
+    print(f"uploaded {len(ops)} files to {url}")
+    return url

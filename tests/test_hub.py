@@ -1,0 +1,151 @@
+"""Push to the Hub, offline: the upload is intercepted at the `HfApi` boundary; the card is parsed by the Hub's own
+`ModelCard`; a token handed to lorakit must end up in no file and no output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, ModelCard
+from PIL import Image, PngImagePlugin
+
+from lorakit import hub
+from lorakit.config import PushConfig
+from lorakit.errors import ConfigError
+from lorakit.fileio import save_safetensors
+
+TOKEN = "hf_lorakitTestToken0123456789abcdefXYZ"
+
+
+class FakeApi:
+    """Records what would be sent to the Hub."""
+
+    instances: list[FakeApi] = []
+
+    def __init__(self, endpoint=None, token=None):
+        self.endpoint, self.token, self.calls = endpoint, token, []
+        FakeApi.instances.append(self)
+
+    def create_repo(self, **kw):
+        self.calls.append(("create_repo", kw))
+        return f"https://hub.example/{kw['repo_id']}"
+
+    def create_commit(self, **kw):
+        self.calls.append(("create_commit", kw))
+        return "commit"
+
+
+def make_output(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    t = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.ones(4, 8),
+         "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.ones(8, 4),
+         "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0)}
+    train_cfg = {"pretrained_model_name_or_path": "lorakit-toy", "network_dim": 4, "network_alpha": 2.0,
+                 "learning_rate": 0.001, "max_train_steps": 300, "seed": 42, "optimizer_type": "AdamW"}
+    meta = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_output_name": "toy_lora",
+            "ss_dataset_dirs": json.dumps({"20_sks shape": {"n_repeats": 20, "img_count": 4}}),
+            "ss_sd_model_name": "lorakit-toy", "lorakit_config": json.dumps(train_cfg)}
+    save_safetensors(t, folder / "toy_lora-000100.safetensors", meta)
+    save_safetensors(t, folder / "toy_lora.safetensors", meta)
+    (folder / "samples").mkdir(exist_ok=True)
+    for i, prompt in enumerate(["a sks shape", "a red sks shape on a white background"]):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", f"{prompt}\nSteps: 20, Seed: {i}")
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(folder / "samples" / f"step100_{i}.png", pnginfo=info)
+    Image.new("RGB", (600, 320), "white").save(folder / "toy_lora_loss.png")
+    (folder / "train_config.toml").write_text("network_dim = 4\n")
+    return folder
+
+
+def test_card_parses_with_the_hubs_model_card_and_has_the_fields(tmp_path):
+    out = make_output(tmp_path / "output")
+    plan = hub.plan_upload(repo_id="me/toy-lora", output_dir=str(out))
+    card = ModelCard(plan.card)
+    data = card.data.to_dict()
+    assert data["base_model"] == "lorakit-toy"
+    assert data["tags"] == ["lora", "text-to-image", "stable-diffusion", "lorakit"]
+    assert data["instance_prompt"] == "sks shape"  # from the DreamBooth folder name
+    assert data["license"] == "creativeml-openrail-m"
+    prompts = {w["text"] for w in data["widget"]}
+    assert prompts == {"a sks shape", "a red sks shape on a white background"}
+    assert all(w["output"]["url"] in plan.paths_in_repo for w in data["widget"])
+    assert "| rank (network_dim) | `4` |" in card.text and "| steps | `300` |" in card.text
+    assert "weight_name='toy_lora.safetensors'" in card.text
+    assert (out / "README.md").read_text() == plan.card
+
+
+def test_upload_plan_is_one_commit_with_loras_samples_and_card(tmp_path):
+    out = make_output(tmp_path / "output")
+    api = FakeApi()
+    url = hub.push_to_hub(PushConfig(repo_id="me/toy-lora", output_dir=str(out), private=False), api=api)
+    assert url == "https://hub.example/me/toy-lora"
+    (name1, repo), (name2, commit) = api.calls
+    assert name1 == "create_repo" and repo == dict(repo_id="me/toy-lora", repo_type="model", private=False,
+                                                     exist_ok=True)
+    assert name2 == "create_commit" and commit["repo_id"] == "me/toy-lora"
+    ops = commit["operations"]
+    assert all(isinstance(op, CommitOperationAdd) for op in ops)
+    assert sorted(op.path_in_repo for op in ops) == sorted([
+        "toy_lora.safetensors", "toy_lora-000100.safetensors", "images/samples/step100_0.png",
+        "images/samples/step100_1.png", "images/toy_lora_loss.png", "train_config.toml", "README.md"])
+    for op in ops:
+        assert Path(op.path_or_fileobj).is_file()
+
+
+@pytest.mark.parametrize("via", ["argument", "environment"])
+def test_token_appears_in_no_file_and_no_output(tmp_path, monkeypatch, capsys, via):
+    import huggingface_hub
+
+    out = make_output(tmp_path / "output")
+    FakeApi.instances.clear()
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    kwargs = dict(repo_id="me/toy-lora", output_dir=str(out))
+    if via == "argument":
+        kwargs["token"] = TOKEN
+    else:
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    cfg = PushConfig(**kwargs)
+    hub.push_to_hub(cfg)
+    assert FakeApi.instances[-1].token == TOKEN  # handed to the Hub client, and to nothing else
+    captured = capsys.readouterr()
+    assert TOKEN not in captured.out + captured.err
+    assert TOKEN not in repr(cfg) and TOKEN not in cfg.to_toml() and TOKEN not in json.dumps(cfg.to_dict())
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    commit = dict(FakeApi.instances[-1].calls)["create_commit"]
+    assert TOKEN not in commit["commit_message"]
+
+
+def test_missing_token_is_a_clear_message(tmp_path, monkeypatch):
+    out = make_output(tmp_path / "output")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(hub, "resolve_token", lambda explicit=None: explicit)
+    with pytest.raises(ConfigError, match="HF_TOKEN"):
+        hub.push_to_hub(repo_id="me/toy-lora", output_dir=str(out))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(repo_id=""), ["repo_id", "your-name/my-lora"]),
+    (dict(repo_id="a/b/c"), ["repo_id"]),
+    (dict(repo_id="me/x", output_dir="does/not/exist"), ["output_dir", "does/not/exist", "train first"]),
+])
+def test_bad_input_is_named(tmp_path, kwargs, words):
+    with pytest.raises(ConfigError) as e:
+        hub.push_to_hub(api=FakeApi(), **kwargs)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_empty_output_folder_says_train_first(tmp_path):
+    with pytest.raises(ConfigError, match="no LoRA file"):
+        hub.plan_upload(repo_id="me/x", output_dir=str(tmp_path))
+
+
+def test_local_base_model_path_is_not_put_in_the_metadata(tmp_path):
+    out = make_output(tmp_path / "output")
+    plan = hub.plan_upload(repo_id="me/x", output_dir=str(out), base_model="/models/my-model.safetensors")
+    assert "base_model" not in ModelCard(plan.card).data.to_dict()

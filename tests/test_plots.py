@@ -1,0 +1,94 @@
+"""Loss curves, labelled grids, X/Y grids and the Colab/Drive helpers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from lorakit import colab, plots
+from lorakit.config import GenerateConfig, TrainConfig
+from lorakit.errors import ConfigError
+
+
+def test_smoothing_is_a_debiased_moving_average():
+    assert plots.smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])  # no pull towards zero
+    out = plots.smooth([1.0, 0.0], 0.5)
+    assert out[0] == pytest.approx(1.0) and out[1] == pytest.approx((0.5 * 0.5) / (1 - 0.25))
+    assert plots.smooth([3.0, 1.0], 0.0) == [3.0, 1.0]
+    with pytest.raises(ValueError, match="weight"):
+        plots.smooth([1.0], 1.0)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "rows"])
+def test_loss_plot_from_every_history_form(tmp_path, fmt):
+    steps, losses = list(range(1, 41)), [1.0 / s for s in range(1, 41)]
+    if fmt == "csv":
+        src = tmp_path / "loss.csv"
+        src.write_text("step,loss,lr\n" + "".join(f"{s},{v},0.001\n" for s, v in zip(steps, losses)))
+    elif fmt == "json":
+        src = tmp_path / "loss.json"
+        src.write_text(json.dumps([{"step": s, "loss": v} for s, v in zip(steps, losses)]))
+    else:
+        src = list(zip(steps, losses))
+    assert plots.read_loss_history(src) == (steps, pytest.approx(losses))
+    dest = plots.save_loss_plot(src, tmp_path / "out" / "loss.png")
+    with Image.open(dest) as im:
+        assert im.format == "PNG" and im.size == (600, 320)
+        assert len(set(im.convert("L").getdata())) > 10  # something was drawn
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_image_grid_layout_and_labels():
+    red, blue = Image.new("RGB", (64, 64), (255, 0, 0)), Image.new("RGB", (64, 48), (0, 0, 255))
+    grid = plots.image_grid([[red, blue, None], [blue, red, red]], row_labels=["a red circle", "two"],
+                            col_labels=["step 100", "step 200", "step 300"], min_cell=128)
+    plain = plots.image_grid([[red, blue, None], [blue, red, red]], min_cell=128)
+    assert plain.size == (3 * 128, 2 * 128)  # 64px images enlarged 2x, cells sized by the largest image
+    assert grid.width > plain.width and grid.height > plain.height  # room for the labels
+    assert plain.getpixel((64, 64)) == (255, 0, 0) and plain.getpixel((128 + 64, 64)) == (0, 0, 255)
+    assert plain.getpixel((2 * 128 + 64, 64)) == plots.EMPTY  # a missing sample is a grey cell
+    label_strip = grid.crop((0, grid.height - 128, grid.width - 3 * 128, grid.height)).convert("L")
+    assert min(label_strip.getdata()) < 128  # the row label is drawn
+    flat = plots.image_grid([red] * 5, cols=2, min_cell=64)
+    assert flat.size == (2 * 64, 3 * 64)
+
+
+def test_xy_grid_generates_each_pair(tmp_path):
+    calls = []
+
+    def fake_generate(cfg):
+        calls.append((cfg.network_mul, cfg.seed))
+        shade = int(255 * cfg.network_mul[0])
+        return [Image.new("RGB", (64, 64), (shade, cfg.seed, 0))]
+
+    cfg = GenerateConfig(prompt="a sks shape", network_weights=["a.safetensors"], network_mul=[1.0])
+    grid = plots.xy_grid(cfg, "network_mul", [0.0, 1.0], "seed", [1, 2], generate=fake_generate,
+                         save_to=tmp_path / "xy.png")
+    assert calls == [([0.0], 1), ([1.0], 1), ([0.0], 2), ([1.0], 2)]
+    with Image.open(tmp_path / "xy.png") as im:
+        assert im.size == grid.size and im.width > 2 * 128 and im.height > 2 * 128
+    with pytest.raises(KeyError):
+        plots.xy_grid(cfg, "no_such_option", [1], generate=fake_generate)
+
+
+def test_drive_paths_off_colab_are_clear_errors(monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    assert not colab.in_colab()
+    with pytest.raises(ConfigError, match="only available on Colab"):
+        colab.drive_path("/content/drive/MyDrive/data")
+    cfg = TrainConfig(output_dir="/content/drive/MyDrive/out")
+    with pytest.raises(ConfigError, match="`output_dir` is a Google Drive path"):
+        colab.check_drive_paths(cfg)
+    colab.check_drive_paths(TrainConfig(output_dir="out"))
+    ws = colab.setup(use_drive=True, quiet=True)
+    assert not ws.on_drive and not ws.on_colab
+
+
+def test_install_keeps_the_installed_torch():
+    import torch
+
+    cmd = colab.install_command("lorakit")
+    assert cmd[-2] == "lorakit" and cmd[-1] == f"torch=={torch.__version__.split('+')[0]}"
+    assert "--upgrade" not in cmd and "-U" not in cmd

@@ -1,0 +1,186 @@
+"""Forms built from the config schemas (ipywidgets' Python API; the browser test drives the same forms in a page)."""
+
+from __future__ import annotations
+
+import ipywidgets as w
+import pytest
+
+from lorakit import widgets
+from lorakit.config import JOB_CONFIGS, TrainConfig
+from lorakit.errors import ConfigError
+from lorakit.presets import PRESETS, apply_preset
+
+
+def all_children(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from all_children(child)
+
+
+@pytest.mark.parametrize("job", sorted(JOB_CONFIGS))
+def test_a_widget_per_field_and_defaults_round_trip(job):
+    cls = JOB_CONFIGS[job]
+    form = widgets.form(cls)
+    assert isinstance(form, widgets.Form)
+    names = [s.name for s in cls.specs()]
+    assert list(form.fields) == names
+    shown = set(map(id, all_children(form.widget)))
+    for name, field in form.fields.items():
+        assert id(field.widget) in shown, f"{name} is not in the displayed form"
+        assert field.widget.description == name
+    if all(s.default is not None or s.optional for s in cls.specs()):
+        assert form.value.to_dict(include_secrets=True) == cls.from_dict({}).to_dict(include_secrets=True)
+
+
+def test_widget_kinds_follow_the_schema():
+    form = widgets.form(TrainConfig)
+    f = form.fields
+    assert isinstance(f["network_dim"].widget, w.IntText)
+    assert isinstance(f["learning_rate"].widget, w.FloatText)
+    assert isinstance(f["flip_aug"].widget, w.Checkbox)
+    assert isinstance(f["optimizer_type"].widget, w.Dropdown)
+    assert [v for _, v in f["optimizer_type"].widget.options] == list(TrainConfig.spec("optimizer_type").choices)
+    assert isinstance(f["v2"].widget, w.Dropdown) and f["v2"].widget.value is None  # auto-detected unless set
+    assert isinstance(f["train_data_dir"].widget, w.Text)
+    assert "Training images" in f["train_data_dir"].help.value  # help text shown next to the widget
+    assert "≥ 1" in f["network_dim"].help.value and "≤ 1024" in f["network_dim"].help.value
+    push = widgets.form(JOB_CONFIGS["push"])
+    assert isinstance(push.fields["token"].widget, w.Password)
+
+
+def test_basic_fields_first_and_groups_collapsed():
+    form = widgets.form(TrainConfig)
+    basic = [s.name for s in TrainConfig.specs() if s.basic]
+    boxes = list(form.widget.children)
+    first_fields = [b.children[0].description for b in boxes if isinstance(b, w.HBox)
+                    and isinstance(b.children[0], w.ValueWidget) and b.children[0].description in form.fields]
+    assert first_fields[: len(basic)] == basic
+    assert form.sections.selected_index is None  # collapsed
+    groups = {s.group for s in TrainConfig.specs() if not s.basic}
+    assert len(form.sections.children) == len(groups)
+    assert all(any(t.startswith(g + " (") for t in form.sections.titles) for g in groups)
+
+
+def test_set_values_and_read_the_config_back():
+    form = widgets.form(TrainConfig)
+    values = dict(network_dim=4, network_alpha=2.0, learning_rate=3e-4, flip_aug=True, optimizer_type="Lion",
+                  resolution="96,64", v2=False, max_train_steps=None, max_train_epochs=3, train_data_dir="data/x",
+                  network_args=["conv_dim=4", "conv_alpha=1"], unet_lr=2e-4)
+    form.set(**values)
+    cfg = form.value
+    assert isinstance(cfg, TrainConfig)
+    for k, v in values.items():
+        assert getattr(cfg, k) == v, k
+    again = widgets.form(TrainConfig).load(cfg)
+    assert again.value.to_dict() == cfg.to_dict()
+
+
+def test_typing_into_the_widgets_gives_typed_values():
+    form = widgets.form(TrainConfig)
+    form.fields["conv_dim"].widget.value = " 8 "
+    form.fields["network_args"].widget.value = "conv_dim=8, conv_alpha=4"
+    form.fields["seed"].widget.value = ""
+    cfg = form.value
+    assert cfg.conv_dim == 8 and cfg.network_args == ["conv_dim=8", "conv_alpha=4"] and cfg.seed is None
+    assert form.error == ""
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("network_dim", 0, ["network_dim", "≥ 1", "0"]),
+    ("network_dropout", 1.5, ["network_dropout", "≤ 1"]),
+    ("conv_dim", "many", ["conv_dim", "integer", "many"]),
+    ("resolution", "big", ["resolution", "W,H"]),
+])
+def test_invalid_values_show_the_error_next_to_the_form(field, value, words):
+    form = widgets.form(TrainConfig)
+    form.fields[field].widget.value = value
+    for word in words:
+        assert word in form.error
+    assert "lorakit-error" in form.errors.value and "Traceback" not in form.errors.value
+    assert form.fields["network_dim"].widget.value == (0 if field == "network_dim" else 16)  # never clamped
+    with pytest.raises(ConfigError):
+        _ = form.value
+    clicked = []
+    form.on_submit = clicked.append
+    form.run_button.click()
+    assert clicked == [] and field in form.error
+
+
+def test_contradictions_are_shown_too():
+    form = widgets.form(TrainConfig)
+    form.set(network_train_unet_only=True, network_train_text_encoder_only=True)
+    assert "cannot both be set" in form.error
+    form.set(network_train_text_encoder_only=False)
+    assert form.error == ""
+
+
+def test_button_click_runs_the_job_with_the_form_config():
+    runs = []
+    form = widgets.form(TrainConfig, on_submit=lambda cfg: runs.append(cfg) or "trained")
+    form.fields["network_dim"].widget.value = 12
+    form.run_button.click()
+    assert len(runs) == 1 and runs[0].network_dim == 12
+    assert form.result == "trained" and form.error == ""
+    assert not form.run_button.disabled
+
+
+def test_job_errors_from_the_button_are_one_line_next_to_the_form(tmp_path):
+    from lorakit.errors import DatasetError
+
+    def job(cfg):
+        raise DatasetError(f"`train_data_dir` {cfg.train_data_dir!r} does not exist")
+
+    form = widgets.form(TrainConfig, values=dict(train_data_dir=str(tmp_path / "missing")), on_submit=job)
+    form.run_button.click()  # must not raise out of the click handler
+    assert "does not exist" in form.error and "missing" in form.error
+    with pytest.raises(DatasetError):  # from a cell, submit() stops "Run all"
+        form.submit()
+
+
+def test_drive_path_off_colab_is_a_clear_message():
+    form = widgets.form(TrainConfig, values=dict(train_data_dir="/content/drive/MyDrive/data"),
+                        on_submit=lambda cfg: pytest.fail("must not run"))
+    form.run_button.click()
+    assert "Google Drive" in form.error and "train_data_dir" in form.error and "not Colab" in form.error
+
+
+def test_presets_fill_the_form_and_keep_other_fields():
+    form = widgets.form(TrainConfig, values=dict(train_data_dir="my/data"))
+    form.preset.value = "SD1.5 character, T4"
+    cfg = form.value
+    assert cfg.mixed_precision == "fp16" and cfg.gradient_checkpointing and cfg.train_data_dir == "my/data"
+    form.preset.value = "workshop (CPU, toy model)"
+    assert form.value.pretrained_model_name_or_path == "lorakit-toy" and form.value.mixed_precision == "no"
+    for name in PRESETS["train"]:
+        assert isinstance(apply_preset(name), TrainConfig)  # every preset is valid for the schema
+    with pytest.raises(ConfigError, match="known presets"):
+        widgets.form(TrainConfig, preset="no such preset")
+
+
+def test_toml_save_and_load_from_the_form(tmp_path):
+    path = tmp_path / "my.toml"
+    form = widgets.form(TrainConfig)
+    form.set(network_dim=6, output_name="x", resolution="128")
+    form.toml_path.value = str(path)
+    form.save_button.click()
+    assert TrainConfig.from_toml(path).network_dim == 6
+    other = widgets.form(TrainConfig)
+    other.toml_path.value = str(path)
+    other.load_button.click()
+    assert other.value.to_dict() == form.value.to_dict()
+    path.write_text("network_dimm = 3\n")
+    other.load_button.click()
+    assert "network_dimm" in other.error and "network_dim" in other.error
+
+
+def test_static_form_without_widgets_uses_the_parameters():
+    calls = []
+    form = widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=dict(max_train_steps=7),
+                        on_submit=calls.append, use_widgets=False)
+    assert isinstance(form, widgets.StaticForm) and form.widget is None
+    assert form.value.max_train_steps == 7 and form.value.pretrained_model_name_or_path == "lorakit-toy"
+    form.submit()
+    assert calls[0].max_train_steps == 7
+    assert "max_train_steps = 7" in repr(form)
+    bad = widgets.form(TrainConfig, values=dict(network_dim=-1), use_widgets=False)
+    assert "network_dim" in repr(bad)
