@@ -1,12 +1,16 @@
 """Load the Stable Diffusion components from whatever the user has; save them back.
 
 `load_models(name_or_path)` accepts a Hub repo id (diffusers layout), a local diffusers folder, a single-file
-LDM checkpoint (.safetensors/.ckpt, SD1.x/SD2.x) or the built-in `lorakit-toy`, and returns `SDComponents`.
+LDM checkpoint (.safetensors/.ckpt, SD1.x/SD2.x, loaded fully offline from configs bundled with lorakit) or the
+built-in `lorakit-toy`, and returns `SDComponents`. `save_single_file(components, path)` writes the single-file
+layout A1111/ComfyUI/sd-scripts read. Key names live in `checkpoint_keys`, state-dict conversion in `checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,11 @@ from typing import Any
 import torch
 
 from .errors import ModelLoadError
-from .families import Family
+from .families import SD1, SD2, Family
+
+TOY_NAME = "lorakit-toy"
+TOY_PATH = Path(__file__).parent / "toy" / "weights" / "lorakit-toy.safetensors"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
 @dataclass
@@ -43,12 +51,15 @@ class SDComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def to(self, device=None, dtype=None) -> SDComponents:
+        """Move/cast the three networks; modules already on `device` in `dtype` are left alone (no copies)."""
         for m in (self.text_encoder, self.vae, self.unet):
-            m.to(device=device, dtype=dtype)
+            _move(m, device, dtype)
         return self
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the diffusers folder layout (model_index.json + one subfolder per component)."""
+        from .fileio import write_json
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(folder / "unet")
@@ -68,8 +79,12 @@ class SDComponents:
             "unet": ["diffusers", type(self.unet).__name__],
             "vae": ["diffusers", type(self.vae).__name__],
         }
-        (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_json(folder / "model_index.json", index)
         return folder
+
+    def save_single_file(self, path: str | Path, save_precision: str | None = "float") -> Path:
+        """Write a single-file LDM checkpoint (see `lorakit.models.save_single_file`)."""
+        return save_single_file(self, path, save_precision=save_precision)
 
     def pipeline(self, scheduler=None):
         """A diffusers `StableDiffusionPipeline` sharing these modules (no copies)."""
@@ -87,40 +102,305 @@ def _diffusers_version() -> str:
     return diffusers.__version__
 
 
+def _move(module, device, dtype) -> None:
+    p = next(module.parameters(), None)
+    if p is None:
+        return
+    if (dtype is not None and p.dtype != dtype) or (device is not None and p.device != torch.device(device)):
+        module.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- loading
 def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization: bool | None = None,
                 vae: str | None = None, dtype: torch.dtype = torch.float32, device: str | None = None,
                 local_files_only: bool = False) -> SDComponents:
-    """Load SD components from a repo id, a diffusers folder, a single file, or `lorakit-toy`."""
-    from .families import SD1, SD2
+    """Load SD components from what users have, and detect the family (sd1/sd2) and prediction type.
 
-    path = Path(name_or_path)
+    `name_or_path`:
+    - a single-file checkpoint `.safetensors` / `.ckpt` (SD1.x or SD2.x, original LDM layout): loaded offline;
+      family from the text-encoder keys, prediction type from metadata or the weights (see
+      `checkpoint.detect_prediction_type`). `.ckpt` is unpickled with weights_only=True (no code runs).
+    - a local diffusers folder (with `model_index.json`);
+    - a Hugging Face Hub repo id in diffusers layout, e.g. `runwayml/stable-diffusion-v1-5` (downloads once);
+    - `lorakit-toy`, the small pretrained model shipped with lorakit.
+    `v2` / `v_parameterization` override what was detected (None = detect). `vae`: a VAE to use instead (diffusers
+    folder, single file, or repo id). Errors are `ModelLoadError` naming the input and the fix.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name == TOY_NAME and not path.exists():
+        if not TOY_PATH.is_file():
+            raise ModelLoadError(f"the built-in model {TOY_NAME!r} is not installed in this copy of lorakit "
+                                 f"(expected {TOY_PATH}); use `lorakit tiny` for a random test model")
+        path = TOY_PATH
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{path}: folder has no model_index.json — not a diffusers model folder")
-        comps = _load_diffusers(str(path), local_files_only=True)
+            raise ModelLoadError(f"{path}: folder has no model_index.json — not a diffusers model folder "
+                                 "(give the folder that contains unet/, vae/, text_encoder/, or a .safetensors file)")
+        comps = _load_diffusers(str(path), local_files_only=True, dtype=dtype)
+    elif path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path.name}: unsupported model file type; give a .safetensors or .ckpt "
+                                 "single-file checkpoint, or a diffusers folder")
+        comps = load_single_file(path, v2=v2, v_parameterization=v_parameterization)
+    elif _looks_like_repo_id(name):
+        comps = _load_diffusers(name, local_files_only=local_files_only, dtype=dtype)
     else:
-        raise ModelLoadError(f"model not found: {name_or_path}")
-    if v2 is not None:
-        comps.family = SD2 if v2 else SD1
-    if v_parameterization is not None:
-        comps.prediction_type = "v_prediction" if v_parameterization else "epsilon"
+        raise ModelLoadError(f"model not found: {name} (no such file or folder, and not a Hub repo id "
+                             "like `owner/name`)")
+    _apply_overrides(comps, v2, v_parameterization)
+    if vae is not None:
+        comps.vae = load_vae(vae, like=comps.vae, local_files_only=local_files_only)
     return comps.to(device=device, dtype=dtype)
 
 
-def _load_diffusers(repo_or_folder: str, local_files_only: bool) -> SDComponents:
+def _looks_like_repo_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.lower().endswith(SINGLE_FILE_SUFFIXES)
+
+
+def _apply_overrides(comps: SDComponents, v2: bool | None, v_parameterization: bool | None) -> None:
+    if v2 is not None and v2 != comps.family.v2:
+        raise ModelLoadError(f"`v2={v2}` contradicts the model: {comps.source} has the "
+                             f"{'OpenCLIP (SD2)' if comps.family.v2 else 'CLIP (SD1)'} text encoder; drop `v2`")
+    if v_parameterization is not None:
+        _set_prediction_type(comps, "v_prediction" if v_parameterization else "epsilon")
+
+
+def _set_prediction_type(comps: SDComponents, prediction_type: str) -> None:
+    comps.prediction_type = prediction_type
+    if comps.noise_scheduler.config.prediction_type != prediction_type:
+        sched = comps.noise_scheduler
+        comps.noise_scheduler = type(sched).from_config(sched.config, prediction_type=prediction_type)
+
+
+def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dtype | None = None) -> SDComponents:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from .families import SD1, SD2
+    from .checkpoint_keys import family_from_configs
 
     kw = dict(local_files_only=local_files_only)
-    unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", **kw)
-    scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
-    comps = SDComponents(
-        tokenizer=CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw),
-        text_encoder=CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder", **kw),
-        vae=AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", **kw),
-        unet=unet, noise_scheduler=scheduler,
-        family=SD2 if unet.config.cross_attention_dim == 1024 or unet.config.use_linear_projection else SD1,
-        prediction_type=scheduler.config.prediction_type, source=repo_or_folder)
-    return comps
+    try:
+        unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype, **kw)
+        scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder", dtype=dtype, **kw)
+        vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        where = "folder" if Path(repo_or_folder).is_dir() else "Hub repo"
+        hint = "" if Path(repo_or_folder).is_dir() else \
+            " (offline or no access? download it once online, log in for gated repos, or give a local path)"
+        raise ModelLoadError(f"cannot load diffusers {where} {repo_or_folder}: {_first_line(e)}{hint}") from None
+    family = family_from_configs({"text_encoder": text_encoder.config.to_dict()})
+    return SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_model, unet=unet,
+                        noise_scheduler=scheduler, family=family, prediction_type=scheduler.config.prediction_type,
+                        source=repo_or_folder)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def load_single_file(path: str | Path, *, v2: bool | None = None,
+                     v_parameterization: bool | None = None) -> SDComponents:
+    """Load a single-file SD1.x/SD2.x checkpoint offline (see `load_models`)."""
+    from .checkpoint import read_single_file
+
+    ldm, metadata = read_single_file(path)
+    return components_from_ldm(ldm, metadata=metadata, v2=v2, v_parameterization=v_parameterization,
+                               source=str(path))
+
+
+def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = None, *,
+                        metadata: dict[str, str] | None = None, v2: bool | None = None,
+                        v_parameterization: bool | None = None, source: str = "") -> SDComponents:
+    """Build `SDComponents` from an LDM state dict (the tensors are used as parameters, not copied).
+
+    `configs` (diffusers configs) default to the file's `lorakit.configs` metadata, else the bundled full-size
+    configs of the detected family (SD2 epsilon files get the 512-px SD2-base sample size).
+    """
+    from .checkpoint import (
+        CLIP_PREFIX,
+        OPENCLIP_PREFIX,
+        configs_from_metadata,
+        detect_family,
+        detect_prediction_type,
+        empty_modules,
+        ldm_to_diffusers,
+        standard_configs,
+    )
+
+    metadata = metadata or {}
+    family = detect_family(ldm)
+    has_te = any(k.startswith((CLIP_PREFIX, OPENCLIP_PREFIX)) for k in ldm)
+    if v2 is not None and v2 != family.v2:
+        if has_te:
+            raise ModelLoadError(f"`v2={v2}` contradicts the checkpoint {source or ''}: its text encoder is "
+                                 f"{'OpenCLIP (SD2)' if family.v2 else 'CLIP (SD1)'}; drop `v2`")
+        family = SD2 if v2 else SD1
+    configs = configs or configs_from_metadata(metadata)
+    bundled = configs is None
+    if bundled:
+        configs = standard_configs(ldm, family)
+    if v_parameterization is not None:
+        prediction = "v_prediction" if v_parameterization else "epsilon"
+    else:
+        prediction = detect_prediction_type(ldm, family, None if bundled else configs, metadata)
+    if bundled and family.v2 and prediction == "epsilon":  # SD2-base: 512 px
+        configs["unet"]["sample_size"], configs["vae"]["sample_size"] = 64, 512
+    unet, vae, text_encoder = empty_modules(configs)
+    state_dicts = ldm_to_diffusers(ldm, configs, modules=(unet, vae, text_encoder))
+    for component, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        module.load_state_dict(state_dicts[component], strict=True, assign=True)
+        module.eval()
+    return SDComponents(
+        tokenizer=load_tokenizer_for(configs, family, metadata), text_encoder=text_encoder, vae=vae, unet=unet,
+        noise_scheduler=_noise_scheduler(configs.get("scheduler", {}), prediction), family=family,
+        prediction_type=prediction, source=source)
+
+
+def _noise_scheduler(config: dict, prediction_type: str):
+    """The DDPM training scheduler (SD's scaled-linear betas unless the config says otherwise)."""
+    import inspect
+
+    from diffusers import DDPMScheduler
+
+    allowed = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
+    cfg = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+           "num_train_timesteps": 1000, "steps_offset": 1}
+    cfg.update({k: v for k, v in config.items() if k in allowed})
+    cfg["prediction_type"] = prediction_type
+    return DDPMScheduler(**cfg)
+
+
+# ----------------------------------------------------------------------------------------------------- tokenizer
+def _bpe_path() -> Path:
+    return SD1.config_dir.parent / "clip_tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def clip_vocab_files() -> dict[str, str]:
+    """`vocab.json` / `merges.txt` of the standard 49,408-token CLIP tokenizer, built from the bundled BPE merges.
+
+    Vocabulary order as in OpenAI CLIP: 256 byte symbols, the same with `</w>`, one token per merge, then
+    `<|startoftext|>`, `<|endoftext|>`.
+    """
+    import gzip
+
+    from .tiny import bytes_to_unicode
+
+    lines = gzip.decompress(_bpe_path().read_bytes()).decode("utf-8").splitlines()
+    merges = [m for m in lines[1:] if m]
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {"vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
+
+
+def _tokenizer_from_files(files: dict[str, str]):
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="lorakit-tok-") as tmp:
+        for name, text in files.items():
+            (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
+
+
+def load_tokenizer_for(configs: dict, family: Family, metadata: dict[str, str] | None = None):
+    """The tokenizer of a single file: the one stored in its metadata, else the standard CLIP tokenizer."""
+    from .checkpoint import CLIP_VOCAB_SIZE, TOKENIZER_META_KEY
+
+    raw = (metadata or {}).get(TOKENIZER_META_KEY)
+    if raw:
+        return _tokenizer_from_files(json.loads(raw))
+    vocab_size = configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE)
+    if vocab_size != CLIP_VOCAB_SIZE:
+        raise ModelLoadError(f"the checkpoint's text encoder has {vocab_size} tokens, not CLIP's {CLIP_VOCAB_SIZE}, "
+                             "and the file carries no tokenizer; load it as a diffusers folder instead")
+    tok_dir = family.config_dir / "tokenizer"
+    files = {p.name: p.read_text() for p in tok_dir.glob("*.json")}
+    return _tokenizer_from_files({**files, **clip_vocab_files()})
+
+
+def _tokenizer_files(tokenizer) -> dict[str, str]:
+    with tempfile.TemporaryDirectory(prefix="lorakit-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.suffix in (".json", ".txt")}
+
+
+# ----------------------------------------------------------------------------------------------------------- VAE
+def load_vae(spec: str | Path, like=None, local_files_only: bool = False):
+    """A VAE from a diffusers folder (or a model folder's `vae/`), a single file (LDM or diffusers keys, with or
+    without the `first_stage_model.` prefix), or a Hub repo id. `like`: a VAE whose config a single file uses."""
+    from diffusers import AutoencoderKL
+
+    from .checkpoint import VAE_PREFIX, read_single_file
+    from .checkpoint_keys import LdmLayout, vae_ldm_name
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        sub = "" if (path / "config.json").is_file() else "vae" if (path / "vae" / "config.json").is_file() else None
+        if sub is None:
+            raise ModelLoadError(f"`vae` {path}: folder has no config.json (nor vae/config.json)")
+        return AutoencoderKL.from_pretrained(str(path), subfolder=sub or None, local_files_only=True)
+    if path.is_file():
+        sd, _ = read_single_file(path)
+        sd = {k.removeprefix(VAE_PREFIX): v for k, v in sd.items()}
+        config = dict(like.config) if like is not None else json.loads(
+            (SD1.config_dir / "vae" / "config.json").read_text())
+        vae = AutoencoderKL.from_config(config)
+        layout = LdmLayout(0, (), (), len(config["block_out_channels"]), "clip", 0, 0)
+        from .checkpoint import _fit
+
+        new = {}
+        for name, param in vae.state_dict().items():
+            key = name if name in sd else vae_ldm_name(name, layout)[0]
+            if key not in sd:
+                raise ModelLoadError(f"`vae` {path.name}: no tensor for {name} (expected {key}); not a VAE file")
+            new[name] = _fit(key, sd[key], param.shape)
+        vae.load_state_dict(new, strict=True)
+        return vae.eval()
+    if _looks_like_repo_id(str(spec)):
+        try:
+            return AutoencoderKL.from_pretrained(str(spec), local_files_only=local_files_only)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load `vae` {spec} from the Hub: {_first_line(e)}") from None
+    raise ModelLoadError(f"`vae` not found: {spec}")
+
+
+# -------------------------------------------------------------------------------------------------------- saving
+def single_file_metadata(comps: SDComponents, title: str = "") -> dict[str, str]:
+    """Header metadata of a single file: lorakit's configs (exact reload) and ModelSpec fields other tools read."""
+    from .checkpoint import CLIP_VOCAB_SIZE, CONFIGS_META_KEY, TOKENIZER_META_KEY, components_configs
+
+    v = comps.prediction_type == "v_prediction"
+    res = comps.native_resolution
+    arch = "stable-diffusion-v1" if not comps.v2 else f"stable-diffusion-v2-{res}{'-v' if v else ''}"
+    meta = {
+        CONFIGS_META_KEY: json.dumps(components_configs(comps)),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": arch,
+        "modelspec.implementation": "https://github.com/Stability-AI/stablediffusion" if comps.v2
+        else "https://github.com/CompVis/stable-diffusion",
+        "modelspec.title": title,
+        "modelspec.resolution": f"{res}x{res}",
+        "modelspec.prediction_type": "v" if v else "epsilon",
+    }
+    if comps.text_encoder.config.vocab_size != CLIP_VOCAB_SIZE or len(comps.tokenizer) != CLIP_VOCAB_SIZE:
+        meta[TOKENIZER_META_KEY] = json.dumps(_tokenizer_files(comps.tokenizer))
+    return meta
+
+
+def save_single_file(components: SDComponents, path: str | Path, save_precision: str | None = "float",
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write `components` as one single-file LDM checkpoint, `.safetensors` or `.ckpt` by extension, atomically.
+
+    `save_precision`: "float" (fp32), "fp16", "bf16", or None to keep the modules' dtypes. The file loads in
+    A1111/ComfyUI/sd-scripts/diffusers, and back into lorakit with identical weights and configs.
+    """
+    from .checkpoint import components_to_ldm, write_single_file
+
+    path = Path(path)
+    meta = {**single_file_metadata(components, title=path.stem), **(metadata or {})}
+    return write_single_file(components_to_ldm(components), path, metadata=meta, save_precision=save_precision)

@@ -125,7 +125,10 @@ def build_tiny(family: str | Family = "sd1", seed: int = 0, folder: str | Path |
 
 
 def build_tiny_cli(cfg) -> None:
-    """`lorakit tiny --output_dir DIR --family sd1|sd2`: write a diffusers folder (and a single file when the
-    checkpoint writer is available)."""
+    """`lorakit tiny --output_dir DIR --family sd1|sd2`: write a diffusers folder and `DIR/model.safetensors`
+    (the same weights as a single-file LDM checkpoint)."""
+    from .models import save_single_file
+
     comps = build_tiny(cfg.family, seed=cfg.seed, folder=cfg.output_dir)
-    print(f"tiny {comps.family.name} model written to {cfg.output_dir}")
+    single = save_single_file(comps, Path(cfg.output_dir) / "model.safetensors")
+    print(f"tiny {comps.family.name} model written to {cfg.output_dir} (diffusers folder) and {single}")
