@@ -144,6 +144,8 @@ class TrainConfig(JobConfig):
     sample_every_n_steps: int | None = option(None, "Generate samples every N steps.", group="samples", min=1)
     sample_every_n_epochs: int | None = option(None, "Generate samples every N epochs.", group="samples", min=1)
     sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS)
+    sample_at_end: bool = option(True, "Generate samples and samples_grid.png when training ends (prompts from "
+                                 "sample_prompts, else the dataset's first captions).", group="samples")
 
     def check(self) -> None:
         if self.network_train_unet_only and self.network_train_text_encoder_only:

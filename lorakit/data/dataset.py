@@ -66,13 +66,15 @@ def _subset_options(cfg) -> dict:
 class TrainDataset:
     """Examples grouped into buckets; `batches(epoch)` gives the epoch's batches, `load(batch, ...)` their data."""
 
-    def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: DatasetReport):
+    def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: DatasetReport,
+                 resolution: tuple[int, int] = (512, 512)):
         if not examples:
             raise DatasetError("no usable training images (see the dataset report above for what was skipped)")
         self.examples = examples
         self.seed = seed
         self.prior_loss_weight = prior_loss_weight
         self.report = report
+        self.resolution = resolution  # (width, height) of the (first) dataset: sample size, metadata
         self.cached: dict[int, dict[str, torch.Tensor]] | None = None
         self.groups: dict[tuple, list[int]] = {}
         for i, ex in enumerate(examples):
@@ -116,7 +118,8 @@ class TrainDataset:
                     report.skip(item.path, str(e))
                     continue
                 examples.append(Example(item, choice, spec.batch_size, group))
-        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report)
+        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
+                   resolution=specs[0].resolution)
 
     # ---------------------------------------------------------------- epochs and batches
     def batches(self, epoch: int) -> list[list[int]]:

@@ -1,0 +1,82 @@
+"""Optimizers and learning-rate schedules by their sd-scripts names.
+
+`make_optimizer(name, param_groups, lr, args)` — AdamW, AdamW8bit (bitsandbytes, CUDA only), Lion (lion-pytorch),
+Prodigy (prodigyopt; learning rates around 1.0, it adapts them), Adafactor (transformers; fixed LR), SGD.
+`make_scheduler(...)` — diffusers' `get_scheduler` (constant, linear, cosine, cosine_with_restarts, polynomial,
+constant_with_warmup), with warm-up.
+Optional packages are imported only when chosen, and their absence is a `TrainingError` that says what to install.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import torch
+
+from .errors import ConfigError, TrainingError
+
+
+def parse_optimizer_args(args: list[str]) -> dict:
+    """`["weight_decay=0.01", "betas=(0.9,0.99)", "decouple=True"]` → a dict of Python values."""
+    out = {}
+    for arg in args:
+        key, _, raw = arg.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = raw.strip()
+    return out
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str] | None = None,
+                   device: torch.device | str = "cpu") -> torch.optim.Optimizer:
+    """Build the optimizer `name` over `param_groups` (each group may carry its own "lr")."""
+    kwargs = parse_optimizer_args(args or [])
+    if name == "AdamW":
+        return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
+    if name == "SGD":
+        return torch.optim.SGD(param_groups, lr=lr, **kwargs)
+    if name == "AdamW8bit":
+        if torch.device(device).type != "cuda":
+            raise TrainingError("`optimizer_type = AdamW8bit` needs a CUDA GPU (bitsandbytes has no CPU kernels); "
+                                "use AdamW on this machine — for a LoRA the 8-bit states save only ~0.1 GB anyway")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise TrainingError(f"`optimizer_type = AdamW8bit` needs bitsandbytes: `pip install bitsandbytes` "
+                                f"({e})") from None
+        return bnb.optim.AdamW8bit(param_groups, lr=lr, **kwargs)
+    if name == "Lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError:
+            raise TrainingError("`optimizer_type = Lion` needs lion-pytorch: `pip install lion-pytorch`") from None
+        return Lion(param_groups, lr=lr, **kwargs)
+    if name == "Prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise TrainingError("`optimizer_type = Prodigy` needs prodigyopt: `pip install prodigyopt`") from None
+        return Prodigy(param_groups, lr=lr, **kwargs)
+    if name == "Adafactor":
+        from transformers.optimization import Adafactor
+
+        # a fixed learning rate (relative_step=False) so lorakit's schedules apply, as sd-scripts does by default
+        kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **kwargs}
+        if kwargs["relative_step"]:
+            raise ConfigError("Adafactor with `relative_step=True` sets its own learning rate; lorakit uses "
+                              "fixed learning rates with `lr_scheduler` — remove `relative_step=True`")
+        return Adafactor(param_groups, lr=lr, **kwargs)
+    raise ConfigError(f"unknown `optimizer_type` {name!r}")
+
+
+def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                   num_cycles: int = 1, power: float = 1.0):
+    """A LambdaLR-style schedule stepping once per optimizer step. `constant` with warm-up steps becomes
+    `constant_with_warmup` (what users mean)."""
+    from diffusers.optimization import get_scheduler
+
+    if name == "constant" and warmup_steps > 0:
+        name = "constant_with_warmup"
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                         num_cycles=num_cycles, power=power)

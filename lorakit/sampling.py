@@ -1,0 +1,119 @@
+"""Sample images during training, from a prompt file in kohya's syntax (`--n --w --h --s --l --d`, see
+`lorakit.prompts`), so users can watch the LoRA learn and pick the best checkpoint.
+
+Each sample is a PNG whose text chunks carry its parameters (A1111's `parameters` convention, read by most image
+viewers and by `lorakit.hub`), named `<step>_<index>.png` in `<output_dir>/samples/`. Sampling never disturbs
+training: the global RNG state is saved and restored around it, and every image uses its own seeded generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .fileio import atomic_path
+from .prompts import PromptSpec, read_prompt_file
+
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+@dataclass
+class SampleSettings:
+    """Defaults for prompt lines that leave a setting unset."""
+
+    width: int
+    height: int
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 42
+    negative_prompt: str = ""
+    sampler: str = "ddim"
+
+
+def make_sampler(name: str, train_scheduler):
+    import diffusers
+
+    cls_name, extra = SAMPLERS[name]
+    return getattr(diffusers, cls_name).from_config(train_scheduler.config, **extra)
+
+
+def load_prompts(path: str | None, fallback: list[str]) -> list[PromptSpec]:
+    """The prompt file's prompts, or one prompt per `fallback` caption (the dataset's own, when no file is set)."""
+    if path:
+        return read_prompt_file(path)
+    return [PromptSpec(prompt=p) for p in fallback]
+
+
+def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None = None) -> Path:
+    """Write a PNG (with text chunks) atomically."""
+    with atomic_path(dest) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(dest)
+
+
+def png_parameters(spec: PromptSpec, sampler: str) -> str:
+    """A1111-style parameters text: prompt, negative prompt, then the settings on one line."""
+    return (f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
+            f"Steps: {spec.num_inference_steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale}, "
+            f"Seed: {spec.seed}, Size: {spec.width}x{spec.height}")
+
+
+@torch.no_grad()
+def generate_samples(components, prompts: list[PromptSpec], settings: SampleSettings, folder: Path, tag: str,
+                     *, autocast_dtype: torch.dtype | None = None, extra_text: dict | None = None,
+                     ) -> tuple[list[Image.Image], list[Path]]:
+    """Generate one image per prompt with the current (LoRA-applied) modules and save them as PNGs."""
+    pipe = components.pipeline(scheduler=make_sampler(settings.sampler, components.noise_scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    device = components.unet.device
+    modules = (components.unet, components.text_encoder, components.vae)
+    was_training = [m.training for m in modules]
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    images, paths = [], []
+    try:
+        for m in modules:
+            m.eval()
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        for i, spec in enumerate(prompts):
+            spec = spec.with_defaults(width=settings.width, height=settings.height,
+                                      num_inference_steps=settings.num_inference_steps,
+                                      guidance_scale=settings.guidance_scale, seed=settings.seed,
+                                      negative_prompt=settings.negative_prompt)
+            generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+            with autocast:
+                out = pipe(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None, width=spec.width,
+                           height=spec.height, num_inference_steps=spec.num_inference_steps,
+                           guidance_scale=spec.guidance_scale, generator=generator, output_type="pil")
+            image = out.images[0]
+            info = PngImagePlugin.PngInfo()
+            info.add_text("parameters", png_parameters(spec, settings.sampler))
+            info.add_text("prompt", spec.prompt)
+            for k, v in (extra_text or {}).items():
+                info.add_text(k, str(v))
+            path = save_png(image, folder / f"{tag}_{i:02d}.png", info)
+            images.append(image)
+            paths.append(path)
+    finally:
+        for m, t in zip(modules, was_training):
+            m.train(t)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    return images, paths

@@ -1,0 +1,123 @@
+"""`save_state` / `resume`: everything a run needs to continue exactly where it stopped (Colab disconnects).
+
+A state folder `<output_dir>/state-<step>/` holds:
+- `lora_params.safetensors` — the trainable LoRA parameters, fp32, by parameter name;
+- `train_state.pt` — optimizer, LR scheduler and grad-scaler states, the position (optimizer step, epoch, batches
+  done in that epoch), the torch RNG states, and the loss history; read back with `weights_only=True`;
+- `config.toml` — the run's config, for the record.
+`<output_dir>/state-latest.txt` names the newest one (`resume = "latest"`).
+
+Together with the dataset's per-(epoch, batch) seeding and the per-step noise generator, this makes a run that is
+killed and resumed end with the same weights as one that never stopped (on CPU; GPU kernels may differ in the last
+bits). The folder appears atomically: it is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import TrainingError
+from .fileio import safe_torch_load, save_safetensors, torch_save, write_text
+
+LATEST = "state-latest.txt"
+
+
+@dataclass
+class TrainState:
+    params: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    step: int
+    epoch: int
+    batches_done: int  # batches of `epoch` already trained
+    rng: dict
+    loss_history: list
+    folder: Path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
+               step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "") -> Path:
+    """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    final = output_dir / f"state-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    try:
+        save_safetensors({k: v.detach().float().cpu() for k, v in params.items()}, tmp / "lora_params.safetensors")
+        torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
+                    "batches_done": batches_done, "rng": rng_state(), "loss_history": loss_history,
+                    "format": 1}, tmp / "train_state.pt")
+        if config_toml:
+            write_text(tmp / "config.toml", config_toml)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text(output_dir / LATEST, final.name + "\n")
+    return final
+
+
+def find_state(resume: str, output_dir: str | Path) -> Path:
+    """The state folder named by `resume`: a folder path, or `latest` (the newest in `output_dir`)."""
+    output_dir = Path(output_dir)
+    if resume == "latest":
+        pointer = output_dir / LATEST
+        if not pointer.is_file():
+            raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is missing): "
+                                f"train with `save_state = true` first")
+        folder = output_dir / pointer.read_text(encoding="utf-8").strip()
+    else:
+        folder = Path(resume)
+    if not (folder / "train_state.pt").is_file() or not (folder / "lora_params.safetensors").is_file():
+        raise TrainingError(f"`resume`: {folder} is not a state folder written by `save_state` "
+                            f"(needs train_state.pt and lora_params.safetensors)")
+    return folder
+
+
+def load_state(folder: str | Path) -> TrainState:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    data = safe_torch_load(folder / "train_state.pt")
+    params = load_file(str(folder / "lora_params.safetensors"))
+    return TrainState(params=params, optimizer=data["optimizer"], scheduler=data["scheduler"], scaler=data["scaler"],
+                      step=int(data["step"]), epoch=int(data["epoch"]), batches_done=int(data["batches_done"]),
+                      rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder)
+
+
+def restore_params(named: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy saved LoRA parameters into the network; the set of parameters and their shapes must match."""
+    missing, extra = sorted(set(named) - set(saved)), sorted(set(saved) - set(named))
+    if missing or extra:
+        raise TrainingError(f"`resume`: the state in {folder} was saved for a different network "
+                            f"({len(missing)} parameters missing, {len(extra)} unexpected, e.g. "
+                            f"{(missing or extra)[0]}): resume with the same network_dim/conv_dim/train-only options")
+    with torch.no_grad():
+        for name, p in named.items():
+            if p.shape != saved[name].shape:
+                raise TrainingError(f"`resume`: parameter {name} has shape {tuple(saved[name].shape)} in the state "
+                                    f"but {tuple(p.shape)} now: resume with the same `network_dim`")
+            p.copy_(saved[name].to(p.device, p.dtype))

@@ -1,0 +1,210 @@
+"""`lorakit train`: train a LoRA on a Stable Diffusion model (DreamBooth folders or captioned images).
+
+`train(cfg)` is the whole job: set up (`lorakit.training_setup`), then the loop below — one function, top to bottom,
+one comment per diffusion step. The maths follow sd-scripts (docs/KOHYA_FORMAT.md §7): latents × scale, Gaussian
+noise (+ offset noise), uniform timesteps, DDPM forward noising, epsilon or v target, per-sample MSE × sample weight
+× min-SNR weight, mean.
+
+Outputs in `output_dir`: `<output_name>.safetensors` (kohya format), `<output_name>.toml` (the config),
+`loss_history.csv/.json`, `dataset_report.txt/.json`, `samples/*.png` and `samples_grid.png`, and with
+`save_state` the `state-<step>/` folders that `resume` continues from.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .errors import TrainingError
+from .train_state import find_state, load_state, restore_params, save_state, set_rng_state
+from .training_setup import (
+    Callbacks,
+    StepInfo,
+    build_optimizer,
+    encode_text,
+    latents_of,
+    prepare_run,
+    write_history,
+)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (returned by `train`)."""
+
+    lora_path: Path
+    output_dir: Path
+    steps: int
+    epochs: int
+    final_loss: float | None
+    loss_history: list[dict] = field(default_factory=list)
+    history_csv: Path | None = None
+    sample_paths: list[Path] = field(default_factory=list)
+    samples_grid: Path | None = None
+    saved: list[Path] = field(default_factory=list)
+    state_dir: Path | None = None
+    config_path: Path | None = None
+    report_path: Path | None = None
+
+    def __repr__(self) -> str:
+        loss = "n/a" if self.final_loss is None else f"{self.final_loss:.4f}"
+        return f"TrainResult({self.lora_path}, steps={self.steps}, epochs={self.epochs}, final_loss={loss})"
+
+
+def train(cfg: TrainConfig | None = None, /, callbacks=None, **overrides) -> TrainResult:
+    """Train a LoRA. `cfg` is a `TrainConfig` (or None: built from `overrides`); keyword overrides win.
+
+    `callbacks`: an object (or a list of them) with any of `on_step(info)`, `on_sample(step=, images=, prompts=,
+    paths=)`, `on_save(step=, path=)` — e.g. a notebook's live view.
+    """
+    cfg = TrainConfig.from_dict(overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    cbs = Callbacks(callbacks)
+    run = prepare_run(cfg)  # device, precision, models, dataset (+ report), latent cache, LoRA, output folder
+    comps, dataset, device = run.components, run.dataset, run.device
+    named_params = run.named_params  # {"unet.<path>": Parameter, ...}: the LoRA weights being trained
+    params = list(named_params.values())
+    optimizer, scheduler, scaler = build_optimizer(cfg, run)
+    noise_scheduler = comps.noise_scheduler
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the min-SNR weights
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    v_target = comps.prediction_type == "v_prediction"
+    accumulation = cfg.gradient_accumulation_steps
+    seed = cfg.seed or 0
+
+    # ---- where to start: fresh, or exactly where a saved state stopped
+    step, start_epoch, skip_batches, history = 0, 0, 0, []
+    if cfg.resume:
+        state = load_state(find_state(cfg.resume, cfg.output_dir))
+        restore_params(named_params, state.params, state.folder)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        set_rng_state(state.rng)
+        step, start_epoch, skip_batches, history = state.step, state.epoch, state.batches_done, state.loss_history
+        run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})")
+
+    def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
+        """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""
+        path = run.save_lora(run.intermediate_name(tag), step=step, epoch=epoch)
+        cbs.on_save(step=step, path=path)
+        if cfg.save_state:
+            run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
+                                       scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
+                                       loss_history=history, config_toml=cfg.to_toml())
+        write_history(run.output_dir, history)
+
+    progress = run.progress_bar(initial=step)
+    started, steps_at_start = time.perf_counter(), step
+    accumulated, micro = 0.0, 0
+    resume_point = (start_epoch, skip_batches)  # (epoch, batches done in it) after the latest optimizer step
+    for epoch in range(start_epoch, run.num_epochs):
+        batches = dataset.batches(epoch)
+        for position, indices in enumerate(batches):
+            if epoch == start_epoch and position < skip_batches:
+                continue  # already trained before the state was saved
+            if step >= run.max_steps:
+                break
+            batch = dataset.load(indices, epoch, position)
+            # the random numbers of this batch depend only on (seed, epoch, position): resumable exactly
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 100_003 + position)
+            with run.autocast():
+                # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
+                latents = latents_of(batch, run, gen)
+                bsz = latents.shape[0]
+                # 2. noise ~ N(0, I); offset noise adds a per-channel constant so the model can learn very dark or
+                #    bright images (crosslabs.org/blog/diffusion-with-offset-noise)
+                noise = torch.randn(latents.shape, generator=gen)
+                if cfg.noise_offset:
+                    noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
+                noise = noise.to(device, latents.dtype)
+                # 3. timestep t ~ U{0, ..., T-1} per sample
+                timesteps = torch.randint(0, num_timesteps, (bsz,), generator=gen).to(device)
+                # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
+                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                # 5. condition: caption -> text-encoder hidden states (with clip_skip)
+                hidden = encode_text(batch.captions, run)
+                # 6. predict with the LoRA-adapted U-Net
+                pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
+                # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+                target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
+                # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × min-SNR weight
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = loss * batch.weights.to(device)
+                if cfg.min_snr_gamma:
+                    # Min-SNR weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
+                    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+                    loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_target else snr)
+                loss = loss.mean()
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f"loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and no NaN "
+                    f"weights were written (the last saved LoRA is intact). Try a lower learning rate, "
+                    f"`mixed_precision = bf16` or `no`, or `max_grad_norm = 1`")
+            # 9. backward: gradients reach only the LoRA weights (the base model is frozen)
+            (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
+            accumulated += loss_value
+            micro += 1
+            if micro < accumulation and position < len(batches) - 1:
+                continue
+            # 10. optimizer step: unscale (fp16), clip the gradient norm, step, advance the LR schedule
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
+            info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
+                            total_steps=run.max_steps,
+                            it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9))
+            accumulated, micro = 0.0, 0
+            history.append(info.record())
+            progress.update(1)
+            progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+            cbs.on_step(info)
+            if step < run.max_steps:
+                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                    run.sample(step, cbs)
+                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+                    checkpoint(f"step{step:08d}", *resume_point)
+        if step >= run.max_steps:
+            break
+        # end of an epoch (not the last): samples and saves by epoch; the state points at the next epoch
+        if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+            run.sample(step, cbs)
+        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+            checkpoint(f"{epoch + 1:06d}", *resume_point)
+    progress.close()
+
+    # ---- the final LoRA, its state, the history and the samples grid
+    final_epoch = resume_point[0] + (1 if resume_point[1] else 0)  # epochs begun
+    lora_path = run.save_lora(run.final_path, step=step, epoch=final_epoch)
+    cbs.on_save(step=step, path=lora_path)
+    if cfg.save_state:
+        run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=scaler, step=step, epoch=resume_point[0], batches_done=resume_point[1],
+                                   loss_history=history, config_toml=cfg.to_toml())
+    csv_path = write_history(run.output_dir, history)
+    if cfg.sample_at_end:
+        run.sample(step, cbs)
+    grid = run.save_grid()
+    run.log(f"saved {lora_path} ({step} steps, final loss {history[-1]['loss']:.4f})" if history
+            else f"saved {lora_path}")
+    return TrainResult(lora_path=lora_path, output_dir=run.output_dir, steps=step, epochs=final_epoch,
+                       final_loss=history[-1]["loss"] if history else None, loss_history=history,
+                       history_csv=csv_path, sample_paths=run.sample_paths, samples_grid=grid, saved=run.saved,
+                       state_dir=run.state_dir, config_path=run.config_path, report_path=run.report_path)

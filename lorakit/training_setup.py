@@ -1,0 +1,365 @@
+"""Everything `train` needs around its loop: device and precision, models, dataset, latent cache, the LoRA,
+optimizer, text encoding, samples, saving. Kept apart so that `training.train` reads as the loop and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import TrainDataset
+from .data.captions import tag_frequency
+from .data.latents import encode
+from .errors import ConfigError, TrainingError
+from .fileio import write_json, write_text
+from .optim import make_optimizer, make_scheduler
+
+TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
+GRID_ROUNDS = 8  # sampling rounds shown in samples_grid.png (the latest ones)
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+@dataclass
+class StepInfo:
+    """Passed to `on_step` after every optimizer step."""
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    total_steps: int
+    it_per_s: float
+
+    def record(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr}
+
+
+class Callbacks:
+    """Calls `on_step` / `on_sample` / `on_save` on each given object (or dict of functions) that has them."""
+
+    def __init__(self, callbacks):
+        if callbacks is None:
+            self.targets = []
+        elif isinstance(callbacks, (list, tuple)):
+            self.targets = list(callbacks)
+        else:
+            self.targets = [callbacks]
+
+    def _call(self, name, *args, **kwargs):
+        for t in self.targets:
+            fn = t.get(name) if isinstance(t, dict) else getattr(t, name, None)
+            if fn is not None:
+                fn(*args, **kwargs)
+
+    def on_step(self, info: StepInfo) -> None:
+        self._call("on_step", info)
+
+    def on_sample(self, **kwargs) -> None:
+        self._call("on_sample", **kwargs)
+
+    def on_save(self, **kwargs) -> None:
+        self._call("on_save", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- device, precision
+def pick_device(cfg) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def precision(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(dtype of the frozen base weights, autocast dtype or None). LoRA weights always stay fp32."""
+    if cfg.mixed_precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(f"`mixed_precision = fp16` needs a CUDA GPU (this run is on {device.type}): use "
+                              f"`mixed_precision = no` (or bf16 on recent CPUs)")
+        return torch.float16, torch.float16
+    if cfg.mixed_precision == "bf16":
+        return (torch.bfloat16 if device.type == "cuda" else torch.float32), torch.bfloat16
+    return torch.float32, None
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class Run:
+    """The prepared run: components, dataset, network, schedule and output helpers (see `prepare_run`)."""
+
+    def __init__(self, cfg, device, weight_dtype, autocast_dtype, components, dataset, network, output_dir):
+        self.cfg, self.device, self.weight_dtype, self.autocast_dtype = cfg, device, weight_dtype, autocast_dtype
+        self.components, self.dataset, self.network = components, dataset, network
+        self.output_dir = Path(output_dir)
+        self.te_trained = not cfg.network_train_unet_only
+        self.latent_scale = float(components.vae.config.scaling_factor)
+        self.named_params = {f"{comp}.{n}": p for comp, m in network.modules.items() for n, p in m.named_parameters()
+                             if p.requires_grad}
+        ext = "safetensors" if cfg.save_model_as == "safetensors" else cfg.save_model_as
+        self.final_path = self.output_dir / f"{cfg.output_name}.{ext}"
+        self._ext = ext
+        self.saved: list[Path] = []
+        self.sample_paths: list[Path] = []
+        self.sample_rounds: list[tuple[int, list]] = []
+        self.state_dir: Path | None = None
+        self.config_path: Path | None = None
+        self.report_path: Path | None = None
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._ids: dict[str, torch.Tensor] = {}
+        self._hidden: dict[str, torch.Tensor] = {}
+        spe = math.ceil(len(dataset) / cfg.gradient_accumulation_steps)
+        self.steps_per_epoch = spe
+        self.max_steps = cfg.max_train_epochs * spe if cfg.max_train_epochs else cfg.max_train_steps
+        self.num_epochs = math.ceil(self.max_steps / spe)
+        self.prompts = []
+        self.sample_settings = None
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def progress_bar(self, initial: int = 0):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.max_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+
+    def lrs(self, optimizer) -> float:
+        """The current learning rate of the U-Net LoRA (of the text encoder's when only it trains)."""
+        return float(optimizer.param_groups[-1]["lr"])
+
+    def intermediate_name(self, tag: str) -> Path:
+        return self.output_dir / f"{self.cfg.output_name}-{tag}.{self._ext}"
+
+    def save_lora(self, path: Path, *, step: int, epoch: int) -> Path:
+        """Write the LoRA (kohya format, metadata with the config) — never with NaN/inf weights."""
+        from .formats import save_lora
+        from .lora_metadata import build_metadata
+
+        bad = [n for n, p in self.named_params.items() if not torch.isfinite(p).all()]
+        if bad:
+            raise TrainingError(f"{len(bad)} LoRA weights are NaN/inf (e.g. {bad[0]}); {path.name} was not written "
+                                f"and earlier files are intact. Lower the learning rate or use mixed_precision = no")
+        items = [ex.item for ex in self.dataset.examples]
+        train_items = [it for it in items if not it.subset.is_reg]
+        dirs = {}
+        for it in items:
+            d = dirs.setdefault(it.subset.image_dir.name, {"n_repeats": it.subset.num_repeats, "img_count": 0})
+            d["img_count"] += 1
+        freq = {}
+        for it in train_items:
+            freq.setdefault(it.subset.image_dir.name, []).append(it.caption)
+        metadata = build_metadata(
+            self.cfg, self.components, steps=step, epoch=epoch, training_started_at=self.started_at,
+            resolution=self.dataset.resolution, num_train_images=len(train_items),
+            num_reg_images=len(items) - len(train_items),
+            tag_frequency={k: tag_frequency(v) for k, v in freq.items()}, dataset_dirs=dirs)
+        out = save_lora(path, self.network.state_dict(), metadata, save_precision=self.cfg.save_precision)
+        self.saved.append(out)
+        return out
+
+    def sample(self, step: int, callbacks) -> None:
+        """Generate the sample prompts with the current LoRA (PNG files in samples/, callbacks told)."""
+        from .sampling import generate_samples
+
+        if not self.prompts:
+            return
+        images, paths = generate_samples(self.components, self.prompts, self.sample_settings,
+                                         self.output_dir / "samples", f"{step:06d}",
+                                         autocast_dtype=self.autocast_dtype, extra_text={"lorakit_step": step})
+        self.sample_paths += paths
+        self.sample_rounds.append((step, images))
+        callbacks.on_sample(step=step, images=images, prompts=[p.prompt for p in self.prompts], paths=paths)
+
+    def save_grid(self) -> Path | None:
+        """samples_grid.png: one row per sampling round (the latest ones), one column per prompt."""
+        if not self.sample_rounds:
+            return None
+        from .plots import image_grid, save_image
+
+        rounds = self.sample_rounds[-GRID_ROUNDS:]
+        grid = image_grid([images for _, images in rounds], row_labels=[f"step {s}" for s, _ in rounds],
+                          col_labels=[p.prompt for p in self.prompts])
+        return save_image(grid, self.output_dir / "samples_grid.png")
+
+
+def prepare_run(cfg) -> Run:
+    """Load the model, build the dataset (and print/save its report), cache latents, add the LoRA."""
+    from .models import load_models
+    from .network import add_lora
+
+    device = pick_device(cfg)
+    weight_dtype, autocast_dtype = precision(cfg, device)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed or 0)
+    components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
+                             vae=cfg.vae, dtype=weight_dtype, device=str(device))
+    if components.vae.dtype != torch.float32:
+        components.vae.to(dtype=torch.float32)  # encoding in fp32 avoids NaN latents; it runs once with cache_latents
+
+    # ---- data: layouts, bad files listed in a report, buckets
+    dataset = TrainDataset.from_config(cfg, native_resolution=components.native_resolution,
+                                       vae_scale_factor=components.vae_scale_factor)
+    report = dataset.report
+    print(report.format(), flush=True)
+
+    # ---- the base model is frozen; choose attention and checkpointing
+    for m in (components.unet, components.text_encoder, components.vae):
+        m.requires_grad_(False)
+    components.vae.eval()
+    _attention(cfg, components.unet)
+    if cfg.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if not cfg.network_train_unet_only:
+            components.text_encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- the LoRA (fp32 even on an fp16 model; seeded init of the down weights)
+    conv_dim, conv_alpha = cfg.resolved_conv
+    torch.manual_seed(cfg.seed or 0)
+    network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
+                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, unet=not cfg.network_train_text_encoder_only,
+                       text_encoder=not cfg.network_train_unet_only, dtype=torch.float32)
+    if cfg.network_weights:
+        from .formats import load_lora_file
+
+        tensors, _ = load_lora_file(cfg.network_weights)
+        unexpected = network.load_state_dict(tensors, strict=False)
+        if unexpected:
+            print(f"network_weights: {len(unexpected)} modules not in this network were ignored", flush=True)
+    network.trainable_parameters()
+    components.unet.train()
+    components.text_encoder.train(not cfg.network_train_unet_only)
+
+    run = Run(cfg, device, weight_dtype, autocast_dtype, components, dataset, network, output_dir)
+    run.config_path = cfg.save_toml(output_dir / f"{cfg.output_name}.toml")
+    run.report_path = write_text(output_dir / "dataset_report.txt", report.format() + "\n")
+    write_json(output_dir / "dataset_report.json", report.to_dict())
+    _prepare_samples(cfg, run)
+
+    # ---- latents: encode each image once (memory, and disk with cache_latents_to_disk)
+    if cfg.cache_latents:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(dataset.examples), desc="caching latents", unit="img") as bar:
+            stats = dataset.cache_latents(components.vae, run.latent_scale, to_disk=cfg.cache_latents_to_disk,
+                                          progress=bar.update)
+        if stats["from_disk"]:
+            run.log(f"latents: {stats['from_disk']} read from the disk cache, {stats['encoded']} encoded")
+    n_reg = sum(1 for ex in dataset.examples if ex.item.subset.is_reg)
+    run.log(f"{len(dataset.examples) - n_reg} training images" + (f" + {n_reg} regularisation" if n_reg else "")
+            + f", {len(dataset)} batches per epoch, {run.num_epochs} epochs, {run.max_steps} steps on {device}"
+            + f"; buckets {dataset.bucket_counts()}")
+    return run
+
+
+def _attention(cfg, unet) -> None:
+    if cfg.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # noqa: BLE001 - ImportError/ValueError/RuntimeError all mean "not usable here"
+            raise TrainingError(f"`xformers = true` but xformers cannot be used here ({str(e).splitlines()[0]}): "
+                                f"install an xformers build matching your torch and CUDA, or leave it off — "
+                                f"PyTorch's SDPA attention is the default and as fast on current GPUs") from None
+    elif not cfg.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
+def _prepare_samples(cfg, run: Run) -> None:
+    """Read the prompt file now (a bad line fails before training, not after an hour)."""
+    from .sampling import SampleSettings, load_prompts
+
+    if not (cfg.sample_prompts or cfg.sample_at_end):
+        return
+    seen = []
+    for ex in run.dataset.examples:
+        if not ex.item.subset.is_reg and ex.item.caption and ex.item.caption not in seen:
+            seen.append(ex.item.caption)
+    run.prompts = load_prompts(cfg.sample_prompts, seen[:2])
+    w, h = run.dataset.resolution
+    run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler)
+
+
+def build_optimizer(cfg, run: Run):
+    """Optimizer with one param group per component (text encoder first, U-Net last), LR schedule, grad scaler."""
+    groups = {c: [p for n, p in run.named_params.items() if n.startswith(c + ".")] for c in ("text_encoder", "unet")}
+    lrs = {"text_encoder": cfg.resolved_text_encoder_lr, "unet": cfg.resolved_unet_lr}
+    param_groups = [{"params": ps, "lr": lrs[c]} for c, ps in groups.items() if ps]
+    optimizer = make_optimizer(cfg.resolved_optimizer, param_groups, cfg.learning_rate, cfg.optimizer_args,
+                               device=run.device)
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
+                               total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
+                               power=cfg.lr_scheduler_power)
+    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    return optimizer, scheduler, scaler
+
+
+# ---------------------------------------------------------------------------------------------- per-step helpers
+def latents_of(batch, run: Run, gen: torch.Generator) -> torch.Tensor:
+    """The batch's scaled latents (fp32): from the cache, or encoded by the VAE now (`cache_latents = false`)."""
+    if batch.latents is not None:
+        return batch.latents.to(run.device, non_blocking=True)
+    seeds = torch.randint(0, 2**31 - 1, (batch.pixels.shape[0],), generator=gen).tolist()
+    return encode(run.components.vae, batch.pixels, run.latent_scale, seeds).float()
+
+
+def _token_ids(captions: list[str], run: Run) -> torch.Tensor:
+    tok = run.components.tokenizer
+    missing = [c for c in dict.fromkeys(captions) if c not in run._ids]
+    if missing:
+        ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        if len(run._ids) > TEXT_CACHE_LIMIT:
+            run._ids.clear()
+        run._ids.update(zip(missing, ids))
+    return torch.stack([run._ids[c] for c in captions]).to(run.device)
+
+
+def _text_forward(te, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """Hidden states of the text encoder; with clip_skip k: layer -k, then the final layer norm (as sd-scripts)."""
+    if clip_skip <= 1:
+        return te(ids)[0]
+    out = te(ids, output_hidden_states=True)
+    final_norm = getattr(te, "text_model", te).final_layer_norm
+    return final_norm(out.hidden_states[-clip_skip])
+
+
+def encode_text(captions: list[str], run: Run) -> torch.Tensor:
+    """Captions → encoder hidden states. Tokens are cached per caption; with a frozen text encoder (unet-only
+    training) its outputs are cached too, so repeated captions cost nothing."""
+    te, clip_skip = run.components.text_encoder, run.cfg.clip_skip
+    if run.te_trained:
+        return _text_forward(te, _token_ids(captions, run), clip_skip)
+    missing = [c for c in dict.fromkeys(captions) if c not in run._hidden]
+    if missing:
+        with torch.no_grad():
+            hidden = _text_forward(te, _token_ids(missing, run), clip_skip)
+        if len(run._hidden) > TEXT_CACHE_LIMIT:
+            run._hidden.clear()
+        run._hidden.update(zip(missing, hidden))
+    return torch.stack([run._hidden[c] for c in captions])
+
+
+def write_history(output_dir: Path, history: list[dict]) -> Path:
+    """loss_history.csv and loss_history.json (atomic); returns the CSV path."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr"])
+    writer.writeheader()
+    writer.writerows(history)
+    path = write_text(output_dir / "loss_history.csv", buf.getvalue())
+    write_json(output_dir / "loss_history.json", history)
+    return path
