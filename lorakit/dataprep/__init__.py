@@ -1,0 +1,104 @@
+"""Prepare data: check, repair, captions, DreamBooth folders, regularisation images.
+
+`prepare(cfg)` / `prepare(action="check", input_dir="photos")` runs one action from a `PrepareConfig` (the CLI's
+`lorakit prepare <action> <input_dir>`); the functions below are the same actions for notebooks and scripts.
+Nothing here ever writes into the input folder: every output goes to a new folder, every file atomically.
+"""
+
+from __future__ import annotations
+
+from ..config.prepare import PrepareConfig
+from ..errors import ModelLoadError
+from .autocaption import auto_caption, blip_captioner
+from .captions import (
+    CaptionEdit,
+    add_trigger,
+    dedupe_tags,
+    edit_caption,
+    edit_captions,
+    parse_mapping,
+    remove_tags,
+    replace_tags,
+    tag_frequencies,
+)
+from .check import check_dataset
+from .contact_sheet import contact_sheet
+from .layout import DreamBoothLayout, make_dreambooth_layout, steps_per_epoch, suggest_repeats
+from .problems import KINDS
+from .reg import RegImages, generate_reg_images
+from .repair import RepairResult, repair_dataset
+from .report import DatasetReport, ImageRecord, Problem
+
+__all__ = ["KINDS", "CaptionEdit", "DatasetReport", "DreamBoothLayout", "ImageRecord", "Problem", "RegImages",
+           "RepairResult", "add_trigger", "auto_caption", "blip_captioner", "check_dataset", "contact_sheet",
+           "dedupe_tags", "edit_caption", "edit_captions", "generate_reg_images", "load_tokenizer",
+           "make_dreambooth_layout", "prepare", "remove_tags", "repair_dataset", "replace_tags", "steps_per_epoch",
+           "suggest_repeats", "tag_frequencies"]
+
+
+def load_tokenizer(name_or_path: str):
+    """The CLIP tokenizer of a diffusers model (folder or repo id), for exact caption token counts."""
+    from transformers import CLIPTokenizer
+
+    for kwargs in ({"subfolder": "tokenizer"}, {}):
+        try:
+            return CLIPTokenizer.from_pretrained(name_or_path, **kwargs)
+        except (OSError, ValueError):
+            continue
+    raise ModelLoadError(f"no CLIP tokenizer found in `{name_or_path}` (looked in its tokenizer/ folder); "
+                         f"unset `tokenizer_model` to estimate caption lengths instead")
+
+
+def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
+    """Run one `prepare` action. Returns the action's result (a `DatasetReport`, `RepairResult`, `CaptionEdit`,
+    `DreamBoothLayout` or `RegImages`) and prints its summary."""
+    cfg = PrepareConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
+    cfg.required_for_action()
+    action = cfg.action
+    if action == "check":
+        tokenizer = load_tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
+        result = check_dataset(cfg.input_dir, cfg.resolution, caption_extension=cfg.caption_extension,
+                               tokenizer=tokenizer, huge_side=cfg.huge_side,
+                               near_duplicate_distance=cfg.near_duplicate_distance)
+        if cfg.report_file:
+            result.save(cfg.report_file)
+    elif action == "repair":
+        result = repair_dataset(cfg.input_dir, cfg.output_dir, resolution=cfg.resolution, background=cfg.background,
+                                max_side=cfg.max_side, duplicates=cfg.duplicates,
+                                near_duplicates=cfg.near_duplicates, too_small=cfg.too_small,
+                                ascii_names=cfg.ascii_names, default_caption=cfg.default_caption,
+                                caption_extension=cfg.caption_extension)
+    elif action == "captions":
+        result = _captions(cfg)
+    elif action == "dreambooth":
+        return make_dreambooth_layout(cfg.input_dir, cfg.output_dir, cfg.identifier, cfg.class_name,
+                                      repeats=cfg.repeats, target_steps=cfg.target_steps,
+                                      batch_size=cfg.train_batch_size, epochs=cfg.epochs, with_reg=cfg.with_reg,
+                                      caption_extension=cfg.caption_extension, verbose=True)
+    else:  # reg
+        result = generate_reg_images(cfg.pretrained_model_name_or_path, cfg.class_prompt, cfg.num_images,
+                                     cfg.output_dir, class_name=cfg.class_name,
+                                     negative_prompt=cfg.negative_prompt,
+                                     num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                                     batch_size=cfg.generation_batch_size, seed=cfg.seed, device=cfg.device,
+                                     caption_extension=cfg.caption_extension)
+    print(result.summary())
+    return result
+
+
+def _captions(cfg: PrepareConfig) -> CaptionEdit:
+    edits = dict(trigger=cfg.trigger, replace=parse_mapping(cfg.replace_tags) or None,
+                 remove=cfg.remove_tags or None, dedupe=cfg.dedupe_tags)
+    where = dict(output_dir=cfg.output_dir, in_place=cfg.in_place, caption_extension=cfg.caption_extension)
+    if not cfg.auto_caption:
+        result = edit_captions(cfg.input_dir, **edits, **where)
+    else:
+        result = auto_caption(cfg.input_dir, model=cfg.caption_model, trigger=cfg.trigger,
+                              overwrite=cfg.overwrite_captions, device=cfg.device, **where)
+        if edits["replace"] or edits["remove"] or edits["dedupe"]:  # then edit the captions just written
+            more = edit_captions(result.output_dir, in_place=True, caption_extension=cfg.caption_extension, **edits)
+            result.changed = sorted(set(result.changed) | set(more.changed))
+    top = tag_frequencies(result.output_dir, caption_extension=cfg.caption_extension).most_common(15)
+    if top:
+        print("most common tags: " + ", ".join(f"{t} ({n})" for t, n in top))
+    return result

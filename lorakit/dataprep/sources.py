@@ -1,0 +1,92 @@
+"""Where a dataset comes from: a folder or a .zip, read the same way (relative '/'-paths, bytes), never written."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+import zipfile
+from pathlib import Path, PurePosixPath
+
+from ..data.images import IMAGE_EXTENSIONS  # what the trainer loads
+from ..errors import DatasetError
+
+__all__ = ["IMAGE_EXTENSIONS", "CAPTION_EXTENSIONS", "DatasetSource", "dreambooth_folder_tokens", "stem_key"]
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
+def _hidden(rel: str) -> bool:
+    """Dot-files (.DS_Store), macOS zip metadata and notebook checkpoints are not part of a dataset."""
+    return any(part.startswith(".") or part == "__MACOSX" or part == "__pycache__" for part in rel.split("/"))
+
+
+class DatasetSource:
+    """Read-only view of a dataset folder or zip file: `files()` lists relative paths, `read(rel)` returns bytes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DatasetError(f"dataset not found: {self.path}")
+        self.is_zip = self.path.is_file()
+        self._zip: zipfile.ZipFile | None = None
+        if self.is_zip:
+            if not zipfile.is_zipfile(self.path):
+                raise DatasetError(f"{self.path.name}: not a folder and not a .zip file; point `input_dir` at the "
+                                   f"folder of images")
+            self._zip = zipfile.ZipFile(self.path)
+
+    def files(self) -> list[tuple[str, int]]:
+        """(relative path, size in bytes), sorted, hidden files skipped."""
+        out = []
+        if self._zip is not None:
+            for info in self._zip.infolist():
+                if info.is_dir():
+                    continue
+                rel = str(PurePosixPath(info.filename))
+                if rel.startswith("/") or ".." in rel.split("/"):
+                    continue  # an unsafe member name is never read or recreated
+                if not _hidden(rel):
+                    out.append((rel, info.file_size))
+        else:
+            for dirpath, dirnames, filenames in os.walk(self.path):
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+                for name in filenames:
+                    full = Path(dirpath) / name
+                    rel = full.relative_to(self.path).as_posix()
+                    if not _hidden(rel) and full.is_file():
+                        out.append((rel, full.stat().st_size))
+        return sorted(out)
+
+    def read(self, rel: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(rel)
+        return (self.path / rel).read_bytes()
+
+    def full_path(self, rel: str) -> Path | None:
+        """The real file behind `rel` (None inside a zip)."""
+        return None if self.is_zip else self.path / rel
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def stem_key(rel: str) -> tuple[str, str]:
+    """(folder, stem) with the stem Unicode-NFC-normalised and case-folded, so `é` typed on macOS (NFD) still finds
+    its caption."""
+    p = PurePosixPath(rel)
+    return str(p.parent), unicodedata.normalize("NFC", p.stem).casefold()
+
+
+def dreambooth_folder_tokens(rel: str) -> str | None:
+    """`10_sks dog/img.png` → `sks dog` (the caption sd-scripts uses when an image has no caption file)."""
+    parent = PurePosixPath(rel).parent.name
+    head, sep, tail = parent.partition("_")
+    if sep and head.isdigit() and tail.strip():
+        return tail.strip()
+    return None

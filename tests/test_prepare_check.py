@@ -1,0 +1,180 @@
+"""`prepare check`: every problem kind is found and named, on folders and zips; the report serialises."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+import zipfile
+
+import pytest
+from PIL import Image
+
+from lorakit.cli import main
+from lorakit.dataprep import KINDS, DatasetReport, check_dataset, contact_sheet, prepare
+from lorakit.dataprep.contact_sheet import FRAME
+from lorakit.dataprep.samples import drawn_image, encode, write_problem_dataset
+from lorakit.dataprep.tokens import estimate_tokens
+from lorakit.errors import ConfigError, DatasetError
+
+
+@pytest.fixture(scope="module")
+def problem_dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("problems")
+    return folder, write_problem_dataset(folder)
+
+
+def paths_by_kind(report: DatasetReport) -> dict[str, list[str]]:
+    return {kind: sorted(p.path for p in items) for kind, items in report.problems.items()}
+
+
+def test_fixture_plants_every_kind(problem_dataset):
+    _, expected = problem_dataset
+    assert set(expected) == set(KINDS)
+
+
+def test_report_names_each_problem(problem_dataset):
+    folder, expected = problem_dataset
+    report = check_dataset(folder, resolution=64)
+    assert paths_by_kind(report) == {k: sorted(v) for k, v in expected.items()}
+    good = [r for r in report.records if r.path.startswith("good_") and r.path != "good_0_copy.png"]
+    assert len(good) == 5 and all(not r.problems for r in good)
+    assert not report.ok
+    text = report.summary() + report.to_markdown()
+    for kind, paths in expected.items():
+        assert kind in text
+        for p in paths:
+            assert p in report.to_markdown()
+
+
+def test_per_image_facts(problem_dataset):
+    folder, _ = problem_dataset
+    report = check_dataset(folder, resolution=64)
+    rotated = report.record("rotated.jpg")
+    assert (rotated.orientation, rotated.width, rotated.height) == (6, 96, 72)  # stored 72x96, displayed upright
+    assert report.record("deep_rgb48.png").bit_depth == 16
+    assert report.record("cmyk.jpg").mode == "CMYK"
+    assert report.record("palette.png").mode == "P"
+    assert report.record("good_0_copy.png").duplicate_of == "good_0.png"
+    assert "good_1.png" in report.record("similar_to_good_1.jpg").problems[0].detail
+    assert report.record("huge.jpg").width == 2200
+    assert report.record("truncated.jpg").readable is False
+    assert report.record("good_1.png").caption == "a drawing, good 1"
+    assert report.record("two_lines.png").caption == "a drawing, second line"
+    assert report.record("latin1_caption.png").caption == "café au lait"
+    assert report.record("good_1.png").bucket == (64, 64)
+
+
+def test_buckets_follow_aspect_ratio(tmp_path):
+    encode_to = {"wide.png": (768, 512), "tall.png": (512, 768), "square.png": (600, 600)}
+    for name, size in encode_to.items():
+        (tmp_path / name).write_bytes(encode(drawn_image(len(name), size), "PNG"))
+        (tmp_path / name).with_suffix(".txt").write_text("x")
+    report = check_dataset(tmp_path, resolution=512)
+    for name, (w, h) in encode_to.items():
+        bw, bh = report.record(name).bucket
+        assert abs(bw / bh - w / h) < 0.2, (name, bw, bh)
+        assert bw % 64 == 0 and bh % 64 == 0 and bw * bh <= 512 * 512
+    assert report.record("wide.png").bucket[0] > 512 > report.record("wide.png").bucket[1]
+
+
+def test_json_roundtrip(problem_dataset):
+    folder, expected = problem_dataset
+    report = check_dataset(folder, resolution=64)
+    data = json.loads(report.to_json())
+    assert data["summary"] == {k: len(v) for k, v in report.problems.items()}
+    again = DatasetReport.from_dict(data)
+    assert paths_by_kind(again) == paths_by_kind(report)
+    assert again.record("rotated.jpg").bucket == report.record("rotated.jpg").bucket
+
+
+def test_zip_gives_the_same_report(problem_dataset, tmp_path):
+    folder, expected = problem_dataset
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f"photos/{f.name}")
+    report = check_dataset(archive, resolution=64)
+    assert paths_by_kind(report) == {k: sorted(f"photos/{p}" for p in v) for k, v in expected.items()}
+
+
+def test_caption_lengths_with_a_tokenizer_and_estimated(tmp_path):
+    for i, n_words in enumerate((75, 76)):
+        (tmp_path / f"img{i}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
+        (tmp_path / f"img{i}.txt").write_text(" ".join(["word"] * n_words))
+    report = check_dataset(tmp_path, resolution=64, tokenizer=lambda text: text.split())
+    assert report.token_counter == "clip"
+    assert [r.caption_tokens for r in report.records] == [75, 76]
+    assert [p.path for p in report.problems["caption_too_long"]] == ["img1.png"]
+    assert check_dataset(tmp_path, resolution=64).token_counter == "estimate"
+    assert estimate_tokens("a photo of a dog") == 5
+    assert estimate_tokens("1girl, red_hair") == 6  # digit, word, comma, word, underscore, word
+
+
+def test_caption_found_across_unicode_normalisations_and_dreambooth_folders(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    (tmp_path / f"{nfc}.png").write_bytes(encode(drawn_image(1, (64, 64)), "PNG"))
+    (tmp_path / f"{nfd}.txt").write_text("a cafe")  # as macOS writes the name
+    sub = tmp_path / "10_sks dog"
+    sub.mkdir()
+    (sub / "a.png").write_bytes(encode(drawn_image(2, (64, 64)), "PNG"))  # folder tokens are its caption
+    report = check_dataset(tmp_path, resolution=64)
+    assert "missing_caption" not in report.problems
+    assert report.record(f"{nfc}.png").caption == "a cafe"
+
+
+def test_check_errors_name_the_problem(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        check_dataset(tmp_path / "nope")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DatasetError, match="not a folder and not a .zip"):
+        check_dataset(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="resolution"):
+        check_dataset(tmp_path, resolution=4)
+
+
+def test_contact_sheet_marks_problems(problem_dataset):
+    folder, _ = problem_dataset
+    report = check_dataset(folder, resolution=64)
+    sheet = contact_sheet(report, columns=4, thumb=64)
+    cell_w, cell_h = 64 + 12, 64 + 12 + 30
+    assert sheet.size == (4 * cell_w, -(-len(report.records) // 4) * cell_h)
+    for n, rec in enumerate(report.records):
+        x, y = (n % 4) * cell_w, (n // 4) * cell_h
+        frame = sheet.getpixel((x + 2, y + 20))
+        if rec.problems:
+            worst = min((p.severity for p in rec.problems), key=["error", "warning", "note"].index)
+            assert frame == FRAME[worst], rec.path
+        else:
+            assert frame == (255, 255, 255), rec.path
+    only = contact_sheet(report, only_problems=True, columns=4, thumb=64)
+    assert only.size[1] < sheet.size[1] or len([r for r in report.records if not r.problems]) < 4
+
+
+def test_prepare_check_and_cli(problem_dataset, tmp_path, capsys):
+    folder, expected = problem_dataset
+    report = prepare(action="check", input_dir=str(folder), resolution=64)
+    assert set(report.problems) == set(expected)
+    assert "truncated" in capsys.readouterr().out
+    out = tmp_path / "report.json"
+    assert main(["prepare", "check", str(folder), "--resolution", "64", "--report_file", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["empty_file"] == 1
+    assert main(["prepare", "repair", str(folder)]) == 2
+    assert "`output_dir` is required for `prepare repair`" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="new folder"):
+        prepare(action="repair", input_dir=str(folder), output_dir=str(folder))
+
+
+def test_check_reads_nothing_it_should_not_write(problem_dataset):
+    folder, _ = problem_dataset
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    check_dataset(folder, resolution=64)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_unreadable_thumbnail_tile_is_grey(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    report = check_dataset(tmp_path, resolution=64)
+    assert [p.path for p in report.problems["unreadable"]] == ["bad.png"]
+    sheet = contact_sheet(report, thumb=64)
+    assert isinstance(sheet, Image.Image)
+    assert sheet.getpixel((6 + 10, 6 + 30)) == (200, 200, 200)
