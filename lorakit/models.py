@@ -154,6 +154,13 @@ def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization
     return comps.to(device=device, dtype=dtype)
 
 
+def load_models_from_config(cfg, **kwargs) -> SDComponents:
+    """Load the model a job config names: its `pretrained_model_name_or_path`, `v2`, `v_parameterization` and
+    `vae` fields (those it has); `kwargs` (e.g. `dtype`, `device`) go to `load_models`."""
+    opts = {k: getattr(cfg, k) for k in ("v2", "v_parameterization", "vae") if getattr(cfg, k, None) is not None}
+    return load_models(cfg.pretrained_model_name_or_path, **{**opts, **kwargs})
+
+
 def _looks_like_repo_id(name: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.lower().endswith(SINGLE_FILE_SUFFIXES)
 
@@ -214,11 +221,13 @@ def load_single_file(path: str | Path, *, v2: bool | None = None,
 
 def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = None, *,
                         metadata: dict[str, str] | None = None, v2: bool | None = None,
-                        v_parameterization: bool | None = None, source: str = "") -> SDComponents:
+                        v_parameterization: bool | None = None, source: str = "",
+                        tokenizer=None) -> SDComponents:
     """Build `SDComponents` from an LDM state dict (the tensors are used as parameters, not copied).
 
     `configs` (diffusers configs) default to the file's `lorakit.configs` metadata, else the bundled full-size
-    configs of the detected family (SD2 epsilon files get the 512-px SD2-base sample size).
+    configs of the detected family (SD2 epsilon files get the 512-px SD2-base sample size). `tokenizer` defaults
+    to the one stored in `metadata`, else the standard CLIP tokenizer.
     """
     from .checkpoint import (
         CLIP_PREFIX,
@@ -255,7 +264,8 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
         module.load_state_dict(state_dicts[component], strict=True, assign=True)
         module.eval()
     return SDComponents(
-        tokenizer=load_tokenizer_for(configs, family, metadata), text_encoder=text_encoder, vae=vae, unet=unet,
+        tokenizer=tokenizer or load_tokenizer_for(configs, family, metadata), text_encoder=text_encoder, vae=vae,
+        unet=unet,
         noise_scheduler=_noise_scheduler(configs.get("scheduler", {}), prediction), family=family,
         prediction_type=prediction, source=source)
 

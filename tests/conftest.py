@@ -30,3 +30,23 @@ def tiny_sd2_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd2")
     build_tiny("sd2", seed=0, folder=folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_file(tiny_sd1_dir, tmp_path_factory):
+    """The model of `tiny_sd1_dir` as a single-file LDM checkpoint (`.safetensors`, original SD key layout)."""
+    from lorakit.models import load_models, save_single_file
+
+    path = tmp_path_factory.mktemp("tiny-sd1-file") / "tiny-sd1.safetensors"
+    save_single_file(load_models(str(tiny_sd1_dir)), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_file(tiny_sd2_dir, tmp_path_factory):
+    """The model of `tiny_sd2_dir` as a single-file LDM checkpoint (`.safetensors`, OpenCLIP text-encoder keys)."""
+    from lorakit.models import load_models, save_single_file
+
+    path = tmp_path_factory.mktemp("tiny-sd2-file") / "tiny-sd2.safetensors"
+    save_single_file(load_models(str(tiny_sd2_dir)), path)
+    return path
