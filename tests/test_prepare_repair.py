@@ -1,0 +1,195 @@
+"""`prepare repair`: a clean copy in a new folder — fixed pixels, carried captions, untouched originals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from lorakit.data.folders import DatasetReport as LoaderReport
+from lorakit.data.folders import scan_subset, subsets_from_folder
+from lorakit.dataprep import check_dataset, repair_dataset
+from lorakit.dataprep.repair import ascii_name
+from lorakit.dataprep.samples import drawn_image, encode, write_problem_dataset
+from lorakit.errors import DatasetError
+
+FULL = dict(resolution=64, background="#00ff00", max_side=512, duplicates="drop", near_duplicates="move",
+            too_small="move", ascii_names=True, default_caption="a drawing")
+# what repair cannot decide for the user: grey pictures, 1:4 strips and over-long captions stay (and are reported)
+JUDGEMENT_CALLS = {"grayscale": ["deep_grey16.png", "grey.png"], "extreme_aspect": ["long_strip.png"],
+                   "caption_too_long": ["long_caption.png"]}
+
+
+def tree_hashes(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def loader_report(folder) -> LoaderReport:
+    """What the trainer's dataset loader says about a folder (notes = things it had to fix, skipped = unusable)."""
+    report = LoaderReport()
+    for subset in subsets_from_folder(folder, is_reg=False, caption_extension=".txt", report=report):
+        scan_subset(subset, report)
+    return report
+
+
+@pytest.fixture(scope="module")
+def repaired(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repair")
+    src = root / "photos"
+    expected = write_problem_dataset(src)
+    before = tree_hashes(src)
+    result = repair_dataset(src, root / "clean", **FULL)
+    return root, src, expected, before, result
+
+
+def test_originals_are_byte_identical(repaired):
+    root, src, _, before, _ = repaired
+    assert tree_hashes(src) == before
+
+
+def test_recheck_is_clean_but_for_judgement_calls(repaired):
+    root, _, _, _, result = repaired
+    after = {k: sorted(p.path for p in v) for k, v in result.after.problems.items()}
+    assert after == JUDGEMENT_CALLS
+    assert after == {k: sorted(p.path for p in v)
+                     for k, v in check_dataset(root / "clean", 64).problems.items()}
+    assert {k for k in result.before.problems} - set(JUDGEMENT_CALLS) >= {
+        "cmyk", "high_bit_depth", "alpha", "palette", "exif_rotated", "huge", "duplicate", "missing_caption"}
+
+
+def test_recheck_has_no_problem_at_all_without_judgement_calls(tmp_path):
+    src = tmp_path / "photos"
+    write_problem_dataset(src)
+    for names in JUDGEMENT_CALLS.values():
+        for name in names:
+            (src / name).unlink()
+    result = repair_dataset(src, tmp_path / "clean", **FULL)
+    assert result.after.problems == {}
+    assert result.after.ok
+
+
+def test_actions(repaired):
+    root, src, _, _, result = repaired
+    by_source = {a.source: a for a in result.actions}
+    for name in ("corrupt.jpg", "empty.png", "truncated.jpg", "good_0_copy.png"):
+        assert by_source[name].action == "dropped"
+    for name, kind in (("similar_to_good_1.jpg", "near_duplicate"), ("tiny.png", "too_small")):
+        moved = root / "clean_set_aside" / kind / name
+        assert by_source[name].action == "moved"
+        assert moved.read_bytes() == (src / name).read_bytes()
+        assert moved.with_suffix(".txt").is_file()
+    assert by_source["good_1.png"].action == "copied"
+    assert (root / "clean" / "good_1.png").read_bytes() == (src / "good_1.png").read_bytes()
+    assert by_source["png_named.jpg"].output == "png_named.png"
+    assert by_source["café_日本.png"].output == "cafe_.png"
+    assert not (root / "clean" / "notes.pdf").exists() and not (root / "clean" / "ghost.txt").exists()
+    assert "dropped" in result.summary() and "| corrupt.jpg | dropped |" in result.to_markdown()
+
+
+def test_pixels_are_fixed(repaired):
+    root, src, _, _, _ = repaired
+    out = root / "clean"
+    with Image.open(out / "transparent.png") as im:
+        assert im.mode == "RGB" and im.getpixel((0, 0)) == (0, 255, 0)  # transparent corner → background
+    with Image.open(src / "rotated.jpg") as raw, Image.open(out / "rotated.jpg") as im:
+        upright = np.asarray(ImageOps.exif_transpose(raw).convert("RGB"), dtype=np.int16)
+        assert im.size == (96, 72) and not im.getexif().get(0x0112)
+        assert np.abs(np.asarray(im, dtype=np.int16) - upright).mean() < 4
+    with Image.open(out / "deep_grey16.png") as im:  # 16-bit scaled, not clipped to white
+        grey = np.asarray(drawn_image(12, (96, 96)).convert("L"), dtype=np.float64)
+        assert im.mode == "RGB" and abs(np.asarray(im.convert("L"), dtype=np.float64).mean() - grey.mean()) < 1
+    with Image.open(out / "deep_rgb48.png") as im:
+        ref = np.asarray(drawn_image(13, (96, 96)), dtype=np.int16)
+        assert np.abs(np.asarray(im, dtype=np.int16) - ref).max() <= 1
+    for name in ("cmyk.jpg", "palette.png"):
+        with Image.open(out / name) as im:
+            assert im.mode == "RGB"
+    with Image.open(out / "huge.jpg") as im:
+        assert max(im.size) == 512 and abs(im.width / im.height - 2200 / 1400) < 0.01
+
+
+def test_captions_are_carried_and_fixed(repaired):
+    root, *_ = repaired
+    out = root / "clean"
+    assert (out / "good_1.txt").read_text() == "a drawing, good 1\n"
+    assert (out / "latin1_caption.txt").read_text(encoding="utf-8") == "café au lait\n"
+    assert (out / "two_lines.txt").read_text() == "a drawing, second line\n"
+    assert (out / "no_caption.txt").read_text() == "a drawing\n"
+    assert (out / "blank_caption.txt").read_text() == "a drawing\n"
+    assert (out / "cafe_.txt").read_text() == "a drawing, unicode\n"
+
+
+def test_trainer_loader_accepts_the_output_without_notes(repaired):
+    root, src, *_ = repaired
+    original = loader_report(src)
+    assert original.notes and original.skipped  # non-vacuous: the loader does complain about the originals
+    clean = loader_report(root / "clean")
+    assert clean.notes == [] and clean.skipped == []
+    assert clean.used == {str(root / "clean"): 21}
+
+
+@pytest.mark.slow
+def test_repaired_output_trains_without_dataset_warnings(tmp_path, tiny_sd1_dir):
+    from lorakit import train
+
+    src = tmp_path / "photos"
+    write_problem_dataset(src)
+    keep = ("cmyk", "deep_", "transparent", "palette", "rotated", "huge", "corrupt", "empty", "truncated")
+    for p in src.iterdir():
+        if not p.name.startswith(keep):
+            p.unlink()
+    repair_dataset(src, tmp_path / "clean", resolution=64, max_side=128, default_caption="a drawing")
+    result = train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "clean"),
+                   output_dir=str(tmp_path / "run"), resolution="64", max_train_steps=2, network_dim=4,
+                   sample_at_end=False)
+    assert result.steps == 2
+    report = json.loads((tmp_path / "run" / "dataset_report.json").read_text())
+    assert report["notes"] == [] and report["skipped"] == []
+    assert report["used"] == {str(tmp_path / "clean"): 7}
+
+
+def test_repair_from_a_zip(tmp_path):
+    src = tmp_path / "photos"
+    write_problem_dataset(src)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for f in sorted(src.iterdir()):
+            z.write(f, f.name)
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    result = repair_dataset(archive, tmp_path / "clean", **FULL)
+    assert {k: sorted(p.path for p in v) for k, v in result.after.problems.items()} == JUDGEMENT_CALLS
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == digest
+
+
+def test_refuses_to_write_into_the_originals(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    for dst in (src, src / "clean"):
+        with pytest.raises(DatasetError, match="outside the input"):
+            repair_dataset(src, dst)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("x")
+    with pytest.raises(DatasetError, match="not empty"):
+        repair_dataset(src, tmp_path / "used")
+    with pytest.raises(ValueError, match="`duplicates` must be one of keep, drop, move"):
+        repair_dataset(src, tmp_path / "new", duplicates="delete")
+    with pytest.raises(ValueError, match="`background`"):
+        repair_dataset(src, tmp_path / "new", background="not-a-colour")
+    assert sorted(p.name for p in src.iterdir()) == ["a.png"]
+
+
+def test_name_collisions_get_suffixes(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    (src / "a.jpg").write_bytes(encode(drawn_image(1, (64, 64)), "PNG"))  # PNG data: becomes a.png too
+    result = repair_dataset(src, tmp_path / "clean", resolution=64)
+    assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["a.png", "a_2.png"]
+    assert len([a for a in result.actions if a.output]) == 2
+    assert ascii_name("日本.png") == "_.png" and ascii_name("Ünïcödé name.jpg") == "Unicode name.jpg"
