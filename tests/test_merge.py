@@ -1,0 +1,244 @@
+"""Merge: LoRAs into single files and diffusers folders (exact, streamed, read by diffusers), LoRA + LoRA modes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorakit.errors import ConfigError, LoraFormatError
+from lorakit.formats import load_lora_file, parse_kohya
+from lorakit.merging import merge
+from lorakit.model_weights import StateDictWeights, open_weights
+from lorakit.models import save_single_file
+from lorakit.tiny import build_tiny
+
+
+def make_lora(comps, path, *, rank=2, seed=0, alpha=1.0, conv=True, text_encoder=True, every=1, metadata=None):
+    """A kohya LoRA file written by hand (format facts only): non-zero up and down for the model's targets."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    targets = StateDictWeights.from_components(comps).targets(conv=conv)
+    for i, t in enumerate(targets):
+        if (t.component == "text_encoder" and not text_encoder) or i % every:
+            continue
+        out, rest = t.shape[0], t.shape[1:]
+        down = torch.randn(rank, *rest, generator=g) * 0.3
+        up = torch.randn(out, rank, *([1, 1] if len(rest) == 3 else []), generator=g) * 0.3
+        tensors[f"{t.kohya}.lora_down.weight"] = down
+        tensors[f"{t.kohya}.lora_up.weight"] = up
+        tensors[f"{t.kohya}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def expected_weights(comps, loras_and_ratios):
+    """W + Σ ratio · alpha/rank · up @ down for every changed parameter, computed here independently."""
+    weights = StateDictWeights.from_components(comps)
+    by_kohya = {t.kohya: t for t in weights.targets(conv=True)}
+    out = {}
+    for path, ratio in loras_and_ratios:
+        tensors, _ = load_lora_file(path)
+        for key in tensors:
+            if not key.endswith(".lora_down.weight"):
+                continue
+            name = key.removesuffix(".lora_down.weight")
+            down, up = tensors[key], tensors[name + ".lora_up.weight"]
+            scale = float(tensors[name + ".alpha"]) / down.shape[0]
+            t = by_kohya[name]
+            w = out.get(t.param, weights.get(t.param).clone())
+            out[t.param] = w + ratio * scale * (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)).reshape(
+                t.shape)
+    return out
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def setup(request, tmp_path_factory):
+    family = request.param
+    d = tmp_path_factory.mktemp(f"merge-{family}")
+    comps = build_tiny(family, seed=0)
+    comps.save_pretrained(d / "folder")
+    save_single_file(comps, d / "base.safetensors")
+    a = make_lora(comps, d / "a.safetensors", rank=2, seed=1, alpha=1.0)
+    b = make_lora(comps, d / "b.safetensors", rank=3, seed=2, alpha=3.0, conv=False, every=2)
+    return family, d, comps, a, b
+
+
+def test_merged_single_file_is_w_plus_deltas_and_diffusers_reads_it(setup):
+    family, d, comps, a, b = setup
+    out = d / "merged.safetensors"
+    merge(sd_model=str(d / "base.safetensors"), models=[str(a), str(b)], ratios=[0.7, 0.4], save_to=str(out),
+          overwrite=True)
+    expected = expected_weights(comps, [(a, 0.7), (b, 0.4)])
+    merged = open_weights(out)
+    base = StateDictWeights.from_components(comps)
+    kinds = set()
+    for name, shape in merged.shapes().items():
+        if name in expected:
+            kinds.add((len(shape), shape[-1] if len(shape) == 4 else 0))
+            torch.testing.assert_close(merged.get(name), expected[name], rtol=0, atol=2e-6)
+        elif name in base.tensors:  # (not the position_ids buffer single files carry)
+            assert torch.equal(merged.get(name), base.get(name)), name
+    assert {(2, 0), (4, 3)} <= kinds and (family == "sd2" or (4, 1) in kinds)  # Linear, 3x3 conv, SD1 1x1 conv
+    # oracle: diffusers' own single-file loader reads it completely and finds the merged weights
+    from diffusers import StableDiffusionPipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = StableDiffusionPipeline.from_single_file(str(out), config=str(d / "folder"), local_files_only=True,
+                                                        safety_checker=None)
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    unet = {"unet." + k: v for k, v in pipe.unet.state_dict().items()}
+    te = {"text_encoder.text_model." + k.removeprefix("text_model."): v
+          for k, v in pipe.text_encoder.state_dict().items()}
+    for name, want in expected.items():
+        got = unet.get(name, te.get(name))
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-6, msg=name)
+
+
+def test_merge_into_folder_and_across_layouts(setup):
+    family, d, comps, a, b = setup
+    expected = expected_weights(comps, [(a, 0.5)])
+    for src, dst in ((d / "folder", d / "merged-folder"), (d / "folder", d / "f2f.ckpt"),
+                     (d / "base.safetensors", d / "s2c.ckpt"),
+                     (d / "base.safetensors", d / "file2folder")):
+        merge(sd_model=str(src), models=[str(a)], ratios=[0.5], save_to=str(dst), overwrite=True)
+        merged = open_weights(dst)
+        assert merged.family.name == family
+        for name, want in expected.items():
+            torch.testing.assert_close(merged.get(name), want, rtol=0, atol=2e-6, msg=f"{dst.name}: {name}")
+        merged.close()
+    from lorakit.models import load_models
+
+    folder = load_models(str(d / "merged-folder"))  # the merged folder is a complete diffusers model
+    assert folder.family.name == family
+
+
+def test_merged_model_output_equals_base_with_loras_applied(setup):
+    """Merged U-Net output == base with both LoRAs applied at (0.7, 0.4) through diffusers' adapters."""
+    family, d, comps, a, _ = setup
+    # (diffusers + transformers 5 mis-load a second text-encoder adapter that covers fewer layers than the first,
+    # so the second LoRA here covers every Linear layer)
+    b = make_lora(comps, d / "b-full.safetensors", rank=3, seed=2, alpha=3.0, conv=False)
+    out = d / "merged-out.safetensors"
+    merge(sd_model=str(d / "base.safetensors"), models=[str(a), str(b)], ratios=[0.7, 0.4], save_to=str(out),
+          overwrite=True)
+    from lorakit.models import load_models
+
+    merged = load_models(str(out))
+    pipe = build_tiny(family, seed=0).pipeline()
+    pipe.load_lora_weights(str(a), adapter_name="a")
+    pipe.load_lora_weights(str(b), adapter_name="b")
+    pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    g = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([300])
+    ids = merged.tokenizer(["a photo"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = pipe.unet(sample, t, encoder_hidden_states=pipe.text_encoder(ids)[0]).sample
+        got = merged.unet(sample, t, encoder_hidden_states=merged.text_encoder(ids)[0]).sample
+        base = comps.unet(sample, t, encoder_hidden_states=comps.text_encoder(ids)[0]).sample
+    assert (want - base).abs().max() > 1e-2  # the LoRAs do change the output
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _deltas(path):
+    return {n: (w.up.flatten(1) @ w.down.flatten(1)) * w.scale for n, w in parse_kohya(load_lora_file(path)[0]).items()}
+
+
+@pytest.mark.parametrize("mode", ["concat", "svd"])
+def test_lora_plus_lora_exact_modes(setup, mode):
+    family, d, comps, a, b = setup
+    out = d / f"ab-{mode}.safetensors"
+    result = merge(models=[str(a), str(b)], ratios=[0.8, -0.3], merge_mode=mode, new_rank=5, save_to=str(out),
+                   overwrite=True)
+    da, db, dm = _deltas(a), _deltas(b), _deltas(out)
+    assert set(dm) == set(da) | set(db)
+    for name, got in dm.items():
+        want = 0.8 * da[name] + (-0.3 * db[name] if name in db else 0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    if mode == "svd":
+        assert max(result.errors.values()) < 1e-3
+    modules = parse_kohya(load_lora_file(out)[0])
+    assert max(m.rank for m in modules.values()) == 5
+
+
+def test_resize_reports_its_error(setup):
+    family, d, comps, a, b = setup
+    out = d / "b-small.safetensors"
+    result = merge(models=[str(b)], merge_mode="svd", new_rank=1, save_to=str(out), overwrite=True)
+    assert 0.05 < result.errors["unet"] < 1.0
+    assert all(m.rank == 1 for m in parse_kohya(load_lora_file(out)[0]).values())
+
+
+def test_sum_mode_matches_the_documented_formula(setup):
+    family, d, comps, a, b = setup
+    a2 = make_lora(comps, d / "a2.safetensors", rank=2, seed=5, alpha=2.0)
+    out = d / "sum.safetensors"
+    merge(models=[str(a), str(a2)], ratios=[0.6, 0.5], merge_mode="sum", save_to=str(out), overwrite=True)
+    ta, t2, tm = load_lora_file(a)[0], load_lora_file(a2)[0], load_lora_file(out)[0]
+    ca, c2 = math.sqrt(1.0 / 1.0) * 0.6, math.sqrt(2.0 / 1.0) * 0.5
+    for key in tm:
+        if key.endswith("lora_up.weight"):
+            torch.testing.assert_close(tm[key], abs(ca) * ta[key] + abs(c2) * t2[key])
+        elif key.endswith("lora_down.weight"):
+            torch.testing.assert_close(tm[key], ca * ta[key] + c2 * t2[key])
+        else:
+            assert float(tm[key]) == 1.0
+    with pytest.raises(LoraFormatError, match="same rank"):
+        merge(models=[str(a), str(b)], merge_mode="sum", save_to=str(d / "x.safetensors"))
+
+
+def test_bad_input(setup, tmp_path):
+    family, d, comps, a, b = setup
+    base = str(d / "base.safetensors")
+    with pytest.raises(ConfigError, match="one ratio per model"):
+        merge(sd_model=base, models=[str(a), str(b)], ratios=[0.5], save_to=str(tmp_path / "m.safetensors"))
+    with pytest.raises(ConfigError, match="not found"):
+        merge(sd_model=base, models=[str(tmp_path / "nope.safetensors")], save_to=str(tmp_path / "m.safetensors"))
+    with pytest.raises(ConfigError, match="unknown extension"):
+        merge(sd_model=base, models=[str(a)], save_to=str(tmp_path / "m.bin"))
+    with pytest.raises(ConfigError, match="one of the inputs"):
+        merge(sd_model=base, models=[str(a)], save_to=base, overwrite=True)
+    existing = tmp_path / "exists.safetensors"
+    existing.write_bytes(b"keep")
+    with pytest.raises(ConfigError, match="overwrite"):
+        merge(sd_model=base, models=[str(a)], save_to=str(existing))
+    assert existing.read_bytes() == b"keep"
+    with pytest.warns(UserWarning, match="outside"):
+        merge(sd_model=base, models=[str(a)], ratios=[1.5], save_to=str(tmp_path / "strong.safetensors"))
+    # a LoRA for the other family is refused by name, and so is a v1 + v2 LoRA mix
+    other = "sd_v2" if family == "sd1" else "sd_v1"
+    foreign = make_lora(comps, tmp_path / "foreign.safetensors", metadata={"ss_base_model_version": other})
+    with pytest.raises(LoraFormatError, match="is a LoRA for"):
+        merge(sd_model=base, models=[str(foreign)], save_to=str(tmp_path / "m.safetensors"))
+    mine = make_lora(comps, tmp_path / "mine.safetensors",
+                     metadata={"ss_base_model_version": "sd_v1" if family == "sd1" else "sd_v2"})
+    with pytest.raises(LoraFormatError, match="different model families"):
+        merge(models=[str(mine), str(foreign)], save_to=str(tmp_path / "mix.safetensors"))
+    assert not list(tmp_path.glob("m.*")) and not (tmp_path / "mix.safetensors").exists()
+
+
+def test_failed_merge_leaves_no_partial_output(setup, tmp_path, monkeypatch):
+    family, d, comps, a, b = setup
+    import lorakit.merging as merging
+
+    calls = {"n": 0}
+    real = merging.merge_weight
+
+    def failing(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("disk full")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(merging, "merge_weight", failing)
+    for dst in (tmp_path / "out.safetensors", tmp_path / "out-folder"):
+        calls["n"] = 0
+        src = d / ("base.safetensors" if dst.suffix else "folder")
+        with pytest.raises(RuntimeError, match="disk full"):
+            merge(sd_model=str(src), models=[str(a)], save_to=str(dst))
+        assert not dst.exists()
+    assert list(tmp_path.iterdir()) == []
