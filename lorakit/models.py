@@ -191,17 +191,37 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
         unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype, **kw)
         scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
         tokenizer = CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder", dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder",
+                                                     **_transformers_dtype(dtype), **kw)
         vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **kw)
     except (OSError, ValueError, RuntimeError) as e:
+        if not Path(repo_or_folder).is_dir() and _hub_offline(local_files_only):
+            raise ModelLoadError(f"cannot load Hub repo {repo_or_folder}: it is not in the local Hugging Face cache "
+                                 "and downloads are off (HF_HUB_OFFLINE / local_files_only); go online once, or give "
+                                 "a local folder or .safetensors file") from None
         where = "folder" if Path(repo_or_folder).is_dir() else "Hub repo"
         hint = "" if Path(repo_or_folder).is_dir() else \
-            " (offline or no access? download it once online, log in for gated repos, or give a local path)"
+            (" (no local file or folder has this name; offline or no access? download it once online, log in for "
+             "gated repos, or give a local path)")
         raise ModelLoadError(f"cannot load diffusers {where} {repo_or_folder}: {_first_line(e)}{hint}") from None
     family = family_from_configs({"text_encoder": text_encoder.config.to_dict()})
     return SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_model, unet=unet,
                         noise_scheduler=scheduler, family=family, prediction_type=scheduler.config.prediction_type,
                         source=repo_or_folder)
+
+
+def _hub_offline(local_files_only: bool) -> bool:
+    import os
+
+    return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _transformers_dtype(dtype) -> dict:
+    """transformers >= 4.56 names the argument `dtype`; older versions `torch_dtype`."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
 def _first_line(e: BaseException) -> str:

@@ -306,3 +306,33 @@ def test_ldm_to_diffusers_names_missing_and_mismatched_tensors():
         ldm_to_diffusers(ldm, cfg)
     with pytest.raises(ModelLoadError, match="shape"):  # tiny tensors against the full-size architecture
         ldm_to_diffusers(_tiny_ldm("sd1"), bundled_configs(SD1))
+
+
+def test_full_size_mapping_agrees_with_diffusers_converters(full_size):
+    """Oracle on the full-size architectures without allocating weights: diffusers' own LDM -> diffusers converters
+    (single_file_utils) take each tensor of lorakit's LDM dict to the diffusers name lorakit maps it from. Tensors
+    passed through unchanged are matched by identity; reshaped/sliced ones (VAE attention, SD2 q/k/v) by name set."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    family, (unet, vae, te), ldm = full_size
+    configs = bundled_configs(family)
+    key_of = {id(t): k for k, t in ldm.items()}
+    converted = {
+        "unet": sfu.convert_ldm_unet_checkpoint(ldm, configs["unet"]),
+        "vae": sfu.convert_ldm_vae_checkpoint(ldm, configs["vae"]),
+        "text_encoder": sfu.convert_open_clip_checkpoint(te, ldm) if family.v2
+        else sfu.convert_ldm_clip_checkpoint(ldm),
+    }
+    identical = 0
+    for component, module in (("unet", unet), ("vae", vae), ("text_encoder", te)):
+        names = {("text_model." + k.removeprefix("text_model.")) if component == "text_encoder" else k
+                 for k in converted[component] if not k.endswith("position_ids")}
+        ours = {("text_model." + k.removeprefix("text_model.")) if component == "text_encoder" else k
+                for k in module.state_dict() if not k.endswith("position_ids")}
+        assert names == ours, component
+        for name, tensor in converted[component].items():
+            if id(tensor) in key_of:
+                name = "text_model." + name.removeprefix("text_model.") if component == "text_encoder" else name
+                assert ldm_key_for(f"{component}.{name}", family).key == key_of[id(tensor)], name
+                identical += 1
+    assert identical == (686 + 240 + (234 if family.v2 else 197))

@@ -187,7 +187,7 @@ def test_lorakit_toy(monkeypatch, tmp_path, tiny_sd1_file):
 
 
 def test_hub_repo_id_offline_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="cannot load diffusers Hub repo lorakit-test/no-such-model"):
+    with pytest.raises(ModelLoadError, match="lorakit-test/no-such-model: it is not in the local Hugging Face cache"):
         load_models("lorakit-test/no-such-model", local_files_only=True)
 
 
