@@ -23,24 +23,33 @@ def _offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def _cached(model: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def blip_captioner(model: str = DEFAULT_CAPTION_MODEL, *, device: str | None = None, max_new_tokens: int = 40,
                    prompt: str | None = None) -> Callable[[Image.Image], str]:
     """Load a BLIP captioning model (a Hub id or a local folder) and return `caption(image) -> str`."""
+    local = os.path.isdir(model)
+    offline = _offline()
+    if offline and not local and not _cached(model):
+        raise ModelLoadError(
+            f"auto-captioning needs the captioning model `{model}` from the Hugging Face Hub, but this machine is "
+            f"offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) and the model is not in the local cache. "
+            f"Run it online once (e.g. on Colab), point `caption_model` at a downloaded folder, or write captions "
+            f"with `lorakit prepare captions --trigger ...`.")
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    local = os.path.isdir(model)
-    offline = _offline()
     try:
         processor = BlipProcessor.from_pretrained(model, local_files_only=offline or local)
         net = BlipForConditionalGeneration.from_pretrained(model, local_files_only=offline or local)
     except OSError as e:
-        if offline and not local:
-            raise ModelLoadError(
-                f"auto-captioning needs the captioning model `{model}` from the Hugging Face Hub, but this machine "
-                f"is offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set) and the model is not in the local cache. "
-                f"Run it online once (e.g. on Colab), point `caption_model` at a downloaded folder, or write "
-                f"captions with `lorakit prepare captions --trigger ...`.") from None
         raise ModelLoadError(f"could not load the captioning model `{model}`: {str(e).splitlines()[0]}. Check the "
                              f"name and your connection.") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
