@@ -1,0 +1,206 @@
+"""The metadata written into a LoRA's safetensors header: sd-scripts' `ss_*` keys, `modelspec.*`, the
+`sshs_*` hashes, and lorakit's own resolved training config. All values are strings (a safetensors rule).
+
+- `build_metadata(cfg, components, *, steps=..., ...)` — for a trained LoRA (the `train` job).
+- `lora_base_metadata(family, prediction_type, *, network_dim, ...)` — for LoRAs made by merge/extract/resize.
+- `sshs_hashes(tensors, metadata) -> (sshs_model_hash, sshs_legacy_hash)` — exactly as sd-scripts computes them.
+- `training_config_of(metadata)`, `metadata_summary(metadata)` — reading side, used by `inspect`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+TRAINING_CONFIG_KEY = "lorakit.training_config"
+VERSION_KEY = "lorakit.version"
+# sd-scripts keeps these even with `no_metadata`: readers need them to know what the file is
+MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
+                "ss_network_args")
+
+
+def stringify_metadata(metadata: dict) -> dict[str, str]:
+    """Make every value a string: str for scalars, JSON for dicts/lists; None values are dropped."""
+    out = {}
+    for k, v in metadata.items():
+        if v is None:
+            continue
+        out[str(k)] = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list, tuple)) else str(v)
+    return out
+
+
+def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(`sshs_model_hash`, `sshs_legacy_hash`) as sd-scripts precalculates them for sd-webui-additional-networks.
+
+    The tensors are serialised with only the `ss_*` metadata (so user metadata does not change the hashes);
+    the model hash is the sha256 of those bytes after the header (8-byte length + JSON), the legacy hash the
+    first 8 hex digits of the sha256 of the 64 KiB at offset 1 MiB (of the empty string for small files).
+    """
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()},
+                metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_len:]).hexdigest()
+    stream = io.BytesIO(data)
+    stream.seek(0x100000)
+    legacy_hash = hashlib.sha256(stream.read(0x10000)).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def lora_base_metadata(family, prediction_type: str, *, network_dim: int | None, network_alpha: float | None,
+                       conv_dim: int | None = None, conv_alpha: float | None = None, resolution: int | tuple | None
+                       = None, title: str | None = None, clip_skip: int | None = None, extra: dict | None = None,
+                       ) -> dict[str, str]:
+    """The metadata every lorakit LoRA carries: what it is for (family, network) and the modelspec block.
+
+    `family` is a `lorakit.families.Family`; `resolution` an int or (width, height), default the family's.
+    """
+    from . import __version__
+    from .families import base_model_version, modelspec_architecture
+
+    w, h = (resolution, resolution) if isinstance(resolution, int) else (resolution or (family.default_resolution,) * 2)
+    args = {}
+    if conv_dim is not None:
+        args = {"conv_dim": str(conv_dim), "conv_alpha": f"{conv_alpha if conv_alpha is not None else conv_dim:g}"}
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": network_dim,
+        "ss_network_alpha": None if network_alpha is None else f"{network_alpha:g}",
+        "ss_network_args": args,
+        "ss_v2": family.v2,
+        "ss_base_model_version": base_model_version(family, prediction_type),
+        "ss_resolution": f"({w}, {h})",
+        "ss_clip_skip": clip_skip,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(family, max(w, h)),
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": title or "lora",
+        "modelspec.date": _now(),
+        "modelspec.resolution": f"{w}x{h}",
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+        "modelspec.encoder_layer": clip_skip if clip_skip and clip_skip > 1 else None,
+        VERSION_KEY: __version__,
+    }
+    meta.update(extra or {})
+    return stringify_metadata(meta)
+
+
+def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | None = None,
+                   training_started_at: str | None = None, training_finished_at: str | None = None,
+                   resolution: int | tuple | None = None, num_train_images: int | None = None,
+                   num_reg_images: int | None = None, tag_frequency: dict | None = None,
+                   dataset_dirs: dict | None = None) -> dict[str, str]:
+    """The header of a trained LoRA: sd-scripts' `ss_*` keys, modelspec and lorakit's resolved config as JSON.
+
+    `cfg` is the `TrainConfig` (the only source of option values), `components` the `SDComponents` trained on;
+    the keyword arguments are what only the training run knows. With `cfg.no_metadata` only the keys readers
+    need to identify the file are kept (as sd-scripts does).
+    """
+    conv_dim, conv_alpha = cfg.resolved_conv
+    if resolution is None:
+        from .config.schema import parse_resolution
+
+        resolution = parse_resolution(cfg.resolution) or components.native_resolution
+    meta = lora_base_metadata(
+        components.family, components.prediction_type, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
+        conv_dim=conv_dim, conv_alpha=conv_alpha, resolution=resolution, title=cfg.output_name,
+        clip_skip=cfg.clip_skip)
+    if cfg.no_metadata:
+        return {k: v for k, v in meta.items() if k in MINIMAL_KEYS}
+    meta.update(stringify_metadata({
+        "ss_sd_model_name": Path(str(cfg.pretrained_model_name_or_path)).name,
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": cfg.learning_rate,
+        "ss_unet_lr": cfg.resolved_unet_lr,
+        "ss_text_encoder_lr": cfg.resolved_text_encoder_lr,
+        "ss_network_dropout": cfg.network_dropout,
+        "ss_network_train_unet_only": cfg.network_train_unet_only,
+        "ss_network_train_text_encoder_only": cfg.network_train_text_encoder_only,
+        "ss_steps": steps,
+        "ss_max_train_steps": cfg.max_train_steps,
+        "ss_epoch": epoch,
+        "ss_num_train_images": num_train_images,
+        "ss_num_reg_images": num_reg_images,
+        "ss_batch_size_per_device": cfg.train_batch_size,
+        "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_seed": cfg.seed,
+        "ss_mixed_precision": cfg.mixed_precision,
+        "ss_optimizer": cfg.resolved_optimizer + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),
+        "ss_lr_scheduler": cfg.lr_scheduler,
+        "ss_lr_warmup_steps": cfg.lr_warmup_steps,
+        "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_noise_offset": cfg.noise_offset,
+        "ss_min_snr_gamma": cfg.min_snr_gamma,
+        "ss_prior_loss_weight": cfg.prior_loss_weight,
+        "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_shuffle_caption": cfg.shuffle_caption,
+        "ss_keep_tokens": cfg.keep_tokens,
+        "ss_flip_aug": cfg.flip_aug,
+        "ss_color_aug": cfg.color_aug,
+        "ss_random_crop": cfg.random_crop,
+        "ss_enable_bucket": cfg.enable_bucket,
+        "ss_cache_latents": cfg.cache_latents,
+        "ss_training_comment": cfg.training_comment,
+        "ss_training_started_at": training_started_at,
+        "ss_training_finished_at": training_finished_at or _now(),
+        "ss_tag_frequency": tag_frequency,
+        "ss_dataset_dirs": dataset_dirs,
+        TRAINING_CONFIG_KEY: cfg.to_dict(),
+    }))
+    return meta
+
+
+def training_config_of(metadata: dict[str, str]) -> dict | None:
+    """lorakit's resolved training config stored in a LoRA's header, or None."""
+    raw = metadata.get(TRAINING_CONFIG_KEY)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_SUMMARY_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.title", "ss_sd_model_name",
+                 "ss_output_name", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+                 "ss_resolution", "ss_clip_skip", "ss_steps", "ss_epoch", "ss_learning_rate", "ss_unet_lr",
+                 "ss_text_encoder_lr", "ss_optimizer", "ss_lr_scheduler", "ss_mixed_precision", "ss_seed",
+                 "ss_noise_offset", "ss_min_snr_gamma", "ss_training_comment", "ss_training_started_at",
+                 "ss_training_finished_at", "sshs_model_hash", "sshs_legacy_hash", VERSION_KEY)
+
+
+def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
+    """The keys worth printing, in a fixed order; the rest is counted (the tag frequency summarised)."""
+    out = {k: metadata[k] for k in _SUMMARY_KEYS if metadata.get(k) not in (None, "", "None")}
+    if metadata.get("ss_tag_frequency"):
+        try:
+            freq = json.loads(metadata["ss_tag_frequency"])
+            tags = _total_tag_counts(freq)
+            top = ", ".join(f"{t} ({n})" for t, n in tags.most_common(8))
+            out["ss_tag_frequency"] = f"{len(tags)} tags; top: {top}"
+        except (json.JSONDecodeError, AttributeError, TypeError):
+            out["ss_tag_frequency"] = "(unreadable)"
+    shown = set(out) | {TRAINING_CONFIG_KEY}
+    rest = [k for k in metadata if k not in shown]
+    if rest:
+        out["(other keys)"] = str(len(rest))
+    return out
+
+
+def _total_tag_counts(freq: dict) -> Counter:
+    """`ss_tag_frequency` is {dataset_dir: {tag: count}}; sum the counts over all folders."""
+    total = Counter()
+    for per_dir in freq.values():
+        total.update({str(t): int(n) for t, n in per_dir.items()})
+    return total

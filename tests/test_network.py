@@ -1,0 +1,314 @@
+"""LoRA injection on SD models: target selection (full-size SD1.5 names and counts), invariants with non-zero
+adapters, save → load round trips, multipliers, several adapters, merge/unmerge, removal, trainable groups."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft.tuners.lora import LoraLayer
+
+from lorakit.families import CONFIG_ROOT
+from lorakit.formats import load_lora_file, save_lora
+from lorakit.models import load_models
+from lorakit.network import add_lora, apply_lora_file, lora_targets, remove_lora
+
+
+def run(comps, seed: int = 0):
+    """Text-encoder hidden states and U-Net prediction for fixed random inputs (deterministic on CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, comps.text_encoder.config.vocab_size - 2, (1, 77), generator=g)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        hidden = comps.text_encoder(ids)[0]
+        pred = comps.unet(latents, torch.tensor([500]), hidden).sample
+    return hidden, pred
+
+
+def randomize(net, seed: int = 1, std: float = 0.2) -> None:
+    """Make the adapter non-zero (a fresh LoRA's up is zero, which would make every invariant vacuous)."""
+    g = torch.Generator().manual_seed(seed)
+    for params in net.trainable_parameters().values():
+        for p in params:
+            p.data.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def lora_layer_count(module) -> int:
+    return sum(isinstance(m, LoraLayer) for m in module.modules())
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def _full_size_sd1():
+    """SD1.5's text encoder and U-Net on the meta device (no memory), from the bundled full-size configs."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg = json.loads((CONFIG_ROOT / "sd1" / "unet" / "config.json").read_text())
+    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / "sd1" / "text_encoder" / "config.json").read_text()))
+    assert unet_cfg["cross_attention_dim"] == 768 and te_cfg.hidden_size == 768 and te_cfg.num_hidden_layers == 12
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        te = CLIPTextModel(te_cfg)
+    return {"unet": unet, "text_encoder": te}
+
+
+@pytest.fixture(scope="module")
+def full_sd1():
+    return _full_size_sd1()
+
+
+def test_full_size_sd15_targets_match_the_format(full_sd1):
+    targets = lora_targets(full_sd1)
+    te = [n for n, t in targets.items() if t.component == "text_encoder"]
+    unet = [n for n, t in targets.items() if t.component == "unet"]
+    assert len(te) == 72 and len(unet) == 192
+    for name in ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0",
+                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj",
+                 "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2",
+                 "lora_unet_down_blocks_0_attentions_0_proj_in", "lora_unet_mid_block_attentions_0_proj_out",
+                 "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_v",
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                 "lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_te_text_model_encoder_layers_11_mlp_fc2"):
+        assert name in targets, name
+    # transformers 5 has no `text_model` module; the interchange name keeps it (and the module path does not)
+    assert targets["lora_te_text_model_encoder_layers_0_mlp_fc1"].path == "encoder.layers.0.mlp.fc1"
+    assert targets["lora_unet_down_blocks_0_attentions_0_proj_in"].kind == "conv1x1"  # SD1: 1x1 conv proj
+    assert {t.kind for t in targets.values()} == {"linear", "conv1x1"}
+
+
+def test_full_size_sd15_locon_targets(full_sd1):
+    targets = lora_targets(full_sd1, conv=True)
+    unet = {n: t for n, t in targets.items() if t.component == "unet"}
+    # 22 ResnetBlock2D × (conv1, conv2, time_emb_proj) + 14 conv_shortcuts + 3 downsamplers + 3 upsamplers = 86
+    assert len(unet) == 192 + 86
+    assert unet["lora_unet_down_blocks_0_resnets_0_conv1"].kind == "conv"
+    assert unet["lora_unet_down_blocks_0_downsamplers_0_conv"].kind == "conv"
+    assert unet["lora_unet_up_blocks_0_upsamplers_0_conv"].kind == "conv"
+    assert unet["lora_unet_down_blocks_0_resnets_0_time_emb_proj"].kind == "linear"
+    assert unet["lora_unet_up_blocks_3_resnets_0_conv_shortcut"].kind == "conv1x1"
+
+
+def test_full_size_injection_on_meta_device(full_sd1):
+    net = add_lora(full_sd1, dim=4, alpha=2)
+    assert lora_layer_count(full_sd1["text_encoder"]) == 72 and lora_layer_count(full_sd1["unet"]) == 192
+    groups = net.trainable_parameters()
+    assert len(groups["text_encoder"]) == 2 * 72 and len(groups["unet"]) == 2 * 192
+    remove_lora(full_sd1)
+    assert lora_layer_count(full_sd1["unet"]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- invariants
+
+@pytest.fixture(params=["sd1", "sd2"])
+def model_dir(request, tiny_sd1_dir, tiny_sd2_dir):
+    return {"sd1": tiny_sd1_dir, "sd2": tiny_sd2_dir}[request.param]
+
+
+def test_fresh_lora_leaves_outputs_unchanged(model_dir):
+    comps = load_models(str(model_dir))
+    hidden, pred = run(comps)
+    add_lora(comps, dim=4, alpha=2, conv_dim=2, conv_alpha=1)
+    hidden2, pred2 = run(comps)
+    assert torch.equal(hidden, hidden2) and torch.equal(pred, pred2)
+
+
+def test_save_load_round_trip_is_exact(model_dir, tmp_path):
+    comps = load_models(str(model_dir))
+    base = run(comps)
+    net = add_lora(comps, dim=4, alpha=2, conv_dim=2, conv_alpha=1)
+    kinds = {t.kind for t in net.targets.values()}
+    assert kinds == {"linear", "conv1x1", "conv"}  # conv1x1: SD1's proj_in/out and the resnets' conv_shortcut
+    proj = net.targets["lora_unet_down_blocks_0_attentions_0_proj_in"].kind
+    assert proj == ("conv1x1" if comps.family.name == "sd1" else "linear")
+    randomize(net)
+    out = run(comps)
+    assert (out[1] - base[1]).abs().max() > 1e-2 and (out[0] - base[0]).abs().max() > 1e-2  # non-vacuous
+    path = save_lora(tmp_path / "lora.safetensors", net.state_dict(), {"ss_network_dim": 4}, "float")
+
+    fresh = load_models(str(model_dir))
+    # trainable like the original: torch picks a different (equally exact) matmul path for 3-D inputs when a
+    # weight requires grad, which would differ in the last bit
+    net2 = apply_lora_file(fresh, path, trainable=True)
+    out2 = run(fresh)
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[1], out2[1])
+    frozen = load_models(str(model_dir))
+    apply_lora_file(frozen, path)
+    torch.testing.assert_close(run(frozen)[1], out[1], rtol=1e-6, atol=1e-6)
+    # module by module, for each kind of layer
+    for name, t in net.targets.items():
+        a, b = net.layers[name], net2.layers[name]
+        shape = (3, a.in_features) if t.kind == "linear" else (1, a.in_features, 8, 8)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert torch.equal(a(x), b(x)), name
+    sd, sd2 = net.state_dict(), net2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_state_dict_shapes_follow_the_format(tiny_sd1_dir):
+    comps = load_models(str(tiny_sd1_dir))
+    sd = add_lora(comps, dim=4, alpha=2, conv_dim=2).state_dict()
+    assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"].shape == (4, 32, 1, 1)
+    assert sd["lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"].shape == (32, 4, 1, 1)
+    assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (2, 32, 3, 3)
+    assert sd["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"].shape == (32, 2, 1, 1)
+    assert sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"].shape == (4, 32)
+    assert float(sd["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"]) == 2.0
+    assert float(sd["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 2.0  # conv_alpha unset = conv_dim
+    assert sd["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"].dim() == 0
+    assert all(v.dtype == torch.float32 for v in sd.values())
+
+
+def test_multiplier_scales_the_delta(tiny_sd1_dir):
+    comps = load_models(str(tiny_sd1_dir))
+    net = add_lora(comps, dim=4, alpha=8)
+    randomize(net)
+    layer = net.layers["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        base = layer.get_base_layer()(x)
+        full = layer(x)
+        net.set_multiplier(0.25)
+        quarter = layer(x)
+        net.set_multiplier(0.0)
+        zero = layer(x)
+    torch.testing.assert_close(quarter - base, 0.25 * (full - base), rtol=1e-5, atol=1e-6)
+    assert torch.equal(zero, base)
+    w = net.weights()["lora_te_text_model_encoder_layers_0_mlp_fc1"]
+    torch.testing.assert_close(full - base, x @ w.down.T @ w.up.T * (8 / 4), rtol=1e-5, atol=1e-6)
+
+
+def test_two_adapters_act_together_and_switch_independently(tiny_sd1_dir, tmp_path):
+    comps = load_models(str(tiny_sd1_dir))
+    base = run(comps)
+    one = add_lora(comps, dim=2, alpha=2, adapter_name="one")
+    randomize(one, seed=1)
+    only_one = run(comps)
+    one.disable()
+    two = add_lora(comps, dim=4, alpha=1, adapter_name="two")
+    randomize(two, seed=2)
+    only_two = run(comps)
+    one.enable()
+    both = run(comps)
+    # each LoRA layer adds both deltas; check on one layer exactly and on the model qualitatively
+    layer = one.layers["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        y_both = layer(x)
+        two.disable()
+        y_one = layer(x)
+        two.enable()
+        one.disable()
+        y_two = layer(x)
+        one.enable()
+        y_base = layer.get_base_layer()(x)
+    torch.testing.assert_close(y_both - y_base, (y_one - y_base) + (y_two - y_base), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(both[1], only_one[1]) and not torch.allclose(both[1], only_two[1])
+    with pytest.raises(ValueError, match="already applied"):
+        add_lora(comps, dim=2, alpha=1, adapter_name="one")
+    two.remove()
+    torch.testing.assert_close(run(comps)[1], only_one[1], rtol=0, atol=0)
+    remove_lora(comps)
+    assert lora_layer_count(comps.unet) == 0 and lora_layer_count(comps.text_encoder) == 0
+    torch.testing.assert_close(run(comps)[1], base[1], rtol=0, atol=0)
+
+
+def test_two_files_with_own_multipliers(tiny_sd1_dir, tmp_path):
+    comps = load_models(str(tiny_sd1_dir))
+    for i in (1, 2):
+        net = add_lora(comps, dim=2, alpha=1, adapter_name=f"a{i}", conv_dim=2)
+        randomize(net, seed=i)
+        save_lora(tmp_path / f"style{i}.safetensors", net.state_dict())
+        net.remove()
+    base = run(comps)
+    n1 = apply_lora_file(comps, tmp_path / "style1.safetensors", multiplier=0.5)
+    n2 = apply_lora_file(comps, tmp_path / "style2.safetensors", multiplier=-1.0)
+    assert (n1.adapter_name, n2.adapter_name) == ("style1", "style2")
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    layer = n1.layers[name]
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad():
+        got = layer(x) - layer.get_base_layer()(x)
+    expected = torch.zeros_like(got)
+    for net, m in ((n1, 0.5), (n2, -1.0)):
+        w = net.weights()[name]
+        expected += m * w.scale * torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, w.down, padding=1), w.up)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(run(comps)[1], base[1])
+
+
+def test_merge_and_unmerge(tiny_sd1_dir):
+    comps = load_models(str(tiny_sd1_dir))
+    weight0 = comps.unet.down_blocks[0].resnets[0].conv1.weight.detach().clone()
+    net = add_lora(comps, dim=4, alpha=2, conv_dim=2)
+    randomize(net, std=0.1)
+    unmerged = run(comps)
+    net.merge()
+    merged = run(comps)
+    torch.testing.assert_close(merged[1], unmerged[1], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(comps.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight0)
+    net.set_multiplier(0.5)  # while merged: re-merged at the new strength
+    half_merged = run(comps)
+    net.unmerge()
+    half = run(comps)
+    torch.testing.assert_close(half_merged[1], half[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(comps.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight0,
+                               rtol=0, atol=1e-6)
+
+
+def test_trainable_groups_and_frozen_base(tiny_sd1_dir):
+    comps = load_models(str(tiny_sd1_dir))
+    net = add_lora(comps, dim=4, alpha=4, unet=True, text_encoder=False, dropout=0.1)
+    groups = net.trainable_parameters()
+    assert groups["text_encoder"] == [] and len(groups["unet"]) == 2 * len(net.targets)
+    assert lora_layer_count(comps.text_encoder) == 0
+    randomize(net)
+    _, pred = (lambda h: (h, comps.unet(torch.randn(1, 4, 8, 8), torch.tensor([3]), h).sample))(
+        comps.text_encoder(torch.randint(0, 500, (1, 77)))[0])
+    pred.square().mean().backward()
+    lora_ids = {id(p) for p in groups["unet"]}
+    assert all(p.grad is not None for p in groups["unet"])
+    assert all(p.grad is None for p in comps.unet.parameters() if id(p) not in lora_ids)
+    assert all(p.grad is None for p in comps.text_encoder.parameters())
+    # dropout acts in training mode only
+    layer = net.layers["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]
+    x = torch.randn(4, layer.in_features)
+    comps.unet.train()
+    with torch.no_grad():
+        assert not torch.equal(layer(x), layer(x))
+    comps.unet.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
+
+
+def test_text_encoder_only_and_argument_errors(tiny_sd1_dir):
+    comps = load_models(str(tiny_sd1_dir))
+    net = add_lora(comps, dim=2, alpha=1, unet=False)
+    assert {t.component for t in net.targets.values()} == {"text_encoder"} and lora_layer_count(comps.unet) == 0
+    with pytest.raises(ValueError, match="network_dim"):
+        add_lora(comps, dim=0, alpha=1, adapter_name="x")
+    with pytest.raises(ValueError, match="both were switched off"):
+        add_lora(comps, dim=2, alpha=1, unet=False, text_encoder=False, adapter_name="x")
+    with pytest.raises(ValueError, match="adapter_name"):
+        add_lora(comps, dim=2, alpha=1, adapter_name="has.dot")
+
+
+def test_applied_file_is_frozen_unless_trainable(tiny_sd1_dir, tmp_path):
+    comps = load_models(str(tiny_sd1_dir))
+    net = add_lora(comps, dim=2, alpha=1)
+    randomize(net)
+    path = save_lora(tmp_path / "x.safetensors", net.state_dict(), save_precision="fp16")
+    remove_lora(comps)
+    frozen = apply_lora_file(comps, path)
+    assert not any(p.requires_grad for layer in frozen.layers.values() for p in layer.parameters())
+    frozen.remove()
+    resumed = apply_lora_file(comps, path, trainable=True, dtype=torch.float32)
+    params = resumed.trainable_parameters()
+    assert all(p.requires_grad and p.dtype == torch.float32 for ps in params.values() for p in ps)
+    tensors, _ = load_lora_file(path)
+    w = tensors["lora_te_text_model_encoder_layers_1_mlp_fc2.lora_up.weight"]
+    assert w.dtype == torch.float16
+    assert torch.equal(resumed.state_dict()["lora_te_text_model_encoder_layers_1_mlp_fc2.lora_up.weight"], w.float())
