@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,12 +188,15 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
 
     kw = dict(local_files_only=local_files_only)
     try:
-        unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype, **kw)
-        scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder",
-                                                     **_transformers_dtype(dtype), **kw)
-        vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **kw)
+        with warnings.catch_warnings():
+            # diffusers still passes a deprecated huggingface_hub argument; the warning means nothing to users
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype, **kw)
+            scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder",
+                                                         **_transformers_dtype(dtype), **kw)
+            vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **kw)
     except (OSError, ValueError, RuntimeError) as e:
         if not Path(repo_or_folder).is_dir() and _hub_offline(local_files_only):
             raise ModelLoadError(f"cannot load Hub repo {repo_or_folder}: it is not in the local Hugging Face cache "
@@ -259,6 +262,7 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
         ldm_to_diffusers,
         standard_configs,
     )
+    from .checkpoint_tokenizer import load_tokenizer_for
 
     metadata = metadata or {}
     family = detect_family(ldm)
@@ -302,61 +306,6 @@ def _noise_scheduler(config: dict, prediction_type: str):
     cfg.update({k: v for k, v in config.items() if k in allowed})
     cfg["prediction_type"] = prediction_type
     return DDPMScheduler(**cfg)
-
-
-# ----------------------------------------------------------------------------------------------------- tokenizer
-def _bpe_path() -> Path:
-    return SD1.config_dir.parent / "clip_tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
-
-
-def clip_vocab_files() -> dict[str, str]:
-    """`vocab.json` / `merges.txt` of the standard 49,408-token CLIP tokenizer, built from the bundled BPE merges.
-
-    Vocabulary order as in OpenAI CLIP: 256 byte symbols, the same with `</w>`, one token per merge, then
-    `<|startoftext|>`, `<|endoftext|>`.
-    """
-    import gzip
-
-    from .tiny import bytes_to_unicode
-
-    lines = gzip.decompress(_bpe_path().read_bytes()).decode("utf-8").splitlines()
-    merges = [m for m in lines[1:] if m]
-    alphabet = list(bytes_to_unicode().values())
-    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {"vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n"}
-
-
-def _tokenizer_from_files(files: dict[str, str]):
-    from transformers import CLIPTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="lorakit-tok-") as tmp:
-        for name, text in files.items():
-            (Path(tmp) / Path(name).name).write_text(text, encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
-
-
-def load_tokenizer_for(configs: dict, family: Family, metadata: dict[str, str] | None = None):
-    """The tokenizer of a single file: the one stored in its metadata, else the standard CLIP tokenizer."""
-    from .checkpoint import CLIP_VOCAB_SIZE, TOKENIZER_META_KEY
-
-    raw = (metadata or {}).get(TOKENIZER_META_KEY)
-    if raw:
-        return _tokenizer_from_files(json.loads(raw))
-    vocab_size = configs["text_encoder"].get("vocab_size", CLIP_VOCAB_SIZE)
-    if vocab_size != CLIP_VOCAB_SIZE:
-        raise ModelLoadError(f"the checkpoint's text encoder has {vocab_size} tokens, not CLIP's {CLIP_VOCAB_SIZE}, "
-                             "and the file carries no tokenizer; load it as a diffusers folder instead")
-    tok_dir = family.config_dir / "tokenizer"
-    files = {p.name: p.read_text() for p in tok_dir.glob("*.json")}
-    return _tokenizer_from_files({**files, **clip_vocab_files()})
-
-
-def _tokenizer_files(tokenizer) -> dict[str, str]:
-    with tempfile.TemporaryDirectory(prefix="lorakit-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.suffix in (".json", ".txt")}
 
 
 # ----------------------------------------------------------------------------------------------------------- VAE
@@ -403,6 +352,7 @@ def load_vae(spec: str | Path, like=None, local_files_only: bool = False):
 def single_file_metadata(comps: SDComponents, title: str = "") -> dict[str, str]:
     """Header metadata of a single file: lorakit's configs (exact reload) and ModelSpec fields other tools read."""
     from .checkpoint import CLIP_VOCAB_SIZE, CONFIGS_META_KEY, TOKENIZER_META_KEY, components_configs
+    from .checkpoint_tokenizer import tokenizer_files
 
     v = comps.prediction_type == "v_prediction"
     res = comps.native_resolution
@@ -418,7 +368,7 @@ def single_file_metadata(comps: SDComponents, title: str = "") -> dict[str, str]
         "modelspec.prediction_type": "v" if v else "epsilon",
     }
     if comps.text_encoder.config.vocab_size != CLIP_VOCAB_SIZE or len(comps.tokenizer) != CLIP_VOCAB_SIZE:
-        meta[TOKENIZER_META_KEY] = json.dumps(_tokenizer_files(comps.tokenizer))
+        meta[TOKENIZER_META_KEY] = json.dumps(tokenizer_files(comps.tokenizer))
     return meta
 
 
