@@ -159,7 +159,7 @@ def test_auto_caption_with_a_local_blip_model(dataset, tmp_path):
     BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                   tokenizer=tokenizer).save_pretrained(model_dir)
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    config = BlipConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=32, bos_token_id=len(vocab) - 1,
+    config = BlipConfig(text_config=dict(vocab_size=len(vocab), max_position_embeddings=64, bos_token_id=len(vocab) - 1,
                                          pad_token_id=0, sep_token_id=3, **small),
                         vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=32)
     torch.manual_seed(0)  # a fixed random model: it writes the same words every run
