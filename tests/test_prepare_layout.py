@@ -1,0 +1,89 @@
+"""DreamBooth layout: `<repeats>_<identifier> <class>` folders the trainer's loader reads, with suggested repeats."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from lorakit.data.folders import DatasetReport as LoaderReport
+from lorakit.data.folders import scan_subset, subsets_from_folder
+from lorakit.dataprep import make_dreambooth_layout, prepare, steps_per_epoch, suggest_repeats
+from lorakit.dataprep.layout import folder_name
+from lorakit.dataprep.samples import drawn_image, encode
+from lorakit.errors import ConfigError, DatasetError
+
+
+@pytest.fixture
+def flat(tmp_path):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"img{i}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
+    (folder / "img0.txt").write_text("sks dog, on a sofa")
+    return folder
+
+
+def test_steps_and_repeats_arithmetic():
+    assert steps_per_epoch(20, 8) == 160
+    assert steps_per_epoch(21, 3, batch_size=2) == 32  # ceil(63 / 2)
+    assert steps_per_epoch(20, 8, with_reg=True) == 320
+    assert suggest_repeats(20, target_steps=1600, epochs=10) == 8
+    assert suggest_repeats(20, target_steps=1600, epochs=10, with_reg=True) == 4
+    assert suggest_repeats(20, target_steps=1600, epochs=10, batch_size=2) == 16
+    assert suggest_repeats(500, target_steps=100, epochs=10) == 1  # never below 1
+    for n in (3, 17, 40):
+        r = suggest_repeats(n, target_steps=1500, epochs=10)
+        assert abs(steps_per_epoch(n, r) * 10 - 1500) <= n * 10 / 2 + 1  # as close as whole repeats allow
+    with pytest.raises(ValueError, match="no images"):
+        suggest_repeats(0)
+
+
+def test_layout_is_read_by_the_trainer_loader(flat, tmp_path, capsys):
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in flat.iterdir()}
+    layout = make_dreambooth_layout(flat, tmp_path / "train", "sks", "dog", target_steps=200, epochs=4)
+    assert layout.repeats == 10 and layout.steps_per_epoch == 50 and layout.epochs_for_target == 4
+    assert layout.folder == tmp_path / "train" / "10_sks dog"
+    assert "50 steps per epoch" in capsys.readouterr().out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in flat.iterdir()} == before
+
+    report = LoaderReport()
+    subsets = subsets_from_folder(tmp_path / "train", is_reg=False, caption_extension=".txt", report=report)
+    assert [(s.num_repeats, s.class_tokens) for s in subsets] == [(10, "sks dog")]
+    items = scan_subset(subsets[0], report)
+    captions = {it.path.name: it.caption for it in items}
+    assert captions == {"img0.png": "sks dog, on a sofa", "img1.png": "sks dog", "img2.png": "sks dog",
+                        "img3.png": "sks dog", "img4.png": "sks dog"}
+    assert report.skipped == [] and report.notes == []
+
+
+def test_explicit_repeats_nested_sources_and_errors(tmp_path):
+    src = tmp_path / "src"
+    for sub in ("a", "b"):
+        (src / sub).mkdir(parents=True)
+        (src / sub / "x.png").write_bytes(encode(drawn_image(len(sub), (64, 64)), "PNG"))
+    layout = make_dreambooth_layout(src, tmp_path / "out", "ohwx", "woman", repeats=3, verbose=False)
+    assert sorted(p.name for p in layout.folder.iterdir()) == ["b_x.png", "x.png"]
+    assert layout.folder.name == "3_ohwx woman" and layout.steps_per_epoch == 6
+    with pytest.raises(DatasetError, match="outside"):
+        make_dreambooth_layout(src, src / "out", "ohwx", "woman")
+    with pytest.raises(DatasetError, match="already has files"):
+        make_dreambooth_layout(src, tmp_path / "out", "ohwx", "woman", repeats=3)
+    with pytest.raises(ValueError, match="identifier"):
+        folder_name(1, "", "dog")
+    with pytest.raises(ValueError, match="class_name"):
+        folder_name(1, "sks", "a/b")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images"):
+        make_dreambooth_layout(tmp_path / "empty", tmp_path / "out2", "sks", "dog")
+
+
+def test_prepare_dreambooth_action(flat, tmp_path, capsys):
+    layout = prepare(action="dreambooth", input_dir=str(flat), output_dir=str(tmp_path / "db"), identifier="sks",
+                     class_name="dog", target_steps=100, epochs=5, train_batch_size=2, with_reg=True)
+    assert layout.repeats == 4  # 100 / 5 = 20 steps per epoch = 5 images x 4 repeats x 2 (reg) / 2 (batch)
+    assert layout.steps_per_epoch == 20
+    assert (tmp_path / "db" / "4_sks dog" / "img0.txt").read_text() == "sks dog, on a sofa"
+    assert "20 steps per epoch" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="`identifier` is required"):
+        prepare(action="dreambooth", input_dir=str(flat), output_dir=str(tmp_path / "db2"), class_name="dog")
