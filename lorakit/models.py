@@ -103,11 +103,22 @@ def _diffusers_version() -> str:
 
 
 def _move(module, device, dtype) -> None:
+    """`module.to(device, dtype)` only where something changes. Plain (unquantized) diffusers models are cast with
+    `torch.nn.Module.to`: diffusers' override adds nothing for them but a warning on every dtype cast."""
     p = next(module.parameters(), None)
     if p is None:
         return
-    if (dtype is not None and p.dtype != dtype) or (device is not None and p.device != torch.device(device)):
-        module.to(device=device, dtype=dtype)
+    kw = {}
+    if device is not None and p.device != torch.device(device):
+        kw["device"] = device
+    if dtype is not None and p.dtype != dtype:
+        kw["dtype"] = dtype
+    if not kw:
+        return
+    if getattr(module, "_keep_in_fp32_modules", None) or getattr(module, "is_quantized", False):
+        module.to(**kw)
+    else:
+        torch.nn.Module.to(module, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -142,7 +153,7 @@ def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path.name}: unsupported model file type; give a .safetensors or .ckpt "
                                  "single-file checkpoint, or a diffusers folder")
-        comps = load_single_file(path, v2=v2, v_parameterization=v_parameterization)
+        comps = load_single_file(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype)
     elif _looks_like_repo_id(name):
         comps = _load_diffusers(name, local_files_only=local_files_only, dtype=dtype)
     else:
@@ -232,25 +243,26 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def load_single_file(path: str | Path, *, v2: bool | None = None,
-                     v_parameterization: bool | None = None) -> SDComponents:
+def load_single_file(path: str | Path, *, v2: bool | None = None, v_parameterization: bool | None = None,
+                     dtype: torch.dtype | None = None) -> SDComponents:
     """Load a single-file SD1.x/SD2.x checkpoint offline (see `load_models`)."""
     from .checkpoint import read_single_file
 
     ldm, metadata = read_single_file(path)
     return components_from_ldm(ldm, metadata=metadata, v2=v2, v_parameterization=v_parameterization,
-                               source=str(path))
+                               source=str(path), dtype=dtype)
 
 
 def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = None, *,
                         metadata: dict[str, str] | None = None, v2: bool | None = None,
                         v_parameterization: bool | None = None, source: str = "",
-                        tokenizer=None) -> SDComponents:
+                        tokenizer=None, dtype: torch.dtype | None = None) -> SDComponents:
     """Build `SDComponents` from an LDM state dict (the tensors are used as parameters, not copied).
 
     `configs` (diffusers configs) default to the file's `lorakit.configs` metadata, else the bundled full-size
     configs of the detected family (SD2 epsilon files get the 512-px SD2-base sample size). `tokenizer` defaults
-    to the one stored in `metadata`, else the standard CLIP tokenizer.
+    to the one stored in `metadata`, else the standard CLIP tokenizer. `dtype`: cast floating-point tensors
+    while loading (None keeps the file's precision).
     """
     from .checkpoint import (
         CLIP_PREFIX,
@@ -285,7 +297,10 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
     unet, vae, text_encoder = empty_modules(configs)
     state_dicts = ldm_to_diffusers(ldm, configs, modules=(unet, vae, text_encoder))
     for component, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-        module.load_state_dict(state_dicts[component], strict=True, assign=True)
+        sd = state_dicts[component]
+        if dtype is not None:
+            sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        module.load_state_dict(sd, strict=True, assign=True)
         module.eval()
     return SDComponents(
         tokenizer=tokenizer or load_tokenizer_for(configs, family, metadata), text_encoder=text_encoder, vae=vae,

@@ -63,7 +63,7 @@ def test_single_file_round_trip_is_bit_identical(tmp_path, family, ext):
 
 
 @pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
-def test_save_precision(tmp_path, precision, dtype):
+def test_save_precision(tmp_path, capfd, precision, dtype):
     comps = randomized_tiny("sd1")
     path = save_single_file(comps, tmp_path / "half.safetensors", save_precision=precision)
     ldm, _ = read_single_file(path)
@@ -71,7 +71,11 @@ def test_save_precision(tmp_path, precision, dtype):
     assert ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"].dtype == torch.int64
     loaded = load_models(str(path), dtype=dtype)
     assert_same_weights(comps, loaded, dtype=dtype)
-    assert load_models(str(path)).unet.conv_in.weight.dtype == torch.float32  # default dtype: float32
+    capfd.readouterr()
+    fp32 = load_models(str(path))  # default dtype: float32, cast while loading
+    assert {p.dtype for c in COMPONENTS for p in getattr(fp32, c).parameters()} == {torch.float32}
+    fp32.to(dtype=dtype)
+    assert "should be kept in float32" not in capfd.readouterr().err  # no diffusers warning on casts
     with pytest.raises(ValueError, match="save_precision"):
         save_single_file(comps, tmp_path / "x.safetensors", save_precision="fp8")
 
