@@ -1,0 +1,216 @@
+"""`lorakit generate`: text-to-image with a base model and any number of LoRAs, each at its own multiplier.
+
+LoRAs are applied as peft adapters (`network.apply_lora_file`, the layers training uses) and taken off again
+afterwards, so a model passed in by the caller is left as it was. `network_merge` instead adds each LoRA's delta
+`multiplier · scale · up @ down` into the weights (`lora_math.merge_weight`) for faster sampling, and restores the
+original weights when done. Each image has its own seeded generator (seed + image index), so the same seed gives
+the same image whatever the batch. PNGs carry their settings in A1111's `parameters` text chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from .config.jobs import GenerateConfig
+from .errors import ConfigError
+from .prompts import PromptSpec, read_prompt_file
+
+DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
+                  "euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE",
+                  "unipc": "UniPC"}
+
+
+@dataclass
+class GenerateResult:
+    """The images (PIL), one grid of them, the PNG paths written and the settings of each image."""
+
+    images: list[Image.Image]
+    grid: Image.Image
+    paths: list[Path] = field(default_factory=list)
+    specs: list[PromptSpec] = field(default_factory=list)
+
+
+def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Paste images into one grid (cells as large as the largest image), `cols` ≈ √n by default."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for n, img in enumerate(images):
+        grid.paste(img, ((n % cols) * w, (n // cols) * h))
+    return grid
+
+
+def png_parameters(spec: PromptSpec, sampler: str, model: str, loras: list[tuple[str, float]]) -> str:
+    """A1111's `parameters` text: prompt (with `<lora:name:weight>` tags), negative prompt, one settings line."""
+    tags = "".join(f" <lora:{Path(p).stem}:{m:g}>" for p, m in loras)
+    return (f"{spec.prompt}{tags}\nNegative prompt: {spec.negative_prompt or ''}\n"
+            f"Steps: {spec.num_inference_steps}, Sampler: {SAMPLER_LABELS.get(sampler, sampler)}, "
+            f"CFG scale: {spec.guidance_scale:g}, Seed: {spec.seed}, Size: {spec.width}x{spec.height}, "
+            f"Model: {Path(model).stem}")
+
+
+def _prompts(cfg: GenerateConfig, width: int, height: int) -> list[PromptSpec]:
+    if cfg.from_file:
+        specs = read_prompt_file(cfg.from_file)
+    elif cfg.prompt:
+        specs = [PromptSpec(prompt=cfg.prompt)]
+    else:
+        raise ConfigError("`prompt` is empty: give a prompt, or a prompt file in `from_file`")
+    return [s.with_defaults(negative_prompt=cfg.negative_prompt, width=width, height=height,
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            seed=cfg.seed) for s in specs]
+
+
+def _best_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class _FusedLoras:
+    """Add LoRA deltas into the weights for the duration of a `with` block; the originals are put back after."""
+
+    def __init__(self, comps, paths, multipliers):
+        from .merging import deltas_by_param, load_loras
+        from .model_weights import StateDictWeights
+
+        self.weights = StateDictWeights.from_components(comps)
+        loras = load_loras(paths)
+        self.plan = deltas_by_param(loras, multipliers, self.weights.shapes(), comps.family.name)
+        self.saved: dict[str, torch.Tensor] = {}
+
+    def __enter__(self):
+        from .lora_math import merge_weight
+
+        with torch.no_grad():
+            for name, mods in self.plan.items():
+                w = self.weights.get(name)
+                self.saved[name] = w.detach().clone()
+                w.copy_(merge_weight(w, [(type(f)(f.up.to(w.device), f.down.to(w.device), f.alpha), r)
+                                         for f, r in mods]))
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for name, original in self.saved.items():
+                self.weights.get(name).copy_(original)
+        return False
+
+
+class _AdapterLoras:
+    """Apply LoRA files as peft adapters (each at its multiplier) for a `with` block, removed after."""
+
+    def __init__(self, comps, paths, multipliers):
+        self.comps, self.paths, self.multipliers = comps, paths, multipliers
+        self.names: list[str] = []
+
+    def __enter__(self):
+        from .network import apply_lora_file, remove_lora
+
+        try:
+            for i, (path, mul) in enumerate(zip(self.paths, self.multipliers)):
+                net = apply_lora_file(self.comps, path, multiplier=mul, adapter_name=f"generate_{i}")
+                self.names.append(net.adapter_name)
+        except BaseException:
+            for name in self.names:
+                remove_lora(self.comps, name)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        from .network import remove_lora
+
+        for name in self.names:
+            remove_lora(self.comps, name)
+        return False
+
+
+def _encode(comps, prompt: str, clip_skip: int) -> torch.Tensor:
+    """Text-encoder states of layer `-clip_skip`, then the final layer norm (sd-scripts' and A1111's clip skip).
+
+    Done here because diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which transformers ≥ 5's
+    flattened `CLIPTextModel` no longer has.
+    """
+    tok = comps.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(comps.text_encoder.device)
+    te = comps.text_encoder
+    hidden = te(ids, output_hidden_states=True).hidden_states
+    if clip_skip > len(hidden) - 1:
+        raise ConfigError(f"`clip_skip` = {clip_skip} but the text encoder has {len(hidden) - 1} layers")
+    return getattr(te, "text_model", te).final_layer_norm(hidden[-clip_skip])
+
+
+@torch.no_grad()
+def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs) -> GenerateResult:
+    """Generate images (see `GenerateConfig`); returns a `GenerateResult` with PIL images and a grid.
+
+    `generate(prompt="a photo of sks dog", network_weights=["dog.safetensors"], network_mul=[0.8], seed=1)`.
+    `components`: an already loaded `SDComponents` to use instead of loading `pretrained_model_name_or_path`
+    (left unchanged afterwards). Set `output_dir=""` to write no files.
+    """
+    from .sampling import make_sampler, save_png
+
+    cfg = GenerateConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
+    for p in cfg.network_weights:
+        if not Path(p).is_file():
+            raise ConfigError(f"`network_weights`: LoRA file not found: {p}")
+    dtype = DTYPES[cfg.dtype]
+    if components is None:
+        from .models import load_models_from_config
+
+        device = cfg.device or _best_device()
+        comps = load_models_from_config(cfg, dtype=dtype, device=device)
+    else:
+        comps = components
+    device = comps.unet.device
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ConfigError("`dtype = fp16` needs a GPU; use `float` (or `bf16`) on the CPU")
+    size = comps.native_resolution
+    specs = _prompts(cfg, cfg.width or size, cfg.height or size)
+    pipe = comps.pipeline(scheduler=make_sampler(cfg.scheduler, comps.noise_scheduler))
+    pipe.set_progress_bar_config(disable=True)
+    loras = list(zip(cfg.network_weights, cfg.resolved_mul))
+    apply = _FusedLoras if cfg.network_merge else _AdapterLoras
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else None
+    start = len(list(out_dir.glob("*.png"))) if out_dir and out_dir.is_dir() else 0
+    images, paths, per_image = [], [], []
+    with apply(comps, cfg.network_weights, cfg.resolved_mul):
+        for spec in specs:
+            seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
+                     for i in range(cfg.num_images)]
+            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            text = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None)
+            if cfg.clip_skip > 1:
+                text = dict(prompt_embeds=_encode(comps, spec.prompt, cfg.clip_skip),
+                            negative_prompt_embeds=_encode(comps, spec.negative_prompt or "", cfg.clip_skip))
+            out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
+                       guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
+                       generator=generators, output_type="pil")
+            for image, seed in zip(out.images, seeds):
+                image_spec = PromptSpec(spec.prompt, spec.negative_prompt, spec.width, spec.height,
+                                        spec.num_inference_steps, spec.guidance_scale, seed)
+                images.append(image)
+                per_image.append(image_spec)
+                if out_dir is not None:
+                    info = PngImagePlugin.PngInfo()
+                    info.add_text("parameters", png_parameters(image_spec, cfg.scheduler,
+                                                               cfg.pretrained_model_name_or_path, loras))
+                    paths.append(save_png(image, out_dir / f"{start + len(paths):05d}-{seed}.png", info))
+    grid = image_grid(images)
+    if out_dir is not None and len(images) > 1:
+        paths.append(save_png(grid, out_dir / f"grid-{start:05d}.png"))
+    if out_dir is not None:
+        print(f"{len(images)} image(s) written to {out_dir}")
+    return GenerateResult(images=images, grid=grid, paths=paths, specs=per_image)

@@ -1,0 +1,123 @@
+"""Generate: determinism, LoRA multipliers, fused vs adapters vs a merged model, PNG parameters, prompt files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_merge import make_lora
+
+from lorakit.errors import ConfigError
+from lorakit.generation import generate, image_grid
+from lorakit.merging import merge
+from lorakit.model_weights import StateDictWeights
+from lorakit.models import load_models, save_single_file
+from lorakit.tiny import build_tiny
+
+FAST = dict(num_inference_steps=3, guidance_scale=5.0, output_dir="", scheduler="ddim")
+
+
+def px(image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gen")
+    comps = build_tiny("sd1", seed=0)
+    save_single_file(comps, d / "base.safetensors")
+    a = make_lora(comps, d / "a.safetensors", rank=2, seed=1, alpha=1.0, conv=True)
+    b = make_lora(comps, d / "b.safetensors", rank=3, seed=2, alpha=3.0, conv=False)
+    return d, comps, a, b
+
+
+def test_same_seed_same_image_and_seed_matters(model):
+    d, comps, a, b = model
+    one = generate(components=comps, prompt="a photo", seed=7, **FAST).images[0]
+    two = generate(components=comps, prompt="a photo", seed=7, **FAST).images[0]
+    other = generate(components=comps, prompt="a photo", seed=8, **FAST).images[0]
+    assert one.size == (64, 64)
+    assert np.array_equal(px(one), px(two))
+    assert not np.array_equal(px(one), px(other))
+
+
+def test_multiplier_zero_is_the_base_image_and_model_is_left_unchanged(model):
+    d, comps, a, b = model
+    before = {k: v.clone() for k, v in StateDictWeights.from_components(comps).tensors.items()}
+    base = generate(components=comps, prompt="a photo", seed=3, **FAST).images[0]
+    zero = generate(components=comps, prompt="a photo", seed=3, network_weights=[str(a)], network_mul=[0.0],
+                    **FAST).images[0]
+    full = generate(components=comps, prompt="a photo", seed=3, network_weights=[str(a)], network_mul=[1.0],
+                    **FAST).images[0]
+    assert np.abs(px(zero) - px(base)).max() <= 1
+    assert np.abs(px(full) - px(base)).mean() > 2  # the LoRA does change the image
+    fused = generate(components=comps, prompt="a photo", seed=3, network_weights=[str(a)], network_mul=[1.0],
+                     network_merge=True, **FAST).images[0]
+    assert np.abs(px(fused) - px(full)).max() <= 2
+    after = StateDictWeights.from_components(comps).tensors
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any("lora" in n for n, _ in comps.unet.named_modules())
+
+
+def test_two_loras_equal_their_merge(model):
+    """LoRAs a, b at (0.7, 0.4) as adapters == the model merged by `merge` at (0.7, 0.4)."""
+    d, comps, a, b = model
+    merged_path = d / "merged.safetensors"
+    merge(sd_model=str(d / "base.safetensors"), models=[str(a), str(b)], ratios=[0.7, 0.4], save_to=str(merged_path),
+          overwrite=True)
+    merged = load_models(str(merged_path))
+    kw = dict(prompt="a red cube", negative_prompt="blurry", seed=11, **FAST)
+    with_loras = generate(components=comps, network_weights=[str(a), str(b)], network_mul=[0.7, 0.4], **kw)
+    from_merge = generate(components=merged, **kw)
+    base = generate(components=comps, **kw)
+    assert np.abs(px(with_loras.images[0]) - px(base.images[0])).mean() > 2
+    assert np.abs(px(with_loras.images[0]) - px(from_merge.images[0])).max() <= 2
+
+
+def test_png_parameters_prompt_file_and_grid(model, tmp_path):
+    d, comps, a, b = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# two prompts\na cat --n dog --w 64 --h 48 --d 5 --s 2\na dog --l 3\n")
+    out = tmp_path / "out"
+    result = generate(components=comps, from_file=str(prompts), num_images=2, network_weights=[str(a)],
+                      network_mul=[0.5], num_inference_steps=2, output_dir=str(out), scheduler="euler_a",
+                      pretrained_model_name_or_path=str(d / "base.safetensors"))
+    assert len(result.images) == 4 and len(result.paths) == 5  # 4 images + the grid
+    assert result.images[0].size == (64, 48) and result.images[2].size == (64, 64)
+    assert [s.seed for s in result.specs[:2]] == [5, 6]
+    text = Image.open(result.paths[0]).text["parameters"]
+    assert text.startswith("a cat <lora:a:0.5>\nNegative prompt: dog\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, "
+                           "Seed: 5, Size: 64x48")
+    assert "CFG scale: 3" in Image.open(result.paths[2]).text["parameters"]
+    assert result.grid.size == (128, 128)
+    assert image_grid(result.images[:3], cols=3).size == (192, 64)
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc", "pndm"])
+def test_schedulers_by_name(model, scheduler):
+    d, comps, a, b = model
+    img = generate(components=comps, prompt="x", seed=1, num_inference_steps=2, output_dir="",
+                   scheduler=scheduler).images[0]
+    assert px(img).std() > 0
+
+
+def test_bad_input(model, tmp_path):
+    d, comps, a, b = model
+    with pytest.raises(ConfigError, match="one multiplier per LoRA"):
+        generate(components=comps, prompt="x", network_weights=[str(a)], network_mul=[0.5, 0.5], **FAST)
+    with pytest.raises(ConfigError, match="not found"):
+        generate(components=comps, prompt="x", network_weights=[str(tmp_path / "no.safetensors")], **FAST)
+    with pytest.raises(ConfigError, match="prompt"):
+        generate(components=comps, **FAST)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        generate(components=comps, prompt="x", width=60, **FAST)
+
+
+def test_clip_skip_uses_an_earlier_text_encoder_layer(model):
+    d, comps, a, b = model
+    last = generate(components=comps, prompt="a photo", seed=2, **FAST).images[0]
+    skip = generate(components=comps, prompt="a photo", seed=2, clip_skip=2, **FAST).images[0]
+    assert np.abs(px(last) - px(skip)).mean() > 1
+    with pytest.raises(ConfigError, match="clip_skip"):
+        generate(components=comps, prompt="a photo", seed=2, clip_skip=4, **FAST)
