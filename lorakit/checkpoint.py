@@ -183,6 +183,15 @@ def ldm_to_diffusers(ldm: dict[str, torch.Tensor], configs: dict, modules=None) 
     return out
 
 
+def normalize_ldm_keys(ldm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept a spelling variant seen in older SD1 files: CLIP keys without the `text_model.` level
+    (`cond_stage_model.transformer.encoder...`), which A1111 also accepts."""
+    bare = CLIP_PREFIX
+    if not any(k.startswith(bare + "text_model.") for k in ldm) and any(k.startswith(bare) for k in ldm):
+        return {(bare + "text_model." + k[len(bare):]) if k.startswith(bare) else k: v for k, v in ldm.items()}
+    return ldm
+
+
 # ------------------------------------------------------------------------------------------------- detection
 def detect_family(ldm: dict) -> Family:
     """SD2 files carry an OpenCLIP text encoder (`cond_stage_model.model.*`), SD1 files HF-CLIP keys.
@@ -323,4 +332,5 @@ def standard_configs(ldm: dict, family: Family) -> dict:
     return configs
 
 
-__all__ += ["family_from_configs", "configs_from_metadata", "standard_configs", "cast_for_saving", "VAE_PREFIX"]
+__all__ += ["normalize_ldm_keys", "family_from_configs", "configs_from_metadata", "standard_configs",
+            "cast_for_saving", "VAE_PREFIX"]

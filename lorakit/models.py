@@ -272,11 +272,13 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
         detect_prediction_type,
         empty_modules,
         ldm_to_diffusers,
+        normalize_ldm_keys,
         standard_configs,
     )
     from .checkpoint_tokenizer import load_tokenizer_for
 
     metadata = metadata or {}
+    ldm = normalize_ldm_keys(ldm)
     family = detect_family(ldm)
     has_te = any(k.startswith((CLIP_PREFIX, OPENCLIP_PREFIX)) for k in ldm)
     if v2 is not None and v2 != family.v2:

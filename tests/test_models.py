@@ -93,6 +93,11 @@ def test_state_dict_level_pair_round_trips(tmp_path):
                                   tokenizer=comps.tokenizer)
     assert_same_weights(comps, rebuilt)
     assert rebuilt.family is SD2
+    # older SD1 files spell the CLIP keys without `text_model.`
+    sd1 = randomized_tiny("sd1", seed=4)
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in components_to_ldm(sd1).items()}
+    assert_same_weights(sd1, components_from_ldm(old, components_configs(sd1), tokenizer=sd1.tokenizer))
 
 
 # --------------------------------------------------------------------------------------------------------- oracle
