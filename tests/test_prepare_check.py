@@ -14,7 +14,7 @@ from lorakit.dataprep import KINDS, DatasetReport, check_dataset, contact_sheet,
 from lorakit.dataprep.contact_sheet import FRAME
 from lorakit.dataprep.samples import drawn_image, encode, write_problem_dataset
 from lorakit.dataprep.tokens import estimate_tokens
-from lorakit.errors import ConfigError, DatasetError
+from lorakit.errors import ConfigError, DatasetError, ModelLoadError
 
 
 @pytest.fixture(scope="module")
@@ -155,13 +155,28 @@ def test_prepare_check_and_cli(problem_dataset, tmp_path, capsys):
     report = prepare(action="check", input_dir=str(folder), resolution=64)
     assert set(report.problems) == set(expected)
     assert "truncated" in capsys.readouterr().out
-    out = tmp_path / "report.json"
-    assert main(["prepare", "check", str(folder), "--resolution", "64", "--report_file", str(out)]) == 0
+    out, sheet = tmp_path / "report.json", tmp_path / "sheet.png"
+    assert main(["prepare", "check", str(folder), "--resolution", "64", "--report_file", str(out),
+                 "--contact_sheet_file", str(sheet)]) == 0
     assert json.loads(out.read_text())["summary"]["empty_file"] == 1
+    with Image.open(sheet) as im:
+        assert im.size == report.contact_sheet().size
     assert main(["prepare", "repair", str(folder)]) == 2
     assert "`output_dir` is required for `prepare repair`" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="new folder"):
         prepare(action="repair", input_dir=str(folder), output_dir=str(folder))
+
+
+def test_exact_token_counts_with_the_model_tokenizer(tmp_path, tiny_sd1_dir):
+    (tmp_path / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    (tmp_path / "a.txt").write_text("a photo, of a dog")
+    report = prepare(action="check", input_dir=str(tmp_path), resolution=64, tokenizer_model=str(tiny_sd1_dir))
+    assert report.token_counter == "clip"
+    from lorakit.dataprep import load_tokenizer
+
+    assert report.record("a.png").caption_tokens == len(load_tokenizer(str(tiny_sd1_dir)).tokenize("a photo, of a dog"))
+    with pytest.raises(ModelLoadError, match="no CLIP tokenizer"):
+        prepare(action="check", input_dir=str(tmp_path), tokenizer_model=str(tmp_path))
 
 
 def test_check_reads_nothing_it_should_not_write(problem_dataset):

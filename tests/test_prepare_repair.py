@@ -184,6 +184,18 @@ def test_refuses_to_write_into_the_originals(tmp_path):
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
 
 
+def test_default_caption_leaves_dreambooth_folder_tokens_alone(tmp_path):
+    src = tmp_path / "train"
+    (src / "10_sks dog").mkdir(parents=True)
+    (src / "10_sks dog" / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    (src / "loose").mkdir()
+    (src / "loose" / "b.png").write_bytes(encode(drawn_image(1, (64, 64)), "PNG"))
+    repair_dataset(src, tmp_path / "clean", resolution=64, default_caption="sks")
+    assert (tmp_path / "clean" / "10_sks dog" / "a.png").is_file()
+    assert not (tmp_path / "clean" / "10_sks dog" / "a.txt").exists()  # the folder name stays its caption
+    assert (tmp_path / "clean" / "loose" / "b.txt").read_text() == "sks\n"
+
+
 def test_name_collisions_get_suffixes(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()

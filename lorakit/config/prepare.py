@@ -49,6 +49,8 @@ class PrepareConfig(JobConfig):
 
     # ---------- check
     report_file: str | None = option(None, "Also save the check report as JSON here.", group="check")
+    contact_sheet_file: str | None = option(None, "Also save a thumbnail contact sheet (PNG) with problems marked.",
+                                            group="check")
     near_duplicate_distance: int = option(6, "Perceptual-hash bits (of 64) within which images are near-duplicates.",
                                           group="check", min=0, max=32)
     huge_side: int | None = option(None, "A long side above this is reported as huge. Unset: max(4 x resolution, "

@@ -42,9 +42,11 @@ def load_tokenizer(name_or_path: str):
 
     for kwargs in ({"subfolder": "tokenizer"}, {}):
         try:
-            return CLIPTokenizer.from_pretrained(name_or_path, **kwargs)
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path, **kwargs)
         except (OSError, ValueError):
             continue
+        if len(tokenizer) > 256:  # transformers 5 builds an empty tokenizer from a folder without vocab files
+            return tokenizer
     raise ModelLoadError(f"no CLIP tokenizer found in `{name_or_path}` (looked in its tokenizer/ folder); "
                          f"unset `tokenizer_model` to estimate caption lengths instead")
 
@@ -62,6 +64,11 @@ def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
                                near_duplicate_distance=cfg.near_duplicate_distance)
         if cfg.report_file:
             result.save(cfg.report_file)
+        if cfg.contact_sheet_file:
+            from ..fileio import atomic_path
+
+            with atomic_path(cfg.contact_sheet_file) as tmp:
+                contact_sheet(result).save(tmp, "PNG")
     elif action == "repair":
         result = repair_dataset(cfg.input_dir, cfg.output_dir, resolution=cfg.resolution, background=cfg.background,
                                 max_side=cfg.max_side, duplicates=cfg.duplicates,

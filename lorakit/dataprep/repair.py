@@ -23,7 +23,7 @@ from ..fileio import atomic_path, write_bytes, write_text
 from .check import check_dataset
 from .convert import parse_background, to_training_rgb
 from .report import DatasetReport, ImageRecord
-from .sources import DatasetSource
+from .sources import DatasetSource, dreambooth_folder_tokens
 
 POLICIES = ("keep", "drop", "move")
 UNREPAIRABLE = ("empty_file", "unreadable", "truncated")
@@ -237,7 +237,8 @@ def _write_caption(rec: ImageRecord, image_dest: Path, source: DatasetSource, ex
     text = rec.caption if rec.caption_file else None
     if rec.caption_file and text is None:
         text = ""
-    if not text and default_caption:
+    uses_folder_tokens = rec.caption_file is None and dreambooth_folder_tokens(rec.path) is not None
+    if not text and default_caption and not uses_folder_tokens:
         text = default_caption
     if text is None or (not text and not rec.caption_file):
         return

@@ -174,6 +174,12 @@ class DatasetReport:
     def __str__(self) -> str:
         return self.summary()
 
+    def contact_sheet(self, **kwargs):
+        """Thumbnails with problems marked (a PIL image); see `lorakit.dataprep.contact_sheet`."""
+        from .contact_sheet import contact_sheet
+
+        return contact_sheet(self, **kwargs)
+
     # ---------- JSON
     def to_dict(self) -> dict:
         return {
