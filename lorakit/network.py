@@ -443,6 +443,16 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     return _finish(modules, adapter_name, plan, 1.0, True, dtype)
 
 
+def _model_family(modules: dict[str, nn.Module]) -> str | None:
+    """'sd1'/'sd2' from the widths of a full-size model (CLIP-L 768 vs OpenCLIP-H 1024); None for other sizes."""
+    widths = {"text_encoder": "hidden_size", "unet": "cross_attention_dim"}
+    for component, key in widths.items():
+        width = getattr(getattr(modules.get(component), "config", None), key, None)
+        if width in (768, 1024):
+            return "sd1" if width == 768 else "sd2"
+    return None
+
+
 def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
                        adapter_name: str = "lora", unet: bool = True, text_encoder: bool = True,
                        trainable: bool = False, dropout: float = 0.0, dtype: torch.dtype | None = None,
@@ -456,7 +466,7 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     weights = _as_weights(weights, where)
     modules = _component_modules(components)
     family, reason = detect_family(weights, metadata)
-    model_family = getattr(getattr(components, "family", None), "name", None)
+    model_family = getattr(getattr(components, "family", None), "name", None) or _model_family(modules)
     if family and model_family and family != model_family:
         raise LoraFormatError(f"{where} is a LoRA for {FAMILY_WORDS[family]} ({reason}) but the model is "
                               f"{FAMILY_WORDS.get(model_family, model_family)}: use a LoRA made for this model "
