@@ -72,7 +72,7 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, **overrides) -> Tra
     optimizer, scheduler, scaler = build_optimizer(cfg, run)
     noise_scheduler = comps.noise_scheduler
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the min-SNR weights
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+    t_min, t_max = cfg.min_timestep, min(cfg.max_timestep, noise_scheduler.config.num_train_timesteps)
     v_target = comps.prediction_type == "v_prediction"
     accumulation = cfg.gradient_accumulation_steps
     seed = cfg.seed or 0
@@ -124,8 +124,8 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, **overrides) -> Tra
                 if cfg.noise_offset:
                     noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
                 noise = noise.to(device, latents.dtype)
-                # 3. timestep t ~ U{0, ..., T-1} per sample
-                timesteps = torch.randint(0, num_timesteps, (bsz,), generator=gen).to(device)
+                # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
+                timesteps = torch.randint(t_min, t_max, (bsz,), generator=gen).to(device)
                 # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
                 noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                 # 5. condition: caption -> text-encoder hidden states (with clip_skip)

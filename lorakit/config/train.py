@@ -116,6 +116,10 @@ class TrainConfig(JobConfig):
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
     noise_offset: float = option(0.0, "Offset noise (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05–0.1 "
                                  "helps very dark/bright images.", group="training", min=0.0, max=1.0)
+    min_timestep: int = option(0, "Train on timesteps ≥ this (sd-scripts option; 0 = all).", group="training",
+                               min=0, max=999)
+    max_timestep: int = option(1000, "Train on timesteps < this (sd-scripts option; 1000 = all).",
+                               group="training", min=1, max=1000)
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting (Hang et al. 2023); 5 is typical.",
                                          group="training", min=0.0)
     seed: int | None = option(42, "Random seed; a run with the same seed is reproducible on CPU.",
@@ -162,6 +166,8 @@ class TrainConfig(JobConfig):
                               f"({self.max_bucket_reso})")
         if self.max_train_steps is None and self.max_train_epochs is None:
             raise ConfigError("set `max_train_steps` or `max_train_epochs`")
+        if self.min_timestep >= self.max_timestep:
+            raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
         parse_resolution(self.resolution)
         for arg in self.network_args:
             if "=" not in arg:

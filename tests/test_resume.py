@@ -1,0 +1,98 @@
+"""Kill-and-resume: a run interrupted and resumed from its saved state ends with exactly the weights of a run that
+never stopped (same seed, CPU) — with every source of randomness switched on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import lorakit
+from lorakit.errors import TrainingError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt:
+    """Simulates Colab disconnecting: the run dies right after optimizer step `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, info):
+        if info.step == self.step:
+            raise Killed
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    root = tmp_path / "data"
+    d = root / "1_sks toy"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.uniform(0, 255, (64, 80, 3)).astype(np.uint8)).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"sks toy, item {i}, red, blue")
+    return root
+
+
+def settings(tiny_sd1_dir, data, out) -> dict:
+    # every source of randomness on: augmentations, caption shuffling/dropout, LoRA dropout (global RNG), VAE
+    # sampling every step (uncached latents), offset noise; gradient accumulation across a partial last batch
+    return dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data), output_dir=str(out),
+                cache_latents=False, flip_aug=True, random_crop=True, shuffle_caption=True, keep_tokens=1,
+                caption_dropout_rate=0.3, network_dropout=0.1, noise_offset=0.1, gradient_accumulation_steps=2,
+                learning_rate=1e-3, lr_scheduler="cosine", lr_warmup_steps=1, max_train_steps=7,
+                save_state=True, save_every_n_steps=2, save_precision="float", sample_at_end=False, seed=1234)
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_sd1_dir, dataset):
+    # 5 batches per epoch, accumulation 2 -> steps of 2, 2, 1 batches: 3 steps per epoch, 7 steps = 3 epochs
+    full = lorakit.train(**settings(tiny_sd1_dir, dataset, tmp_path / "full"))
+    assert full.steps == 7 and full.epochs == 3
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(5), **settings(tiny_sd1_dir, dataset, out))
+    assert (out / "state-latest.txt").read_text().strip() == "state-00000004"  # saved mid-epoch (epoch 2)
+    resumed = lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
+    assert resumed.steps == 7
+
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert a.keys() == b.keys()
+    assert any(t.abs().sum() > 0 for k, t in a.items() if k.endswith("lora_up.weight"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in resumed.loss_history] == [r["loss"] for r in full.loss_history]
+
+
+def test_resume_across_an_epoch_boundary(tmp_path, tiny_sd1_dir, dataset):
+    kw = settings(tiny_sd1_dir, dataset, tmp_path / "full")
+    kw.update(save_every_n_steps=None, save_every_n_epochs=1, max_train_steps=5)
+    full = lorakit.train(**kw)
+    kw["output_dir"] = str(tmp_path / "killed")
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(4), **kw)
+    assert (tmp_path / "killed" / "state-latest.txt").read_text().strip() == "state-00000003"
+    resumed = lorakit.train(resume="latest", **kw)
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_state_says_what_to_do(tmp_path, tiny_sd1_dir, dataset):
+    with pytest.raises(TrainingError, match="save_state = true"):
+        lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, tmp_path / "none"))
+    with pytest.raises(TrainingError, match="not a state folder"):
+        lorakit.train(resume=str(tmp_path), **settings(tiny_sd1_dir, dataset, tmp_path / "none"))

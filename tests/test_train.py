@@ -1,0 +1,268 @@
+"""End-to-end training on tiny models: both dataset methods, the saved file, history, samples, callbacks; a learning
+test with a known outcome; NaN safety; optimizers and schedules."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+from safetensors import safe_open
+
+import lorakit
+from lorakit.config import TrainConfig
+from lorakit.errors import ConfigError, TrainingError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster when the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pattern(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = rng.uniform(0, 255, size=3)
+    arr = np.stack([(base[c] + 80 * np.sin(xx / (3 + c + seed) + yy / (5 + seed % 3))) % 256 for c in range(3)], -1)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
+
+
+def read_lora(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+class Recorder:
+    def __init__(self):
+        self.steps, self.samples, self.saves = [], [], []
+
+    def on_step(self, info):
+        self.steps.append(info)
+
+    def on_sample(self, step, images, prompts, paths):
+        self.samples.append((step, images, prompts, paths))
+
+    def on_save(self, step, path):
+        self.saves.append((step, path))
+
+
+def test_dreambooth_with_reg_images(tmp_path, tiny_sd1_dir):
+    from lorakit.network import lora_targets
+    from lorakit.tiny import build_tiny
+
+    train_dir, reg_dir = tmp_path / "train" / "2_sks dog", tmp_path / "reg" / "1_dog"
+    train_dir.mkdir(parents=True)
+    reg_dir.mkdir(parents=True)
+    for i in range(2):
+        pattern(64, 64, i).save(train_dir / f"{i}.png")
+    for i in range(3):
+        pattern(64, 64, 10 + i).save(reg_dir / f"{i}.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\nsks dog on grass --n blurry --s 4 --l 5 --d 7\na dog --w 64 --h 64 --s 3\n")
+    rec = Recorder()
+    cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "train"),
+                      reg_data_dir=str(tmp_path / "reg"), prior_loss_weight=0.7, output_dir=str(tmp_path / "out"),
+                      output_name="sks", max_train_steps=6, train_batch_size=2, learning_rate=1e-3,
+                      save_every_n_steps=3, sample_prompts=str(prompts), sample_every_n_steps=3)
+    result = lorakit.train(cfg, callbacks=rec)
+
+    # the file: every kohya module of SD1 TE + U-Net, metadata, trained (non-zero) up weights
+    out = tmp_path / "out"
+    assert result.lora_path == out / "sks.safetensors" and result.steps == 6
+    tensors, meta = read_lora(result.lora_path)
+    targets = lora_targets(build_tiny("sd1"))
+    assert set(tensors) == {f"{n}{s}" for n in targets for s in (".lora_down.weight", ".lora_up.weight", ".alpha")}
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_") for n in targets)
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert sum(bool(t.abs().sum() > 0) for t in ups) == len(ups)  # every module moved away from zero
+    assert tensors[next(iter(tensors))].dtype == torch.float16  # save_precision default
+    assert meta["ss_network_dim"] == "16" and float(meta["ss_network_alpha"]) == 8.0
+    assert meta["ss_steps"] == "6" and meta["ss_num_reg_images"] == "3" and meta["ss_num_train_images"] == "2"
+    assert float(meta["ss_prior_loss_weight"]) == 0.7
+    assert json.loads(meta["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2}}
+    assert json.loads(meta["lorakit.training_config"])["train_data_dir"] == str(tmp_path / "train")
+    # the config next to the LoRA reads back to the same config
+    assert TrainConfig.from_toml(out / "sks.toml") == cfg
+
+    # history: one row per step, in CSV and JSON
+    rows = list(csv.DictReader(open(out / "loss_history.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert [r["loss"] for r in json.loads((out / "loss_history.json").read_text())] == [float(r["loss"]) for r in rows]
+
+    # samples at step 3 and 6 (+ the end), with their parameters in the PNG; the grid
+    names = sorted(p.name for p in (out / "samples").iterdir())
+    assert names == ["000003_00.png", "000003_01.png", "000006_00.png", "000006_01.png"]
+    with Image.open(out / "samples" / "000003_00.png") as im:
+        assert im.size == (64, 64)
+        assert im.info["prompt"] == "sks dog on grass"
+        assert "Negative prompt: blurry" in im.info["parameters"] and "Steps: 4" in im.info["parameters"]
+        assert "Seed: 7" in im.info["parameters"] and "CFG scale: 5.0" in im.info["parameters"]
+    assert result.samples_grid == out / "samples_grid.png" and result.samples_grid.is_file()
+
+    # callbacks and intermediate saves
+    assert [i.step for i in rec.steps] == [1, 2, 3, 4, 5, 6] and rec.steps[-1].total_steps == 6
+    assert [s for s, *_ in rec.samples] == [3, 6] and rec.samples[0][2] == ["sks dog on grass", "a dog"]
+    assert [(s, p.name) for s, p in rec.saves] == [(3, "sks-step00000003.safetensors"), (6, "sks.safetensors")]
+    assert (out / "dataset_report.txt").read_text().startswith("dataset:")
+
+
+@pytest.mark.slow
+def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir):
+    data = tmp_path / "captions"
+    data.mkdir()
+    sizes = [(96, 48), (48, 96), (64, 64), (100, 60)]
+    for i, size in enumerate(sizes):
+        pattern(*size, seed=i).save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(f"shape{i}, red, round, small")
+    rec = Recorder()
+    result = lorakit.train(
+        pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(data), output_dir=str(tmp_path / "out"),
+        enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, cache_latents=False,
+        flip_aug=True, color_aug=True, random_crop=True, shuffle_caption=True, keep_tokens=1,
+        caption_dropout_rate=0.2, network_train_unet_only=True, gradient_accumulation_steps=2, min_snr_gamma=5.0,
+        noise_offset=0.05, clip_skip=2, optimizer_type="Lion", learning_rate=1e-4, lr_scheduler="cosine",
+        lr_warmup_steps=2, max_train_epochs=2, train_batch_size=1, save_precision="float",
+        gradient_checkpointing=True, callbacks=rec)
+    # 4 images in 3 buckets, batch 1: 4 batches per epoch, accumulation 2 -> 2 steps per epoch, 2 epochs
+    assert result.steps == 4 and result.epochs == 2
+    tensors, meta = read_lora(result.lora_path)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)  # unet only
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+    assert tensors[next(iter(tensors))].dtype == torch.float32
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_enable_bucket"] == "True"
+    lrs = [i.lr for i in rec.steps]
+    assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4) and lrs[-1] < lrs[1]  # warm-up, cosine
+    # the samples default to the dataset's first captions when no prompt file is given
+    assert len(result.sample_paths) == 2 and rec.samples[0][2][0].startswith("shape")
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def crisp_tiny_dir(tmp_path_factory):
+    """The tiny SD1 model with a VAE that behaves like a trained one: a near-deterministic posterior (log-variance
+    -30) and latents of unit scale. (A random VAE's posterior noise would swamp the image.)"""
+    from lorakit.tiny import build_tiny
+
+    comps = build_tiny("sd1", seed=0)
+    with torch.no_grad():
+        q = comps.vae.quant_conv
+        q.weight[:4] *= 25
+        q.bias[:4] *= 25
+        q.weight[4:] = 0
+        q.bias[4:] = -30
+    folder = tmp_path_factory.mktemp("tiny-crisp")
+    comps.save_pretrained(folder)
+    return folder
+
+
+def denoising_loss(comps, image: Image.Image, caption: str) -> float:
+    """MSE of the model's noise prediction on `image`, at fixed timesteps with fixed noise."""
+    from lorakit.data.images import image_to_tensor
+
+    with torch.no_grad():
+        latent = comps.vae.encode(image_to_tensor(image)[None]).latent_dist.mean * comps.vae.config.scaling_factor
+        ts = torch.tensor([100, 300, 500, 700])
+        noise = torch.randn((len(ts), *latent.shape[1:]), generator=torch.Generator().manual_seed(123))
+        noisy = comps.noise_scheduler.add_noise(latent.expand(len(ts), -1, -1, -1), noise, ts)
+        ids = comps.tokenizer([caption] * len(ts), padding="max_length", max_length=77, return_tensors="pt").input_ids
+        pred = comps.unet(noisy, ts, comps.text_encoder(ids)[0]).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+@pytest.mark.slow
+def test_lora_learns_its_image(tmp_path, crisp_tiny_dir):
+    """Train on one image: its denoising loss must fall to under half, and below that of another image."""
+    from lorakit.models import load_models
+    from lorakit.network import apply_lora_file
+
+    image = pattern(64, 64, 1)
+    other = ImageOps.invert(image).transpose(Image.Transpose.ROTATE_90)  # same statistics, different content
+    (tmp_path / "data" / "1_zkz").mkdir(parents=True)
+    image.save(tmp_path / "data" / "1_zkz" / "a.png")
+    comps = load_models(str(crisp_tiny_dir))
+    before, before_other = denoising_loss(comps, image, "zkz"), denoising_loss(comps, other, "zkz")
+    result = lorakit.train(pretrained_model_name_or_path=str(crisp_tiny_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=80, learning_rate=5e-3,
+                           network_alpha=16, conv_dim=16, sample_at_end=False, save_precision="float")
+    apply_lora_file(comps, result.lora_path)
+    after, after_other = denoising_loss(comps, image, "zkz"), denoising_loss(comps, other, "zkz")
+    assert after < 0.5 * before
+    assert after < 0.85 * after_other
+    assert before_other - after_other < before - after  # it learned *this* image, more than denoising in general
+
+
+# ---------------------------------------------------------------------------------------------- safety
+def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
+    d = tmp_path / "data" / "1_x"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"), sample_at_end=False)
+    good = lorakit.train(max_train_steps=1, **common)
+    before = good.lora_path.read_bytes()
+    with pytest.raises(TrainingError, match=r"loss became (nan|inf).*no NaN weights were written"):
+        lorakit.train(max_train_steps=5, learning_rate=1e20, **common)
+    assert good.lora_path.read_bytes() == before
+
+
+def test_setup_errors_are_clear(tmp_path):
+    from lorakit.optim import make_optimizer
+    from lorakit.training_setup import _attention, precision
+
+    cfg = TrainConfig(train_data_dir=str(tmp_path), mixed_precision="fp16")
+    with pytest.raises(ConfigError, match="fp16.*CUDA"):
+        precision(cfg, torch.device("cpu"))
+    assert precision(cfg.replace(mixed_precision="bf16"), torch.device("cpu")) == (torch.float32, torch.bfloat16)
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TrainingError, match="AdamW8bit.*CUDA"):
+        make_optimizer("AdamW8bit", [{"params": p}], 1e-3, device="cpu")
+
+    class NoXformers:
+        def enable_xformers_memory_efficient_attention(self):
+            raise ModuleNotFoundError("No module named 'xformers'")
+
+    with pytest.raises(TrainingError, match="xformers.*SDPA"):
+        _attention(cfg.replace(xformers=True), NoXformers())
+    with pytest.raises(ConfigError, match="min_timestep"):
+        cfg.replace(min_timestep=500, max_timestep=400)
+
+
+@pytest.mark.parametrize("name,lr,args", [("AdamW", 0.1, ["weight_decay=0.0"]), ("Lion", 0.05, []),
+                                          ("Prodigy", 1.0, []), ("Adafactor", 0.1, []), ("SGD", 0.1, ["momentum=0.9"])])
+def test_optimizers_minimise_a_quadratic(name, lr, args):
+    from lorakit.optim import make_optimizer, make_scheduler
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = make_optimizer(name, [{"params": [w], "lr": lr}], lr, args)
+    sched = make_scheduler("constant", opt, warmup_steps=0, total_steps=100)
+    start = (w.detach() ** 2).sum().item()
+    for _ in range(60):
+        loss = (w**2).sum()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert (w.detach() ** 2).sum().item() < 0.5 * start
+
+
+def test_schedules_warm_up():
+    from lorakit.optim import make_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler("constant", opt, warmup_steps=4, total_steps=10)  # constant + warm-up = with warm-up
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
