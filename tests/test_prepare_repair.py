@@ -86,6 +86,8 @@ def test_actions(repaired):
     assert by_source["good_1.png"].action == "copied"
     assert (root / "clean" / "good_1.png").read_bytes() == (src / "good_1.png").read_bytes()
     assert by_source["png_named.jpg"].output == "png_named.png"
+    assert by_source["png_named.jpg"].action == "copied"  # right extension, same bytes
+    assert (root / "clean" / "png_named.png").read_bytes() == (src / "png_named.jpg").read_bytes()
     assert by_source["café_日本.png"].output == "cafe_.png"
     assert not (root / "clean" / "notes.pdf").exists() and not (root / "clean" / "ghost.txt").exists()
     assert "dropped" in result.summary() and "| corrupt.jpg | dropped |" in result.to_markdown()

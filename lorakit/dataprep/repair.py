@@ -28,7 +28,9 @@ from .sources import DatasetSource, dreambooth_folder_tokens
 POLICIES = ("keep", "drop", "move")
 UNREPAIRABLE = ("empty_file", "unreadable", "truncated")
 # kinds that need the pixels rewritten (everything else is copied byte for byte)
-REENCODE = ("cmyk", "high_bit_depth", "alpha", "palette", "exif_rotated", "wrong_extension")
+REENCODE = ("cmyk", "high_bit_depth", "alpha", "palette", "exif_rotated")
+# formats whose bytes are copied as they are (only the extension is corrected if it lies)
+KEEP_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "MPO": ".jpg", "WEBP": ".webp", "BMP": ".bmp"}
 
 
 @dataclass
@@ -170,7 +172,7 @@ def repair_dataset(
             out = names[rec.path]
             converted = _write_image(rec, source.read(rec.path), dst / out, bg, max_side, jpeg_quality)
             _write_caption(rec, dst / out, source, caption_extension, default_caption)
-            reason = ", ".join(k for k in rec.kinds() if k in REENCODE or k == "huge") if converted else ""
+            reason = ", ".join(k for k in rec.kinds() if k in REENCODE or k in ("huge", "wrong_extension"))
             return RepairAction(rec.path, "converted" if converted else "copied", out, reason)
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -191,13 +193,15 @@ def repair_dataset(
 
 def _needs_pixels(rec: ImageRecord, max_side: int | None) -> bool:
     too_big = bool(max_side and max(rec.width or 0, rec.height or 0) > max_side)
-    return too_big or any(k in REENCODE for k in rec.kinds())
+    return too_big or rec.format not in KEEP_FORMATS or any(k in REENCODE for k in rec.kinds())
 
 
 def _output_name(rec: ImageRecord, ascii_names: bool, max_side: int | None) -> str:
     p = PurePosixPath(rec.path)
     if _needs_pixels(rec, max_side):
         ext = ".jpg" if rec.format in ("JPEG", "MPO") and "alpha" not in rec.kinds() else ".png"
+    elif "wrong_extension" in rec.kinds():
+        ext = KEEP_FORMATS[rec.format]
     else:
         ext = p.suffix
     rel = str(p.with_suffix(ext))
