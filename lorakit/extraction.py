@@ -36,6 +36,7 @@ class ExtractResult:
     text_encoder_skipped: bool = False
     max_text_encoder_diff: float = 0.0
     seconds: float = 0.0
+    svd_seconds: float = 0.0  # of `seconds`, the time spent in the SVDs (the rest is reading the models)
     family: object = None  # lorakit.families.Family of the models
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -96,11 +97,14 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
     state: dict[str, torch.Tensor] = {}
     sums: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
+    svd_seconds = 0.0
     for t in targets:
         delta = delta_of(t.param)
         rank = conv_dim if t.conv3x3 else dim
         rank = min(rank, delta.shape[0], math.prod(delta.shape[1:]))
+        t0 = time.perf_counter()
         f = factorize(delta, rank, method=svd, clamp_quantile=clamp_quantile)
+        svd_seconds += time.perf_counter() - t0
         err2, norm2 = squared_norms(delta, f.delta())
         acc = sums.setdefault(t.component, [0.0, 0.0])
         acc[0] += err2
@@ -113,7 +117,8 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
         raise ModelLoadError("no LoRA target layers found in model_org")
     errors = {c: (math.sqrt(e / n) if n > 0 else 0.0) for c, (e, n) in sums.items()}
     result = ExtractResult(path=None, errors=errors, modules=counts, text_encoder_skipped=skip_te,
-                           max_text_encoder_diff=max_te, seconds=time.perf_counter() - start, state_dict=state,
+                           max_text_encoder_diff=max_te, seconds=time.perf_counter() - start, svd_seconds=svd_seconds,
+                           state_dict=state,
                            family=get_family(v2) if v2 is not None else org.family)
     for c, e in errors.items():
         log(f"{COMPONENT_WORDS[c]}: {counts[c]} modules, relative reconstruction error {e:.4f}")

@@ -26,8 +26,8 @@ import torch
 # rank + OVERSAMPLE directions and run POWER_ITERATIONS subspace iterations. Fine-tuning deltas have slowly decaying
 # spectra, where the plain sketch is noticeably worse than the truncated SVD; with these settings the error of the
 # rank-r factors is within 1% (relative) of the exact SVD's on SD1.5-shaped deltas (benchmarks/merge_extract.py).
-OVERSAMPLE = 16
-POWER_ITERATIONS = 4
+OVERSAMPLE = 8
+POWER_ITERATIONS = 2
 
 
 @dataclass
@@ -70,7 +70,8 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
 
 
 def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None = None, *,
-               shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
+               device: torch.device | str | None = None) -> torch.Tensor:
     """`scale · up @ down`, shaped like the weight it changes (or like `shape`, e.g. a Linear stored as 1x1 conv).
 
     Computed as `(up @ down) * scale` in `dtype`, in that order, so merges are reproducible bit for bit.
@@ -78,7 +79,7 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None = None,
     rank = down.shape[0]
     if up.shape[1] != rank:
         raise ValueError(f"LoRA factors disagree on the rank: up {tuple(up.shape)}, down {tuple(down.shape)}")
-    mat = (as_matrix(up).to(dtype) @ as_matrix(down).to(dtype)) * lora_scale(alpha, rank)
+    mat = (as_matrix(up).to(device, dtype) @ as_matrix(down).to(device, dtype)) * lora_scale(alpha, rank)
     target = tuple(shape) if shape is not None else (up.shape[0], *down.shape[1:])
     if math.prod(target) != mat.numel():
         raise ValueError(f"a LoRA delta of shape {tuple(mat.shape)} cannot change a weight of shape {target}")
@@ -90,7 +91,8 @@ def merge_weight(weight: torch.Tensor, modules: Sequence[tuple[LoraFactors, floa
     """`W + Σ ratio · scale · up @ down`, computed in `dtype`, returned in the weight's dtype."""
     out = weight.to(dtype)
     for factors, ratio in modules:
-        out = out + ratio * lora_delta(factors.up, factors.down, factors.alpha, shape=weight.shape, dtype=dtype)
+        out = out + ratio * lora_delta(factors.up, factors.down, factors.alpha, shape=weight.shape, dtype=dtype,
+                                       device=weight.device)
     return out.to(weight.dtype)
 
 

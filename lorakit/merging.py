@@ -170,7 +170,8 @@ def _out_dtype(t_dtype: torch.dtype, save_precision: str | None) -> torch.dtype:
     return DTYPES[save_precision]
 
 
-def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_precision, metadata) -> None:
+def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_precision, metadata,
+                       device: str = "cpu") -> None:
     by_key: dict[str, list] = {}
     for param, mods in plan.items():
         where = base.where(param)
@@ -179,12 +180,14 @@ def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_pre
     def produce(key: str) -> torch.Tensor:
         t = base.read_ldm(key)
         if key in by_key:
-            t = t.clone() if not isinstance(base._reader, SafetensorsReader) else t
+            original = t.dtype
+            t = t.to(device, copy=not isinstance(base._reader, SafetensorsReader))
             for rows, mods in by_key[key]:
                 if rows is None:
                     t = merge_weight(t, mods, dtype=dtype)
                 else:
                     t[rows] = merge_weight(t[rows], mods, dtype=dtype)
+            t = t.to("cpu", original)
         return t.to(_out_dtype(t.dtype, save_precision))
 
     from .fileio import atomic_path
@@ -204,7 +207,7 @@ def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_pre
                    out)
 
 
-def _merge_folder(base: FolderWeights, plan, out: Path, dtype, save_precision) -> None:
+def _merge_folder(base: FolderWeights, plan, out: Path, dtype, save_precision, device: str = "cpu") -> None:
     src = Path(base.source)
     with _AtomicFolder(out) as tmp:
         rewritten = {Path(reader.path).resolve() for reader, _ in base._readers.values()}
@@ -219,7 +222,7 @@ def _merge_folder(base: FolderWeights, plan, out: Path, dtype, save_precision) -
                 t = reader.get(key)
                 mods = plan.get(inverse[key])
                 if mods:
-                    t = merge_weight(t, mods, dtype=dtype)
+                    t = merge_weight(t.to(device), mods, dtype=dtype).cpu()
                 return t.to(_out_dtype(t.dtype, save_precision))
 
             layout = [(k, reader.shape(k), _out_dtype(reader.dtype(k), save_precision)) for k in reader.keys()]
@@ -249,9 +252,9 @@ def _merge_into_model(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult
         if streamable_file:
             meta = dict(base._reader.metadata) if isinstance(base._reader, SafetensorsReader) else {}
             meta["lorakit.merged_loras"] = ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios))
-            _merge_single_file(base, plan, out, dtype, cfg.save_precision, meta)
+            _merge_single_file(base, plan, out, dtype, cfg.save_precision, meta, cfg.device)
         elif streamable_folder:
-            _merge_folder(base, plan, out, dtype, cfg.save_precision)
+            _merge_folder(base, plan, out, dtype, cfg.save_precision, cfg.device)
     finally:
         base.close()
     if not (streamable_file or streamable_folder):  # across layouts: load, merge in memory, save
