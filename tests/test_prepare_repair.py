@@ -207,3 +207,29 @@ def test_name_collisions_get_suffixes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "clean").iterdir()) == ["a.png", "a_2.png"]
     assert len([a for a in result.actions if a.output]) == 2
     assert ascii_name("日本.png") == "_.png" and ascii_name("Ünïcödé name.jpg") == "Unicode name.jpg"
+
+
+def test_zip_members_cannot_escape_the_output(tmp_path):
+    archive = tmp_path / "evil.zip"
+    png = encode(drawn_image(0, (64, 64)), "PNG")
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("ok.png", png)
+        z.writestr("../escaped.png", png)
+        z.writestr("/absolute.png", png)
+    (tmp_path / "box").mkdir()
+    result = repair_dataset(archive, tmp_path / "box" / "clean", resolution=64)
+    assert [a.output for a in result.actions] == ["ok.png"]
+    assert sorted(p.name for p in (tmp_path / "box").rglob("*")) == ["clean", "ok.png"]
+    assert not (tmp_path / "escaped.png").exists()
+
+
+def test_cli_repair(tmp_path, capsys):
+    from lorakit.cli import main
+
+    src = tmp_path / "photos"
+    write_problem_dataset(src)
+    assert main(["prepare", "repair", str(src), "--output_dir", str(tmp_path / "clean"), "--resolution", "64",
+                 "--max_side", "512", "--default_caption", "a drawing"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped   corrupt.jpg  (unreadable)" in out and "re-check:" in out
+    assert (tmp_path / "clean" / "no_caption.txt").read_text() == "a drawing\n"
