@@ -193,3 +193,18 @@ def test_unreadable_thumbnail_tile_is_grey(tmp_path):
     sheet = contact_sheet(report, thumb=64)
     assert isinstance(sheet, Image.Image)
     assert sheet.getpixel((6 + 10, 6 + 30)) == (200, 200, 200)
+
+
+def test_perceptual_hash_survives_resizing_but_separates_images():
+    from lorakit.dataprep.hashing import colour_signature, dhash, near_duplicate_pairs
+
+    a = drawn_image(3, (200, 150))
+    smaller = a.resize((120, 90), Image.Resampling.LANCZOS)
+    other = drawn_image(4, (200, 150))
+    dist = lambda x, y: bin(dhash(x) ^ dhash(y)).count("1")  # noqa: E731
+    assert dist(a, smaller) <= 4 < 16 <= dist(a, other)
+    flat_red, flat_blue = Image.new("RGB", (50, 50), (255, 0, 0)), Image.new("RGB", (50, 50), (0, 0, 255))
+    assert dhash(flat_red) == dhash(flat_blue) == 0  # why the colour signature is needed too
+    images = [a, smaller, other, flat_red, flat_blue]
+    pairs = near_duplicate_pairs([dhash(x) for x in images], [colour_signature(x) for x in images])
+    assert [(i, j) for i, j, _ in pairs] == [(0, 1)]

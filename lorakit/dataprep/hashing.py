@@ -25,35 +25,32 @@ def colour_signature(image: Image.Image) -> np.ndarray:
     return np.asarray(rgb, dtype=np.float32).flatten() / 255.0
 
 
-def hamming_matrix(hashes: list[int]) -> np.ndarray:
-    """Pairwise Hamming distances between 64-bit hashes, as an (n, n) uint8 array."""
-    h = np.array(hashes, dtype=np.uint64)
-    if len(h) == 0:
-        return np.zeros((0, 0), dtype=np.uint8)
-    out = np.empty((len(h), len(h)), dtype=np.uint8)
-    step = max(1, 4_000_000 // len(h))  # rows per block: ~32 MB of XORs at a time
-    for i in range(0, len(h), step):
-        out[i:i + step] = _popcount(h[i:i + step, None] ^ h[None, :])
-    return out
-
-
 def _popcount(x: np.ndarray) -> np.ndarray:
     if hasattr(np, "bitwise_count"):  # numpy >= 2.0
         return np.bitwise_count(x)
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1, dtype=np.uint8)
 
 
+def hamming_rows(hashes: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Hamming distances of hashes[start:stop] to all hashes, shape (stop - start, n)."""
+    return _popcount(hashes[start:stop, None] ^ hashes[None, :])
+
+
 def near_duplicate_pairs(hashes: list[int], signatures: list[np.ndarray], max_distance: int = 6,
                          max_colour_diff: float = 0.06) -> list[tuple[int, int, int]]:
     """Pairs (i, j, distance), i < j, whose dHashes differ in ≤ `max_distance` bits and whose colour signatures
-    differ by ≤ `max_colour_diff` on average."""
-    if len(hashes) < 2:
+    differ by ≤ `max_colour_diff` on average. Works in row blocks, so memory stays ~32 MB for any n."""
+    n = len(hashes)
+    if n < 2:
         return []
-    dist = hamming_matrix(hashes)
+    h = np.array(hashes, dtype=np.uint64)
     sig = np.stack(signatures)
-    ii, jj = np.nonzero(np.triu(dist <= max_distance, k=1))
+    step = max(1, 4_000_000 // n)
     pairs = []
-    for i, j in zip(ii.tolist(), jj.tolist()):
-        if float(np.abs(sig[i] - sig[j]).mean()) <= max_colour_diff:
-            pairs.append((i, j, int(dist[i, j])))
+    for start in range(0, n, step):
+        dist = hamming_rows(h, start, min(n, start + step))
+        ii, jj = np.nonzero(dist <= max_distance)
+        for i, j in zip((ii + start).tolist(), jj.tolist()):
+            if j > i and float(np.abs(sig[i] - sig[j]).mean()) <= max_colour_diff:
+                pairs.append((i, j, int(dist[i - start, j])))
     return pairs
