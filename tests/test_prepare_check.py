@@ -208,3 +208,11 @@ def test_perceptual_hash_survives_resizing_but_separates_images():
     images = [a, smaller, other, flat_red, flat_blue]
     pairs = near_duplicate_pairs([dhash(x) for x in images], [colour_signature(x) for x in images])
     assert [(i, j) for i, j, _ in pairs] == [(0, 1)]
+
+
+def test_empty_folder_and_unsupported_photo_formats(tmp_path):
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(40))
+    report = check_dataset(tmp_path)
+    assert report.n_images == 0 and "No images found" in report.summary()
+    assert [(p.kind, p.path) for p in report.other_problems] == [("not_image", "IMG_0001.HEIC")]
+    assert "export it as JPEG" in report.other_problems[0].detail

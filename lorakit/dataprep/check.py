@@ -18,6 +18,7 @@ from .tokens import CLIP_WINDOW, make_counter
 
 MAX_UPSCALE = 1.5  # an image needing more than this to reach resolution² pixels is reported as too small
 MAX_ASPECT = 3.0
+UNSUPPORTED_PHOTO_FORMATS = (".heic", ".heif", ".avif", ".jxl", ".raw", ".cr2", ".nef", ".arw", ".dng")
 
 
 def check_dataset(
@@ -81,7 +82,10 @@ def check_dataset(
         hashes, sigs, hashed = [], [], []
         for rel, size, sha, pr, sig in probed:
             if pr.kind == "not_image":
-                other.append(Problem("not_image", rel))
+                ext = PurePosixPath(rel).suffix.lower()
+                hint = "a photo format Pillow cannot read here: export it as JPEG or PNG" \
+                    if ext in UNSUPPORTED_PHOTO_FORMATS else ""
+                other.append(Problem("not_image", rel, hint))
                 continue
             rec = _record(rel, size, sha, pr, resolution, huge_side, buckets)
             records.append(rec)

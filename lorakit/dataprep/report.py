@@ -126,6 +126,10 @@ class DatasetReport:
         lines = [f"{self.source}: {self.n_images} images, {len(self.trainable)} readable, {n_ok} without problems "
                  f"(checked in {self.seconds:.1f} s; target {self.resolution}px)"]
         problems = self.problems
+        if not self.records:
+            from .sources import IMAGE_EXTENSIONS
+
+            lines.append(f"No images found (looked for {', '.join(IMAGE_EXTENSIONS)} files, sub-folders included).")
         if not problems:
             lines.append("No problems found.")
         for kind, items in problems.items():
