@@ -57,15 +57,25 @@ class TrainResult:
         return f"TrainResult({self.lora_path}, steps={self.steps}, epochs={self.epochs}, final_loss={loss})"
 
 
-def train(cfg: TrainConfig | None = None, /, callbacks=None, **overrides) -> TrainResult:
+def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **overrides) -> TrainResult:
     """Train a LoRA. `cfg` is a `TrainConfig` (or None: built from `overrides`); keyword overrides win.
 
     `callbacks`: an object (or a list of them) with any of `on_step(info)`, `on_sample(step=, images=, prompts=,
     paths=)`, `on_save(step=, path=)` — e.g. a notebook's live view.
+    `components`: an already loaded `SDComponents` to train on instead of loading `pretrained_model_name_or_path`
+    (a notebook keeps one model in memory); the LoRA is removed from it again when training ends.
     """
     cfg = TrainConfig.from_dict(overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
-    cbs = Callbacks(callbacks)
-    run = prepare_run(cfg)  # device, precision, models, dataset (+ report), latent cache, LoRA, output folder
+    run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA, outputs
+    try:
+        return _train_loop(cfg, run, Callbacks(callbacks))
+    finally:
+        if components is not None:
+            run.network.remove()
+
+
+def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
+    """The loop: from the prepared run to the saved LoRA."""
     comps, dataset, device = run.components, run.dataset, run.device
     named_params = run.named_params  # {"unet.<path>": Parameter, ...}: the LoRA weights being trained
     params = list(named_params.values())

@@ -194,8 +194,9 @@ class Run:
         return save_image(grid, self.output_dir / "samples_grid.png")
 
 
-def prepare_run(cfg) -> Run:
-    """Load the model, build the dataset (and print/save its report), cache latents, add the LoRA."""
+def prepare_run(cfg, components=None) -> Run:
+    """Load the model (unless `components` are given), build the dataset (and print/save its report), cache
+    latents, add the LoRA."""
     from .models import load_models
     from .network import add_lora
 
@@ -204,8 +205,12 @@ def prepare_run(cfg) -> Run:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed or 0)
-    components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2, v_parameterization=cfg.v_parameterization,
-                             vae=cfg.vae, dtype=weight_dtype, device=str(device))
+    if components is None:
+        components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2,
+                                 v_parameterization=cfg.v_parameterization, vae=cfg.vae, dtype=weight_dtype,
+                                 device=str(device))
+    else:
+        components.to(device=device, dtype=weight_dtype)
     if components.vae.dtype != torch.float32:
         components.vae.to(dtype=torch.float32)  # encoding in fp32 avoids NaN latents; it runs once with cache_latents
 

@@ -263,3 +263,18 @@ def test_latent_cache_on_disk_is_reused_and_invalidated(tmp_path, tiny_sd1_dir):
     assert stats4 == {"encoded": 3, "from_disk": 0}
     batch = ds2.load(ds2.batches(0)[0], 0, 0)
     assert batch.latents.shape == (1, 4, 8, 8) and batch.pixels is None
+
+
+def test_bucket_range_and_config_conflicts_are_named(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    pattern(64, 64).save(d / "a.png")
+    with pytest.raises(ConfigError, match="min_bucket_reso.*lower min_bucket_reso"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), enable_bucket=True), native_resolution=64)
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'imgs'\n")
+    with pytest.raises(ConfigError, match="either `dataset_config` or `train_data_dir`"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), dataset_config=str(toml)),
+                                 native_resolution=64)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), resolution="60"), native_resolution=64)

@@ -48,6 +48,9 @@ def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
     """The datasets to train on, from `dataset_config` or from `train_data_dir`/`reg_data_dir`."""
     default = (native_resolution, native_resolution)
     if cfg.dataset_config:
+        if cfg.train_data_dir or cfg.reg_data_dir:
+            raise ConfigError("set either `dataset_config` or `train_data_dir`/`reg_data_dir`, not both: in a dataset "
+                              "TOML, regularisation images are a subset with `is_reg = true`")
         return load_dataset_config(cfg.dataset_config, cfg, default)
     if not cfg.train_data_dir:
         raise ConfigError("set `train_data_dir` (a folder of images) or `dataset_config` (an sd-scripts dataset TOML)")
@@ -238,5 +241,10 @@ def _check_sizes(spec: DatasetSpec, vae_scale_factor: int) -> None:
     w, h = spec.resolution
     if w % vae_scale_factor or h % vae_scale_factor:
         raise ConfigError(f"`resolution` {w},{h} must be a multiple of {vae_scale_factor} (the VAE's downsampling)")
+    if spec.enable_bucket and not spec.bucket_no_upscale and not (
+            spec.min_bucket_reso <= min(w, h) and max(w, h) <= spec.max_bucket_reso):
+        raise ConfigError(f"`resolution` {w},{h} must lie between `min_bucket_reso` ({spec.min_bucket_reso}) and "
+                          f"`max_bucket_reso` ({spec.max_bucket_reso}) for bucketing: lower min_bucket_reso "
+                          f"(e.g. to {max(vae_scale_factor, min(w, h) // 2)}) or raise max_bucket_reso")
     if spec.enable_bucket and spec.bucket_reso_steps % vae_scale_factor:
         raise ConfigError(f"`bucket_reso_steps` ({spec.bucket_reso_steps}) must be a multiple of {vae_scale_factor}")

@@ -1,0 +1,168 @@
+"""Cost of lorakit's training step against the bare frozen U-Net step, on full-size SD1.5 shapes (random weights).
+
+    python benchmarks/train_step.py                    # CPU: batch 1, 512px, dim 16, cached latents, fp32
+    python benchmarks/train_step.py --device cuda      # GPU: fp16, with and without gradient checkpointing
+
+(a) bare: `unet(x_t, t, text).sample`, MSE, backward — frozen weights, gradients for the activations only (the least
+    any LoRA step must do); measured before and after lorakit's runs, averaged.
+(b) lorakit: `lorakit.train(...)` on a one-image dataset with the same components; the step time is the interval
+    between consecutive `on_step` callbacks (everything the loop does: text encoder, noise, loss, optimizer), after
+    warm-up steps. Two configurations: LoRA on text encoder + U-Net (sd-scripts' default, the one in
+    docs/PERFORMANCE.md) and U-Net only (the frozen text encoder's output is then cached per caption).
+Ratios are measured side by side in one process. Peak RSS is the process's high-water mark (ru_maxrss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+CONFIGS = ROOT / "lorakit" / "configs" / "sd1"
+
+
+def full_size_sd15():
+    """SD1.5-shaped components with random weights, built from the bundled configs (no download)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lorakit.families import SD1
+    from lorakit.models import SDComponents
+    from lorakit.tiny import write_clip_tokenizer
+
+    def cfg(name):
+        return json.loads((CONFIGS / name / ("scheduler_config.json" if name == "scheduler" else "config.json"))
+                          .read_text())
+
+    torch.manual_seed(0)
+    tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok", ["photo", "sks", "toy"])
+    te_cfg = {k: v for k, v in cfg("text_encoder").items() if not k.startswith("_")}
+    return SDComponents(tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
+                        text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)),
+                        vae=AutoencoderKL.from_config(cfg("vae")), unet=UNet2DConditionModel.from_config(cfg("unet")),
+                        noise_scheduler=DDPMScheduler.from_config(cfg("scheduler")), family=SD1, source="random")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def bare_step_times(unet, steps: int, device, dtype, warmup: int = 1) -> list[float]:
+    """Frozen U-Net forward + backward (activation gradients only)."""
+    unet.requires_grad_(False)
+    x = torch.randn(1, 4, 64, 64, device=device, dtype=dtype, requires_grad=True)
+    noise = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
+    text = torch.randn(1, 77, 768, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = torch.nn.functional.mse_loss(unet(x, t, text).sample.float(), noise.float())
+        loss.backward()
+        x.grad = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+class StepTimer:
+    def __init__(self):
+        self.stamps = []
+
+    def on_step(self, info):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+
+    def intervals(self, warmup: int) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])][warmup:]
+
+
+def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, **options) -> list[float]:
+    import lorakit
+
+    timer = StepTimer()
+    lorakit.train(components=comps, callbacks=timer, train_data_dir=str(data), output_dir=str(out),
+                  max_train_steps=warmup + steps + 1, resolution="512", network_dim=16, train_batch_size=1,
+                  cache_latents=True, sample_at_end=False, **options)
+    return timer.intervals(warmup)
+
+
+def make_dataset(root: Path) -> Path:
+    from PIL import Image
+
+    folder = root / "data" / "1_sks toy"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    pixels = (torch.rand(512, 512, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(folder / "0.png")
+    return root / "data"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (cpu 3, cuda 20)")
+    parser.add_argument("--warmup", type=int, default=1)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    steps = args.steps or (3 if device.type == "cpu" else 20)
+    root = Path(tempfile.mkdtemp(prefix="lorakit-bench-"))
+    data = make_dataset(root)
+    t0 = time.perf_counter()
+    comps = full_size_sd15()
+    print(f"built SD1.5-shaped components in {time.perf_counter() - t0:.1f} s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)
+
+    if device.type == "cpu":
+        comps.to(device=device, dtype=torch.float32)
+        bare = bare_step_times(comps.unet, steps, device, torch.float32, args.warmup)
+        rss_bare = peak_rss_gb()
+        rows = []
+        for label, opts in [("TE + U-Net LoRA", {}), ("U-Net-only LoRA", {"network_train_unet_only": True})]:
+            times = lorakit_step_times(comps, data, root / label.replace(" ", "_"), steps, args.warmup, device="cpu",
+                                       **opts)
+            rows.append((label, statistics.mean(times), peak_rss_gb()))
+        bare += bare_step_times(comps.unet, steps, device, torch.float32, args.warmup)
+        base = statistics.mean(bare)
+        print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each")
+        print(f"{'step':40s} {'s/step':>8s} {'ratio':>7s} {'peak RSS':>9s}")
+        print(f"{'(a) bare frozen U-Net fwd+bwd':40s} {base:8.2f} {1.0:7.3f} {rss_bare:7.1f} GB")
+        for label, t, rss in rows:
+            print(f"{'(b) lorakit, ' + label:40s} {t:8.2f} {t / base:7.3f} {rss:7.1f} GB")
+        print(f"bare step samples: {', '.join(f'{x:.2f}' for x in bare)}")
+        return
+
+    comps.to(device=device, dtype=torch.float16)
+    bare = bare_step_times(comps.unet, steps, device, torch.float16, args.warmup)
+    print(f"\nSD1.5 shapes, {torch.cuda.get_device_name(device)}, fp16, batch 1, 512px, dim 16, cached latents")
+    print(f"{'run':46s} {'it/s':>7s} {'ratio':>7s} {'max_memory_allocated':>21s}")
+    print(f"{'(a) bare frozen U-Net fwd+bwd (fp16 weights)':46s} {1 / statistics.mean(bare):7.2f} {1.0:7.3f}")
+    for ckpt in (False, True):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        times = lorakit_step_times(comps, data, root / f"gpu_{ckpt}", steps, args.warmup, device=str(device),
+                                   mixed_precision="fp16", gradient_checkpointing=ckpt)
+        mem = torch.cuda.max_memory_allocated(device) / 1024**3
+        label = f"(b) lorakit TE+U-Net, checkpointing {'on' if ckpt else 'off'}"
+        print(f"{label:46s} {1 / statistics.mean(times):7.2f} {statistics.mean(times) / statistics.mean(bare):7.3f}"
+              f" {mem:18.2f} GiB")
+        if ckpt:
+            comps.unet.disable_gradient_checkpointing()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
