@@ -4,12 +4,8 @@ lorakit owns the target selection (the same layer set as sd-scripts' `networks.l
 provides the layers (`LoraLayer` keeps the original as `base_layer`, handles Linear and Conv2d, merges/unmerges) —
 the same layers diffusers' `load_lora_weights` builds, so training and inference run one implementation.
 
-Targets (docs/KOHYA_FORMAT.md §3):
-- text encoder: the Linear layers of every `CLIPAttention` (q/k/v/out_proj) and `CLIPMLP` (fc1/fc2) — SD1.5: 72;
-- U-Net: every Linear and 1x1 Conv2d inside every `Transformer2DModel` (attention, feed-forward, proj_in/out) —
-  SD1.5: 192;
-- LoCon (`conv_dim`): also the layers of `ResnetBlock2D`, `Downsample2D`, `Upsample2D`: their kxk convs at
-  `conv_dim`/`conv_alpha`, their Linear (`time_emb_proj`) and 1x1 convs (`conv_shortcut`) at `dim`/`alpha`.
+Targets are sd-scripts' layer set, chosen in `lorakit.lora_targets` (SD1.5: 72 text-encoder + 192 U-Net modules;
+LoCon adds the resnet/down/upsampler layers, kxk convs at `conv_dim`/`conv_alpha`).
 
 Scale is `alpha / rank` (not rsLoRA), times the network's multiplier. Dropout (`network_dropout`) is peft's: on
 the LoRA path's input, where sd-scripts drops the down-projection's output — both regularise the adapter only.
@@ -38,97 +34,20 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .errors import LoraFormatError
-from .formats import (
-    FAMILY_WORDS,
-    LoraWeights,
-    component_of,
-    detect_family,
-    kohya_module_name,
-    load_lora_file,
-    parse_kohya,
-    to_kohya,
-)
+from .formats import FAMILY_WORDS, LoraWeights, component_of, detect_family, load_lora_file, parse_kohya, to_kohya
 from .lora_math import LoraFactors
+from .lora_targets import COMPONENTS, LoraTarget, base_layer_of, component_modules, lora_targets, model_family_of
 
-COMPONENTS = ("text_encoder", "unet")
-TE_PARENTS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
-UNET_PARENTS = ("Transformer2DModel",)
-UNET_CONV_PARENTS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+__all__ = ["LoraNetwork", "LoraTarget", "add_lora", "apply_lora_file", "apply_lora_weights", "lora_targets",
+           "remove_lora"]
+
 _DISABLED = "_lorakit_disabled"  # set of adapter names switched off on a component
 _FROZEN = "_lorakit_frozen"  # set of adapter names that must not train (applied for inference)
-
-
-class LoraTarget(NamedTuple):
-    """A layer that can carry a LoRA: its component, its dotted path there, and `kind`:
-    "linear", "conv1x1" (both at `dim`) or "conv" (a kxk conv, at `conv_dim`)."""
-
-    component: str
-    path: str
-    kind: str
-
-
-def _base(module: nn.Module) -> nn.Module:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _component_modules(components) -> dict[str, nn.Module]:
-    """{'text_encoder': module, 'unet': module} from SDComponents, any object with those attributes, or a dict."""
-    get = components.get if isinstance(components, dict) else (lambda k: getattr(components, k, None))
-    return {c: get(c) for c in COMPONENTS if get(c) is not None}
-
-
-def _leaf_layers(module: nn.Module, prefix: str):
-    """(path, layer) of each Linear/Conv2d below `module`, looking through peft wrappers (not into them)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, child in module.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        base = _base(child)
-        if isinstance(base, (nn.Linear, nn.Conv2d)):
-            yield path, base
-        elif not isinstance(child, BaseTunerLayer):
-            yield from _leaf_layers(child, path)
-
-
-def _parents(module: nn.Module, prefix: str, classes: tuple[str, ...]):
-    """(path, module) of the outermost submodules whose class name is in `classes`."""
-    for name, child in module.named_children():
-        path = f"{prefix}.{name}" if prefix else name
-        if type(child).__name__ in classes:
-            yield path, child
-        else:
-            yield from _parents(child, path, classes)
-
-
-def _kind(layer: nn.Module) -> str:
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    return "conv1x1" if tuple(layer.kernel_size) == (1, 1) else "conv"
-
-
-def lora_targets(components, conv: bool = False) -> dict[str, LoraTarget]:
-    """Every layer that gets a LoRA, keyed by its kohya name; `conv=True` adds the LoCon layers (§3 above)."""
-    modules = _component_modules(components)
-    targets: dict[str, LoraTarget] = {}
-    for component, parents in (("text_encoder", TE_PARENTS), ("unet", UNET_PARENTS + (UNET_CONV_PARENTS if conv
-                                                                                        else ()))):
-        if component not in modules:
-            continue
-        for parent_path, parent in _parents(modules[component], "", parents):
-            for path, layer in _leaf_layers(parent, parent_path):
-                kind = _kind(layer)
-                if component == "unet" and kind == "conv" and type(parent).__name__ not in UNET_CONV_PARENTS:
-                    continue  # a kxk conv inside a transformer block is not a LoRA target in sd-scripts
-                targets[kohya_module_name(component, path)] = LoraTarget(component, path, kind)
-    return targets
 
 
 def _existing_adapters(modules: dict[str, nn.Module]) -> set[str]:
@@ -385,7 +304,7 @@ def _remove_adapter(module: nn.Module, adapter_name: str | None) -> None:
 
 def remove_lora(components, adapter_name: str | None = None) -> None:
     """Remove one adapter (or all, `adapter_name=None`) from the text encoder and U-Net, unmerging merged ones."""
-    for module in _component_modules(components).values():
+    for module in component_modules(components).values():
         _remove_adapter(module, adapter_name)
 
 
@@ -427,7 +346,7 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
         raise ValueError(f"`network_dropout` must be in [0, 1), got {dropout}")
     if not (unet or text_encoder):
         raise ValueError("a LoRA needs the U-Net or the text encoder (or both): both were switched off")
-    all_modules = _component_modules(components)
+    all_modules = component_modules(components)
     modules = {c: m for c, m in all_modules.items()
                if (c == "unet" and unet) or (c == "text_encoder" and text_encoder)}
     _check_adapter_name(adapter_name, modules)
@@ -443,16 +362,6 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     return _finish(modules, adapter_name, plan, 1.0, True, dtype)
 
 
-def _model_family(modules: dict[str, nn.Module]) -> str | None:
-    """'sd1'/'sd2' from the widths of a full-size model (CLIP-L 768 vs OpenCLIP-H 1024); None for other sizes."""
-    widths = {"text_encoder": "hidden_size", "unet": "cross_attention_dim"}
-    for component, key in widths.items():
-        width = getattr(getattr(modules.get(component), "config", None), key, None)
-        if width in (768, 1024):
-            return "sd1" if width == 768 else "sd2"
-    return None
-
-
 def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
                        adapter_name: str = "lora", unet: bool = True, text_encoder: bool = True,
                        trainable: bool = False, dropout: float = 0.0, dtype: torch.dtype | None = None,
@@ -464,9 +373,9 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     False drops that component's modules. `trainable=True` continues training it (sd-scripts' `network_weights`).
     """
     weights = _as_weights(weights, where)
-    modules = _component_modules(components)
+    modules = component_modules(components)
     family, reason = detect_family(weights, metadata)
-    model_family = getattr(getattr(components, "family", None), "name", None) or _model_family(modules)
+    model_family = getattr(getattr(components, "family", None), "name", None) or model_family_of(modules)
     if family and model_family and family != model_family:
         raise LoraFormatError(f"{where} is a LoRA for {FAMILY_WORDS[family]} ({reason}) but the model is "
                               f"{FAMILY_WORDS.get(model_family, model_family)}: use a LoRA made for this model "
@@ -483,7 +392,7 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     problems = []
     for name, w in weights.items():
         t = targets[name]
-        down_shape, up_shape = _expected_shapes(_base(modules[t.component].get_submodule(t.path)), w.rank)
+        down_shape, up_shape = _expected_shapes(base_layer_of(modules[t.component].get_submodule(t.path)), w.rank)
         try:
             _fit(w.down, down_shape, f"`{name}` lora_down")
             _fit(w.up, up_shape, f"`{name}` lora_up")
@@ -512,7 +421,7 @@ def apply_lora_file(components, path: str | Path, *, multiplier: float = 1.0, ad
     tensors, metadata = load_lora_file(path)
     weights = parse_kohya(tensors, where=path.name)
     if adapter_name is None:
-        existing = _existing_adapters(_component_modules(components))
+        existing = _existing_adapters(component_modules(components))
         base = re.sub(r"[^A-Za-z0-9_]", "_", path.stem) or "lora"
         adapter_name = base
         i = 2

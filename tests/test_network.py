@@ -40,18 +40,25 @@ def lora_layer_count(module) -> int:
 
 # ---------------------------------------------------------------------------------------------- targets
 
-def _full_size_sd1():
-    """SD1.5's text encoder and U-Net on the meta device (no memory), from the bundled full-size configs."""
+def _full_size(family: str = "sd1"):
+    """A full-size text encoder and U-Net on the meta device (no memory), from the bundled configs."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet_cfg = json.loads((CONFIG_ROOT / "sd1" / "unet" / "config.json").read_text())
-    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / "sd1" / "text_encoder" / "config.json").read_text()))
-    assert unet_cfg["cross_attention_dim"] == 768 and te_cfg.hidden_size == 768 and te_cfg.num_hidden_layers == 12
+    unet_cfg = json.loads((CONFIG_ROOT / family / "unet" / "config.json").read_text())
+    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / family / "text_encoder" / "config.json").read_text()))
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_cfg)
         te = CLIPTextModel(te_cfg)
     return {"unet": unet, "text_encoder": te}
+
+
+def _full_size_sd1():
+    comps = _full_size("sd1")
+    te_cfg = comps["text_encoder"].config
+    assert comps["unet"].config.cross_attention_dim == 768 and te_cfg.hidden_size == 768
+    assert te_cfg.num_hidden_layers == 12  # CLIP ViT-L/14
+    return comps
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +96,16 @@ def test_full_size_sd15_locon_targets(full_sd1):
     assert unet["lora_unet_up_blocks_0_upsamplers_0_conv"].kind == "conv"
     assert unet["lora_unet_down_blocks_0_resnets_0_time_emb_proj"].kind == "linear"
     assert unet["lora_unet_up_blocks_3_resnets_0_conv_shortcut"].kind == "conv1x1"
+
+
+def test_full_size_sd2_targets():
+    comps = _full_size("sd2")
+    assert comps["text_encoder"].config.num_hidden_layers == 23  # OpenCLIP-H without its last layer
+    targets = lora_targets(comps)
+    assert sum(t.component == "text_encoder" for t in targets.values()) == 23 * 6
+    assert sum(t.component == "unet" for t in targets.values()) == 192
+    assert targets["lora_unet_down_blocks_0_attentions_0_proj_in"].kind == "linear"  # use_linear_projection
+    assert "lora_te_text_model_encoder_layers_22_self_attn_out_proj" in targets
 
 
 def test_full_size_injection_on_meta_device(full_sd1):
