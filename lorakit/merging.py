@@ -260,7 +260,7 @@ def _merge_into_model(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult
     if not (streamable_file or streamable_folder):  # across layouts: load, merge in memory, save
         from .models import load_models
 
-        comps = load_models(cfg.sd_model)
+        comps = getattr(base, "components", None) or load_models(cfg.sd_model)
         merge_into_components(comps, plan, dtype)
         if out.suffix:
             from .models import save_single_file
@@ -335,6 +335,12 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
 
 
 # ------------------------------------------------------------------------------------------------------ the verb
+def _is_repo_id(name: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name)) and not name.lower().endswith(SINGLE_FILE_EXTENSIONS)
+
+
 def merge(cfg: MergeConfig | None = None, /, **kwargs) -> MergeResult:
     """Merge LoRA files into a model (`sd_model`) or into one LoRA (see `MergeConfig` for the options).
 
@@ -347,8 +353,9 @@ def merge(cfg: MergeConfig | None = None, /, **kwargs) -> MergeResult:
     for m in cfg.models:
         if not Path(m).is_file():
             raise ConfigError(f"`models`: LoRA file not found: {m}")
-    if cfg.sd_model is not None and not Path(cfg.sd_model).exists():
-        raise ModelLoadError(f"`sd_model` not found: {cfg.sd_model}")
+    if cfg.sd_model is not None and not Path(cfg.sd_model).exists() and not _is_repo_id(cfg.sd_model):
+        raise ModelLoadError(f"`sd_model` not found: {cfg.sd_model} (expected a single file, a diffusers folder or "
+                             f"a Hub repo id)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`device` is cuda but no CUDA GPU is available; use `device = cpu`")
     ratios = cfg.resolved_ratios

@@ -216,12 +216,15 @@ class StateDictWeights(ModelWeights):
 
     def __init__(self, tensors: dict[str, torch.Tensor], family: Family, source: str = "memory"):
         self.tensors, self.family, self.source = tensors, family, source
+        self.components = None  # the SDComponents the tensors belong to, when built from them
 
     @classmethod
     def from_components(cls, comps) -> StateDictWeights:
         tensors = {"unet." + k: v for k, v in comps.unet.state_dict().items()}
         tensors.update({_te_name(k): v for k, v in comps.text_encoder.state_dict().items()})
-        return cls(tensors, comps.family, comps.source or "memory")
+        weights = cls(tensors, comps.family, comps.source or "memory")
+        weights.components = comps
+        return weights
 
     def shapes(self):
         return {k: tuple(v.shape) for k, v in self.tensors.items()}

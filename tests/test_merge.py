@@ -62,6 +62,7 @@ def setup(request, tmp_path_factory):
     comps = build_tiny(family, seed=0)
     comps.save_pretrained(d / "folder")
     save_single_file(comps, d / "base.safetensors")
+    save_single_file(comps, d / "base.ckpt")
     a = make_lora(comps, d / "a.safetensors", rank=2, seed=1, alpha=1.0)
     b = make_lora(comps, d / "b.safetensors", rank=3, seed=2, alpha=3.0, conv=False, every=2)
     return family, d, comps, a, b
@@ -103,7 +104,7 @@ def test_merge_into_folder_and_across_layouts(setup):
     family, d, comps, a, b = setup
     expected = expected_weights(comps, [(a, 0.5)])
     for src, dst in ((d / "folder", d / "merged-folder"), (d / "folder", d / "f2f.ckpt"),
-                     (d / "base.safetensors", d / "s2c.ckpt"),
+                     (d / "base.safetensors", d / "s2c.ckpt"), (d / "base.ckpt", d / "c2s.safetensors"),
                      (d / "base.safetensors", d / "file2folder")):
         merge(sd_model=str(src), models=[str(a)], ratios=[0.5], save_to=str(dst), overwrite=True)
         merged = open_weights(dst)
