@@ -65,6 +65,16 @@ def _check_adapter_name(name: str, modules: dict[str, nn.Module]) -> None:
                          f"`adapter_name`, or remove it first (`remove_lora(components, {name!r})`)")
 
 
+def _unique_adapter_name(stem: str, modules: dict[str, nn.Module]) -> str:
+    """`stem` made a valid adapter name (letters, digits, _) not yet used on the model: `style`, `style_2`, ..."""
+    existing = _existing_adapters(modules)
+    base = re.sub(r"[^A-Za-z0-9_]", "_", stem) or "lora"
+    name, i = base, 2
+    while name in existing:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def _inject(modules: dict[str, nn.Module], adapter_name: str, plan: dict[str, tuple[LoraTarget, int, float]],
             dropout: float) -> None:
     """Wrap the planned layers with peft LoRA layers: plan = {kohya_name: (target, rank, alpha)}."""
@@ -363,7 +373,7 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
 
 
 def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
-                       adapter_name: str = "lora", unet: bool = True, text_encoder: bool = True,
+                       adapter_name: str | None = None, unet: bool = True, text_encoder: bool = True,
                        trainable: bool = False, dropout: float = 0.0, dtype: torch.dtype | None = None,
                        where: str = "LoRA") -> LoraNetwork:
     """Apply an in-memory LoRA (`{name: LoraWeights}` or a kohya tensor dict) with its own ranks and alphas.
@@ -371,6 +381,8 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     Everything is checked before the model is touched: the family (a LoRA for SD2 on an SD1 model is refused,
     naming both), that every module matches a layer of this model, and every shape. `unet`/`text_encoder`
     False drops that component's modules. `trainable=True` continues training it (sd-scripts' `network_weights`).
+    `adapter_name` defaults to "lora" (made unique). As with any peft injection, the adapted components' own
+    weights are left with `requires_grad=False`.
     """
     weights = _as_weights(weights, where)
     modules = component_modules(components)
@@ -403,6 +415,7 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
                               f"(another model family or size?); nothing was applied. First: {problems[0]}")
     if not weights:
         raise LoraFormatError(f"{where}: no modules left to apply (unet={unet}, text_encoder={text_encoder})")
+    adapter_name = adapter_name or _unique_adapter_name("lora", modules)
     _check_adapter_name(adapter_name, modules)
     plan = {name: (targets[name], w.rank, w.alpha) for name, w in weights.items()}
     _inject(modules, adapter_name, plan, dropout)
@@ -421,11 +434,6 @@ def apply_lora_file(components, path: str | Path, *, multiplier: float = 1.0, ad
     tensors, metadata = load_lora_file(path)
     weights = parse_kohya(tensors, where=path.name)
     if adapter_name is None:
-        existing = _existing_adapters(component_modules(components))
-        base = re.sub(r"[^A-Za-z0-9_]", "_", path.stem) or "lora"
-        adapter_name = base
-        i = 2
-        while adapter_name in existing:
-            adapter_name, i = f"{base}_{i}", i + 1
+        adapter_name = _unique_adapter_name(path.stem, component_modules(components))
     return apply_lora_weights(components, weights, metadata, multiplier=multiplier, adapter_name=adapter_name,
                               where=path.name, **kwargs)

@@ -83,7 +83,7 @@ def test_diffusers_loads_every_key_and_draws_the_same_images(family, conv_dim, t
 
     # lorakit's application
     ours = load_models(folder)
-    apply_lora_file(ours, path)
+    ours_net = apply_lora_file(ours, path)
     ours_images = draw(ours)
 
     # diffusers' application, with its warnings captured (unexpected/missing keys are reported as warnings)
@@ -96,3 +96,10 @@ def test_diffusers_loads_every_key_and_draws_the_same_images(family, conv_dim, t
     base_images = draw(load_models(folder))
     assert np.abs(ours_images - base_images).max() > 1e-2  # the LoRA visibly changes the image
     np.testing.assert_allclose(theirs_images, ours_images, rtol=0, atol=1e-5)
+
+    # the multiplier means what diffusers' adapter weight means
+    ours_net.set_multiplier(0.5)
+    theirs.pipeline().set_adapters(["oracle"], adapter_weights=[0.5])
+    half = draw(ours)
+    assert np.abs(half - ours_images).max() > 1e-3
+    np.testing.assert_allclose(draw(theirs), half, rtol=0, atol=1e-5)
