@@ -310,12 +310,21 @@ class LoraSummary:
             f"dtype:      {', '.join(self.dtypes)}",
         ]
         summary = metadata_summary(self.metadata)
-        lines.append("metadata:   " + ("none" if not summary else ""))
+        lines.append("metadata:" + ("" if summary else "   none"))
         lines += [f"  {k}: {v}" for k, v in summary.items()]
         if self.training_config:
-            lines.append("training config (lorakit):")
-            lines += [f"  {k} = {json.dumps(v)}" for k, v in self.training_config.items()]
+            changed = _non_defaults(self.training_config)
+            lines.append(f"training config (lorakit; {len(changed)} options set, the rest at their defaults):")
+            lines += [f"  {k} = {json.dumps(v)}" for k, v in changed.items()]
         return "\n".join(lines)
+
+
+def _non_defaults(config: dict) -> dict:
+    """The options of a stored training config that differ from the current `TrainConfig` defaults."""
+    from .config import TrainConfig
+
+    defaults = {spec.name: spec.default for spec in TrainConfig.specs()}
+    return {k: v for k, v in config.items() if k not in defaults or defaults[k] != v}
 
 
 def _counts(counter: dict) -> str:
