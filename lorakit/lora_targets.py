@@ -8,7 +8,8 @@ The same layer set as sd-scripts' `networks.lora`:
   "conv", trained at `conv_dim`), their Linear `time_emb_proj` and 1x1 `conv_shortcut` (at `dim`) — SD1.5: +86.
 
 Selection is by module class, looking through peft wrappers, so it also works on a model that already carries
-adapters. Names come from `formats.kohya_module_name` (the fixed interchange spelling).
+adapters. `loadable_layers` is the wider set a LoRA *file* may adapt (every Linear/Conv2d). Names come from
+`formats.kohya_module_name` (the fixed interchange spelling).
 """
 
 from __future__ import annotations
@@ -90,6 +91,20 @@ def lora_targets(components, conv: bool = False) -> dict[str, LoraTarget]:
                     continue  # a kxk conv inside a transformer block is not a LoRA target in sd-scripts
                 targets[kohya_module_name(component, path)] = LoraTarget(component, path, kind)
     return targets
+
+
+def loadable_layers(components) -> dict[str, LoraTarget]:
+    """Every Linear/Conv2d of the text encoder and U-Net, keyed by its kohya name: what a LoRA file may adapt.
+
+    A superset of `lora_targets(conv=True)`: other trainers (LyCORIS presets, some Colab kits) also adapt e.g.
+    `conv_in`, `conv_out` or `time_embedding.linear_1`; such files load too, as diffusers'
+    loader reads them. Keys matching none of these layers are refused.
+    """
+    targets = {}
+    for component, module in component_modules(components).items():
+        for path, layer in _leaf_layers(module, ""):
+            targets[kohya_module_name(component, path)] = LoraTarget(component, path, _kind(layer))
+    return {**targets, **lora_targets(components, conv=True)}
 
 
 def model_family_of(modules: dict[str, nn.Module]) -> str | None:

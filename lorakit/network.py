@@ -41,7 +41,15 @@ from torch import nn
 from .errors import LoraFormatError
 from .formats import FAMILY_WORDS, LoraWeights, component_of, detect_family, load_lora_file, parse_kohya, to_kohya
 from .lora_math import LoraFactors
-from .lora_targets import COMPONENTS, LoraTarget, base_layer_of, component_modules, lora_targets, model_family_of
+from .lora_targets import (
+    COMPONENTS,
+    LoraTarget,
+    base_layer_of,
+    component_modules,
+    loadable_layers,
+    lora_targets,
+    model_family_of,
+)
 
 __all__ = ["LoraNetwork", "LoraTarget", "add_lora", "apply_lora_file", "apply_lora_weights", "lora_targets",
            "remove_lora"]
@@ -394,7 +402,7 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
                               f"family — nothing was applied")
     weights = {n: w for n, w in weights.items()
                if (component_of(n) != "unet" or unet) and (component_of(n) != "text_encoder" or text_encoder)}
-    targets = lora_targets(modules, conv=True)
+    targets = loadable_layers(modules)
     unknown = sorted(n for n in weights if n not in targets)
     if unknown:
         missing_parts = sorted({component_of(n) or n.split("_")[0] + "_" + n.split("_")[1] for n in unknown})

@@ -122,6 +122,31 @@ def test_sd2_file_with_4d_proj_loads_into_linear_projections(tiny_sd2_dir, tmp_p
     check_effect(comps, spec, tensors)
 
 
+def test_files_adapting_more_layers_than_lorakit_trains_load(tiny_sd1_dir):
+    """LyCORIS-style presets also adapt e.g. conv_in and the time embedding; diffusers reads them, so does lorakit."""
+    spec = {"lora_unet_conv_in": ((2, 4, 3, 3), (H, 2, 1, 1), 1.0),
+            "lora_unet_time_embedding_linear_1": ((2, H), (4 * H, 2), 2.0)}
+    tensors = hand_written(spec)
+    comps = load_models(str(tiny_sd1_dir))
+    net = apply_lora_weights(comps, tensors)
+    assert {t.kind for t in net.targets.values()} == {"conv", "linear"}
+    check_effect(comps, spec, tensors)
+
+
+def test_full_size_sd2_file_with_4d_projections_is_recognised_and_applied():
+    from test_network import _full_size
+
+    comps = _full_size("sd2")  # meta device: shapes and names only
+    spec = {"lora_unet_down_blocks_0_attentions_0_proj_in": ((4, 320, 1, 1), (320, 4, 1, 1), 4.0),
+            "lora_unet_up_blocks_3_attentions_2_proj_out": ((4, 320, 1, 1), (320, 4, 1, 1), 4.0),
+            "lora_te_text_model_encoder_layers_22_mlp_fc2": ((4, 4096), (1024, 4), 4.0),
+            "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k": ((4, 1024), (320, 4), 2.0)}
+    net = apply_lora_weights(comps, hand_written(spec))
+    assert sorted(net.layers) == sorted(spec)
+    assert net.layers["lora_unet_down_blocks_0_attentions_0_proj_in"].lora_A[net.adapter_name].weight.shape == (
+        4, 320)  # squeezed onto the Linear projection
+
+
 def test_flat_text_encoder_spelling_is_read_as_the_classic_one(tiny_sd1_dir, tmp_path):
     tensors = hand_written({"lora_te_encoder_layers_0_mlp_fc2": ((2, TE_MLP), (H, 2), 1.0)})
     weights = parse_kohya(tensors)

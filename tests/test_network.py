@@ -350,3 +350,17 @@ def test_applied_file_is_frozen_unless_trainable(tiny_sd1_dir, tmp_path):
     w = tensors["lora_te_text_model_encoder_layers_1_mlp_fc2.lora_up.weight"]
     assert w.dtype == torch.float16
     assert torch.equal(resumed.state_dict()["lora_te_text_model_encoder_layers_1_mlp_fc2.lora_up.weight"], w.float())
+
+
+def test_fp32_adapter_on_a_half_precision_model(tiny_sd1_dir):
+    """Mixed precision on a GPU keeps the base in fp16/bf16 and trains fp32 adapters; bf16 runs on CPU too."""
+    comps = load_models(str(tiny_sd1_dir)).to(dtype=torch.bfloat16)
+    net = add_lora(comps, dim=4, alpha=4, conv_dim=2, dtype=torch.float32)
+    randomize(net)
+    params = net.trainable_parameters()
+    assert {p.dtype for ps in params.values() for p in ps} == {torch.float32}
+    hidden = comps.text_encoder(torch.randint(0, 500, (1, 77)))[0]
+    pred = comps.unet(torch.randn(1, 4, 8, 8, dtype=torch.bfloat16), torch.tensor([5]), hidden).sample
+    assert pred.dtype == torch.bfloat16 and torch.isfinite(pred).all()
+    pred.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params["unet"] + params["text_encoder"])
