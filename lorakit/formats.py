@@ -235,6 +235,7 @@ def save_lora(path: str | Path, state, metadata: dict | None = None, save_precis
 
 # ---------------------------------------------------------------------------------------------------- families
 
+_TE_HIDDEN_INPUTS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1")
 _TE_LAYER = re.compile(r"^lora_te_text_model_encoder_layers_(\d+)_")
 _METADATA_FAMILY = (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"), ("stable-diffusion-xl", "sdxl"),
                     ("stable-diffusion-v2", "sd2"), ("stable-diffusion-v1", "sd1"))
@@ -252,7 +253,7 @@ def detect_family(weights: dict[str, LoraWeights], metadata: dict[str, str] | No
     if any(n.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in n for n in weights):
         return "sdxl", "it has SDXL keys (lora_te1_/lora_te2_/input_blocks)"
     for name, w in weights.items():
-        if name.endswith("self_attn_q_proj") and name.startswith("lora_te_"):
+        if name.startswith("lora_te_") and name.endswith(_TE_HIDDEN_INPUTS):
             width = w.down.shape[1]
             if width in (768, 1024):
                 fam = "sd1" if width == 768 else "sd2"

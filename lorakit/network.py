@@ -263,6 +263,8 @@ class LoraNetwork:
 
     def merge(self) -> None:
         """Fold `multiplier * alpha/rank * up @ down` into each base weight (faster inference; see module doc)."""
+        if not self.enabled:
+            raise ValueError(f"adapter {self.adapter_name!r} is disabled; enable() it before merging")
         if not self.merged:
             for layer in self.layers.values():
                 layer.merge(adapter_names=[self.adapter_name])

@@ -295,6 +295,9 @@ def test_merge_and_unmerge(tiny_sd1_dir):
         assert (half[name] - unmerged_layers[name]).abs().max() > 1e-4
     torch.testing.assert_close(comps.unet.down_blocks[0].resnets[0].conv1.base_layer.weight, weight0,
                                rtol=0, atol=1e-6)
+    net.disable()
+    with pytest.raises(ValueError, match="disabled"):
+        net.merge()
 
 
 def test_trainable_groups_and_frozen_base(tiny_sd1_dir):
