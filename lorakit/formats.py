@@ -6,12 +6,17 @@ On disk it is the flat kohya tensor dict: `<name>.lora_down.weight`, `<name>.lor
 (see docs/KOHYA_FORMAT.md §1–4), in a `.safetensors` file (with string metadata) or a plain pickle `.ckpt`/`.pt`.
 
 Public API:
-- `kohya_module_name(component, path) -> str` — the fixed interchange spelling of a module's LoRA name.
-- `LoraWeights(down, up, alpha)` — one module; `.rank`, `.scale`, `.is_conv`.
+- `kohya_module_name(component, path) -> str` — the fixed interchange spelling of a module's LoRA name;
+  `canonical_module_name(name)` normalises names read from files, `component_of(name)` -> 'unet'/'text_encoder'.
+- `LoraWeights(up=, down=, alpha=)` — one module (a `lora_math.LoraFactors`); `.rank`, `.scale`, `.is_conv`.
 - `parse_kohya(tensors) -> dict[name, LoraWeights]` and `to_kohya(weights, dtype=None) -> tensors` (inverse).
 - `load_lora_file(path) -> (tensors, metadata)` (alias `load_lora`), `save_lora(path, state, metadata, save_precision)`.
 - `detect_family(weights, metadata) -> (family name | None, reason)`.
-- `inspect(cfg: InspectConfig | None = None, /, **kwargs) -> LoraSummary` — the `lorakit inspect` job.
+- `summarize_lora(path) -> LoraSummary` and `inspect(cfg: InspectConfig | None = None, /, **kwargs)` — the
+  `lorakit inspect` job (prints the summary, returns it).
+
+A file is written with NaN/inf values (fp16 overflow), rank 0 or foreign keys never: `save_lora` and `parse_kohya`
+refuse them with `LoraFormatError`; pickles are read with `weights_only=True` (`UnsafeCheckpointError`).
 
 Alpha semantics (lorakit's choice, matching sd-scripts): a module without `.alpha`, or with alpha 0, has
 alpha = rank, i.e. scale 1. `LoraWeights.alpha` is always the resolved float.
@@ -221,8 +226,8 @@ def save_lora(path: str | Path, state, metadata: dict | None = None, save_precis
     if state and isinstance(next(iter(state.values())), LoraFactors):
         tensors = to_kohya(state, dtype)
     else:
-        parse_kohya(state, where=path.name)  # refuse to write something no reader accepts
         tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
+    parse_kohya(tensors, where=path.name)  # never write what no reader accepts (foreign keys, rank 0, NaN/inf)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         meta = stringify_metadata(metadata or {})

@@ -187,6 +187,10 @@ def test_save_precisions_and_pickle_formats(tiny_sd1_dir, tmp_path):
         assert header == {} and tensors.keys() == state.keys()
     with pytest.raises(ValueError, match="must end in"):
         save_lora(tmp_path / "x.bin", state)
+    huge = {**state, "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.full((64, 2), 1e6)}
+    with pytest.raises(LoraFormatError, match="infinite"):  # 1e6 overflows fp16: refused, nothing written
+        save_lora(tmp_path / "huge.safetensors", huge, save_precision="fp16")
+    assert not (tmp_path / "huge.safetensors").exists()
     with pytest.raises(ValueError, match="save_precision"):
         save_lora(tmp_path / "x.safetensors", state, save_precision="fp8")
 
