@@ -4,7 +4,8 @@
     python benchmarks/train_step.py --device cuda      # GPU: fp16, with and without gradient checkpointing
 
 (a) bare: `unet(x_t, t, text).sample`, MSE, backward — frozen weights, gradients for the activations only (the least
-    any LoRA step must do); measured before and after lorakit's runs, averaged.
+    any LoRA step must do). On CPU one bare step (on a LoRA-free copy of the U-Net) runs between every two lorakit
+    steps, so both see the same machine load (the development machines are shared and noisy).
 (b) lorakit: `lorakit.train(...)` on a one-image dataset with the same components; the step time is the interval
     between consecutive `on_step` callbacks (everything the loop does: text encoder, noise, loss, optimizer), after
     warm-up steps. Two configurations: LoRA on text encoder + U-Net (sd-scripts' default, the one in
@@ -15,6 +16,7 @@ Ratios are measured side by side in one process. Peak RSS is the process's high-
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -78,26 +80,38 @@ def bare_step_times(unet, steps: int, device, dtype, warmup: int = 1) -> list[fl
 
 
 class StepTimer:
-    def __init__(self):
-        self.stamps = []
+    """Times lorakit's steps from `on_step` to `on_step`, excluding what runs inside the callback — there, with
+    `between`, one bare step is timed, so bare and lorakit steps alternate under the same machine load."""
+
+    def __init__(self, between=None):
+        self.between = between
+        self.steps, self.bare = [], []
+        self._resume = None
 
     def on_step(self, info):
+        now = self._sync_time()
+        if self._resume is not None:
+            self.steps.append(now - self._resume)
+        if self.between is not None:
+            self.bare.append(self.between())
+        self._resume = self._sync_time()
+
+    @staticmethod
+    def _sync_time() -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.stamps.append(time.perf_counter())
-
-    def intervals(self, warmup: int) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:])][warmup:]
+        return time.perf_counter()
 
 
-def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, **options) -> list[float]:
+def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, between=None, **options):
+    """(lorakit step times, bare step times measured in between) after `warmup` steps."""
     import lorakit
 
-    timer = StepTimer()
+    timer = StepTimer(between)
     lorakit.train(components=comps, callbacks=timer, train_data_dir=str(data), output_dir=str(out),
                   max_train_steps=warmup + steps + 1, resolution="512", network_dim=16, train_batch_size=1,
                   cache_latents=True, sample_at_end=False, **options)
-    return timer.intervals(warmup)
+    return timer.steps[warmup:], timer.bare[warmup + 1:]
 
 
 def make_dataset(root: Path) -> Path:
@@ -129,21 +143,26 @@ def main(argv=None) -> None:
 
     if device.type == "cpu":
         comps.to(device=device, dtype=torch.float32)
-        bare = bare_step_times(comps.unet, steps, device, torch.float32, args.warmup)
-        rss_bare = peak_rss_gb()
+        bare_unet = copy.deepcopy(comps.unet).requires_grad_(False)  # never gets a LoRA
+
+        def bare_step() -> float:
+            return bare_step_times(bare_unet, 1, device, torch.float32, warmup=0)[0]
+
         rows = []
         for label, opts in [("TE + U-Net LoRA", {}), ("U-Net-only LoRA", {"network_train_unet_only": True})]:
-            times = lorakit_step_times(comps, data, root / label.replace(" ", "_"), steps, args.warmup, device="cpu",
-                                       **opts)
-            rows.append((label, statistics.mean(times), peak_rss_gb()))
-        bare += bare_step_times(comps.unet, steps, device, torch.float32, args.warmup)
-        base = statistics.mean(bare)
-        print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each")
-        print(f"{'step':40s} {'s/step':>8s} {'ratio':>7s} {'peak RSS':>9s}")
-        print(f"{'(a) bare frozen U-Net fwd+bwd':40s} {base:8.2f} {1.0:7.3f} {rss_bare:7.1f} GB")
-        for label, t, rss in rows:
-            print(f"{'(b) lorakit, ' + label:40s} {t:8.2f} {t / base:7.3f} {rss:7.1f} GB")
-        print(f"bare step samples: {', '.join(f'{x:.2f}' for x in bare)}")
+            times, bare = lorakit_step_times(comps, data, root / label.replace(" ", "_"), steps, args.warmup,
+                                             between=bare_step, device="cpu", **opts)
+            rows.append((label, times, bare, peak_rss_gb()))
+        print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each, "
+              f"alternating with a bare step")
+        print(f"{'lorakit step':24s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'peak RSS':>9s}")
+        for label, times, bare, rss in rows:
+            ratio = statistics.mean(times) / statistics.mean(bare)
+            print(f"{label:24s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
+                  f"{rss:7.1f} GB")
+            print(f"  samples: lorakit {', '.join(f'{x:.2f}' for x in times)}; "
+                  f"bare {', '.join(f'{x:.2f}' for x in bare)}")
+        print("peak RSS includes a second U-Net (3.4 GB) kept for the bare steps")
         return
 
     comps.to(device=device, dtype=torch.float16)
@@ -154,8 +173,8 @@ def main(argv=None) -> None:
     for ckpt in (False, True):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        times = lorakit_step_times(comps, data, root / f"gpu_{ckpt}", steps, args.warmup, device=str(device),
-                                   mixed_precision="fp16", gradient_checkpointing=ckpt)
+        times, _ = lorakit_step_times(comps, data, root / f"gpu_{ckpt}", steps, args.warmup, device=str(device),
+                                      mixed_precision="fp16", gradient_checkpointing=ckpt)
         mem = torch.cuda.max_memory_allocated(device) / 1024**3
         label = f"(b) lorakit TE+U-Net, checkpointing {'on' if ckpt else 'off'}"
         print(f"{label:46s} {1 / statistics.mean(times):7.2f} {statistics.mean(times) / statistics.mean(bare):7.3f}"

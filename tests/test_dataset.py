@@ -278,3 +278,17 @@ def test_bucket_range_and_config_conflicts_are_named(tmp_path):
                                  native_resolution=64)
     with pytest.raises(ConfigError, match="multiple of 8"):
         TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), resolution="60"), native_resolution=64)
+
+
+def test_sd_scripts_metadata_json_subset(tmp_path):
+    (tmp_path / "ft").mkdir()
+    for i in range(2):
+        pattern(64, 64, i).save(tmp_path / "ft" / f"img{i}.jpg")
+    (tmp_path / "meta.json").write_text(json.dumps({"img0": {"caption": "a cat"}, "img1.jpg": {"tags": "cat, sofa"},
+                                                    "gone": {"caption": "missing file"}}))
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'ft'\n"
+                    "metadata_file = 'meta.json'\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert sorted(e.item.caption for e in ds.examples) == ["a cat", "cat, sofa"]
+    assert any(p.endswith("gone") and "missing" in r for p, r in ds.report.skipped)

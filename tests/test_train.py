@@ -266,3 +266,22 @@ def test_schedules_warm_up():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+
+
+def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, capsys):
+    from lorakit.cli import main
+
+    d = tmp_path / "data" / "1_sks toy"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    (d / "b.png").write_bytes(b"")  # listed in the report, not fatal
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'pretrained_model_name_or_path = "{tiny_sd1_dir}"\ntrain_data_dir = "{tmp_path / "data"}"\n'
+                    f'output_dir = "{tmp_path / "out"}"\nmax_train_steps = 2\nsample_at_end = false\n')
+    assert main(["train", "--config", str(toml), "--network_dim", "4"]) == 0
+    _, meta = read_lora(tmp_path / "out" / "lora.safetensors")
+    assert meta["ss_network_dim"] == "4"
+    assert "b.png: empty file (0 bytes)" in (tmp_path / "out" / "dataset_report.txt").read_text()
+    (d / "a.png").unlink()
+    assert main(["train", "--config", str(toml)]) == 2
+    assert "no usable training images" in capsys.readouterr().err

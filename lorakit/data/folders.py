@@ -207,13 +207,13 @@ def scan_subset(subset: Subset, report: DatasetReport) -> list[ImageItem]:
         candidates = sorted(p for p in subset.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     items = []
     for path in candidates:
+        if subset.metadata_file is not None and not path.is_file():
+            report.skip(path, f"listed in {subset.metadata_file.name} but missing")
+            continue
         if not is_image_file(path):
             if path.suffix.lower() not in (subset.caption_extension, ".txt", ".caption", ".json", ".jsonl", ".npz",
                                            ".safetensors", ".toml"):
                 report.skip(path, "not an image file (by extension): ignored")
-            continue
-        if not path.is_file():
-            report.skip(path, "listed in the metadata but missing")
             continue
         try:
             size, notes = _probe(path)
