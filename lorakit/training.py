@@ -114,90 +114,99 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     started, steps_at_start = time.perf_counter(), step
     accumulated, micro = 0.0, 0
     resume_point = (start_epoch, skip_batches)  # (epoch, batches done in it) after the latest optimizer step
-    for epoch in range(start_epoch, run.num_epochs):
-        batches = dataset.batches(epoch)
-        for position, indices in enumerate(batches):
-            if epoch == start_epoch and position < skip_batches:
-                continue  # already trained before the state was saved
+    try:
+        for epoch in range(start_epoch, run.num_epochs):
+            batches = dataset.batches(epoch)
+            for position, indices in enumerate(batches):
+                if epoch == start_epoch and position < skip_batches:
+                    continue  # already trained before the state was saved
+                if step >= run.max_steps:
+                    break
+                batch = dataset.load(indices, epoch, position)
+                # the random numbers of this batch depend only on (seed, epoch, position): resumable exactly
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 100_003 + position)
+                with run.autocast():
+                    # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
+                    latents = latents_of(batch, run, gen)
+                    bsz = latents.shape[0]
+                    # 2. noise ~ N(0, I); offset noise adds a per-channel constant so the model can learn very dark or
+                    #    bright images (crosslabs.org/blog/diffusion-with-offset-noise)
+                    noise = torch.randn(latents.shape, generator=gen)
+                    if cfg.noise_offset:
+                        noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
+                    noise = noise.to(device, latents.dtype)
+                    # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
+                    timesteps = torch.randint(t_min, t_max, (bsz,), generator=gen).to(device)
+                    # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    # 5. condition: caption -> text-encoder hidden states (with clip_skip)
+                    hidden = encode_text(batch.captions, run)
+                    # 6. predict with the LoRA-adapted U-Net
+                    pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
+                    # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
+                    # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × min-SNR weight
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = loss * batch.weights.to(device)
+                    if cfg.min_snr_gamma:
+                        # Min-SNR weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
+                        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+                        loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_target else snr)
+                    loss = loss.mean()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise TrainingError(
+                        f"loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and no NaN "
+                        f"weights were written (the last saved LoRA is intact). Try a lower learning rate, "
+                        f"`mixed_precision = bf16` or `no`, or `max_grad_norm = 1`")
+                # 9. backward: gradients reach only the LoRA weights (the base model is frozen)
+                (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
+                accumulated += loss_value
+                micro += 1
+                if micro < accumulation and position < len(batches) - 1:
+                    continue
+                # 10. optimizer step: unscale (fp16), clip the gradient norm, step, advance the LR schedule
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
+                info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
+                                total_steps=run.max_steps,
+                                it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9))
+                accumulated, micro = 0.0, 0
+                history.append(info.record())
+                progress.update(1)
+                progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+                cbs.on_step(info)
+                if step < run.max_steps:
+                    if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                        run.sample(step, cbs)
+                    if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+                        checkpoint(f"step{step:08d}", *resume_point)
             if step >= run.max_steps:
                 break
-            batch = dataset.load(indices, epoch, position)
-            # the random numbers of this batch depend only on (seed, epoch, position): resumable exactly
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 100_003 + position)
-            with run.autocast():
-                # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
-                latents = latents_of(batch, run, gen)
-                bsz = latents.shape[0]
-                # 2. noise ~ N(0, I); offset noise adds a per-channel constant so the model can learn very dark or
-                #    bright images (crosslabs.org/blog/diffusion-with-offset-noise)
-                noise = torch.randn(latents.shape, generator=gen)
-                if cfg.noise_offset:
-                    noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
-                noise = noise.to(device, latents.dtype)
-                # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
-                timesteps = torch.randint(t_min, t_max, (bsz,), generator=gen).to(device)
-                # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                # 5. condition: caption -> text-encoder hidden states (with clip_skip)
-                hidden = encode_text(batch.captions, run)
-                # 6. predict with the LoRA-adapted U-Net
-                pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
-                # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-                target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
-                # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × min-SNR weight
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = loss * batch.weights.to(device)
-                if cfg.min_snr_gamma:
-                    # Min-SNR weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
-                    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                    loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_target else snr)
-                loss = loss.mean()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and no NaN "
-                    f"weights were written (the last saved LoRA is intact). Try a lower learning rate, "
-                    f"`mixed_precision = bf16` or `no`, or `max_grad_norm = 1`")
-            # 9. backward: gradients reach only the LoRA weights (the base model is frozen)
-            (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
-            accumulated += loss_value
-            micro += 1
-            if micro < accumulation and position < len(batches) - 1:
-                continue
-            # 10. optimizer step: unscale (fp16), clip the gradient norm, step, advance the LR schedule
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
-            info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
-                            total_steps=run.max_steps,
-                            it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9))
-            accumulated, micro = 0.0, 0
-            history.append(info.record())
-            progress.update(1)
-            progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
-            cbs.on_step(info)
-            if step < run.max_steps:
-                if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-                    run.sample(step, cbs)
-                if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
-                    checkpoint(f"step{step:08d}", *resume_point)
-        if step >= run.max_steps:
-            break
-        # end of an epoch (not the last): samples and saves by epoch; the state points at the next epoch
-        if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
-            run.sample(step, cbs)
-        if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
-            checkpoint(f"{epoch + 1:06d}", *resume_point)
+            # end of an epoch (not the last): samples and saves by epoch; the state points at the next epoch
+            if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+                run.sample(step, cbs)
+            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+                checkpoint(f"{epoch + 1:06d}", *resume_point)
+    except KeyboardInterrupt:
+        # stopped by the user (Ctrl-C, the notebook's stop button): keep what was learned, then stop
+        progress.close()
+        if step > 0:
+            checkpoint("interrupted", *resume_point)
+            run.log(f"interrupted at step {step}: saved {run.intermediate_name('interrupted').name}"
+                    + (" and its state (resume = latest)" if cfg.save_state else ""))
+        raise
     progress.close()
 
     # ---- the final LoRA, its state, the history and the samples grid

@@ -96,3 +96,22 @@ def test_resume_without_state_says_what_to_do(tmp_path, tiny_sd1_dir, dataset):
         lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, tmp_path / "none"))
     with pytest.raises(TrainingError, match="not a state folder"):
         lorakit.train(resume=str(tmp_path), **settings(tiny_sd1_dir, dataset, tmp_path / "none"))
+
+
+def test_user_interrupt_saves_lora_and_state(tmp_path, tiny_sd1_dir, dataset):
+    class StopButton:
+        def on_step(self, info):
+            if info.step == 2:
+                raise KeyboardInterrupt
+
+    kw = settings(tiny_sd1_dir, dataset, tmp_path / "full")
+    kw.update(save_every_n_steps=None, max_train_steps=3)
+    full = lorakit.train(**kw)
+    kw["output_dir"] = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.train(callbacks=StopButton(), **kw)
+    assert (tmp_path / "stopped" / "lora-interrupted.safetensors").is_file()
+    assert (tmp_path / "stopped" / "state-latest.txt").read_text().strip() == "state-00000002"
+    resumed = lorakit.train(resume="latest", **kw)
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
