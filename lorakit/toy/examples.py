@@ -1,0 +1,98 @@
+"""The bundled `data_examples/`: two small datasets drawn from the toy world, with ready-to-run training configs.
+
+- `dreambooth/img/<repeats>_sks shape/`: crescents — a shape the toy model never saw — to be learned under the
+  trigger word "sks"; `dreambooth/reg/1_shape/`: class images (the shapes it knows), same layout.
+- `captions/`: images of known shapes with a striped fill (a fill it never saw) and `.txt` captions such as
+  "a red striped circle on a white background".
+- `dreambooth.toml`, `captions.toml`: `lorakit train --config ...` settings that learn on a CPU in about a minute
+  on the built-in `lorakit-toy` model; `sample_prompts.txt`: kohya-syntax prompts for samples during training.
+
+Everything is a pure function of the seed, so `scripts/make_data_examples.py` rewrites identical files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from ..fileio import write_bytes, write_text
+from . import world
+
+TRIGGER = "sks"
+DREAMBOOTH_REPEATS = 10
+DREAMBOOTH_PROMPT = f"a {TRIGGER} {world.CLASS_WORD}"
+STYLE_WORD = "striped"
+
+# Workshop settings shared by both examples: rank 8 on the toy model, AdamW at 2e-3 (text encoder 1e-3), batch 8,
+# 500 steps, CPU, fp32 — measured by benchmarks/toy_lesson.py at ~110 s on 2 cores with the concept learned.
+WORKSHOP = dict(
+    pretrained_model_name_or_path="lorakit-toy", network_dim=8, network_alpha=8.0, learning_rate=2e-3,
+    text_encoder_lr=1e-3, train_batch_size=8, max_train_steps=500, lr_scheduler="constant", optimizer_type="AdamW",
+    mixed_precision="no", save_precision="float", seed=42, device="cpu", cache_latents=True,
+    sample_every_n_steps=250, sample_sampler="ddim",
+)
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    world.to_pil(image).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _write_images(folder: Path, scenes, captions: list[str] | None = None, prefix: str = "") -> list[Path]:
+    images = world.render(scenes)
+    paths = []
+    for i in range(len(scenes)):
+        path = folder / f"{prefix}{i:03d}.png"
+        write_bytes(path, _png(images[i]))
+        if captions is not None:
+            write_text(path.with_suffix(".txt"), captions[i] + "\n")
+        paths.append(path)
+    return paths
+
+
+def _toml(title: str, values: dict) -> str:
+    """Only the settings that differ from lorakit's defaults, validated through `TrainConfig` first."""
+    import tomli_w
+
+    from ..config import TrainConfig
+
+    TrainConfig.from_dict(values)
+    return f"# {title}\n# Run from the repository root:  lorakit train --config data_examples/<this file>\n" + \
+        tomli_w.dumps(values)
+
+
+def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg: int = 32,
+                       n_captions: int = 32) -> dict[str, Path]:
+    """Write the examples into `dest` (normally the repository's `data_examples/`); returns the main paths.
+
+    Paths inside the TOMLs are relative to `dest`'s parent folder (the repository root: run `lorakit train` there).
+    """
+    dest = Path(dest)
+    rel = Path(dest.name)
+    # DreamBooth: the held-out shape under the trigger word, known shapes as class (regularisation) images
+    db_train = dest / "dreambooth" / "img" / f"{DREAMBOOTH_REPEATS}_{TRIGGER} {world.CLASS_WORD}"
+    db_reg = dest / "dreambooth" / "reg" / f"1_{world.CLASS_WORD}"
+    _write_images(db_train, world.sample_scenes(n_train, seed, shapes=world.HELD_OUT_SHAPES, fills=("solid",)))
+    _write_images(db_reg, world.sample_scenes(n_reg, seed + 1, fills=("solid",)))
+    # Captions: known shapes with the held-out striped fill, each captioned in full
+    cap_dir = dest / "captions"
+    scenes = world.sample_scenes(n_captions, seed + 2, fills=(STYLE_WORD,))
+    _write_images(cap_dir, scenes, [world.caption(scenes, i) for i in range(len(scenes))])
+    prompts = write_text(dest / "sample_prompts.txt", "\n".join([
+        f"{DREAMBOOTH_PROMPT} --s 20 --l 5 --d 1",
+        f"a blue {TRIGGER} {world.CLASS_WORD} on a white background --s 20 --l 5 --d 2",
+        f"a red {STYLE_WORD} circle on a white background --s 20 --l 5 --d 3",
+        f"a yellow {STYLE_WORD} square on a black background --s 20 --l 5 --d 4",
+    ]) + "\n")
+    db_toml = write_text(dest / "dreambooth.toml", _toml(
+        f"DreamBooth lesson: teach the toy model a shape it never saw, as '{DREAMBOOTH_PROMPT}'.", dict(
+        WORKSHOP, train_data_dir=str(rel / "dreambooth" / "img"), reg_data_dir=str(rel / "dreambooth" / "reg"),
+        prior_loss_weight=1.0, sample_prompts=str(rel / "sample_prompts.txt"), output_dir="output/toy_dreambooth",
+        output_name="sks_shape")))
+    cap_toml = write_text(dest / "captions.toml", _toml(
+        f"Caption lesson: teach the toy model a fill it never saw, '{STYLE_WORD}'.", dict(
+        WORKSHOP, train_data_dir=str(rel / "captions"), sample_prompts=str(rel / "sample_prompts.txt"),
+        output_dir="output/toy_captions", output_name="striped")))
+    return {"dreambooth": dest / "dreambooth", "captions": cap_dir, "dreambooth_toml": db_toml,
+            "captions_toml": cap_toml, "sample_prompts": prompts}
