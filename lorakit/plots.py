@@ -197,6 +197,14 @@ def save_image(image: Image.Image, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """A PNG/JPEG written by lorakit, loaded fully (so the file is closed); shown inline as a notebook's last line."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(2, "no such image (was anything sampled?)", str(path))
+    with Image.open(path) as im:
+        return im.copy()
+
+
 def image_png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")

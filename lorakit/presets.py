@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .config import JobConfig, TrainConfig
 from .errors import ConfigError
+from .toy.examples import WORKSHOP
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -36,12 +37,10 @@ PRESETS: dict[str, dict[str, dict]] = {
             _T4, network_dim=32, network_alpha=16.0, learning_rate=1e-4, unet_lr=1e-4, text_encoder_lr=2e-5,
             max_train_steps=2400, lr_scheduler="cosine", lr_warmup_steps=100, flip_aug=True, shuffle_caption=True,
             keep_tokens=1, output_name="style_lora"),
+        # the settings of the bundled toy lessons (lorakit.toy.examples), one source for both
         "workshop (CPU, toy model)": dict(
-            pretrained_model_name_or_path="lorakit-toy", resolution=None, mixed_precision="no",
-            gradient_checkpointing=False, optimizer_type="AdamW", network_dim=8, network_alpha=8.0,
-            learning_rate=1e-3, unet_lr=None, text_encoder_lr=None, max_train_steps=300, train_batch_size=4,
-            save_state=False, save_every_n_steps=None, sample_every_n_steps=100, save_precision="float",
-            device="cpu", seed=42, output_name="toy_lora"),
+            WORKSHOP, resolution=None, gradient_checkpointing=False, unet_lr=None, save_state=False,
+            save_every_n_steps=None, output_name="toy_lora"),
     },
 }
 
