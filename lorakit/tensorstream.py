@@ -68,14 +68,14 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         entry = self.entries[key]
         begin, end = entry["data_offsets"]
-        buf = bytearray(end - begin)
-        self._file.seek(self._data_start + begin)
-        if self._file.readinto(buf) != len(buf):
-            raise ModelLoadError(f"{self.path.name}: truncated while reading {key}")
         dtype = self.dtype(key)
-        if not buf:
+        if end == begin:
             return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(entry["shape"])
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # not zero-filled: read straight into it
+        self._file.seek(self._data_start + begin)
+        if self._file.readinto(memoryview(buf.numpy())) != end - begin:
+            raise ModelLoadError(f"{self.path.name}: truncated while reading {key}")
+        return buf.view(dtype).reshape(entry["shape"])
 
     def close(self) -> None:
         self._file.close()
