@@ -238,7 +238,7 @@ def xy_grid(cfg=None, /, x: str = "network_mul", x_values: Sequence = (0.0, 0.5,
         row = []
         for xv in x_values:
             one = cfg.replace(**{x: _as_value(spec_x, xv, getattr(cfg, x)), y: _as_value(spec_y, yv, getattr(cfg, y)),
-                                 "num_images": 1})
+                                 "num_images": 1, "output_dir": ""})  # only the grid is saved
             row.append(_first_image(generate(one)))
         rows.append(row)
     grid = image_grid(rows, row_labels=[f"{y}={v}" for v in y_values], col_labels=[f"{x}={v}" for v in x_values],

@@ -60,6 +60,7 @@ def test_xy_grid_generates_each_pair(tmp_path):
 
     def fake_generate(cfg):
         calls.append((cfg.network_mul, cfg.seed))
+        assert cfg.output_dir == "" and cfg.num_images == 1
         shade = int(255 * cfg.network_mul[0])
         return [Image.new("RGB", (64, 64), (shade, cfg.seed, 0))]
 
