@@ -2,7 +2,8 @@
 
 `LiveView` is a set of training callbacks (`on_step`, `on_sample`, `on_save`) that owns one ipywidgets box beside the
 training's own tqdm progress bar (steps, loss, it/s, ETA — `tqdm.auto` draws it as a widget in notebooks):
-- a status line (step, loss, speed, last file saved),
+- a progress bar of its own (the one place to look, also inside a form's output) and a status line (step, loss,
+  speed, last file saved),
 - the loss curve, raw and smoothed, re-rendered at most every `redraw_s` seconds (drawing costs ~50 ms, a toy
   training step about as much, so drawing every step would halve the speed),
 - the sample grid: one row per prompt, one column per sampling step (the last `max_columns`).
@@ -65,6 +66,9 @@ class LiveView:
             import ipywidgets as w
         except ImportError:
             return
+        self.progress = w.IntProgress(value=0, min=0, max=self.total or 1, description="step 0",
+                                      style={"description_width": "120px"}, layout=w.Layout(width="600px"))
+        self.progress.add_class("lorakit-progress")
         self.status = w.HTML("")
         self.status.add_class("lorakit-status")
         self.loss_image = w.Image(format="png", layout=w.Layout(width="600px", max_width="100%"))
@@ -73,7 +77,7 @@ class LiveView:
         self.grid_image.add_class("lorakit-sample-grid")
         self.loss_box = w.VBox([])
         self.grid_box = w.VBox([])
-        self.widget = w.VBox([self.status, self.loss_box, self.grid_box])
+        self.widget = w.VBox([self.progress, self.status, self.loss_box, self.grid_box])
         self.widget.add_class("lorakit-live")
         if display:
             from IPython.display import display as show
@@ -113,6 +117,10 @@ class LiveView:
         if loss is not None:
             self.steps.append(int(step))
             self.losses.append(float(loss))
+        if self.widget is not None:
+            self.progress.max = max(int(self.total or step), int(step))
+            self.progress.value = int(step)
+            self.progress.description = f"step {step}/{self.progress.max}"
         if self._draw_loss() and self.widget is not None:
             rate = _get(info, "it_per_s")
             self.status.value = (f"step {step}/{self.total or '?'} · loss {float(loss or 0):.4f}"
