@@ -27,6 +27,8 @@ from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, is_image_file, loa
 
 DREAMBOOTH_FOLDER = re.compile(r"^(\d+)_(.*)$")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
+# files expected beside images (captions, metadata, notes, other tools' caches): not listed as "not an image"
+QUIET_EXTENSIONS = (".txt", ".caption", ".json", ".jsonl", ".npz", ".safetensors", ".toml", ".md")
 
 
 @dataclass
@@ -211,8 +213,7 @@ def scan_subset(subset: Subset, report: DatasetReport) -> list[ImageItem]:
             report.skip(path, f"listed in {subset.metadata_file.name} but missing")
             continue
         if not is_image_file(path):
-            if path.suffix.lower() not in (subset.caption_extension, ".txt", ".caption", ".json", ".jsonl", ".npz",
-                                           ".safetensors", ".toml"):
+            if path.suffix.lower() not in QUIET_EXTENSIONS + (subset.caption_extension,):
                 report.skip(path, "not an image file (by extension): ignored")
             continue
         try:
