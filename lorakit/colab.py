@@ -86,8 +86,13 @@ class Workspace:
 
 
 def _one_line_errors(shell, etype, evalue, tb, tb_offset=None):
-    """IPython handler: lorakit's own errors as one red line (they describe bad input, not a bug)."""
-    return [f"\x1b[31m{etype.__name__}: {evalue}\x1b[0m"]
+    """IPython handler: lorakit's own errors as one red line (they describe bad input, not a bug).
+
+    IPython leaves the display to the handler, so it sends the error output itself (ename, evalue and a one-line
+    "traceback"), which front ends show in red and which still stops "Run all"."""
+    stb = [f"\x1b[31m{etype.__name__}: {evalue}\x1b[0m"]
+    shell._showtraceback(etype, evalue, stb)
+    return stb
 
 
 def short_errors(enable: bool = True) -> bool:

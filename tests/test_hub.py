@@ -46,7 +46,7 @@ def make_output(folder: Path) -> Path:
                  "learning_rate": 0.001, "max_train_steps": 300, "seed": 42, "optimizer_type": "AdamW"}
     meta = {"ss_network_dim": "4", "ss_network_alpha": "2.0", "ss_output_name": "toy_lora",
             "ss_dataset_dirs": json.dumps({"20_sks shape": {"n_repeats": 20, "img_count": 4}}),
-            "ss_sd_model_name": "lorakit-toy", "lorakit_config": json.dumps(train_cfg)}
+            "ss_sd_model_name": "lorakit-toy", "lorakit.training_config": json.dumps(train_cfg)}
     save_safetensors(t, folder / "toy_lora-000100.safetensors", meta)
     save_safetensors(t, folder / "toy_lora.safetensors", meta)
     (folder / "samples").mkdir(exist_ok=True)

@@ -4,6 +4,7 @@ working folder (as a user would run them); then what each one wrote is checked."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -27,6 +28,9 @@ def inject(nb, values: dict) -> None:
 
 
 def execute(name: str, workdir: Path, values: dict, allow_errors: bool = False):
+    """Run a notebook with nbclient in `workdir`; the kernel imports this checkout of lorakit."""
+    if str(ROOT) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     inject(nb, values)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", allow_errors=allow_errors,
@@ -41,9 +45,6 @@ def execute(name: str, workdir: Path, values: dict, allow_errors: bool = False):
 @pytest.fixture(scope="module")
 def run_all(tmp_path_factory):
     """Run the six notebooks in order; a failure is recorded and reported by that notebook's test."""
-    import os
-
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     work = tmp_path_factory.mktemp("notebooks")
     prompts = work / "prompts.txt"
     prompts.write_text("a sks shape --s 2 --d 1\n")

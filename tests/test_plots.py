@@ -93,3 +93,26 @@ def test_install_keeps_the_installed_torch():
     cmd = colab.install_command("lorakit")
     assert cmd[-2] == "lorakit" and cmd[-1] == f"torch=={torch.__version__.split('+')[0]}"
     assert "--upgrade" not in cmd and "-U" not in cmd
+
+
+def test_live_view_follows_the_training_callbacks(tmp_path):
+    from lorakit.live import LiveView
+
+    view = LiveView(4, display=False, redraw_s=0.0)
+    for step in range(1, 5):
+        view.on_step({"step": step, "loss": 1.0 / step, "total_steps": 4, "it_per_s": 2.0})
+        if step % 2 == 0:
+            view.on_sample(step=step, images=[Image.new("RGB", (32, 32), (60 * step, 0, 0))] * 2,
+                           prompts=["a sks shape", "a red circle"], paths=[])
+    view.on_save(step=4, path=tmp_path / "lora.safetensors")
+    assert view.progress.value == 4 and view.progress.max == 4 and "step 4/4" in view.progress.description
+    assert view.loss_image.value[:4] == b"\x89PNG" and view.grid_image.value[:4] == b"\x89PNG"
+    assert "lora.safetensors" in view.status.value
+    grid = view.grid()
+    assert grid.width > 2 * 128 and grid.height > 2 * 128  # 2 prompts × 2 sampling steps, labelled
+    files = view.finish(tmp_path, "lora")
+    with Image.open(files["loss_plot"]) as im:
+        assert im.size == (600, 320)
+    with Image.open(files["sample_grid"]) as im:  # no samples_grid.png from training here, so the view writes one
+        assert im.size == grid.size
+    assert view.steps == [1, 2, 3, 4] and view.losses[-1] == pytest.approx(0.25)
