@@ -68,13 +68,16 @@ def prompt_agreement(comps, prompts_scenes: list[dict[str, str]], seeds, classif
 
     classifier = classifier or load_classifier()
     seeds = list(seeds)
+    prompts = [f"{'an' if d['colour'][0] in 'aeiou' else 'a'} {d['colour']} {d['shape']} on a {d['background']} "
+               "background" for d in prompts_scenes]
+    # one batched sampling call for every (prompt, seed) pair
+    pred = classifier.predict(sample(comps, [p for p in prompts for _ in seeds], seeds * len(prompts),
+                                     **sample_kwargs))
     rows = []
-    for d in prompts_scenes:
-        prompt = f"{'an' if d['colour'][0] in 'aeiou' else 'a'} {d['colour']} {d['shape']} on a {d['background']} " \
-                 "background"
-        pred = classifier.predict(sample(comps, [prompt] * len(seeds), seeds, **sample_kwargs))
-        shape_ok = [p == d["shape"] for p in pred["shape"]]
-        colour_ok = [p == d["colour"] for p in pred["colour"]]
+    for i, (prompt, d) in enumerate(zip(prompts, prompts_scenes)):
+        part = slice(i * len(seeds), (i + 1) * len(seeds))
+        shape_ok = [p == d["shape"] for p in pred["shape"][part]]
+        colour_ok = [p == d["colour"] for p in pred["colour"][part]]
         rows.append({"prompt": prompt, "shape": sum(shape_ok) / len(seeds), "colour": sum(colour_ok) / len(seeds),
                      "both": sum(a and b for a, b in zip(shape_ok, colour_ok)) / len(seeds)})
     return rows

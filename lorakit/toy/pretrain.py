@@ -38,6 +38,7 @@ class PretrainSettings:
     vae_batch: int = 512
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    scale_samples: int = 1024  # images whose latents set the VAE's scaling_factor
     steps: int = 2500
     batch: int = 1024
     lr: float = 1e-3
@@ -136,7 +137,7 @@ def train_vae(vae, settings: PretrainSettings, log: Callable[[str], None] = prin
     # the latent scale that gives unit variance, as SD's 0.18215 does for its VAE
     vae.eval()
     with torch.no_grad():
-        scenes = world.sample_scenes(1024, g, shapes=world.SHAPES, fills=world.FILLS)
+        scenes = world.sample_scenes(settings.scale_samples, g, shapes=world.SHAPES, fills=world.FILLS)
         z = vae.encode(world.render(scenes, device=device) * 2 - 1).latent_dist.mean
     scale = float(1.0 / z.float().std())
     vae.register_to_config(scaling_factor=scale)
