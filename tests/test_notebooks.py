@@ -14,6 +14,7 @@ from nbclient.exceptions import CellExecutionError
 from PIL import Image
 from safetensors import safe_open
 
+pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 QUICK = {"max_train_steps": 3, "train_batch_size": 2, "sample_every_n_steps": 2}
