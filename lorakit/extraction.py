@@ -22,6 +22,7 @@ from .errors import ConfigError, ModelLoadError
 from .families import get_family
 from .lora_math import factorize, squared_norms
 from .model_weights import ModelWeights, open_weights
+from .models import resolve_builtin
 
 COMPONENT_WORDS = {"text_encoder": "text encoder", "unet": "U-Net"}
 
@@ -150,6 +151,7 @@ def extract(cfg: ExtractConfig | None = None, /, **kwargs) -> ExtractResult:
     from .lora_metadata import lora_base_metadata
 
     cfg = ExtractConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
+    cfg = cfg.replace(model_org=resolve_builtin(cfg.model_org), model_tuned=resolve_builtin(cfg.model_tuned))
     out = _check_paths(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`device` is cuda but no CUDA GPU is available; use `device = cpu`")

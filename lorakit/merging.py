@@ -28,6 +28,7 @@ from .errors import ConfigError, LoraFormatError, ModelLoadError
 from .families import get_family
 from .lora_math import LoraFactors, concat_loras, merge_weight, sum_loras, svd_loras
 from .model_weights import SINGLE_FILE_EXTENSIONS, FolderWeights, SingleFileWeights, kohya_name, open_weights
+from .models import resolve_builtin
 from .tensorstream import SafetensorsReader, write_safetensors
 
 DTYPES = {"float": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -348,6 +349,7 @@ def merge(cfg: MergeConfig | None = None, /, **kwargs) -> MergeResult:
     `merge(models=["a.safetensors", "b.safetensors"], merge_mode="svd", new_rank=32, save_to="ab.safetensors")`
     """
     cfg = MergeConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
+    cfg = cfg.replace(sd_model=resolve_builtin(cfg.sd_model))  # `lorakit-toy` -> its file
     if not cfg.models:
         raise ConfigError("`models` is empty: give at least one LoRA file")
     for m in cfg.models:

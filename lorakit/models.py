@@ -22,6 +22,15 @@ from .families import SD1, SD2, Family
 
 TOY_NAME = "lorakit-toy"
 TOY_PATH = Path(__file__).parent / "toy" / "weights" / "lorakit-toy.safetensors"
+
+
+def resolve_builtin(name_or_path):
+    """The file behind a built-in model name (`lorakit-toy`); any other value is returned unchanged.
+
+    A local file or folder of the same name wins, as in `load_models`."""
+    if name_or_path is not None and str(name_or_path) == TOY_NAME and not Path(TOY_NAME).exists():
+        return str(TOY_PATH)
+    return name_or_path
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 
 
