@@ -153,14 +153,15 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
                         loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_target else snr)
                     loss = loss.mean()
+                # 9. backward: gradients reach only the LoRA weights (the base model is frozen). The loss is read
+                #    (a GPU sync) only after the backward pass is queued, so the GPU is never idle waiting for it.
+                (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise TrainingError(
                         f"loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and no NaN "
                         f"weights were written (the last saved LoRA is intact). Try a lower learning rate, "
                         f"`mixed_precision = bf16` or `no`, or `max_grad_norm = 1`")
-                # 9. backward: gradients reach only the LoRA weights (the base model is frozen)
-                (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
                 accumulated += loss_value
                 micro += 1
                 if micro < accumulation and position < len(batches) - 1:
