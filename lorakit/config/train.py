@@ -4,7 +4,7 @@ lorakit's defaults differ from sd-scripts' in a few deliberate places, each for 
 - `network_dim = 16`, `network_alpha = 8` (scale 0.5): sd-scripts' alpha 1 trains weakly, the most common
   complaint; 16/8 is what the popular Colab kits settled on.
 - `cache_latents = true`: ~40% less work per step; turn it off for `color_aug`/`random_crop`.
-- `resolution` unset means the model's native size (512 for SD1, 768 for SD2-v, 64 for the toy model).
+- `resolution` unset means the model's native size (512 for SD1, 768 for SD2-v, 32 for the toy model).
 - `seed = 42`: runs are reproducible unless asked otherwise.
 """
 
