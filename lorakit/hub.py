@@ -76,16 +76,10 @@ def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def training_config(meta: dict[str, str]) -> dict:
-    """lorakit's resolved training config stored in the LoRA header (JSON under a `lorakit*` key), if any."""
-    for key in sorted(meta):
-        if "lorakit" in key.lower():
-            try:
-                value = json.loads(meta[key])
-            except (TypeError, ValueError):
-                continue
-            if isinstance(value, dict) and ("network_dim" in value or "max_train_steps" in value):
-                return value
-    return {}
+    """lorakit's resolved training config stored in the LoRA header, or {} (files from other tools)."""
+    from .lora_metadata import training_config_of
+
+    return training_config_of(meta) or {}
 
 
 def _main_lora(files: list[Path], meta_name: str | None) -> Path:
