@@ -44,6 +44,8 @@ _LAZY = {
     "inspect": "lorakit.formats",
     "load_lora": "lorakit.formats",
     "save_lora": "lorakit.formats",
+    "add_lora": "lorakit.network",
+    "apply_lora_file": "lorakit.network",
 }
 
 
