@@ -50,3 +50,32 @@ def tiny_sd2_file(tiny_sd2_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd2-file") / "tiny-sd2.safetensors"
     save_single_file(load_models(str(tiny_sd2_dir)), path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and much faster when the machine is shared."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The built-in toy model in fp32 on the CPU (one copy per test module: tests may add adapters to it)."""
+    import torch
+
+    from lorakit.models import load_models
+
+    return load_models("lorakit-toy", dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    """The toy world's concept classifier (measurement only)."""
+    from lorakit.toy.classifier import load_classifier
+
+    return load_classifier()

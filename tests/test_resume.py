@@ -12,13 +12,7 @@ from safetensors.torch import load_file
 import lorakit
 from lorakit.errors import TrainingError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Killed(Exception):

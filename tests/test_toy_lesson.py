@@ -18,20 +18,6 @@ SEEDS = range(2000, 2010)
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def toy():
-    from lorakit.models import load_models
-
-    return load_models("lorakit-toy", dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    from lorakit.toy.classifier import load_classifier
-
-    return load_classifier()
-
-
 def _train(name: str, out: Path) -> Path:
     from lorakit.config import TrainConfig
     from lorakit.training import train

@@ -5,25 +5,10 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 
 from lorakit.toy import world
 from lorakit.toy.release import CLASSIFIER_FILE, WEIGHTS_DIR, WEIGHTS_FILE, sha256
-
-
-@pytest.fixture(scope="module")
-def toy():
-    from lorakit.models import load_models
-
-    return load_models("lorakit-toy", dtype=torch.float32, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    from lorakit.toy.classifier import load_classifier
-
-    return load_classifier()
 
 
 def test_loads_with_sd_component_classes(toy):

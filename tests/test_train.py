@@ -16,14 +16,7 @@ import lorakit
 from lorakit.config import TrainConfig
 from lorakit.errors import ConfigError, TrainingError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster when the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern(w: int, h: int, seed: int = 0) -> Image.Image:
