@@ -2,7 +2,8 @@
 
 lorakit owns the target selection (the same layer set as sd-scripts' `networks.lora`) and the kohya names; peft
 provides the layers (`LoraLayer` keeps the original as `base_layer`, handles Linear and Conv2d, merges/unmerges) —
-the same layers diffusers' `load_lora_weights` builds, so training and inference run one implementation.
+the same layers diffusers' `load_lora_weights` builds, so training and inference run one implementation. lorakit's
+subclasses (`lorakit.lora_layers`) only fuse the training forward/backward of a layer into fewer passes.
 
 Targets are sd-scripts' layer set, chosen in `lorakit.lora_targets` (SD1.5: 72 text-encoder + 192 U-Net modules;
 LoCon adds the resnet/down/upsampler layers, kxk convs at `conv_dim`/`conv_alpha`).
@@ -40,6 +41,7 @@ from torch import nn
 
 from .errors import LoraFormatError
 from .formats import FAMILY_WORDS, LoraWeights, component_of, detect_family, load_lora_file, parse_kohya, to_kohya
+from .lora_layers import CUSTOM_MODULES
 from .lora_math import LoraFactors
 from .lora_targets import (
     COMPONENTS,
@@ -99,6 +101,7 @@ def _inject(modules: dict[str, nn.Module], adapter_name: str, plan: dict[str, tu
             r=r0, lora_alpha=a0, target_modules=[p for p, _, _ in entries], lora_dropout=dropout, bias="none",
             rank_pattern={re.escape(p): r for p, r, _ in entries if r != r0},
             alpha_pattern={re.escape(p): a for p, _, a in entries if a != a0}, init_lora_weights=True)
+        config._register_custom_module(CUSTOM_MODULES)  # peft's layers with lorakit's fused training step
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*peft_config.*")  # several adapters on one model is intended
             inject_adapter_in_model(config, module, adapter_name=adapter_name)

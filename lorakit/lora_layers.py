@@ -1,0 +1,141 @@
+"""LoRA layers with a fused training step: peft's `lora.Linear` / `lora.Conv2d` plus one autograd function for the
+case that dominates training.
+
+peft runs an adapter as `result + lora_B(lora_A(dropout(x))) * scaling`: separate modules, so each LoRA layer adds a
+full-activation-size multiply and add in forward and as many passes again in backward, plus the accumulation of
+the input gradient. On a CPU those passes are memory-bound and cost more than the rank-r products themselves
+(full-size SD1.5, CPU fp32: peft's layers make the step 1.16x the bare frozen U-Net step, these 1.03x — see
+`benchmarks/train_step.py`). The classes here keep everything of peft's (parameters, state dict, merge/unmerge,
+several adapters, the inference forward diffusers uses) and replace only the forward of a layer that trains one
+plain adapter — gradients on, no dropout, no DoRA, not merged — by `_LoraProduct`:
+
+    forward   y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ        h = x·Aᵀ is saved (rank r); x is saved for ∂A
+    backward  gh = s·g·B    ∂B = s·gᵀ·h    ∂A = ghᵀ·x    ∂x = g·W + gh·A
+
+The rank-r products are added in place (`addmm_`/`baddbmm_`) into the base product and into the input gradient, so a
+layer costs its base products plus six rank-r products (two forward, four backward) and no full-size elementwise
+pass. A 1x1 convolution is computed as the same products over channels ([out, in] @ [n, in, h·w]), which is also
+faster on a CPU than the convolution kernels. (Forming the effective weight W + s·B·A instead saves one rank-r
+pass in each direction but measured no faster on full-size SD1.5, and in fp16/bf16 it would round the adapter's
+small delta to the base weight's precision.)
+
+Public API: `LoraLinear`, `LoraConv2d`, `CUSTOM_MODULES` ({nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}, for
+`LoraConfig._register_custom_module`).
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora import layer as peft_lora
+from torch import nn
+
+__all__ = ["CUSTOM_MODULES", "LoraConv2d", "LoraLinear"]
+
+
+def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
+    """The dtype the layer computes in: autocast's when it is on; else the common dtype, or None when the dtypes
+    differ (peft's forward then casts per product)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if all(w.dtype == x.dtype for w in weights) else None
+
+
+class _LoraProduct(torch.autograd.Function):
+    """y = base(x) + s·B(A(x)) for a Linear (`x` [..., in]) or a 1x1 Conv2d (`x` [n, in, h, w]); gradients for x,
+    A and B (the base weight and bias are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype):
+        ctx.conv, ctx.scale, ctx.dtype = conv, scale, dtype
+        ctx.shapes = (x.shape, x.dtype, down.shape, down.dtype, up.shape, up.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(dtype)
+            w, a, b = weight.to(dtype), down.to(dtype).flatten(1), up.to(dtype).flatten(1)
+            bias = None if bias is None else bias.to(dtype)
+            if conv:  # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
+                xs = xc.flatten(2)
+                h = a @ xs  # [n, r, h·w]
+                y = (w.flatten(1) @ xs).baddbmm_(b.expand(xs.shape[0], -1, -1), h, alpha=scale)
+                if bias is not None:
+                    y += bias[:, None]
+                y = y.view(x.shape[0], -1, *x.shape[2:])
+            else:
+                xs = xc.reshape(-1, xc.shape[-1])  # [N, in]
+                h = xs @ a.t()  # [N, r]
+                y = torch.nn.functional.linear(xc, w, bias)
+                y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
+        ctx.save_for_backward(xs, h, weight, a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, h, weight, a, b = ctx.saved_tensors
+        x_shape, x_dtype, down_shape, down_dtype, up_shape, up_dtype = ctx.shapes
+        s, dtype = ctx.scale, ctx.dtype
+        w = weight.to(dtype)
+        g = grad.to(dtype)
+        if ctx.conv:
+            gs = g.flatten(2)  # [n, out, h·w]
+            gh = (b.t() @ gs).mul_(s)  # [n, r, h·w]
+            grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s)
+            grad_down = (gh @ xs.transpose(1, 2)).sum(0)
+            grad_x = (w.flatten(1).t() @ gs).baddbmm_(a.t().expand(gs.shape[0], -1, -1), gh)
+        else:
+            gs = g.reshape(-1, g.shape[-1])  # [N, out]
+            gh = (gs @ b).mul_(s)  # [N, r]
+            grad_up = (gs.t() @ h).mul_(s)
+            grad_down = gh.t() @ xs
+            grad_x = (gs @ w).addmm_(gh, a)
+        return (grad_x.reshape(x_shape).to(x_dtype), None, None, grad_down.reshape(down_shape).to(down_dtype),
+                grad_up.reshape(up_shape).to(up_dtype), None, None, None)
+
+
+def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The one plain adapter a fused step can run, or None (then peft's forward runs)."""
+    if args or kwargs or layer.disable_adapters or layer.merged or not torch.is_grad_enabled():
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    (name,) = active
+    if (name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity)
+            or not layer.lora_A[name].weight.requires_grad or layer.get_base_layer().weight.requires_grad):
+        return None
+    return name
+
+
+class LoraLinear(peft_lora.Linear):
+    """peft's LoRA Linear with the fused training step (see the module docstring)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = _training_adapter(self, x, args, kwargs)
+        base = self.get_base_layer()
+        dtype = name and _compute_dtype(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
+        if dtype is None or type(base) is not nn.Linear:
+            return super().forward(x, *args, **kwargs)
+        return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.scaling[name], False, dtype)
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+class LoraConv2d(peft_lora.Conv2d):
+    """peft's LoRA Conv2d with the fused training step for 1x1 convolutions (sd-scripts' `proj_in`/`proj_out`);
+    kxk convolutions (LoCon) run peft's forward."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = _training_adapter(self, x, args, kwargs)
+        base = self.get_base_layer()
+        if name is None or x.dim() != 4 or not _pointwise(base) or not _pointwise(self.lora_A[name]):
+            return super().forward(x, *args, **kwargs)
+        dtype = _compute_dtype(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
+        if dtype is None:
+            return super().forward(x, *args, **kwargs)
+        return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                  self.scaling[name], True, dtype)
+
+
+CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

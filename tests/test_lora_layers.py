@@ -1,0 +1,174 @@
+"""lorakit's LoRA layers: the fused training step computes what peft's layer computes — output and every gradient,
+for Linear and 1x1 conv layers, in fp32 and under autocast — and every other case runs peft's forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import layer as peft_lora
+from torch import nn
+
+from lorakit.lora_layers import CUSTOM_MODULES, LoraConv2d, LoraLinear, _training_adapter
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+
+def pair(base: nn.Module, dropout: float = 0.0, seed: int = 0):
+    """(lorakit's layer, peft's layer) on copies of `base`, with the same random adapter (rank 4, alpha 2)."""
+    torch.manual_seed(seed)
+    base.requires_grad_(False)
+
+    def wrapped(custom: bool) -> nn.Module:
+        config = LoraConfig(r=4, lora_alpha=2, target_modules=["layer"], lora_dropout=dropout)
+        if custom:
+            config._register_custom_module(CUSTOM_MODULES)
+        return inject_adapter_in_model(config, Holder(copy.deepcopy(base))).layer
+
+    ours, ref = wrapped(True), wrapped(False)
+    for p in (ours.lora_A["default"].weight, ours.lora_B["default"].weight):
+        nn.init.normal_(p, std=0.3)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor):
+    """Output and gradients of x, A, B for a fixed random output gradient."""
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = (y.detach(), x.grad, a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    return out
+
+
+def assert_same(ours, ref, **tol):
+    for name, got, want in zip(("output", "grad x", "grad A", "grad B"), ours, ref):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, msg=lambda m, n=name: f"{n}: {m}", **tol)
+
+
+# (base layer, input shape)
+CASES = {
+    "linear, batch of sequences": (lambda: nn.Linear(24, 40), (2, 300, 24)),
+    "linear, 2-D input, no bias": (lambda: nn.Linear(24, 40, bias=False), (7, 24)),
+    "1x1 conv, batch": (lambda: nn.Conv2d(24, 40, 1), (2, 24, 16, 16)),
+    "1x1 conv, no bias": (lambda: nn.Conv2d(40, 24, 1, bias=False), (1, 40, 2, 3)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fused_step_matches_peft(case):
+    make, shape = CASES[case]
+    ours, ref = pair(make())
+    assert isinstance(ours, (LoraLinear, LoraConv2d)) and not isinstance(ref, (LoraLinear, LoraConv2d))
+    x = torch.randn(shape)
+    assert _training_adapter(ours, x, (), {}) == "default"  # the fused step runs
+    assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["linear, batch of sequences", "1x1 conv, batch"])
+def test_fused_step_under_bf16_autocast(case):
+    """Mixed precision: computed in the autocast dtype like peft's (same output dtype), gradients in the
+    parameters' and input's dtypes, and as accurate as peft's against an exact (float64) step."""
+    make, shape = CASES[case]
+    ours, ref = pair(make())
+    x = torch.randn(shape)
+    exact = forward_backward(copy.deepcopy(ref).double(), x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = forward_backward(ours, x), forward_backward(ref, x)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.bfloat16, torch.float32, torch.float32,
+                                                                  torch.float32]
+    for name, g, w, e in zip(("output", "grad x", "grad A", "grad B"), got, want, exact):
+        ours_err, peft_err = ((t.double() - e).norm() / e.norm() for t in (g, w))
+        assert ours_err < 1.5 * peft_err + 1e-3, (name, ours_err, peft_err)
+
+
+def test_scale_follows_the_layer_scaling():
+    """A multiplier set after injection (peft's `scaling`) is what the fused step uses."""
+    ours, ref = pair(nn.Linear(24, 40))
+    for layer in (ours, ref):
+        layer.scaling["default"] = 0.25
+    x = torch.randn(3, 50, 24)
+    assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
+
+
+def test_other_cases_run_peft_forward():
+    """Inference, dropout, several adapters, merged or disabled adapters, a frozen adapter and a kxk conv all go to
+    peft's forward — and still give peft's results."""
+    x = torch.randn(2, 30, 24)
+    ours, ref = pair(nn.Linear(24, 40))
+    with torch.no_grad():
+        assert _training_adapter(ours, x, (), {}) is None
+        torch.testing.assert_close(ours(x), ref(x))
+
+    dropped, _ = pair(nn.Linear(24, 40), dropout=0.5)
+    assert _training_adapter(dropped, x, (), {}) is None
+
+    assert _training_adapter(ours, x, (), {"adapter_names": ["default"]}) is None
+    ours.lora_A["default"].weight.requires_grad_(False)
+    assert _training_adapter(ours, x, (), {}) is None
+    ours.lora_A["default"].weight.requires_grad_(True)
+
+    ours.merge()
+    assert _training_adapter(ours, x, (), {}) is None
+    ours.unmerge()
+    ours.enable_adapters(False)
+    assert _training_adapter(ours, x, (), {}) is None
+    ours.enable_adapters(True)
+
+    ours.update_layer("second", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=True, config=LoraConfig(r=2))
+    ours.set_adapter(["default", "second"])
+    assert _training_adapter(ours, x, (), {}) is None
+
+    conv, conv_ref = pair(nn.Conv2d(6, 8, 3, padding=1))
+    image = torch.randn(1, 6, 8, 8)
+    assert isinstance(conv, LoraConv2d)
+    assert_same(forward_backward(conv, image), forward_backward(conv_ref, image), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_unet_gradients_match_peft_layers(tiny_sd1_dir, checkpointing, one_thread):
+    """On a whole (tiny) U-Net, with and without gradient checkpointing: every LoRA gradient equals the one peft's
+    own layers give."""
+    from lorakit.models import load_models
+    from lorakit.network import add_lora
+
+    comps = load_models(str(tiny_sd1_dir), dtype=torch.float32)
+    net = add_lora(comps, dim=4, alpha=2, text_encoder=False)
+    params = net.trainable_parameters()["unet"]
+    torch.manual_seed(0)
+    for p in params:
+        nn.init.normal_(p, std=0.1)
+    unet = comps.unet
+    ref = copy.deepcopy(unet)
+    swapped = 0
+    for module in ref.modules():
+        for ours_cls, peft_cls in ((LoraLinear, peft_lora.Linear), (LoraConv2d, peft_lora.Conv2d)):
+            if type(module) is ours_cls:
+                module.__class__ = peft_cls
+                swapped += 1
+    assert swapped == len(net.layers)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        ref.enable_gradient_checkpointing()
+    unet.train(), ref.train()
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    x = torch.randn(2, unet.config.in_channels, size, size, generator=g)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 500])
+    grads = []
+    for model in (unet, ref):
+        model(x, t, text).sample.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * len(net.layers)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
