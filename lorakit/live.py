@@ -1,9 +1,9 @@
 """The live training view for notebooks: a progress bar, a loss curve redrawn in place and a growing sample grid.
 
-`LiveView` is a set of training callbacks (`on_step`, `on_sample`, `on_save`) that owns one ipywidgets box beside the
-training's own tqdm progress bar (steps, loss, it/s, ETA — `tqdm.auto` draws it as a widget in notebooks):
-- a progress bar of its own (the one place to look, also inside a form's output) and a status line (step, loss,
-  speed, last file saved),
+`LiveView` is a set of training callbacks (`on_step`, `on_sample`, `on_save`) that owns one ipywidgets box, in place
+of the training's tqdm bar (`shows_progress`: the loop then draws none, so a notebook shows one progress bar):
+- a progress bar (the one place to look, also inside a form's output) and a status line (step, loss, speed, ETA,
+  last file saved),
 - the loss curve, raw and smoothed, re-rendered at most every `redraw_s` seconds (drawing costs ~50 ms, a toy
   training step about as much, so drawing every step would halve the speed),
 - the sample grid: one row per prompt, one column per sampling step (the last `max_columns`).
@@ -59,6 +59,11 @@ class LiveView:
         self._last_draw = 0.0
         self.widget = None
         self._build(display)
+
+    @property
+    def shows_progress(self) -> bool:
+        """True when the view is drawn (ipywidgets available): training then leaves out its own tqdm bar."""
+        return self.widget is not None
 
     # ---------------------------------------------------------------- display
     def _build(self, display: bool) -> None:
@@ -123,8 +128,10 @@ class LiveView:
             self.progress.description = f"step {step}/{self.progress.max}"
         if self._draw_loss() and self.widget is not None:
             rate = _get(info, "it_per_s")
+            left = (self.total - int(step)) / rate if rate and self.total and self.total > int(step) else None
             self.status.value = (f"step {step}/{self.total or '?'} · loss {float(loss or 0):.4f}"
-                                 + (f" · {rate:.2f} steps/s" if rate else ""))
+                                 + (f" · {rate:.2f} steps/s" if rate else "")
+                                 + (f" · ETA {int(left) // 60}:{int(left) % 60:02d}" if left is not None else ""))
 
     def on_sample(self, info=None, **kw) -> None:
         """When samples are made: `info` carries `step`, `images` (PIL or paths) and `prompts` (one per image)."""

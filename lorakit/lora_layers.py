@@ -74,19 +74,24 @@ class _LoraProduct(torch.autograd.Function):
         s, dtype = ctx.scale, ctx.dtype
         w = weight.to(dtype)
         g = grad.to(dtype)
+        grad_x = None  # not needed before the first adapted layer (nothing upstream trains)
         if ctx.conv:
             gs = g.flatten(2)  # [n, out, h·w]
             gh = (b.t() @ gs).mul_(s)  # [n, r, h·w]
             grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s)
             grad_down = (gh @ xs.transpose(1, 2)).sum(0)
-            grad_x = (w.flatten(1).t() @ gs).baddbmm_(a.t().expand(gs.shape[0], -1, -1), gh)
+            if ctx.needs_input_grad[0]:
+                grad_x = (w.flatten(1).t() @ gs).baddbmm_(a.t().expand(gs.shape[0], -1, -1), gh)
         else:
             gs = g.reshape(-1, g.shape[-1])  # [N, out]
             gh = (gs @ b).mul_(s)  # [N, r]
             grad_up = (gs.t() @ h).mul_(s)
             grad_down = gh.t() @ xs
-            grad_x = (gs @ w).addmm_(gh, a)
-        return (grad_x.reshape(x_shape).to(x_dtype), None, None, grad_down.reshape(down_shape).to(down_dtype),
+            if ctx.needs_input_grad[0]:
+                grad_x = (gs @ w).addmm_(gh, a)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x_shape).to(x_dtype)
+        return (grad_x, None, None, grad_down.reshape(down_shape).to(down_dtype),
                 grad_up.reshape(up_shape).to(up_dtype), None, None, None)
 
 
@@ -99,7 +104,8 @@ def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, 
         return None
     (name,) = active
     if (name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity)
-            or not layer.lora_A[name].weight.requires_grad or layer.get_base_layer().weight.requires_grad):
+            or not layer.lora_A[name].weight.requires_grad
+            or any(p.requires_grad for p in layer.get_base_layer().parameters(recurse=False))):
         return None
     return name
 

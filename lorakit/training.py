@@ -110,7 +110,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                                        loss_history=history, config_toml=cfg.to_toml())
         write_history(run.output_dir, history)
 
-    progress = run.progress_bar(initial=step)
+    progress = run.progress_bar(initial=step, disable=cbs.shows_progress)
     started, steps_at_start = time.perf_counter(), step
     accumulated, micro = 0.0, 0
     resume_point = (start_epoch, skip_batches)  # (epoch, batches done in it) after the latest optimizer step

@@ -58,6 +58,13 @@ class Callbacks:
             if fn is not None:
                 fn(*args, **kwargs)
 
+    @property
+    def shows_progress(self) -> bool:
+        """True when a callback draws its own progress display (a notebook's live view): the loop's tqdm bar is
+        then left out, so a notebook shows one progress bar, not two."""
+        return any(bool(t.get("shows_progress") if isinstance(t, dict) else getattr(t, "shows_progress", False))
+                   for t in self.targets)
+
     def on_step(self, info: StepInfo) -> None:
         self._call("on_step", info)
 
@@ -130,10 +137,11 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def progress_bar(self, initial: int = 0):
+    def progress_bar(self, initial: int = 0, disable: bool = False):
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.max_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True)
+        quiet = {"disable": True} if disable else {}  # otherwise tqdm's default (TQDM_DISABLE still applies)
+        return tqdm(total=self.max_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True, **quiet)
 
     def lrs(self, optimizer) -> float:
         """The current learning rate of the U-Net LoRA (of the text encoder's when only it trains)."""

@@ -38,9 +38,9 @@ def pair(base: nn.Module, dropout: float = 0.0, seed: int = 0):
     return ours, ref
 
 
-def forward_backward(layer: nn.Module, x: torch.Tensor):
-    """Output and gradients of x, A, B for a fixed random output gradient."""
-    x = x.detach().clone().requires_grad_(True)
+def forward_backward(layer: nn.Module, x: torch.Tensor, input_grad: bool = True):
+    """Output and gradients of x (None without `input_grad`), A, B for a fixed random output gradient."""
+    x = x.detach().clone().requires_grad_(input_grad)
     y = layer(x)
     y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -51,6 +51,8 @@ def forward_backward(layer: nn.Module, x: torch.Tensor):
 
 def assert_same(ours, ref, **tol):
     for name, got, want in zip(("output", "grad x", "grad A", "grad B"), ours, ref):
+        if got is None and want is None:  # no input gradient asked for
+            continue
         assert got.dtype == want.dtype, name
         torch.testing.assert_close(got, want, msg=lambda m, n=name: f"{n}: {m}", **tol)
 
@@ -72,6 +74,10 @@ def test_fused_step_matches_peft(case):
     x = torch.randn(shape)
     assert _training_adapter(ours, x, (), {}) == "default"  # the fused step runs
     assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
+    # the first adapted layer of a model: its input needs no gradient, A and B still get theirs
+    got, want = forward_backward(ours, x, input_grad=False), forward_backward(ref, x, input_grad=False)
+    assert got[1] is None and want[1] is None
+    assert_same(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["linear, batch of sequences", "1x1 conv, batch"])
@@ -113,6 +119,9 @@ def test_other_cases_run_peft_forward():
     assert _training_adapter(dropped, x, (), {}) is None
 
     assert _training_adapter(ours, x, (), {"adapter_names": ["default"]}) is None
+    ours.base_layer.bias.requires_grad_(True)  # a trainable base: peft's forward gives it its gradient
+    assert _training_adapter(ours, x, (), {}) is None
+    ours.base_layer.bias.requires_grad_(False)
     ours.lora_A["default"].weight.requires_grad_(False)
     assert _training_adapter(ours, x, (), {}) is None
     ours.lora_A["default"].weight.requires_grad_(True)

@@ -116,3 +116,15 @@ def test_live_view_follows_the_training_callbacks(tmp_path):
     with Image.open(files["sample_grid"]) as im:  # no samples_grid.png from training here, so the view writes one
         assert im.size == grid.size
     assert view.steps == [1, 2, 3, 4] and view.losses[-1] == pytest.approx(0.25)
+
+
+def test_live_view_status_shows_speed_and_eta():
+    from lorakit.live import LiveView
+    from lorakit.training_setup import Callbacks
+
+    view = LiveView(10, display=False, redraw_s=0.0)
+    view.on_step({"step": 4, "loss": 0.5, "total_steps": 10, "it_per_s": 0.05})
+    assert "step 4/10" in view.status.value and "0.05 steps/s" in view.status.value
+    assert "ETA 2:00" in view.status.value  # 6 steps left at 0.05 steps/s
+    assert view.shows_progress and Callbacks([view]).shows_progress
+    assert not Callbacks([{"on_step": print}]).shows_progress and not Callbacks(None).shows_progress

@@ -207,6 +207,30 @@ def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
     assert good.lora_path.read_bytes() == before
 
 
+def test_a_live_view_replaces_the_progress_bar(tmp_path, tiny_sd1_dir, monkeypatch):
+    """In a notebook the live view draws progress: the loop's tqdm bar is left out (one bar, not two)."""
+    from lorakit import training_setup
+    from lorakit.live import LiveView
+
+    asked, make_bar = [], training_setup.Run.progress_bar
+
+    def spy(self, *args, disable=False, **kwargs):
+        asked.append(disable)
+        return make_bar(self, *args, disable=disable, **kwargs)
+
+    monkeypatch.setattr(training_setup.Run, "progress_bar", spy)
+    d = tmp_path / "data" / "1_x"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                  sample_at_end=False, max_train_steps=2, cache_latents=False)
+    lorakit.train(output_dir=str(tmp_path / "plain"), **common)
+    view = LiveView(2, display=False)
+    lorakit.train(output_dir=str(tmp_path / "live"), callbacks=[view], **common)
+    assert asked == [False, True]  # a bar for the plain run; none beside the live view
+    assert view.progress.value == 2
+
+
 def test_setup_errors_are_clear(tmp_path):
     from lorakit.optim import make_optimizer
     from lorakit.training_setup import _attention, precision
