@@ -10,6 +10,8 @@
     between consecutive `on_step` callbacks (everything the loop does: text encoder, noise, loss, optimizer), after
     warm-up steps. Two configurations: LoRA on text encoder + U-Net (sd-scripts' default, the one in
     docs/PERFORMANCE.md) and U-Net only (the frozen text encoder's output is then cached per caption).
+(c) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
+    in for lorakit's fused ones after the warm-up step — what the fused training step saves, measured side by side.
 Ratios are measured side by side in one process. Peak RSS is the process's high-water mark (ru_maxrss).
 """
 
@@ -85,11 +87,15 @@ class StepTimer:
 
     def __init__(self, between=None):
         self.between = between
+        self.first = None  # run once, after the first step (outside the timed intervals)
         self.steps, self.bare = [], []
         self._resume = None
 
     def on_step(self, info):
         now = self._sync_time()
+        if self.first is not None:
+            self.first, first = None, self.first
+            first()
         if self._resume is not None:
             self.steps.append(now - self._resume)
         if self.between is not None:
@@ -103,11 +109,27 @@ class StepTimer:
         return time.perf_counter()
 
 
-def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, between=None, **options):
+def use_peft_layers(comps) -> None:
+    """Swap lorakit's fused LoRA layers for peft's stock classes (same parameters and state; peft's forward)."""
+    from peft.tuners.lora import layer as peft_lora
+
+    from lorakit.lora_layers import LoraConv2d, LoraLinear
+
+    stock = {LoraLinear: peft_lora.Linear, LoraConv2d: peft_lora.Conv2d}
+    for model in (comps.unet, comps.text_encoder):
+        for module in model.modules():
+            if type(module) in stock:
+                module.__class__ = stock[type(module)]
+
+
+def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, between=None, peft_layers=False,
+                       **options):
     """(lorakit step times, bare step times measured in between) after `warmup` steps."""
     import lorakit
 
     timer = StepTimer(between)
+    if peft_layers:
+        timer.first = lambda: use_peft_layers(comps)
     lorakit.train(components=comps, callbacks=timer, train_data_dir=str(data), output_dir=str(out),
                   max_train_steps=warmup + steps + 1, resolution="512", network_dim=16, train_batch_size=1,
                   cache_latents=True, sample_at_end=False, **options)
@@ -132,6 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared "
                         "machine, where every op's thread barrier waits for a busy core)")
+    parser.add_argument("--peft-layers", action="store_true", help="also time each step with peft's stock LoRA layers")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -154,16 +177,19 @@ def main(argv=None) -> None:
 
         rows = []
         for label, opts in [("TE + U-Net LoRA", {}), ("U-Net-only LoRA", {"network_train_unet_only": True})]:
-            times, bare = lorakit_step_times(comps, data, root / label.replace(" ", "_"), steps, args.warmup,
-                                             between=bare_step, device="cpu", **opts)
-            rows.append((label, times, bare, peak_rss_gb()))
+            for peft_layers in (False, True) if args.peft_layers else (False,):
+                name = label + (", peft layers" if peft_layers else "")
+                times, bare = lorakit_step_times(comps, data, root / name.replace(" ", "_").replace(",", ""), steps,
+                                                 args.warmup, between=bare_step, device="cpu",
+                                                 peft_layers=peft_layers, **opts)
+                rows.append((name, times, bare, peak_rss_gb()))
         print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each, "
               f"alternating with a bare step")
-        print(f"{'lorakit step':24s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'min ratio':>10s} "
+        print(f"{'lorakit step':30s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'min ratio':>10s} "
               f"{'peak RSS':>9s}")
         for label, times, bare, rss in rows:
             ratio = statistics.mean(times) / statistics.mean(bare)
-            print(f"{label:24s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
+            print(f"{label:30s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
                   f"{min(times) / min(bare):10.3f} {rss:7.1f} GB")
             print(f"  samples: lorakit {', '.join(f'{x:.2f}' for x in times)}; "
                   f"bare {', '.join(f'{x:.2f}' for x in bare)}")

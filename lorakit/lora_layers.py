@@ -4,10 +4,11 @@ case that dominates training.
 peft runs an adapter as `result + lora_B(lora_A(dropout(x))) * scaling`: separate modules, so each LoRA layer adds a
 full-activation-size multiply and add in forward and as many passes again in backward, plus the accumulation of
 the input gradient. On a CPU those passes are memory-bound and cost more than the rank-r products themselves
-(full-size SD1.5, CPU fp32: peft's layers make the step 1.16x the bare frozen U-Net step, these 1.03x — see
-`benchmarks/train_step.py`). The classes here keep everything of peft's (parameters, state dict, merge/unmerge,
-several adapters, the inference forward diffusers uses) and replace only the forward of a layer that trains one
-plain adapter — gradients on, no dropout, no DoRA, not merged — by `_LoraProduct`:
+(full-size SD1.5, CPU fp32, one thread: a U-Net forward + backward with peft's layers costs 1.16x the bare frozen
+step, with these 1.03x; `benchmarks/train_step.py --peft-layers` compares whole training steps). The classes here
+keep everything of peft's (parameters, state dict, merge/unmerge, several adapters, the inference forward diffusers
+uses) and replace only the forward of a layer that trains one plain adapter — gradients on, no dropout, no DoRA,
+not merged — by `_LoraProduct`:
 
     forward   y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ        h = x·Aᵀ is saved (rank r); x is saved for ∂A
     backward  gh = s·g·B    ∂B = s·gᵀ·h    ∂A = ghᵀ·x    ∂x = g·W + gh·A
@@ -103,7 +104,8 @@ def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, 
     if len(active) != 1:
         return None
     (name,) = active
-    if (name in layer.lora_variant or not isinstance(layer.lora_dropout[name], nn.Identity)
+    if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
+            or not isinstance(layer.lora_dropout[name], nn.Identity)
             or not layer.lora_A[name].weight.requires_grad
             or any(p.requires_grad for p in layer.get_base_layer().parameters(recurse=False))):
         return None
