@@ -27,6 +27,8 @@ RUNNERS = {
 
 def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: bool) -> None:
     help_text = spec.help + (f" [default: {spec.default}]" if spec.default not in (None, [], "") else "")
+    if spec.optional and spec.type not in (str, bool, list):
+        help_text += " ('none' unsets it)"
     if positional:
         parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         return

@@ -31,6 +31,22 @@ def test_cli_overrides_toml(tmp_path):
     assert not dry
 
 
+def test_cli_none_unsets_what_the_toml_set(tmp_path):
+    (tmp_path / "t.toml").write_text('sample_every_n_steps = 50\nmax_train_epochs = 3\ntrain_data_dir = "x"\n')
+    cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--sample_every_n_steps", "none"])
+    assert cfg.sample_every_n_steps is None and cfg.max_train_epochs == 3
+    cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--max_train_epochs", "None"])
+    assert cfg.max_train_epochs is None and cfg.sample_every_n_steps == 50
+    with pytest.raises(ConfigError, match=r"`network_dim` must be an integer, got 'none'"):  # not optional
+        parse_config(["train", "--network_dim", "none"])
+
+
+def test_cli_value_errors_say_command_line(tmp_path):
+    (tmp_path / "t.toml").write_text("network_dim = 8\n")
+    with pytest.raises(ConfigError, match=r"`max_train_steps` must be an integer, got 'abc' \(on the command line\)"):
+        parse_config(["train", "--config", str(tmp_path / "t.toml"), "--max_train_steps", "abc"])
+
+
 def test_cli_lists_and_optional_bools():
     cfg, _ = parse_config(["merge", "--models", "a.safetensors", "b.safetensors", "--ratios", "0.8", "0.5",
                            "--save_to", "m.safetensors", "--v2"])

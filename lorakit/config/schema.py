@@ -165,6 +165,8 @@ class JobConfig:
 
     @classmethod
     def coerce(cls, spec: FieldSpec, value, where: str = ""):
+        if spec.optional and spec.type is not str and isinstance(value, str) and value.strip().lower() in ("none", ""):
+            value = None  # `--sample_every_n_steps none` unsets an option a TOML set
         if value is None:
             if spec.optional or spec.default is None:
                 return None
@@ -205,7 +207,9 @@ class JobConfig:
                 flat.update(v)
             else:
                 flat[k] = v
-        flat.update(overrides or {})
+        specs = {s.name: s for s in cls.specs()}
+        for key, value in (overrides or {}).items():  # errors in a command-line value say so
+            flat[key] = cls.coerce(specs[key], value, " (on the command line)") if key in specs else value
         return cls.from_dict(flat, where=f" (in {Path(path).name})")
 
     def replace(self, **changes):
