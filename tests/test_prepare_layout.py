@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from lorakit.data.folders import DatasetReport as LoaderReport
+from lorakit.data.folders import LoadReport
 from lorakit.data.folders import scan_subset, subsets_from_folder
 from lorakit.dataprep import make_dreambooth_layout, prepare, steps_per_epoch, suggest_repeats
 from lorakit.dataprep.layout import folder_name
@@ -47,7 +47,7 @@ def test_layout_is_read_by_the_trainer_loader(flat, tmp_path, capsys):
     assert "50 steps per epoch" in capsys.readouterr().out
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in flat.iterdir()} == before
 
-    report = LoaderReport()
+    report = LoadReport()
     subsets = subsets_from_folder(tmp_path / "train", is_reg=False, caption_extension=".txt", report=report)
     assert [(s.num_repeats, s.class_tokens) for s in subsets] == [(10, "sks dog")]
     items = scan_subset(subsets[0], report)

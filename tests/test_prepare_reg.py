@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorakit.data.folders import DatasetReport as LoaderReport
+from lorakit.data.folders import LoadReport
 from lorakit.data.folders import scan_subset, subsets_from_folder
 from lorakit.dataprep import generate_reg_images, prepare
 from lorakit.dataprep.samples import drawn_image, encode
@@ -72,7 +72,7 @@ def test_counts_images_already_there_and_is_read_as_reg_data(tiny, tmp_path):
     assert result.existing == 1 and len(result.written) == 2
     assert "3/3 class images" in result.summary()
 
-    report = LoaderReport()
+    report = LoadReport()
     subsets = subsets_from_folder(tmp_path / "reg", is_reg=True, caption_extension=".txt", report=report)
     assert [(s.num_repeats, s.class_tokens, s.is_reg) for s in subsets] == [(2, "dog", True)]
     items = scan_subset(subsets[0], report)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lorakit.data.folders import DatasetReport as LoaderReport
+from lorakit.data.folders import LoadReport
 from lorakit.data.folders import scan_subset, subsets_from_folder
 from lorakit.dataprep import check_dataset, repair_dataset
 from lorakit.dataprep.repair import ascii_name
@@ -29,9 +29,9 @@ def tree_hashes(folder):
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def loader_report(folder) -> LoaderReport:
+def loader_report(folder) -> LoadReport:
     """What the trainer's dataset loader says about a folder (notes = things it had to fix, skipped = unusable)."""
-    report = LoaderReport()
+    report = LoadReport()
     for subset in subsets_from_folder(folder, is_reg=False, caption_extension=".txt", report=report):
         scan_subset(subset, report)
     return report

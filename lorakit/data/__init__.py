@@ -5,7 +5,7 @@
 
 from .buckets import BucketChoice, make_bucket_resolutions, select_bucket
 from .dataset import Batch, TrainDataset
-from .folders import DatasetReport, DatasetSpec, Subset
+from .folders import DatasetSpec, LoadReport, Subset
 
-__all__ = ["Batch", "BucketChoice", "DatasetReport", "DatasetSpec", "Subset", "TrainDataset",
+__all__ = ["Batch", "BucketChoice", "DatasetSpec", "LoadReport", "Subset", "TrainDataset",
            "make_bucket_resolutions", "select_bucket"]

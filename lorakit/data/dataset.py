@@ -20,7 +20,7 @@ from ..errors import ConfigError, DatasetError
 from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
 from .captions import process_caption
 from .dataset_toml import load_dataset_config
-from .folders import DatasetReport, DatasetSpec, ImageItem, balance_reg_images, scan_subset, subsets_from_folder
+from .folders import DatasetSpec, ImageItem, LoadReport, balance_reg_images, scan_subset, subsets_from_folder
 from .images import image_to_tensor, load_rgb
 from .latents import cache_file, cache_key, encode, image_sha, read_cached, vae_fingerprint, write_cached
 
@@ -69,7 +69,7 @@ def _subset_options(cfg) -> dict:
 class TrainDataset:
     """Examples grouped into buckets; `batches(epoch)` gives the epoch's batches, `load(batch, ...)` their data."""
 
-    def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: DatasetReport,
+    def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: LoadReport,
                  resolution: tuple[int, int] = (512, 512)):
         if not examples:
             raise DatasetError("no usable training images (see the dataset report above for what was skipped)")
@@ -86,7 +86,7 @@ class TrainDataset:
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg, *, native_resolution: int, vae_scale_factor: int = 8) -> TrainDataset:
-        report = DatasetReport()
+        report = LoadReport()
         specs = dataset_specs(cfg, native_resolution)
         if not cfg.dataset_config:
             opts = _subset_options(cfg)

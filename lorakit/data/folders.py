@@ -73,7 +73,7 @@ class ImageItem:
 
 
 @dataclass
-class DatasetReport:
+class LoadReport:
     """What was used, what was fixed, what was skipped (printed before training and saved next to the LoRA)."""
 
     used: dict[str, int] = field(default_factory=dict)  # folder -> images used
@@ -102,7 +102,7 @@ class DatasetReport:
 
 
 # ------------------------------------------------------------------ layout detection (train_data_dir / reg_data_dir)
-def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: str, report: DatasetReport,
+def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: str, report: LoadReport,
                         **subset_options) -> list[Subset]:
     """Detect the layout of `folder` and return its subsets (DreamBooth folders, imagefolder or captions)."""
     folder = Path(folder)
@@ -149,7 +149,7 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
 
 
 # ------------------------------------------------------------------ scanning a subset
-def _caption_for(image: Path, subset: Subset, report: DatasetReport) -> str | None:
+def _caption_for(image: Path, subset: Subset, report: LoadReport) -> str | None:
     cap_file = image.with_suffix(subset.caption_extension)
     if cap_file.is_file():
         caption, note = read_caption_file(cap_file)
@@ -161,7 +161,7 @@ def _caption_for(image: Path, subset: Subset, report: DatasetReport) -> str | No
     return None
 
 
-def _metadata_captions(subset: Subset, report: DatasetReport) -> dict[Path, str]:
+def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
     """image path -> caption from an imagefolder metadata.jsonl or an sd-scripts metadata JSON."""
     meta = Path(subset.metadata_file)
     if not meta.is_file():
@@ -196,7 +196,7 @@ def _metadata_captions(subset: Subset, report: DatasetReport) -> dict[Path, str]
     return out
 
 
-def scan_subset(subset: Subset, report: DatasetReport) -> list[ImageItem]:
+def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
     """The usable images of one subset with their captions. Every image is decoded once here, so that corrupt or
     truncated files are found now and listed, not in the middle of training."""
     if not subset.image_dir.is_dir():
