@@ -6,8 +6,7 @@ import hashlib
 
 import pytest
 
-from lorakit.data.folders import LoadReport
-from lorakit.data.folders import scan_subset, subsets_from_folder
+from lorakit.data.folders import LoadReport, scan_subset, subsets_from_folder
 from lorakit.dataprep import make_dreambooth_layout, prepare, steps_per_epoch, suggest_repeats
 from lorakit.dataprep.layout import folder_name
 from lorakit.dataprep.samples import drawn_image, encode

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorakit.data.folders import LoadReport
-from lorakit.data.folders import scan_subset, subsets_from_folder
+from lorakit.data.folders import LoadReport, scan_subset, subsets_from_folder
 from lorakit.dataprep import generate_reg_images, prepare
 from lorakit.dataprep.samples import drawn_image, encode
 from lorakit.errors import ConfigError

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lorakit.data.folders import LoadReport
-from lorakit.data.folders import scan_subset, subsets_from_folder
+from lorakit.data.folders import LoadReport, scan_subset, subsets_from_folder
 from lorakit.dataprep import check_dataset, repair_dataset
 from lorakit.dataprep.repair import ascii_name
 from lorakit.dataprep.samples import drawn_image, encode, write_problem_dataset
