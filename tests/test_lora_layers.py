@@ -80,21 +80,35 @@ def test_fused_step_matches_peft(case):
     assert_same(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["linear, batch of sequences", "1x1 conv, batch"])
-def test_fused_step_under_bf16_autocast(case):
+def test_fused_step_under_autocast(case, dtype):
     """Mixed precision: computed in the autocast dtype like peft's (same output dtype), gradients in the
     parameters' and input's dtypes, and as accurate as peft's against an exact (float64) step."""
     make, shape = CASES[case]
     ours, ref = pair(make())
     x = torch.randn(shape)
     exact = forward_backward(copy.deepcopy(ref).double(), x.double())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got, want = forward_backward(ours, x), forward_backward(ref, x)
-    assert [t.dtype for t in got] == [t.dtype for t in want] == [torch.bfloat16, torch.float32, torch.float32,
-                                                                  torch.float32]
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [dtype, torch.float32, torch.float32, torch.float32]
     for name, g, w, e in zip(("output", "grad x", "grad A", "grad B"), got, want, exact):
         ours_err, peft_err = ((t.double() - e).norm() / e.norm() for t in (g, w))
         assert ours_err < 1.5 * peft_err + 1e-3, (name, ours_err, peft_err)
+
+
+def test_half_precision_base_with_fp32_adapter():
+    """The GPU set-up: fp16 base weights and activations, fp32 LoRA weights, fp16 autocast — same as peft's."""
+    ours, ref = pair(nn.Linear(24, 40))
+    for layer in (ours, ref):
+        layer.base_layer.half()
+    x = torch.randn(2, 30, 24).half()
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, want = forward_backward(ours, x), forward_backward(ref, x)
+    assert [t.dtype for t in got] == [torch.float16, torch.float16, torch.float32, torch.float32]
+    assert_same(got, want, rtol=2e-2, atol=2e-2)
+    # without autocast the dtypes differ: peft's forward (which casts per product) runs, with peft's results
+    assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=0, atol=0)
 
 
 def test_scale_follows_the_layer_scaling():
