@@ -201,18 +201,19 @@ def main(argv=None) -> None:
     print(f"\nSD1.5 shapes, {torch.cuda.get_device_name(device)}, fp16, batch 1, 512px, dim 16, cached latents")
     print(f"{'run':46s} {'it/s':>7s} {'ratio':>7s} {'max_memory_allocated':>21s}")
     print(f"{'(a) bare frozen U-Net fwd+bwd (fp16 weights)':46s} {1 / statistics.mean(bare):7.2f} {1.0:7.3f}")
-    for ckpt in (False, True):
+    runs = [(ckpt, peft) for ckpt in (False, True) for peft in ((False, True) if args.peft_layers else (False,))]
+    for ckpt, peft_layers in runs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        times, _ = lorakit_step_times(comps, data, root / f"gpu_{ckpt}", steps, args.warmup, device=str(device),
-                                      mixed_precision="fp16", gradient_checkpointing=ckpt)
+        times, _ = lorakit_step_times(comps, data, root / f"gpu_{ckpt}_{peft_layers}", steps, args.warmup,
+                                      device=str(device), mixed_precision="fp16", gradient_checkpointing=ckpt,
+                                      peft_layers=peft_layers)
         mem = torch.cuda.max_memory_allocated(device) / 1024**3
-        label = f"(b) lorakit TE+U-Net, checkpointing {'on' if ckpt else 'off'}"
+        label = f"(b) lorakit TE+U-Net, checkpointing {'on' if ckpt else 'off'}" + (", peft" if peft_layers else "")
         print(f"{label:46s} {1 / statistics.mean(times):7.2f} {statistics.mean(times) / statistics.mean(bare):7.3f}"
               f" {mem:18.2f} GiB")
         if ckpt:
             comps.unet.disable_gradient_checkpointing()
-
 
 if __name__ == "__main__":
     sys.exit(main())
