@@ -112,15 +112,24 @@ def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, 
     return name
 
 
+def _fused_plan(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
+    """(adapter name, compute dtype) when the fused step can run this call, else None."""
+    name = _training_adapter(layer, x, args, kwargs)
+    if name is None:
+        return None
+    dtype = _compute_dtype(x, layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
+    return None if dtype is None else (name, dtype)
+
+
 class LoraLinear(peft_lora.Linear):
     """peft's LoRA Linear with the fused training step (see the module docstring)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = _training_adapter(self, x, args, kwargs)
         base = self.get_base_layer()
-        dtype = name and _compute_dtype(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
-        if dtype is None or type(base) is not nn.Linear:
+        plan = _fused_plan(self, x, args, kwargs) if type(base) is nn.Linear else None
+        if plan is None:
             return super().forward(x, *args, **kwargs)
+        name, dtype = plan
         return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                   self.scaling[name], False, dtype)
 
@@ -135,13 +144,11 @@ class LoraConv2d(peft_lora.Conv2d):
     kxk convolutions (LoCon) run peft's forward."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        name = _training_adapter(self, x, args, kwargs)
         base = self.get_base_layer()
-        if name is None or x.dim() != 4 or not _pointwise(base) or not _pointwise(self.lora_A[name]):
+        plan = _fused_plan(self, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
+        if plan is None or not _pointwise(self.lora_A[plan[0]]):
             return super().forward(x, *args, **kwargs)
-        dtype = _compute_dtype(x, base.weight, self.lora_A[name].weight, self.lora_B[name].weight)
-        if dtype is None:
-            return super().forward(x, *args, **kwargs)
+        name, dtype = plan
         return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                   self.scaling[name], True, dtype)
 
