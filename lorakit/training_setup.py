@@ -52,9 +52,14 @@ class Callbacks:
         else:
             self.targets = [callbacks]
 
+    @staticmethod
+    def _lookup(target, name: str):
+        """`name` of a callback target: a dict's item or an object's attribute (None when absent)."""
+        return target.get(name) if isinstance(target, dict) else getattr(target, name, None)
+
     def _call(self, name, *args, **kwargs):
         for t in self.targets:
-            fn = t.get(name) if isinstance(t, dict) else getattr(t, name, None)
+            fn = self._lookup(t, name)
             if fn is not None:
                 fn(*args, **kwargs)
 
@@ -62,8 +67,7 @@ class Callbacks:
     def shows_progress(self) -> bool:
         """True when a callback draws its own progress display (a notebook's live view): the loop's tqdm bar is
         then left out, so a notebook shows one progress bar, not two."""
-        return any(bool(t.get("shows_progress") if isinstance(t, dict) else getattr(t, "shows_progress", False))
-                   for t in self.targets)
+        return any(bool(self._lookup(t, "shows_progress")) for t in self.targets)
 
     def on_step(self, info: StepInfo) -> None:
         self._call("on_step", info)
