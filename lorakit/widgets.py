@@ -172,7 +172,7 @@ class Form:
         self.cls, self.on_submit, self.result, self.error = cls, on_submit, None, ""
         self._quiet = False
         start = initial_values(cls, preset, values)
-        self.specs = {s.name: s for s in cls.specs()}
+        self.specs = cls.spec_map()
         self.fields = {s.name: FieldWidget(s, start.get(s.name)) for s in cls.specs()}
 
         basic = [f.box for f in self.fields.values() if f.spec.basic]

@@ -153,11 +153,13 @@ class JobConfig:
         return out
 
     @classmethod
+    def spec_map(cls) -> dict[str, FieldSpec]:
+        """`{name: FieldSpec}` of every field, in declaration order."""
+        return {s.name: s for s in cls.specs()}
+
+    @classmethod
     def spec(cls, name: str) -> FieldSpec:
-        for s in cls.specs():
-            if s.name == name:
-                return s
-        raise KeyError(name)
+        return cls.spec_map()[name]
 
     # ---------- construction
     def __post_init__(self):
@@ -182,7 +184,7 @@ class JobConfig:
     @classmethod
     def from_dict(cls, data: dict, *, where: str = ""):
         """Build from a plain dict (TOML, JSON, widgets). Unknown keys are errors with a suggestion."""
-        specs = {s.name: s for s in cls.specs()}
+        specs = cls.spec_map()
         aliases = getattr(cls, "aliases", {})
         kwargs = {}
         for key, value in data.items():
@@ -207,14 +209,14 @@ class JobConfig:
                 flat.update(v)
             else:
                 flat[k] = v
-        specs = {s.name: s for s in cls.specs()}
+        specs = cls.spec_map()
         for key, value in (overrides or {}).items():  # errors in a command-line value say so
             flat[key] = cls.coerce(specs[key], value, " (on the command line)") if key in specs else value
         return cls.from_dict(flat, where=f" (in {Path(path).name})")
 
     def replace(self, **changes):
         """A copy with some fields changed (validated again)."""
-        specs = {s.name: s for s in self.specs()}
+        specs = self.spec_map()
         for k in changes:
             if k not in specs:
                 raise ConfigError(f"unknown option `{k}` for `{self.job}`")
