@@ -47,13 +47,41 @@ def write_json(dest: str | os.PathLike, obj) -> Path:
 
 
 def save_safetensors(tensors: dict, dest: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically. Tensors are made contiguous (shared storage is not allowed)."""
+    """Write a safetensors file atomically. Tensors are made contiguous (shared storage is not allowed).
+
+    The same tensors and metadata always give the same bytes (see `_sort_metadata`), so a file's sha256 identifies
+    its content.
+    """
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     with atomic_path(dest) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
     return Path(dest)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header in place with its `__metadata__` entries in key order.
+
+    The safetensors writer keeps metadata in a hash map whose order changes from process to process, so two writes
+    of the same content differed in their header bytes. The tensor entries and the data are left as written; the
+    header keeps its length (the JSON only changes order; any spare bytes are spaces, as the format allows).
+    """
+    import struct
+
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if "__metadata__" not in header:
+            return
+        header = {"__metadata__": dict(sorted(header["__metadata__"].items())),
+                  **{k: v for k, v in header.items() if k != "__metadata__"}}
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) > length:  # cannot happen for a JSON re-ordering; keep the file as written rather than move data
+            return
+        f.seek(8)
+        f.write(raw + b" " * (length - len(raw)))
 
 
 def torch_save(obj, dest: str | os.PathLike) -> Path:
