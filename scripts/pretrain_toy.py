@@ -3,6 +3,8 @@
     python scripts/pretrain_toy.py --device cuda --out toy-run     # the shipped run (~8 min on one H100)
     python scripts/pretrain_toy.py --device cpu --out toy-run      # the same recipe on a CPU (many hours)
     python scripts/pretrain_toy.py --classifier --out toy-run      # only the classifier (~1 min GPU, ~10 min CPU)
+    python scripts/pretrain_toy.py --start_from stage2.safetensors --no_classifier --out toy-run
+                                                  # only stage 3 (unknown words) on a stage-2 model (~10 min CPU)
 
 Writes `<out>/diffusers/` (fp16), `<out>/lorakit-toy.safetensors` + its sha256, `<out>/classifier.safetensors`
 and `<out>/pretrain.log`. Copy the two .safetensors into lorakit/toy/weights/ to ship them (see the README there).
@@ -18,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from lorakit.toy.classifier import accuracy, save_classifier, train_classifier  # noqa: E402
-from lorakit.toy.pretrain import PretrainSettings, pretrain  # noqa: E402
+from lorakit.toy.pretrain import PretrainSettings, pretrain, unknown_words_stage  # noqa: E402
 from lorakit.toy.release import save_release  # noqa: E402
 
 
@@ -29,9 +31,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classifier", action="store_true", help="train only the concept classifier")
     parser.add_argument("--no_classifier", action="store_true", help="train only the toy model")
+    parser.add_argument("--start_from", help="a model after stage 2 (single file): run only stage 3 on it")
     args = vars(parser.parse_args(argv))
     out = Path(args.pop("out"))
     only_classifier, no_classifier = args.pop("classifier"), args.pop("no_classifier")
+    start_from = args.pop("start_from")
     settings = PretrainSettings(**args)
     out.mkdir(parents=True, exist_ok=True)
     log_file = open(out / "pretrain.log", "a", encoding="utf-8")
@@ -46,7 +50,7 @@ def main(argv=None) -> None:
         log(f"classifier accuracy on fresh scenes: {accuracy(classifier)}")
         log(f"wrote {save_classifier(classifier, out / 'classifier.safetensors')}")
     if not only_classifier:
-        comps = pretrain(settings, log=log)
+        comps = pretrain(settings, log=log) if start_from is None else unknown_words_stage(start_from, settings, log)
         for path in save_release(comps, out):
             log(f"wrote {path}")
 

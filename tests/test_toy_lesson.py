@@ -13,7 +13,7 @@ import torch
 from lorakit.toy.lesson import CAPTIONS, DREAMBOOTH, concept_rate
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 300  # the workshop TOMLs use 500
+STEPS = 500  # as the workshop TOMLs
 SEEDS = range(2000, 2010)
 pytestmark = pytest.mark.slow
 
@@ -80,4 +80,5 @@ def test_caption_lesson_teaches_the_held_out_fill(toy, classifier, tmp_path):
     lora = _train("captions", tmp_path)
     without = concept_rate(toy, CAPTIONS, SEEDS, classifier, num_inference_steps=15)
     with_lora = _rate_with(toy, CAPTIONS, lora, classifier)
+    assert without <= 0.1, without
     assert with_lora >= without + 0.5, (without, with_lora)

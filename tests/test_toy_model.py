@@ -61,7 +61,7 @@ def _tiny_pretrain(seed: int):
     from lorakit.toy.pretrain import PretrainSettings, pretrain
 
     settings = PretrainSettings(seed=seed, vae_steps=1, vae_batch=4, steps=2, batch=4, warmup=1, log_every=1000,
-                                scale_samples=16)
+                                scale_samples=16, unknown_steps=2, unknown_batch=4, unknown_pool=16)
     comps = pretrain(settings, log=lambda line: None)
     return {f"{k}.{n}": t.clone() for k in ("unet", "vae", "text_encoder")
             for n, t in getattr(comps, k).state_dict().items()}, comps
@@ -77,6 +77,33 @@ def test_pretraining_is_reproducible_from_the_seed():
     # the stages really trained: the latent scale was measured, weights moved from their initialisation
     assert comps.vae.config.scaling_factor != 1.0
     assert comps.extra["pretrain_settings"]["seed"] == 0
+
+
+def test_unknown_words_stage_trains_only_the_rows_of_unknown_tokens():
+    """Stage 3 moves the embedding rows of tokens no held-in caption contains (the held-out words among them) and
+    leaves every other weight bit-identical."""
+    from lorakit.toy import world
+    from lorakit.toy.pretrain import PretrainSettings, build_toy, train_unknown_words, unknown_token_ids
+
+    comps = build_toy(seed=0)
+    tok = comps.tokenizer
+    unknown = unknown_token_ids(tok)
+    held_in = {i for c in world.random_captions(world.sample_scenes(200, 4), 5) for i in tok(c).input_ids}
+    assert not held_in & set(unknown.tolist())
+    for word in ("crescent", "sks"):
+        assert tok(word, add_special_tokens=False).input_ids[0] in unknown
+    before = {f"{k}.{n}": t.clone() for k in ("unet", "vae", "text_encoder")
+              for n, t in getattr(comps, k).state_dict().items()}
+    n = train_unknown_words(comps, PretrainSettings(unknown_steps=3, unknown_batch=8, unknown_pool=32,
+                                                    unknown_insert=1.0, log_every=1000), log=lambda line: None)
+    assert n == len(unknown)
+    after = {f"{k}.{n}": t for k in ("unet", "vae", "text_encoder") for n, t in getattr(comps, k).state_dict().items()}
+    table = next(k for k in before if k.endswith("embeddings.token_embedding.weight"))
+    assert [k for k in before if not torch.equal(before[k], after[k])] == [table]
+    moved = (before[table] != after[table]).any(dim=1)
+    assert not moved[sorted(held_in)].any()
+    assert moved[unknown].sum() >= 8  # the rows inserted into the 3 × 8 captions (some drawn twice)
+    assert set(moved.nonzero().flatten().tolist()) <= set(unknown.tolist())
 
 
 def test_release_writes_a_loadable_single_file(tmp_path):

@@ -6,10 +6,15 @@ The toy model has the component classes of Stable Diffusion 1.x — a diffusers 
 milliseconds: 32×32 images, a VAE with a 4× downsampling factor (8×8×4 latents), a ~3 M-parameter U-Net and a
 3-layer, 64-wide text encoder whose tokenizer spells every word of the world as one token.
 
-Two stages, each a plain loop, every random draw from `seed`:
+Three stages, each a plain loop, every random draw from `seed`:
 1. the VAE learns to reconstruct ALL of the world (held-out concepts included: it is a codec, like SD's VAE);
 2. the U-Net and the text encoder learn, jointly, to denoise latents of the HELD-IN world given its captions
    (10% empty captions so classifier-free guidance works). The shipped weights are an exponential moving average.
+3. unknown words: every token that no held-in caption contains (the held-out words among them) keeps its random
+   initial embedding after stage 2, and a random embedding in a prompt pushes the model off its distribution (the
+   never-trained "striped" made the model draw hatching on its own). With everything else frozen, those embedding
+   rows alone learn to change nothing: held-in captions with one such token inserted must still denoise their
+   image. A word the model has no meaning for then behaves like a rare word in SD: it is read, and ignored.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class PretrainSettings:
     warmup: int = 300
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
+    unknown_steps: int = 200  # stage 3: embedding rows of tokens no held-in caption contains
+    unknown_batch: int = 256
+    unknown_lr: float = 3e-3
+    unknown_insert: float = 0.5  # share of captions that get one unknown token inserted
+    unknown_pool: int = 8192  # held-in images encoded once for stage 3
     device: str = "cpu"
     log_every: int = 250
 
@@ -213,6 +223,70 @@ def train_diffusion(comps, settings: PretrainSettings, log: Callable[[str], None
     te.eval()
 
 
+def unknown_token_ids(tokenizer, n_captions: int = 20000, seed: int = 0) -> torch.Tensor:
+    """Ids of the tokens that no held-in caption contains (every caption phrasing, `n_captions` random scenes)."""
+    g = torch.Generator().manual_seed(seed)
+    captions = set(world.random_captions(world.sample_scenes(n_captions, g), g)) | {""}
+    used = {i for c in captions for i in tokenizer(c).input_ids}
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in used])
+
+
+def train_unknown_words(comps, settings: PretrainSettings, log: Callable[[str], None] = print) -> int:
+    """Stage 3: the embedding rows of tokens no held-in caption contains learn to leave the picture unchanged.
+
+    Everything else is frozen. Each step: held-in latents (one pool, encoded once) with their captions, one unknown
+    token inserted at a random word position into `unknown_insert` of them, the usual denoising loss; only the
+    unknown rows receive the update. Returns how many rows were trained.
+    """
+    device = torch.device(settings.device)
+    g = torch.Generator().manual_seed(settings.seed * 1000 + 3)
+    vae, unet, te, sched, tok = comps.vae.to(device).eval(), comps.unet.to(device).eval(), \
+        comps.text_encoder.to(device).eval(), comps.noise_scheduler, comps.tokenizer
+    unknown = unknown_token_ids(tok, seed=settings.seed)
+    scenes = world.sample_scenes(settings.unknown_pool, g)
+    captions = world.random_captions(scenes, g)
+    with torch.no_grad():
+        images = world.render(scenes, device=device) * 2 - 1
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(1024)])
+        latents = latents * vae.config.scaling_factor
+    ids_of = {c: tok(c).input_ids for c in set(captions)}
+    for module in (vae, unet, te):
+        module.requires_grad_(False)
+    table = te.get_input_embeddings().weight
+    table.requires_grad_(True)
+    rows = torch.zeros(len(table), 1, device=device)
+    rows[unknown.to(device)] = 1.0
+    opt = torch.optim.Adam([table], lr=settings.unknown_lr)
+    alphas = sched.alphas_cumprod.to(device)
+    start = time.time()
+    for step in range(settings.unknown_steps):
+        pick = torch.randint(len(scenes), (settings.unknown_batch,), generator=g)
+        insert = torch.rand(len(pick), generator=g) < settings.unknown_insert
+        batch_ids = []
+        for i, ins in zip(pick.tolist(), insert.tolist()):
+            ids = ids_of[captions[i]]
+            if ins:  # after the start token, before any word or the end token
+                at = 1 + int(torch.randint(len(ids) - 1, (1,), generator=g))
+                ids = ids[:at] + [int(unknown[torch.randint(len(unknown), (1,), generator=g)])] + ids[at:]
+            batch_ids.append(ids + [tok.eos_token_id] * (TOKENIZER_MAX_LENGTH - len(ids)))
+        x0 = latents[pick.to(device)]
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=g).to(device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        with _autocast(device):
+            cond = te(torch.tensor(batch_ids, device=device))[0]
+            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample.float()
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        table.grad *= rows  # only the unknown tokens' rows learn
+        opt.step()
+        if step % settings.log_every == 0 or step == settings.unknown_steps - 1:
+            log(f"unknown-words step {step:6d}  loss {loss.item():.5f}  {time.time() - start:7.1f}s")
+    table.requires_grad_(False)
+    return len(unknown)
+
+
 def pretrain(settings: PretrainSettings | None = None, log: Callable[[str], None] = print):
     """Build the toy model from scratch and pretrain it; returns `SDComponents` on `settings.device`."""
     settings = settings or PretrainSettings()
@@ -223,5 +297,20 @@ def pretrain(settings: PretrainSettings | None = None, log: Callable[[str], None
     log("parameters: " + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in n.items()))
     train_vae(comps.vae, settings, log)
     train_diffusion(comps, settings, log)
+    log(f"unknown-words rows trained: {train_unknown_words(comps, settings, log)}")
     comps.extra["pretrain_settings"] = settings.to_dict()
+    return comps
+
+
+def unknown_words_stage(model: str | Path, settings: PretrainSettings | None = None,
+                        log: Callable[[str], None] = print):
+    """Stage 3 alone, on a model that finished stage 2 (a single file such as an earlier `lorakit-toy`)."""
+    from ..models import load_models
+
+    settings = settings or PretrainSettings()
+    torch.manual_seed(settings.seed)
+    comps = load_models(str(model), dtype=torch.float32, device=settings.device)
+    log(f"stage 3 on {model}")
+    log(f"unknown-words rows trained: {train_unknown_words(comps, settings, log)}")
+    comps.extra["pretrain_settings"] = {**settings.to_dict(), "stage3_start_from": Path(model).name}
     return comps
