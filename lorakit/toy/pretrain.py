@@ -155,6 +155,21 @@ def train_vae(vae, settings: PretrainSettings, log: Callable[[str], None] = prin
     return scale
 
 
+def _denoising_loss(unet, te, ids: torch.Tensor, latents: torch.Tensor, alphas: torch.Tensor,
+                    g: torch.Generator) -> torch.Tensor:
+    """The epsilon loss of stages 2 and 3: noise and a uniform timestep per latent (drawn from `g`, in that order),
+    the noisy latents x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 - ᾱ_t)·ε, the U-Net's prediction of ε given the token ids."""
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    t = torch.randint(0, len(alphas), (len(latents),), generator=g).to(device)
+    a = alphas[t].view(-1, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    with _autocast(device):
+        cond = te(ids)[0]
+        pred = unet(noisy, t, cond).sample.float()
+    return F.mse_loss(pred, noise)
+
+
 class _CaptionIds:
     """Token ids of captions, memoised: the world has only a few hundred distinct captions."""
 
@@ -197,15 +212,7 @@ def train_diffusion(comps, settings: PretrainSettings, log: Callable[[str], None
             posterior = vae.encode(x).latent_dist
             latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device))
             latents = latents * scale
-        # diffusion: noise, timestep, noisy latents; predict the noise (epsilon)
-        noise = torch.randn(latents.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=g).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        with _autocast(device):
-            cond = te(ids_of(captions).to(device))[0]
-            pred = unet(noisy, t, cond).sample.float()
-        loss = F.mse_loss(pred, noise)
+        loss = _denoising_loss(unet, te, ids_of(captions).to(device), latents, alphas, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -269,14 +276,7 @@ def train_unknown_words(comps, settings: PretrainSettings, log: Callable[[str], 
                 at = 1 + int(torch.randint(len(ids) - 1, (1,), generator=g))
                 ids = ids[:at] + [int(unknown[torch.randint(len(unknown), (1,), generator=g)])] + ids[at:]
             batch_ids.append(ids + [tok.eos_token_id] * (TOKENIZER_MAX_LENGTH - len(ids)))
-        x0 = latents[pick.to(device)]
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(pick),), generator=g).to(device)
-        a = alphas[t].view(-1, 1, 1, 1)
-        with _autocast(device):
-            cond = te(torch.tensor(batch_ids, device=device))[0]
-            pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, cond).sample.float()
-        loss = F.mse_loss(pred, noise)
+        loss = _denoising_loss(unet, te, torch.tensor(batch_ids, device=device), latents[pick.to(device)], alphas, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         table.grad *= rows  # only the unknown tokens' rows learn
