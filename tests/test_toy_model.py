@@ -63,8 +63,13 @@ def _tiny_pretrain(seed: int):
     settings = PretrainSettings(seed=seed, vae_steps=1, vae_batch=4, steps=2, batch=4, warmup=1, log_every=1000,
                                 scale_samples=16, unknown_steps=2, unknown_batch=4, unknown_pool=16)
     comps = pretrain(settings, log=lambda line: None)
+    return _weights(comps), comps
+
+
+def _weights(comps) -> dict[str, torch.Tensor]:
+    """A copy of every weight of the U-Net, VAE and text encoder, keyed "<component>.<name>"."""
     return {f"{k}.{n}": t.clone() for k in ("unet", "vae", "text_encoder")
-            for n, t in getattr(comps, k).state_dict().items()}, comps
+            for n, t in getattr(comps, k).state_dict().items()}
 
 
 def test_pretraining_is_reproducible_from_the_seed():
@@ -92,12 +97,11 @@ def test_unknown_words_stage_trains_only_the_rows_of_unknown_tokens():
     assert not held_in & set(unknown.tolist())
     for word in ("crescent", "sks"):
         assert tok(word, add_special_tokens=False).input_ids[0] in unknown
-    before = {f"{k}.{n}": t.clone() for k in ("unet", "vae", "text_encoder")
-              for n, t in getattr(comps, k).state_dict().items()}
+    before = _weights(comps)
     n = train_unknown_words(comps, PretrainSettings(unknown_steps=3, unknown_batch=8, unknown_pool=32,
                                                     unknown_insert=1.0, log_every=1000), log=lambda line: None)
     assert n == len(unknown)
-    after = {f"{k}.{n}": t for k in ("unet", "vae", "text_encoder") for n, t in getattr(comps, k).state_dict().items()}
+    after = _weights(comps)
     table = next(k for k in before if k.endswith("embeddings.token_embedding.weight"))
     assert [k for k in before if not torch.equal(before[k], after[k])] == [table]
     moved = (before[table] != after[table]).any(dim=1)
