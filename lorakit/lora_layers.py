@@ -10,15 +10,17 @@ keep everything of peft's (parameters, state dict, merge/unmerge, several adapte
 uses) and replace only the forward of a layer that trains one plain adapter — gradients on, no dropout, no DoRA,
 not merged — by `_LoraProduct`:
 
-    forward   y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ        h = x·Aᵀ is saved (rank r); x is saved for ∂A
+    forward   y = x·Wᵀ + b + s·h·Bᵀ,  h = x·Aᵀ         h is saved (rank r); x is saved for ∂A
     backward  gh = s·g·B    ∂B = s·gᵀ·h    ∂A = ghᵀ·x    ∂x = g·W + gh·A
 
 The rank-r products are added in place (`addmm_`/`baddbmm_`) into the base product and into the input gradient, so a
 layer costs its base products plus six rank-r products (two forward, four backward) and no full-size elementwise
-pass. A 1x1 convolution is computed as the same products over channels ([out, in] @ [n, in, h·w]), which is also
-faster on a CPU than the convolution kernels. (Forming the effective weight W + s·B·A instead saves one rank-r
-pass in each direction but measured no faster on full-size SD1.5, and in fp16/bf16 it would round the adapter's
-small delta to the base weight's precision.)
+pass. In fp32 a layer that sees many tokens (SD1.5 at 512 px: the 64x64 and 32x32 levels, `_merge_weight`) computes
+with the effective weight W' = W + s·B·A instead: `y = x·W'ᵀ + b` and `∂x = g·W'`, so its step adds only the four
+rank-r products the gradients need (x·Aᵀ, g·B, gᵀ·h, ghᵀ·x) and one pass over W; the other two and their
+read-modify-write passes over the output and the input gradient are gone. (Not in fp16/bf16: there W' would round
+the adapter's small delta to the base weight's precision.) A 1x1 convolution is computed as the same products over
+channels ([out, in] @ [n, in, h·w]), which is also faster on a CPU than the convolution kernels.
 
 Public API: `LoraLinear`, `LoraConv2d`, `CUSTOM_MODULES` ({nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}, for
 `LoraConfig._register_custom_module`).
@@ -51,29 +53,35 @@ class _LoraProduct(torch.autograd.Function):
         ctx.shapes = (x.shape, x.dtype, down.shape, down.dtype, up.shape, up.dtype)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype)
-            w, a, b = weight.to(dtype), down.to(dtype).flatten(1), up.to(dtype).flatten(1)
+            w, a, b = weight.to(dtype).flatten(1), down.to(dtype).flatten(1), up.to(dtype).flatten(1)
             bias = None if bias is None else bias.to(dtype)
-            if conv:  # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
-                xs = xc.flatten(2)
-                h = a @ xs  # [n, r, h·w]
-                y = (w.flatten(1) @ xs).baddbmm_(b.expand(xs.shape[0], -1, -1), h, alpha=scale)
+            xs = xc.flatten(2) if conv else xc.reshape(-1, xc.shape[-1])  # conv [n, in, h·w]; linear [N, in]
+            tokens = xs.shape[0] * xs.shape[2] if conv else xs.shape[0]
+            ctx.merged = merged = _merge_weight(tokens, *w.shape, dtype)
+            if merged:  # W' = W + s·B·A: the base product computes the adapter's output too
+                w = torch.addmm(w, b, a, alpha=scale)
+            # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
+            h = a @ xs if conv else xs @ a.t()  # [n, r, h·w] / [N, r]
+            if conv:
+                y = w @ xs
+                if not merged:
+                    y.baddbmm_(b.expand(xs.shape[0], -1, -1), h, alpha=scale)
                 if bias is not None:
                     y += bias[:, None]
                 y = y.view(x.shape[0], -1, *x.shape[2:])
             else:
-                xs = xc.reshape(-1, xc.shape[-1])  # [N, in]
-                h = xs @ a.t()  # [N, r]
                 y = torch.nn.functional.linear(xc, w, bias)
-                y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(xs, h, weight, a, b)
+                if not merged:
+                    y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
+        ctx.save_for_backward(xs, h, w if merged else weight, a, b)
         return y
 
     @staticmethod
     def backward(ctx, grad):
         xs, h, weight, a, b = ctx.saved_tensors
         x_shape, x_dtype, down_shape, down_dtype, up_shape, up_dtype = ctx.shapes
-        s, dtype = ctx.scale, ctx.dtype
-        w = weight.to(dtype)
+        s, dtype, merged = ctx.scale, ctx.dtype, ctx.merged
+        w = weight.to(dtype).flatten(1)  # W' when merged
         g = grad.to(dtype)
         grad_x = None  # not needed before the first adapted layer (nothing upstream trains)
         if ctx.conv:
@@ -82,18 +90,32 @@ class _LoraProduct(torch.autograd.Function):
             grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s)
             grad_down = (gh @ xs.transpose(1, 2)).sum(0)
             if ctx.needs_input_grad[0]:
-                grad_x = (w.flatten(1).t() @ gs).baddbmm_(a.t().expand(gs.shape[0], -1, -1), gh)
+                grad_x = w.t() @ gs
+                if not merged:
+                    grad_x.baddbmm_(a.t().expand(gs.shape[0], -1, -1), gh)
         else:
             gs = g.reshape(-1, g.shape[-1])  # [N, out]
             gh = (gs @ b).mul_(s)  # [N, r]
             grad_up = (gs.t() @ h).mul_(s)
             grad_down = gh.t() @ xs
             if ctx.needs_input_grad[0]:
-                grad_x = (gs @ w).addmm_(gh, a)
+                grad_x = gs @ w
+                if not merged:
+                    grad_x.addmm_(gh, a)
         if grad_x is not None:
             grad_x = grad_x.reshape(x_shape).to(x_dtype)
         return (grad_x, None, None, grad_down.reshape(down_shape).to(down_dtype),
                 grad_up.reshape(up_shape).to(up_dtype), None, None, None)
+
+
+def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether the step computes with the effective weight W' = W + s·B·A. Forming W' costs one pass over W (and
+    out·in·r multiply-adds) and saves, per step, the rank-r products x·Aᵀ·Bᵀ and gh·A with their read-modify-write
+    passes over the output and the input gradient (tokens·(in + out) values): worth it when the layer sees more
+    tokens than in·out / (in + out) — SD1.5 at 512 px: the 64x64 and 32x32 levels, not the 16x16 and 8x8 ones
+    nor the text cross-attention. Only in single or double precision: in fp16/bf16, W' would round the adapter's
+    small delta to the base weight's precision."""
+    return dtype in (torch.float32, torch.float64) and tokens * (in_features + out_features) >= in_features * out_features
 
 
 def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:

@@ -195,3 +195,37 @@ def test_unet_gradients_match_peft_layers(tiny_sd1_dir, checkpointing, one_threa
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * len(net.layers)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("case", CASES)
+def test_both_fused_variants_match_peft(case, merged, monkeypatch):
+    """In fp32 a layer computes with the effective weight W + s·B·A or adds the rank-r products separately (by its
+    shape); both give peft's output and gradients."""
+    from lorakit import lora_layers
+
+    decisions = []
+
+    def decide(*args):
+        decisions.append(args)
+        return merged
+
+    monkeypatch.setattr(lora_layers, "_merge_weight", decide)
+    make, shape = CASES[case]
+    ours, ref = pair(make())
+    x = torch.randn(shape)
+    assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
+    assert len(decisions) == 1
+
+
+def test_which_layers_merge_the_weight():
+    """SD1.5 at 512 px: the 64x64 and 32x32 levels merge, the 16x16 and 8x8 levels and the text cross-attention
+    (77 tokens) do not; half precision never does."""
+    from lorakit.lora_layers import _merge_weight
+
+    f32 = torch.float32
+    assert _merge_weight(4096, 320, 320, f32) and _merge_weight(4096, 2560, 320, f32)
+    assert _merge_weight(1024, 640, 640, f32) and _merge_weight(1024, 640, 2560, f32)
+    assert not _merge_weight(256, 1280, 1280, f32) and not _merge_weight(64, 1280, 1280, f32)
+    assert not _merge_weight(77, 320, 768, f32)
+    assert not _merge_weight(4096, 320, 320, torch.float16) and not _merge_weight(4096, 320, 320, torch.bfloat16)
