@@ -115,7 +115,8 @@ def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch
     tokens than in·out / (in + out) — SD1.5 at 512 px: the 64x64 and 32x32 levels, not the 16x16 and 8x8 ones
     nor the text cross-attention. Only in single or double precision: in fp16/bf16, W' would round the adapter's
     small delta to the base weight's precision."""
-    return dtype in (torch.float32, torch.float64) and tokens * (in_features + out_features) >= in_features * out_features
+    full_precision = dtype in (torch.float32, torch.float64)
+    return full_precision and tokens * (in_features + out_features) >= in_features * out_features
 
 
 def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
