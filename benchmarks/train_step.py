@@ -5,16 +5,20 @@
 
 (a) bare: `unet(x_t, t, text).sample`, MSE, backward — frozen weights, gradients for the activations only (the least
     any LoRA step must do). On CPU one bare step runs between every two lorakit steps, so both see the same machine
-    load (the development machines are shared and noisy), on the same U-Net with its LoRA layers switched off
-    (peft's `disable_adapters`: each layer calls its base layer only), so both read the same weights in the same
-    memory (a second copy of the U-Net measured up to 5% apart from the first in the same process).
+    load (the development machines are shared and noisy) and the same malloc settings, on the same U-Net with its
+    LoRA layers switched off (peft's `disable_adapters`: each layer calls its base layer only), so both read the same
+    weights in the same memory (a second copy of the U-Net measured up to 5% apart from the first in one process).
 (b) lorakit: `lorakit.train(...)` on a one-image dataset with the same components; the step time is the interval
     between consecutive `on_step` callbacks (everything the loop does: text encoder, noise, loss, optimizer), after
     warm-up steps. Two configurations: LoRA on text encoder + U-Net (sd-scripts' default, the one in
     docs/PERFORMANCE.md) and U-Net only (the frozen text encoder's output is then cached per caption).
-(c) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
+(c) with `--default-malloc`: the same, with glibc's default malloc behaviour instead of the CPU loop's
+    `keep_freed_memory` (which makes malloc reuse freed memory instead of unmapping it) — what that setting saves.
+(d) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
     in for lorakit's fused ones after the warm-up step — what the fused training step saves, measured side by side.
-Ratios are measured side by side in one process. Peak RSS is the process's high-water mark (ru_maxrss).
+Ratios are measured side by side in one process: the ratio of the mean times, of the fastest times, and the median
+of each lorakit step over the bare step timed right after it (the steadiest on a shared machine). Peak RSS is the
+process's high-water mark (ru_maxrss).
 """
 
 from __future__ import annotations
@@ -90,18 +94,20 @@ class StepTimer:
         self.between = between
         self.first = None  # run once, after the first step (outside the timed intervals)
         self.steps, self.bare = [], []
-        self._resume = None
+        self.kernel = []  # (system CPU s, minor page faults) of each lorakit step
+        self._resume = self._usage = None
 
     def on_step(self, info):
-        now = self._sync_time()
+        now, usage = self._sync_time(), resource.getrusage(resource.RUSAGE_SELF)
         if self.first is not None:
             self.first, first = None, self.first
             first()
         if self._resume is not None:
             self.steps.append(now - self._resume)
+            self.kernel.append((usage.ru_stime - self._usage.ru_stime, usage.ru_minflt - self._usage.ru_minflt))
         if self.between is not None:
             self.bare.append(self.between())
-        self._resume = self._sync_time()
+        self._usage, self._resume = resource.getrusage(resource.RUSAGE_SELF), self._sync_time()
 
     @staticmethod
     def _sync_time() -> float:
@@ -140,7 +146,8 @@ def use_peft_layers(comps) -> None:
 
 def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, between=None, peft_layers=False,
                        **options):
-    """(lorakit step times, bare step times measured in between) after `warmup` steps."""
+    """(lorakit step times, bare step times measured in between, (system s, page faults) of the lorakit steps)
+    after `warmup` steps."""
     import lorakit
 
     timer = StepTimer(between)
@@ -149,7 +156,7 @@ def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, be
     lorakit.train(components=comps, callbacks=timer, train_data_dir=str(data), output_dir=str(out),
                   max_train_steps=warmup + steps + 1, resolution="512", network_dim=16, train_batch_size=1,
                   cache_latents=True, sample_at_end=False, **options)
-    return timer.steps[warmup:], timer.bare[warmup + 1:]
+    return timer.steps[warmup:], timer.bare[warmup + 1:], timer.kernel[warmup:]
 
 
 def make_dataset(root: Path) -> Path:
@@ -171,6 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared "
                         "machine, where every op's thread barrier waits for a busy core)")
     parser.add_argument("--peft-layers", action="store_true", help="also time each step with peft's stock LoRA layers")
+    parser.add_argument("--default-malloc", action="store_true", help="also time each step with glibc's default "
+                        "malloc behaviour (freed memory unmapped, as without lorakit's keep_freed_memory)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,24 +199,37 @@ def main(argv=None) -> None:
             with adapters_off(comps.unet):
                 return bare_step_times(comps.unet, 1, device, torch.float32, warmup=0)[0]
 
+        import lorakit.training
+
+        variants = [("", False, False)] + ([(", peft layers", True, False)] if args.peft_layers else []) + (
+            [(", default malloc", False, True)] if args.default_malloc else [])
         rows = []
         for label, opts in [("TE + U-Net LoRA", {}), ("U-Net-only LoRA", {"network_train_unet_only": True})]:
-            for peft_layers in (False, True) if args.peft_layers else (False,):
-                name = label + (", peft layers" if peft_layers else "")
-                times, bare = lorakit_step_times(comps, data, root / name.replace(" ", "_").replace(",", ""), steps,
-                                                 args.warmup, between=bare_step, device="cpu",
-                                                 peft_layers=peft_layers, **opts)
-                rows.append((name, times, bare, peak_rss_gb()))
+            for suffix, peft_layers, default_malloc in variants:
+                name = label + suffix
+                keep = lorakit.training.keep_freed_memory
+                if default_malloc:
+                    lorakit.training.keep_freed_memory = lambda enabled: contextlib.nullcontext(False)
+                try:
+                    out = root / name.replace(" ", "_").replace(",", "")
+                    times, bare, kernel = lorakit_step_times(comps, data, out, steps, args.warmup, between=bare_step,
+                                                             device="cpu", peft_layers=peft_layers, **opts)
+                finally:
+                    lorakit.training.keep_freed_memory = keep
+                rows.append((name, times, bare, kernel, peak_rss_gb()))
         print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each, "
               f"alternating with a bare step")
-        print(f"{'lorakit step':30s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'min ratio':>10s} "
-              f"{'peak RSS':>9s}")
-        for label, times, bare, rss in rows:
+        print(f"{'lorakit step':34s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'min ratio':>10s} "
+              f"{'median pair':>12s} {'peak RSS':>9s}")
+        for label, times, bare, kernel, rss in rows:
             ratio = statistics.mean(times) / statistics.mean(bare)
-            print(f"{label:30s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
-                  f"{min(times) / min(bare):10.3f} {rss:7.1f} GB")
+            pairs = statistics.median(a / b for a, b in zip(times, bare))
+            print(f"{label:34s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
+                  f"{min(times) / min(bare):10.3f} {pairs:12.3f} {rss:7.1f} GB")
             print(f"  samples: lorakit {', '.join(f'{x:.2f}' for x in times)}; "
                   f"bare {', '.join(f'{x:.2f}' for x in bare)}")
+            print(f"  lorakit step in the kernel: {statistics.mean(s for s, _ in kernel):.2f} s system time, "
+                  f"{statistics.mean(f for _, f in kernel):,.0f} minor page faults per step")
         return
 
     comps.to(device=device, dtype=torch.float16)
@@ -220,7 +242,7 @@ def main(argv=None) -> None:
     for ckpt, peft_layers in runs:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        times, _ = lorakit_step_times(comps, data, root / f"gpu_{ckpt}_{peft_layers}", steps, args.warmup,
+        times, _, _ = lorakit_step_times(comps, data, root / f"gpu_{ckpt}_{peft_layers}", steps, args.warmup,
                                       device=str(device), mixed_precision="fp16", gradient_checkpointing=ckpt,
                                       peft_layers=peft_layers)
         mem = torch.cuda.max_memory_allocated(device) / 1024**3

@@ -3,8 +3,10 @@ test with a known outcome; NaN safety; optimizers and schedules."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,6 +231,31 @@ def test_a_live_view_replaces_the_progress_bar(tmp_path, tiny_sd1_dir, monkeypat
     lorakit.train(output_dir=str(tmp_path / "live"), callbacks=[view], **common)
     assert asked == [False, True]  # a bar for the plain run; none beside the live view
     assert view.progress.value == 2
+
+
+def test_cpu_steps_run_with_freed_memory_kept(tmp_path, tiny_sd1_dir, monkeypatch):
+    """On a CPU the loop runs inside `keep_freed_memory` (on, for the whole loop, and off again afterwards)."""
+    from lorakit import host_memory, training
+
+    seen, real = [], host_memory.keep_freed_memory
+
+    @contextlib.contextmanager
+    def spy(enabled=True):
+        with real(enabled) as active:
+            seen.append(("on", enabled, active))
+            yield active
+        seen.append(("off",))
+
+    steps = []
+    monkeypatch.setattr(training, "keep_freed_memory", spy)
+    d = tmp_path / "data" / "1_x"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"), sample_at_end=False, max_train_steps=2, device="cpu",
+                  callbacks=SimpleNamespace(on_step=lambda info: steps.append(list(seen))))
+    assert seen == [("on", True, True), ("off",)]
+    assert steps == [[("on", True, True)]] * 2  # every step ran with it on
 
 
 def test_setup_errors_are_clear(tmp_path):
