@@ -180,6 +180,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peft-layers", action="store_true", help="also time each step with peft's stock LoRA layers")
     parser.add_argument("--default-malloc", action="store_true", help="also time each step with glibc's default "
                         "malloc behaviour (freed memory unmapped, as without lorakit's keep_freed_memory)")
+    parser.add_argument("--only", choices=["te_unet", "unet"], help="time one configuration only: LoRA on text "
+                        "encoder + U-Net, or on the U-Net alone")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -204,7 +206,10 @@ def main(argv=None) -> None:
         variants = [("", False, False)] + ([(", peft layers", True, False)] if args.peft_layers else []) + (
             [(", default malloc", False, True)] if args.default_malloc else [])
         rows = []
-        for label, opts in [("TE + U-Net LoRA", {}), ("U-Net-only LoRA", {"network_train_unet_only": True})]:
+        configs = {"te_unet": ("TE + U-Net LoRA", {}), "unet": ("U-Net-only LoRA", {"network_train_unet_only": True})}
+        for key, (label, opts) in configs.items():
+            if args.only not in (None, key):
+                continue
             for suffix, peft_layers, default_malloc in variants:
                 name = label + suffix
                 keep = lorakit.training.keep_freed_memory
