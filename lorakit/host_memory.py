@@ -4,9 +4,9 @@ A training step allocates and frees the same large activations every step. glibc
 freed memory at the top of its heap back to the OS as soon as more than `M_TRIM_THRESHOLD` is free (at most 64 MB
 by its dynamic rule) and serves every block over `M_MMAP_THRESHOLD` (at most 32 MB) by a fresh `mmap` that `free`
 unmaps again. Either way the next step writes to new pages, and each 4 KiB page costs a page fault and the kernel
-zeroing it. A LoRA step keeps more activations alive than a frozen forward + backward (each adapted layer saves its
-input for the adapter's weight gradient), so it pays more of these faults: on full-size SD1.5 at 512 px, fp32, one
-thread, they were most of the LoRA step's overhead over the bare U-Net step (`benchmarks/RESULTS.md`).
+zeroing it: on full-size SD1.5 at 512 px, fp32, 240,000–310,000 faults and 0.6–0.7 s of system time per step,
+a LoRA step paying more than a frozen forward + backward because each adapted layer keeps its input alive for the
+adapter's weight gradient (`benchmarks/RESULTS.md`: with this setting, ~2,000 faults and ~0.01 s).
 
 `keep_freed_memory()` makes malloc keep what the process frees while training runs: no trimming of the heap and no
 `mmap` per block, so after the first steps every allocation is served from memory already mapped. The process's peak

@@ -113,8 +113,9 @@ def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch
     out·in·r multiply-adds) and saves, per step, the rank-r products x·Aᵀ·Bᵀ and gh·A with their read-modify-write
     passes over the output and the input gradient (tokens·(in + out) values): worth it when the layer sees more
     tokens than in·out / (in + out) — SD1.5 at 512 px: the 64x64 and 32x32 levels, not the 16x16 and 8x8 ones
-    nor the text cross-attention. Only in single or double precision: in fp16/bf16, W' would round the adapter's
-    small delta to the base weight's precision."""
+    nor the text cross-attention. W' is kept for the backward pass (out·in values a layer: ~0.2 GB for SD1.5 in
+    fp32). Only in single or double precision: in fp16/bf16, W' would round the adapter's small delta to the base
+    weight's precision."""
     full_precision = dtype in (torch.float32, torch.float64)
     return full_precision and tokens * (in_features + out_features) >= in_features * out_features
 
