@@ -47,8 +47,9 @@ def _glibc():
     return libc
 
 
-def _set(libc, params: dict[int, int]) -> bool:
-    return all(libc.mallopt(param, value) == 1 for param, value in params.items())
+def _set(libc, params: dict[int, int]) -> list[bool]:
+    """Each setting tried (none skipped after a refusal); whether each one took effect."""
+    return [libc.mallopt(param, value) == 1 for param, value in params.items()]
 
 
 @contextlib.contextmanager
@@ -57,10 +58,10 @@ def keep_freed_memory(enabled: bool = True, libc=None):
     Yields whether the setting took effect (False off glibc or with `enabled=False`). `libc`: the C library
     handle to use (default: the process's glibc)."""
     libc = _glibc() if libc is None else libc
-    active = bool(enabled and libc is not None and _set(libc, _KEEP))
+    taken = _set(libc, _KEEP) if enabled and libc is not None else []
     try:
-        yield active
+        yield bool(taken) and all(taken)
     finally:
-        if active:
+        if any(taken):  # restore whatever was changed, also when a setting was refused
             _set(libc, _STEADY)
             libc.malloc_trim(0)

@@ -57,12 +57,12 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 class FakeLibc:
-    def __init__(self, accept: bool = True):
-        self.calls, self.accept = [], accept
+    def __init__(self, accept: bool = True, refuse: tuple[int, ...] = ()):
+        self.calls, self.accept, self.refuse = [], accept, refuse
 
     def mallopt(self, param, value):
         self.calls.append(("mallopt", param, value))
-        return 1 if self.accept else 0
+        return 1 if self.accept and param not in self.refuse else 0
 
     def malloc_trim(self, pad):
         self.calls.append(("malloc_trim", pad))
@@ -94,3 +94,14 @@ def test_restored_after_an_error_and_inactive_cases():
     with keep_freed_memory(libc=refused) as active:
         assert not active
     assert all(call[0] == "mallopt" for call in refused.calls)
+
+
+def test_a_partly_refused_setting_is_inactive_and_still_restored():
+    """A C library that takes "no mmap" but refuses the trim threshold: every setting is tried, the block reports
+    inactive, and what was changed is set back on leaving."""
+    libc = FakeLibc(refuse=(host_memory.M_TRIM_THRESHOLD,))
+    with keep_freed_memory(libc=libc) as active:
+        assert not active
+        assert libc.calls == [("mallopt", p, v) for p, v in host_memory._KEEP.items()]
+        libc.calls.clear()
+    assert libc.calls == [*(("mallopt", p, v) for p, v in host_memory._STEADY.items()), ("malloc_trim", 0)]
