@@ -16,8 +16,9 @@
     `keep_freed_memory` (which makes malloc reuse freed memory instead of unmapping it) — what that setting saves.
 (d) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
     in for lorakit's fused ones after the warm-up step — what the fused training step saves, measured side by side.
-Ratios are measured side by side in one process: the ratio of the mean times, of the fastest times, and the median
-of each lorakit step over the bare step timed right after it (the steadiest on a shared machine). Peak RSS is the
+Ratios are measured side by side in one process: the ratio of the mean times with its 95% bootstrap interval (the
+(lorakit, bare) pairs resampled together), of the fastest times, and the median of each lorakit step over the bare
+step timed right after it (the steadiest on a shared machine). Peak RSS is the
 process's high-water mark (ru_maxrss).
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import resource
 import statistics
 import sys
@@ -60,6 +62,14 @@ def full_size_sd15():
                         text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)),
                         vae=AutoencoderKL.from_config(cfg("vae")), unet=UNet2DConditionModel.from_config(cfg("unet")),
                         noise_scheduler=DDPMScheduler.from_config(cfg("scheduler")), family=SD1, source="random")
+
+
+def ratio_interval(times: list[float], bare: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of mean(times) / mean(bare), resampling the (lorakit, bare) pairs together."""
+    rng, pairs = random.Random(seed), list(zip(times, bare))
+    ratios = sorted(statistics.mean(a for a, _ in sample) / statistics.mean(b for _, b in sample)
+                    for sample in ([rng.choice(pairs) for _ in pairs] for _ in range(resamples)))
+    return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
 
 
 def peak_rss_gb() -> float:
@@ -224,13 +234,14 @@ def main(argv=None) -> None:
                 rows.append((name, times, bare, kernel, peak_rss_gb()))
         print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each, "
               f"alternating with a bare step")
-        print(f"{'lorakit step':34s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'min ratio':>10s} "
-              f"{'median pair':>12s} {'peak RSS':>9s}")
+        print(f"{'lorakit step':34s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'95% interval':>13s} "
+              f"{'min ratio':>10s} {'median pair':>12s} {'peak RSS':>9s}")
         for label, times, bare, kernel, rss in rows:
             ratio = statistics.mean(times) / statistics.mean(bare)
+            low, high = ratio_interval(times, bare)
             pairs = statistics.median(a / b for a, b in zip(times, bare))
             print(f"{label:34s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
-                  f"{min(times) / min(bare):10.3f} {pairs:12.3f} {rss:7.1f} GB")
+                  f"{low:6.3f}-{high:.3f} {min(times) / min(bare):10.3f} {pairs:12.3f} {rss:7.1f} GB")
             print(f"  samples: lorakit {', '.join(f'{x:.2f}' for x in times)}; "
                   f"bare {', '.join(f'{x:.2f}' for x in bare)}")
             print(f"  lorakit step in the kernel: {statistics.mean(s for s, _ in kernel):.2f} s system time, "
