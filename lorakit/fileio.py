@@ -61,6 +61,21 @@ def save_safetensors(tensors: dict, dest: str | os.PathLike, metadata: dict[str,
     return Path(dest)
 
 
+def read_safetensors_header(f, size: int) -> tuple[int, dict]:
+    """(header length, header) of the safetensors file open as `f` (at offset 0) of `size` bytes; ValueError (or
+    UnicodeDecodeError) when the first bytes are not a safetensors header."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError("shorter than a safetensors header")
+    length = int.from_bytes(raw, "little")
+    if length > size - 8:
+        raise ValueError("header length exceeds the file size")
+    header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return length, header
+
+
 def _sort_metadata(path: Path) -> None:
     """Rewrite a safetensors header in place with its `__metadata__` entries in key order.
 
@@ -68,11 +83,8 @@ def _sort_metadata(path: Path) -> None:
     of the same content differed in their header bytes. The tensor entries and the data are left as written; the
     header keeps its length (the JSON only changes order; any spare bytes are spaces, as the format allows).
     """
-    import struct
-
     with open(path, "r+b") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        length, header = read_safetensors_header(f, os.fstat(f.fileno()).st_size)
         if "__metadata__" not in header:
             return
         header = {"__metadata__": dict(sorted(header["__metadata__"].items())),

@@ -8,7 +8,8 @@ zeroing it: on full-size SD1.5 at 512 px, fp32, 240,000–310,000 faults and 0.6
 a LoRA step paying more than a frozen forward + backward because each adapted layer keeps its input alive for the
 adapter's weight gradient (`benchmarks/RESULTS.md`: with this setting, ~2,000 faults and ~0.01 s).
 
-`keep_freed_memory()` makes malloc keep what the process frees while training runs: no trimming of the heap and no
+`keep_freed_memory()` makes malloc keep what the process frees while training (or CPU generation, or latent
+caching) runs: no trimming of the heap and no
 `mmap` per block, so after the first steps every allocation is served from memory already mapped. The process's peak
 memory stays what the run needs at its peak (it is not given back in between). On leaving, the limits are set to
 glibc's usual steady values (32 MB `mmap` threshold, 64 MB trim threshold) and the free memory is returned
@@ -52,16 +53,27 @@ def _set(libc, params: dict[int, int]) -> list[bool]:
     return [libc.mallopt(param, value) == 1 for param, value in params.items()]
 
 
+_active: list[bool] = []  # the setting's state in each enclosing `keep_freed_memory` block that applied it
+
+
 @contextlib.contextmanager
 def keep_freed_memory(enabled: bool = True, libc=None):
     """While the block runs, malloc keeps and reuses the memory the process frees (see the module docstring).
     Yields whether the setting took effect (False off glibc or with `enabled=False`). `libc`: the C library
-    handle to use (default: the process's glibc)."""
+    handle to use (default: the process's glibc). Blocks nest: inside an enclosing block that applied it, a block
+    changes nothing (the outermost one restores the limits when it ends)."""
+    if enabled and _active:
+        yield _active[0]
+        return
     libc = _glibc() if libc is None else libc
     taken = _set(libc, _KEEP) if enabled and libc is not None else []
+    if taken:
+        _active.append(all(taken))
     try:
         yield bool(taken) and all(taken)
     finally:
+        if taken:
+            _active.pop()
         if any(taken):  # restore whatever was changed, also when a setting was refused
             _set(libc, _STEADY)
             libc.malloc_trim(0)

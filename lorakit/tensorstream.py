@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .fileio import read_safetensors_header
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -37,11 +38,8 @@ class SafetensorsReader:
         self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()/__exit__
         try:
             size = self.path.stat().st_size
-            (n,) = struct.unpack("<Q", self._file.read(8))
-            if n > size - 8:
-                raise ValueError("header length exceeds the file size")
-            header = json.loads(self._file.read(n))
-        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            n, header = read_safetensors_header(self._file, size)
+        except (ValueError, UnicodeDecodeError) as e:
             self._file.close()
             raise ModelLoadError(f"{self.path.name}: not a readable safetensors file ({e})") from None
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}

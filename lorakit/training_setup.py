@@ -19,6 +19,7 @@ from .data.captions import tag_frequency
 from .data.latents import encode
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
+from .host_memory import keep_freed_memory
 from .optim import make_optimizer, make_scheduler
 
 TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
@@ -270,7 +271,8 @@ def prepare_run(cfg, components=None) -> Run:
     if cfg.cache_latents:
         from tqdm.auto import tqdm
 
-        with tqdm(total=len(dataset.examples), desc="caching latents", unit="img") as bar:
+        with (tqdm(total=len(dataset.examples), desc="caching latents", unit="img") as bar,
+              keep_freed_memory(device.type == "cpu")):
             stats = dataset.cache_latents(components.vae, run.latent_scale, to_disk=cfg.cache_latents_to_disk,
                                           progress=bar.update)
         if stats["from_disk"]:

@@ -52,6 +52,30 @@ def tiny_sd2_file(tiny_sd2_dir, tmp_path_factory):
     return path
 
 
+def _meta_full_size(family: str = "sd1") -> dict:
+    """A full-size text encoder and U-Net on the meta device (no memory), from the bundled configs."""
+    import json
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from lorakit.families import CONFIG_ROOT
+
+    unet_cfg = json.loads((CONFIG_ROOT / family / "unet" / "config.json").read_text())
+    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / family / "text_encoder" / "config.json").read_text()))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_cfg)
+        te = CLIPTextModel(te_cfg)
+    return {"unet": unet, "text_encoder": te}
+
+
+@pytest.fixture(scope="session")
+def meta_full_size():
+    """`meta_full_size(family)`: full-size SD components on the meta device (shapes and names only)."""
+    return _meta_full_size
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run faster on one thread, and much faster when the machine is shared."""

@@ -38,3 +38,35 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
         raise RuntimeError("killed mid-write")
     assert dest.read_bytes() == before
     assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_safetensors_header_reader(tmp_path):
+    from lorakit.fileio import read_safetensors_header
+
+    path = save_safetensors({"w": torch.ones(2, 3)}, tmp_path / "ok.safetensors", {"ss_network_dim": "4"})
+    with open(path, "rb") as f:
+        length, header = read_safetensors_header(f, path.stat().st_size)
+    assert header["__metadata__"] == {"ss_network_dim": "4"} and header["w"]["shape"] == [2, 3]
+    assert length == int.from_bytes(path.read_bytes()[:8], "little")
+
+    bad = {"empty": b"", "short": b"\x01\x00\x00", "too long": (10**6).to_bytes(8, "little") + b"{}",
+           "not json": (4).to_bytes(8, "little") + b"abcd", "a list": (2).to_bytes(8, "little") + b"[]"}
+    for name, data in bad.items():
+        p = tmp_path / f"{name}.safetensors"
+        p.write_bytes(data)
+        with open(p, "rb") as f, pytest.raises(ValueError):
+            read_safetensors_header(f, len(data))
+
+
+def test_streaming_reader_names_a_bad_file(tmp_path):
+    from lorakit.errors import ModelLoadError
+    from lorakit.tensorstream import SafetensorsReader
+
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"PK\x03\x04 this is a zip")
+    with pytest.raises(ModelLoadError, match="garbage.safetensors: not a readable safetensors file"):
+        SafetensorsReader(garbage)
+    good = save_safetensors({"w": torch.ones(64)}, tmp_path / "cut.safetensors")
+    good.write_bytes(good.read_bytes()[:-16])
+    with pytest.raises(ModelLoadError, match="cut.safetensors: truncated"):
+        SafetensorsReader(good)

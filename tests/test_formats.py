@@ -133,10 +133,8 @@ def test_files_adapting_more_layers_than_lorakit_trains_load(tiny_sd1_dir):
     check_effect(comps, spec, tensors)
 
 
-def test_full_size_sd2_file_with_4d_projections_is_recognised_and_applied():
-    from test_network import _full_size
-
-    comps = _full_size("sd2")  # meta device: shapes and names only
+def test_full_size_sd2_file_with_4d_projections_is_recognised_and_applied(meta_full_size):
+    comps = meta_full_size("sd2")  # meta device: shapes and names only
     spec = {"lora_unet_down_blocks_0_attentions_0_proj_in": ((4, 320, 1, 1), (320, 4, 1, 1), 4.0),
             "lora_unet_up_blocks_3_attentions_2_proj_out": ((4, 320, 1, 1), (320, 4, 1, 1), 4.0),
             "lora_te_text_model_encoder_layers_22_mlp_fc2": ((4, 4096), (1024, 4), 4.0),
@@ -312,10 +310,8 @@ def test_sd2_lora_on_sd1_model_is_refused_before_anything_is_applied(tiny_sd1_di
     assert _lora_layers(sd1) == 0
 
 
-def test_sd2_shaped_file_without_metadata_on_full_size_sd1(tmp_path):
-    from test_network import _full_size_sd1
-
-    comps = _full_size_sd1()
+def test_sd2_shaped_file_without_metadata_on_full_size_sd1(tmp_path, meta_full_size):
+    comps = meta_full_size("sd1")
     # SD2's OpenCLIP-H text encoder (1024 wide, 23 layers) and U-Net cross-attention (1024)
     spec = {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": ((4, 1024), (1024, 4), 4.0),
             "lora_te_text_model_encoder_layers_22_mlp_fc2": ((4, 4096), (1024, 4), 4.0),

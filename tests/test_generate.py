@@ -121,3 +121,28 @@ def test_clip_skip_uses_an_earlier_text_encoder_layer(model):
     assert np.abs(px(last) - px(skip)).mean() > 1
     with pytest.raises(ConfigError, match="clip_skip"):
         generate(components=comps, prompt="a photo", seed=2, clip_skip=4, **FAST)
+
+
+def test_cpu_denoising_runs_with_freed_memory_kept(model, monkeypatch):
+    """On a CPU every U-Net call of the sampler runs inside `keep_freed_memory` (no page faults per step)."""
+    import contextlib
+
+    from lorakit import generation
+
+    d, comps, a, b = model
+    state, calls = {"on": False}, []
+
+    @contextlib.contextmanager
+    def spy(enabled=True):
+        state["on"] = enabled
+        yield enabled
+        state["on"] = False
+
+    monkeypatch.setattr(generation, "keep_freed_memory", spy)
+    hook = comps.unet.register_forward_pre_hook(lambda module, args: calls.append(state["on"]))
+    try:
+        generate(components=comps, prompt="a photo", seed=7, network_weights=[str(a)], **FAST)
+    finally:
+        hook.remove()
+    assert len(calls) == 3  # one call per denoising step (guidance batches both halves)
+    assert all(calls) and not state["on"]

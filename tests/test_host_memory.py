@@ -105,3 +105,20 @@ def test_a_partly_refused_setting_is_inactive_and_still_restored():
         assert libc.calls == [("mallopt", p, v) for p, v in host_memory._KEEP.items()]
         libc.calls.clear()
     assert libc.calls == [*(("mallopt", p, v) for p, v in host_memory._STEADY.items()), ("malloc_trim", 0)]
+
+
+def test_nested_blocks_leave_the_setting_to_the_outermost():
+    """Sampling inside training, generation inside a notebook's training cell: an inner block changes nothing and
+    its end does not restore the limits under the enclosing block."""
+    libc = FakeLibc()
+    with host_memory.keep_freed_memory(libc=libc) as outer:
+        libc.calls.clear()
+        with host_memory.keep_freed_memory(libc=libc) as inner:
+            assert outer and inner
+        with host_memory.keep_freed_memory(enabled=False, libc=libc) as off:
+            assert not off
+        assert libc.calls == []
+    assert libc.calls == [*(("mallopt", p, v) for p, v in host_memory._STEADY.items()), ("malloc_trim", 0)]
+    libc.calls.clear()
+    with host_memory.keep_freed_memory(libc=libc):  # and a later block applies it again
+        assert libc.calls == [("mallopt", p, v) for p, v in host_memory._KEEP.items()]

@@ -3,13 +3,10 @@ adapters, save → load round trips, multipliers, several adapters, merge/unmerg
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 
-from lorakit.families import CONFIG_ROOT
 from lorakit.formats import load_lora_file, save_lora
 from lorakit.models import load_models
 from lorakit.network import add_lora, apply_lora_file, lora_targets, remove_lora
@@ -40,30 +37,13 @@ def lora_layer_count(module) -> int:
 
 # ---------------------------------------------------------------------------------------------- targets
 
-def _full_size(family: str = "sd1"):
-    """A full-size text encoder and U-Net on the meta device (no memory), from the bundled configs."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet_cfg = json.loads((CONFIG_ROOT / family / "unet" / "config.json").read_text())
-    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / family / "text_encoder" / "config.json").read_text()))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
-        te = CLIPTextModel(te_cfg)
-    return {"unet": unet, "text_encoder": te}
-
-
-def _full_size_sd1():
-    comps = _full_size("sd1")
+@pytest.fixture(scope="module")
+def full_sd1(meta_full_size):
+    comps = meta_full_size("sd1")
     te_cfg = comps["text_encoder"].config
     assert comps["unet"].config.cross_attention_dim == 768 and te_cfg.hidden_size == 768
     assert te_cfg.num_hidden_layers == 12  # CLIP ViT-L/14
     return comps
-
-
-@pytest.fixture(scope="module")
-def full_sd1():
-    return _full_size_sd1()
 
 
 def test_full_size_sd15_targets_match_the_format(full_sd1):
@@ -98,8 +78,8 @@ def test_full_size_sd15_locon_targets(full_sd1):
     assert unet["lora_unet_up_blocks_3_resnets_0_conv_shortcut"].kind == "conv1x1"
 
 
-def test_full_size_sd2_targets():
-    comps = _full_size("sd2")
+def test_full_size_sd2_targets(meta_full_size):
+    comps = meta_full_size("sd2")
     assert comps["text_encoder"].config.num_hidden_layers == 23  # OpenCLIP-H without its last layer
     targets = lora_targets(comps)
     assert sum(t.component == "text_encoder" for t in targets.values()) == 23 * 6
