@@ -67,10 +67,11 @@ def keep_freed_memory(enabled: bool = True, libc=None):
         return
     libc = _glibc() if libc is None else libc
     taken = _set(libc, _KEEP) if enabled and libc is not None else []
+    active = bool(taken) and all(taken)
     if taken:
-        _active.append(all(taken))
+        _active.append(active)
     try:
-        yield bool(taken) and all(taken)
+        yield active
     finally:
         if taken:
             _active.pop()

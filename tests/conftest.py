@@ -53,21 +53,11 @@ def tiny_sd2_file(tiny_sd2_dir, tmp_path_factory):
 
 
 def _meta_full_size(family: str = "sd1") -> dict:
-    """A full-size text encoder and U-Net on the meta device (no memory), from the bundled configs."""
-    import json
+    """A full-size text encoder and U-Net with parameters on the meta device (no memory), from the bundled configs."""
+    from lorakit.checkpoint import bundled_configs, empty_modules
 
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from lorakit.families import CONFIG_ROOT
-
-    unet_cfg = json.loads((CONFIG_ROOT / family / "unet" / "config.json").read_text())
-    te_cfg = CLIPTextConfig(**json.loads((CONFIG_ROOT / family / "text_encoder" / "config.json").read_text()))
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(unet_cfg)
-        te = CLIPTextModel(te_cfg)
-    return {"unet": unet, "text_encoder": te}
+    unet, _, text_encoder = empty_modules(bundled_configs(family))
+    return {"unet": unet, "text_encoder": text_encoder}
 
 
 @pytest.fixture(scope="session")
