@@ -16,17 +16,16 @@
     `keep_freed_memory` (which makes malloc reuse freed memory instead of unmapping it) — what that setting saves.
 (d) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
     in for lorakit's fused ones after the warm-up step — what the fused training step saves, measured side by side.
-Ratios are measured side by side in one process: the ratio of the mean times with its 95% bootstrap interval (the
-(lorakit, bare) pairs resampled together), of the fastest times, and the median of each lorakit step over the bare
-step timed right after it (the steadiest on a shared machine). Peak RSS is the
-process's high-water mark (ru_maxrss).
+Ratios are measured side by side in one process. Each lorakit step is paired with the mean of the two bare steps
+timed just before and just after it. Printed: the ratio of the mean times with its 95% bootstrap interval (the pairs
+resampled together), the ratio of the fastest times, and the median of the pairs' ratios (the steadiest on a shared
+machine). Peak RSS is the process's high-water mark (ru_maxrss).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import resource
 import statistics
@@ -39,29 +38,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-CONFIGS = ROOT / "lorakit" / "configs" / "sd1"
 
 
 def full_size_sd15():
-    """SD1.5-shaped components with random weights, built from the bundled configs (no download)."""
+    """SD1.5-shaped components with random weights, built from lorakit's bundled configs (no download)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from lorakit.checkpoint import bundled_configs
     from lorakit.families import SD1
     from lorakit.models import SDComponents
     from lorakit.tiny import write_clip_tokenizer
 
-    def cfg(name):
-        return json.loads((CONFIGS / name / ("scheduler_config.json" if name == "scheduler" else "config.json"))
-                          .read_text())
-
+    cfg = bundled_configs(SD1)
     torch.manual_seed(0)
     tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok", ["photo", "sks", "toy"])
-    te_cfg = {k: v for k, v in cfg("text_encoder").items() if not k.startswith("_")}
+    te_cfg = {k: v for k, v in cfg["text_encoder"].items() if k not in ("architectures", "model_type")}
     return SDComponents(tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
                         text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)),
-                        vae=AutoencoderKL.from_config(cfg("vae")), unet=UNet2DConditionModel.from_config(cfg("unet")),
-                        noise_scheduler=DDPMScheduler.from_config(cfg("scheduler")), family=SD1, source="random")
+                        vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
+                        noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]), family=SD1, source="random")
 
 
 def ratio_interval(times: list[float], bare: list[float], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
@@ -70,6 +66,12 @@ def ratio_interval(times: list[float], bare: list[float], resamples: int = 4000,
     ratios = sorted(statistics.mean(a for a, _ in sample) / statistics.mean(b for _, b in sample)
                     for sample in ([rng.choice(pairs) for _ in pairs] for _ in range(resamples)))
     return ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]
+
+
+def bracketing(bare: list[float]) -> list[float]:
+    """Each lorakit step's reference: the mean of the bare steps timed just before and just after it, so that a
+    machine getting steadily faster or slower during the run moves both sides of each pair alike."""
+    return [(before + after) / 2 for before, after in zip(bare, bare[1:])]
 
 
 def peak_rss_gb() -> float:
@@ -157,7 +159,8 @@ def use_peft_layers(comps) -> None:
 def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, between=None, peft_layers=False,
                        **options):
     """(lorakit step times, bare step times measured in between, (system s, page faults) of the lorakit steps)
-    after `warmup` steps."""
+    after `warmup` steps. With `between`, lorakit step i runs between bare steps i and i + 1 (one more bare time than
+    lorakit times)."""
     import lorakit
 
     timer = StepTimer(between)
@@ -166,7 +169,7 @@ def lorakit_step_times(comps, data: Path, out: Path, steps: int, warmup: int, be
     lorakit.train(components=comps, callbacks=timer, train_data_dir=str(data), output_dir=str(out),
                   max_train_steps=warmup + steps + 1, resolution="512", network_dim=16, train_batch_size=1,
                   cache_latents=True, sample_at_end=False, **options)
-    return timer.steps[warmup:], timer.bare[warmup + 1:], timer.kernel[warmup:]
+    return timer.steps[warmup:], timer.bare[warmup:], timer.kernel[warmup:]
 
 
 def make_dataset(root: Path) -> Path:
@@ -237,9 +240,10 @@ def main(argv=None) -> None:
         print(f"{'lorakit step':34s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'95% interval':>13s} "
               f"{'min ratio':>10s} {'median pair':>12s} {'peak RSS':>9s}")
         for label, times, bare, kernel, rss in rows:
-            ratio = statistics.mean(times) / statistics.mean(bare)
-            low, high = ratio_interval(times, bare)
-            pairs = statistics.median(a / b for a, b in zip(times, bare))
+            around = bracketing(bare)  # the mean of the bare steps just before and just after each lorakit step
+            ratio = statistics.mean(times) / statistics.mean(around)
+            low, high = ratio_interval(times, around)
+            pairs = statistics.median(a / b for a, b in zip(times, around))
             print(f"{label:34s} {statistics.mean(times):15.2f} {statistics.mean(bare):12.2f} {ratio:7.3f} "
                   f"{low:6.3f}-{high:.3f} {min(times) / min(bare):10.3f} {pairs:12.3f} {rss:7.1f} GB")
             print(f"  samples: lorakit {', '.join(f'{x:.2f}' for x in times)}; "

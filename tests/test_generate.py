@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from lora_files import make_lora
 from PIL import Image
-from test_merge import make_lora
 
 from lorakit.errors import ConfigError
 from lorakit.generation import generate, image_grid

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from lora_files import make_lora
 
 from lorakit.errors import ConfigError, LoraFormatError
 from lorakit.formats import load_lora_file, parse_kohya
@@ -15,24 +15,6 @@ from lorakit.merging import merge
 from lorakit.model_weights import StateDictWeights, open_weights
 from lorakit.models import save_single_file
 from lorakit.tiny import build_tiny
-
-
-def make_lora(comps, path, *, rank=2, seed=0, alpha=1.0, conv=True, text_encoder=True, every=1, metadata=None):
-    """A kohya LoRA file written by hand (format facts only): non-zero up and down for the model's targets."""
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    targets = StateDictWeights.from_components(comps).targets(conv=conv)
-    for i, t in enumerate(targets):
-        if (t.component == "text_encoder" and not text_encoder) or i % every:
-            continue
-        out, rest = t.shape[0], t.shape[1:]
-        down = torch.randn(rank, *rest, generator=g) * 0.3
-        up = torch.randn(out, rank, *([1, 1] if len(rest) == 3 else []), generator=g) * 0.3
-        tensors[f"{t.kohya}.lora_down.weight"] = down
-        tensors[f"{t.kohya}.lora_up.weight"] = up
-        tensors[f"{t.kohya}.alpha"] = torch.tensor(alpha)
-    save_file(tensors, str(path), metadata=metadata)
-    return path
 
 
 def expected_weights(comps, loras_and_ratios):

@@ -299,6 +299,35 @@ def test_optimizers_minimise_a_quadratic(name, lr, args):
     assert (w.detach() ** 2).sum().item() < 0.5 * start
 
 
+def test_adamw_is_fused_and_updates_as_torch_adamw():
+    from lorakit.optim import make_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(16, 320), torch.randn(320, 16), torch.randn(7)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+
+    def run(opt_of):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = opt_of(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return opt, [p.detach() for p in params]
+
+    groups = lambda ps: [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 1e-3}]  # noqa: E731
+    fused, got = run(lambda ps: make_optimizer("AdamW", groups(ps), 1e-4, ["weight_decay=0.01"], device="cpu"))
+    _, want = run(lambda ps: torch.optim.AdamW(groups(ps), lr=1e-4, weight_decay=0.01, foreach=False))
+    assert fused.defaults["fused"] is True
+    for g, w, s in zip(got, want, start):
+        assert not torch.equal(g, s)
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    unfused = make_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-3, ["fused=False"])
+    assert not unfused.defaults["fused"]
+    assert not make_optimizer("AdamW", [{"params": [torch.nn.Parameter(torch.zeros(2))]}], 1e-3,
+                              ["foreach=True"]).defaults.get("fused")
+
+
 def test_schedules_warm_up():
     from lorakit.optim import make_scheduler
 
