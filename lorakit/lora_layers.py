@@ -7,11 +7,16 @@ the input gradient. On a CPU those passes are memory-bound and cost more than th
 (full-size SD1.5, CPU fp32, one thread: a U-Net forward + backward with peft's layers costs 1.16x the bare frozen
 step, with these 1.03x; `benchmarks/train_step.py --peft-layers` compares whole training steps). The classes here
 keep everything of peft's (parameters, state dict, merge/unmerge, several adapters, the inference forward diffusers
-uses) and replace only the forward of a layer that trains one plain adapter — gradients on, no dropout, no DoRA,
-not merged — by `_LoraProduct`:
+uses) and replace only the forward of a layer that trains one plain adapter — gradients on, no DoRA, not merged —
+by `_LoraProduct`:
 
-    forward   y = x·Wᵀ + b + s·h·Bᵀ,  h = x·Aᵀ         h is saved (rank r); x is saved for ∂A
-    backward  gh = s·g·B    ∂B = s·gᵀ·h    ∂A = ghᵀ·x    ∂x = g·W + gh·A
+    forward   y = x·Wᵀ + b + s·h·Bᵀ,  h = m ⊙ x·Aᵀ     h is saved (rank r); x is saved for ∂A
+    backward  gh = s·(g·B) ⊙ m    ∂B = s·gᵀ·h    ∂A = ghᵀ·x    ∂x = g·W + gh·A
+
+`m` is the dropout mask (`network_dropout` p: each entry 0 or 1/(1-p); m = 1 without dropout). As in sd-scripts
+(`up(dropout(down(x)))`), dropout acts on the down-projection's output, where peft's own forward drops the
+adapter's input; any call with the dropout active takes sd-scripts' order (`_dropout_after_down` where the fused
+product does not apply, e.g. a kxk LoCon conv).
 
 The rank-r products are added in place (`addmm_`/`baddbmm_`) into the base product and into the input gradient, so a
 layer costs its base products plus six rank-r products (two forward, four backward) and no full-size elementwise
@@ -19,8 +24,9 @@ pass. In fp32 a layer that sees many tokens (SD1.5 at 512 px: the 64x64 and 32x3
 with the effective weight W' = W + s·B·A instead: `y = x·W'ᵀ + b` and `∂x = g·W'`, so its step adds only the four
 rank-r products the gradients need (x·Aᵀ, g·B, gᵀ·h, ghᵀ·x) and one pass over W; the other two and their
 read-modify-write passes over the output and the input gradient are gone. (Not in fp16/bf16: there W' would round
-the adapter's small delta to the base weight's precision.) A 1x1 convolution is computed as the same products over
-channels ([out, in] @ [n, in, h·w]), which is also faster on a CPU than the convolution kernels.
+the adapter's small delta to the base weight's precision; nor with dropout, which W' cannot express.) A 1x1
+convolution is computed as the same products over channels ([out, in] @ [n, in, h·w]), which is also faster on a
+CPU than the convolution kernels.
 
 Public API: `LoraLinear`, `LoraConv2d`, `CUSTOM_MODULES` ({nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}, for
 `LoraConfig._register_custom_module`).
@@ -48,7 +54,7 @@ class _LoraProduct(torch.autograd.Function):
     A and B (the base weight and bias are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype):
+    def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype, dropout: float = 0.0):
         ctx.conv, ctx.scale, ctx.dtype = conv, scale, dtype
         ctx.shapes = (x.shape, x.dtype, down.shape, down.dtype, up.shape, up.dtype)
         with torch.autocast(x.device.type, enabled=False):
@@ -57,11 +63,15 @@ class _LoraProduct(torch.autograd.Function):
             bias = None if bias is None else bias.to(dtype)
             xs = xc.flatten(2) if conv else xc.reshape(-1, xc.shape[-1])  # conv [n, in, h·w]; linear [N, in]
             tokens = xs.shape[0] * xs.shape[2] if conv else xs.shape[0]
-            ctx.merged = merged = _merge_weight(tokens, *w.shape, dtype)
+            ctx.merged = merged = not dropout and _merge_weight(tokens, *w.shape, dtype)
             if merged:  # W' = W + s·B·A: the base product computes the adapter's output too
                 w = torch.addmm(w, b, a, alpha=scale)
             # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
             h = a @ xs if conv else xs @ a.t()  # [n, r, h·w] / [N, r]
+            keep = None  # the dropout mask m, scaled: 0 or 1/(1-p)
+            if dropout:
+                keep = torch.empty_like(h).bernoulli_(1 - dropout).div_(1 - dropout)
+                h = h * keep
             if conv:
                 y = w @ xs
                 if not merged:
@@ -73,12 +83,12 @@ class _LoraProduct(torch.autograd.Function):
                 y = torch.nn.functional.linear(xc, w, bias)
                 if not merged:
                     y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(xs, h, w if merged else weight, a, b)
+        ctx.save_for_backward(xs, h, w if merged else weight, a, b, keep)
         return y
 
     @staticmethod
     def backward(ctx, grad):
-        xs, h, weight, a, b = ctx.saved_tensors
+        xs, h, weight, a, b, keep = ctx.saved_tensors
         x_shape, x_dtype, down_shape, down_dtype, up_shape, up_dtype = ctx.shapes
         s, dtype, merged = ctx.scale, ctx.dtype, ctx.merged
         w = weight.to(dtype).flatten(1)  # W' when merged
@@ -87,6 +97,8 @@ class _LoraProduct(torch.autograd.Function):
         if ctx.conv:
             gs = g.flatten(2)  # [n, out, h·w]
             gh = (b.t() @ gs).mul_(s)  # [n, r, h·w]
+            if keep is not None:
+                gh.mul_(keep)
             grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s)
             grad_down = (gh @ xs.transpose(1, 2)).sum(0)
             if ctx.needs_input_grad[0]:
@@ -96,6 +108,8 @@ class _LoraProduct(torch.autograd.Function):
         else:
             gs = g.reshape(-1, g.shape[-1])  # [N, out]
             gh = (gs @ b).mul_(s)  # [N, r]
+            if keep is not None:
+                gh.mul_(keep)
             # ∂B as (hᵀ·g)ᵀ: the product that reads g row by row, 1.4-1.8x faster than gᵀ·h on a CPU
             grad_up = (h.t() @ gs).mul_(s).t().contiguous()
             grad_down = gh.t() @ xs
@@ -106,7 +120,7 @@ class _LoraProduct(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.reshape(x_shape).to(x_dtype)
         return (grad_x, None, None, grad_down.reshape(down_shape).to(down_dtype),
-                grad_up.reshape(up_shape).to(up_dtype), None, None, None)
+                grad_up.reshape(up_shape).to(up_dtype), None, None, None, None)
 
 
 def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
@@ -121,29 +135,60 @@ def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch
     return full_precision and tokens * (in_features + out_features) >= in_features * out_features
 
 
-def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-    """The one plain adapter a fused step can run, or None (then peft's forward runs)."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not torch.is_grad_enabled():
+def _dropout(layer: peft_lora.LoraLayer, name: str) -> float | None:
+    """The adapter's dropout probability for this call: 0 without dropout or in eval mode; None for a kind of dropout
+    the layers here do not run."""
+    module = layer.lora_dropout[name]
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout and 0.0 <= module.p < 1.0:
+        return module.p if module.training else 0.0
+    return None
+
+
+def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> str | None:
+    """The layer's one active, plain adapter (enabled, not merged, no DoRA or other variant), else None."""
+    if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         return None
     (name,) = active
     if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
-            or not isinstance(layer.lora_dropout[name], nn.Identity)
-            or not layer.lora_A[name].weight.requires_grad
+            or _dropout(layer, name) is None):
+        return None
+    return name
+
+
+def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+    """The one plain adapter a fused step can run (gradients on, the adapter trains, the base is frozen), or None."""
+    name = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
+    if (name is None or not layer.lora_A[name].weight.requires_grad
             or any(p.requires_grad for p in layer.get_base_layer().parameters(recurse=False))):
         return None
     return name
 
 
 def _fused_plan(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
-    """(adapter name, compute dtype) when the fused step can run this call, else None."""
+    """(adapter name, compute dtype, dropout p) when the fused step can run this call, else None."""
     name = _training_adapter(layer, x, args, kwargs)
     if name is None:
         return None
     dtype = _compute_dtype(x, layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
-    return None if dtype is None else (name, dtype)
+    return None if dtype is None else (name, dtype, _dropout(layer, name))
+
+
+def _unfused_forward(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """A call the fused product does not run: with the dropout active, sd-scripts' order
+    `base(x) + s·B(dropout(A(x)))` (one plain adapter); otherwise peft's forward."""
+    name = _plain_adapter(layer, args, kwargs)
+    p = _dropout(layer, name) if name is not None else 0.0
+    if not p:
+        return super(type(layer), layer).forward(x, *args, **kwargs)
+    down, up = layer.lora_A[name], layer.lora_B[name]
+    result = layer.get_base_layer()(x)
+    h = torch.nn.functional.dropout(down(x.to(down.weight.dtype)), p, training=True)
+    return result + (up(h) * layer.scaling[name]).to(result.dtype)
 
 
 class LoraLinear(peft_lora.Linear):
@@ -153,10 +198,10 @@ class LoraLinear(peft_lora.Linear):
         base = self.get_base_layer()
         plan = _fused_plan(self, x, args, kwargs) if type(base) is nn.Linear else None
         if plan is None:
-            return super().forward(x, *args, **kwargs)
-        name, dtype = plan
+            return _unfused_forward(self, x, args, kwargs)
+        name, dtype, dropout = plan
         return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.scaling[name], False, dtype)
+                                  self.scaling[name], False, dtype, dropout)
 
 
 def _pointwise(conv: nn.Module) -> bool:
@@ -172,10 +217,10 @@ class LoraConv2d(peft_lora.Conv2d):
         base = self.get_base_layer()
         plan = _fused_plan(self, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
         if plan is None or not _pointwise(self.lora_A[plan[0]]):
-            return super().forward(x, *args, **kwargs)
-        name, dtype = plan
+            return _unfused_forward(self, x, args, kwargs)
+        name, dtype, dropout = plan
         return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.scaling[name], True, dtype)
+                                  self.scaling[name], True, dtype, dropout)
 
 
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

@@ -8,8 +8,9 @@ subclasses (`lorakit.lora_layers`) only fuse the training forward/backward of a 
 Targets are sd-scripts' layer set, chosen in `lorakit.lora_targets` (SD1.5: 72 text-encoder + 192 U-Net modules;
 LoCon adds the resnet/down/upsampler layers, kxk convs at `conv_dim`/`conv_alpha`).
 
-Scale is `alpha / rank` (not rsLoRA), times the network's multiplier. Dropout (`network_dropout`) is peft's: on
-the LoRA path's input, where sd-scripts drops the down-projection's output — both regularise the adapter only.
+Scale is `alpha / rank` (not rsLoRA), times the network's multiplier. Dropout (`network_dropout`) is sd-scripts':
+on the down-projection's output, `up(dropout(down(x)))` (lorakit's layers run it so; peft's own forward would drop
+the adapter's input), in training mode only.
 
 Public API:
 - `lora_targets(components, conv=False) -> {kohya_name: LoraTarget(component, path, kind)}`

@@ -1,5 +1,6 @@
 """lorakit's LoRA layers: the fused training step computes what peft's layer computes — output and every gradient,
-for Linear and 1x1 conv layers, in fp32 and under autocast — and every other case runs peft's forward."""
+for Linear and 1x1 conv layers, in fp32 and under autocast — and every other case runs peft's forward; dropout acts
+on the down-projection's output, as in sd-scripts."""
 
 from __future__ import annotations
 
@@ -121,16 +122,13 @@ def test_scale_follows_the_layer_scaling():
 
 
 def test_other_cases_run_peft_forward():
-    """Inference, dropout, several adapters, merged or disabled adapters, a frozen adapter and a kxk conv all go to
-    peft's forward — and still give peft's results."""
+    """Inference, several adapters, merged or disabled adapters, a frozen adapter and a kxk conv all go to peft's
+    forward — and still give peft's results."""
     x = torch.randn(2, 30, 24)
     ours, ref = pair(nn.Linear(24, 40))
     with torch.no_grad():
         assert _training_adapter(ours, x, (), {}) is None
         torch.testing.assert_close(ours(x), ref(x))
-
-    dropped, _ = pair(nn.Linear(24, 40), dropout=0.5)
-    assert _training_adapter(dropped, x, (), {}) is None
 
     assert _training_adapter(ours, x, (), {"adapter_names": ["default"]}) is None
     ours.base_layer.bias.requires_grad_(True)  # a trainable base: peft's forward gives it its gradient
@@ -229,3 +227,99 @@ def test_which_layers_merge_the_weight():
     assert not _merge_weight(256, 1280, 1280, f32) and not _merge_weight(64, 1280, 1280, f32)
     assert not _merge_weight(77, 320, 768, f32)
     assert not _merge_weight(4096, 320, 320, torch.float16) and not _merge_weight(4096, 320, 320, torch.bfloat16)
+
+
+DROPOUT_CASES = {  # (base layer, input shape, fused step)
+    "linear": (lambda: nn.Linear(24, 40), (2, 30, 24), True),
+    "1x1 conv": (lambda: nn.Conv2d(24, 40, 1), (2, 24, 6, 6), True),
+    "3x3 conv (LoCon)": (lambda: nn.Conv2d(6, 8, 3, padding=1), (2, 6, 6, 6), False),
+}
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., features] for a Linear's tensors, [n, c, h, w] -> [n·h·w, c] for a conv's."""
+    return t.movedim(1, -1).reshape(-1, t.shape[1]) if t.dim() == 4 else t.reshape(-1, t.shape[-1])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_dropout_acts_on_the_down_projection_output(case, grad):
+    """sd-scripts' `up(dropout(down(x)))`: the adapter's output is s·B applied to A(x) with each of its entries
+    either dropped or scaled by 1/(1-p) — not B·A applied to a dropped-out input (peft's order). In training mode,
+    with and without gradients, fused or not; in eval mode no dropout at all."""
+    make, shape, fused = DROPOUT_CASES[case]
+    ours, ref = pair(make(), dropout=0.5)
+    x = torch.randn(shape)
+    down, up, base = ours.lora_A["default"], ours.lora_B["default"], ours.get_base_layer()
+    with torch.no_grad():
+        kept = _as_rows(down(x))  # A(x), one row per token/pixel, rank-4 columns
+        delta = _as_rows(base(x))
+    with torch.set_grad_enabled(grad):
+        y = ours(x)
+    if grad:
+        assert ("LoraProduct" in type(y.grad_fn).__name__) is fused
+    # undo B: the adapter's rank-4 activations after dropout, recovered by least squares (B has full column rank)
+    b = up.weight.detach().reshape(up.weight.shape[0], -1)
+    dropped = torch.linalg.lstsq(b, (_as_rows(y.detach()) - delta).t() / ours.scaling["default"]).solution.t()
+    off, on = dropped.abs(), (dropped - 2 * kept).abs()  # distance to "dropped" and to "kept, × 1/(1-p)"
+    assert torch.minimum(off, on).max() < 1e-4 * kept.abs().max()
+    assert 0.3 < (off < on).float().mean() < 0.7  # about half of the entries dropped
+    with torch.no_grad():  # peft's order gives other values for the same adapter
+        peft_y = ref(x)
+    assert not torch.allclose(peft_y, ours(x).detach())
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours(x), ours(x))
+
+
+@pytest.mark.parametrize("case", ["linear", "1x1 conv"])
+def test_fused_dropout_gradients_match_a_reference(case):
+    """Output and gradients of the fused step with dropout equal a plain autograd computation of
+    base(x) + s·B(m ⊙ A(x)) with the same mask m."""
+    make, shape, _ = DROPOUT_CASES[case]
+    ours, _ = pair(make(), dropout=0.3)
+    x = torch.randn(shape)
+    torch.manual_seed(7)
+    got = forward_backward(ours, x)
+
+    down, up = (ours.lora_A["default"].weight.detach().clone().requires_grad_(True),
+                ours.lora_B["default"].weight.detach().clone().requires_grad_(True))
+    xr = x.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    conv = x.dim() == 4
+    h = torch.nn.functional.conv2d(xr, down) if conv else xr @ down.t()
+    keep = torch.empty_like(h).bernoulli_(0.7).div_(0.7)
+    lora = torch.nn.functional.conv2d(h * keep, up) if conv else (h * keep) @ up.t()
+    y = ours.get_base_layer()(xr) + ours.scaling["default"] * lora
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    assert_same(got, (y.detach(), xr.grad, down.grad, up.grad), rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_masks_repeat_under_gradient_checkpointing(tiny_sd1_dir, one_thread):
+    """With dropout, gradient checkpointing recomputes the forward with the same masks: the LoRA gradients equal
+    those of the same step (same seed) without checkpointing."""
+    from lorakit.models import load_models
+    from lorakit.network import add_lora
+
+    comps = load_models(str(tiny_sd1_dir), dtype=torch.float32)
+    net = add_lora(comps, dim=4, alpha=2, text_encoder=False, dropout=0.5)
+    torch.manual_seed(0)
+    for p in net.trainable_parameters()["unet"]:
+        nn.init.normal_(p, std=0.1)
+    unet = comps.unet.train()
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    x = torch.randn(1, unet.config.in_channels, size, size, generator=g)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g)
+    grads = []
+    for seed, checkpointing in ((1, False), (1, True), (2, False)):
+        unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
+        torch.manual_seed(seed)
+        unet(x, torch.tensor([300]), text).sample.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad})
+        unet.zero_grad(set_to_none=True)
+    plain, checkpointed, other_masks = grads
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(not torch.allclose(other_masks[n], plain[n]) for n in plain)  # the masks do change the gradients

@@ -196,6 +196,22 @@ def test_lora_learns_its_image(tmp_path, crisp_tiny_dir):
 
 
 # ---------------------------------------------------------------------------------------------- safety
+def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
+    """`network_dropout` on every module kind (fused Linear and 1x1 conv, LoCon's 3x3 convs): the run trains, the
+    file records the setting, and every module moved."""
+    d = tmp_path / "data" / "1_sks toy"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=3, learning_rate=1e-3,
+                           network_dropout=0.3, network_args=["conv_dim=4"], sample_at_end=False, device="cpu")
+    tensors, meta = read_lora(result.lora_path)
+    assert float(meta["ss_network_dropout"]) == 0.3
+    assert any(".resnets." in k or "_resnets_" in k for k in tensors)  # LoCon modules
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in ups)
+
+
 def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
     d = tmp_path / "data" / "1_x"
     d.mkdir(parents=True)

@@ -87,7 +87,7 @@ def test_typing_into_the_widgets_gives_typed_values():
 
 @pytest.mark.parametrize("field,value,words", [
     ("network_dim", 0, ["network_dim", "≥ 1", "0"]),
-    ("network_dropout", 1.5, ["network_dropout", "≤ 1"]),
+    ("network_dropout", 1.5, ["network_dropout", "≤ 0.99"]),
     ("conv_dim", "many", ["conv_dim", "integer", "many"]),
     ("resolution", "big", ["resolution", "W,H"]),
 ])

@@ -74,7 +74,8 @@ class TrainConfig(JobConfig):
                               basic=True)
     network_alpha: float = option(8.0, "LoRA alpha: the adapter's output is scaled by alpha / dim.",
                                   group="network", min=0.0, basic=True)
-    network_dropout: float = option(0.0, "Dropout on the LoRA path.", group="network", min=0.0, max=1.0)
+    network_dropout: float = option(0.0, "Dropout on each LoRA module's down-projection output (as sd-scripts).",
+                                    group="network", min=0.0, max=0.99)
     network_args: list[str] = option([], "Extra `key=value` network options (sd-scripts style), e.g. conv_dim=8.",
                                      group="network")
     conv_dim: int | None = option(None, "Rank for 3x3 convolutions (LoCon). Unset: no conv LoRA.", group="network",
