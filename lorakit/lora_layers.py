@@ -15,7 +15,7 @@ by `_LoraProduct`:
 
 `m` is the dropout mask (`network_dropout` p: each entry 0 or 1/(1-p); m = 1 without dropout). As in sd-scripts
 (`up(dropout(down(x)))`), dropout acts on the down-projection's output, where peft's own forward drops the
-adapter's input; any call with the dropout active takes sd-scripts' order (`_dropout_after_down` where the fused
+adapter's input; any call with the dropout active takes sd-scripts' order (`_unfused_forward` where the fused
 product does not apply, e.g. a kxk LoCon conv).
 
 The rank-r products are added in place (`addmm_`/`baddbmm_`) into the base product and into the input gradient, so a
