@@ -42,21 +42,20 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 def full_size_sd15():
     """SD1.5-shaped components with random weights, built from lorakit's bundled configs (no download)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
 
-    from lorakit.checkpoint import bundled_configs
+    from lorakit.checkpoint import bundled_configs, modules_from_configs
     from lorakit.families import SD1
     from lorakit.models import SDComponents
     from lorakit.tiny import write_clip_tokenizer
 
     cfg = bundled_configs(SD1)
     torch.manual_seed(0)
+    unet, vae, text_encoder = modules_from_configs(cfg)
     tok_dir = write_clip_tokenizer(Path(tempfile.mkdtemp()) / "tok", ["photo", "sks", "toy"])
-    te_cfg = {k: v for k, v in cfg["text_encoder"].items() if k not in ("architectures", "model_type")}
     return SDComponents(tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77),
-                        text_encoder=CLIPTextModel(CLIPTextConfig(**te_cfg)),
-                        vae=AutoencoderKL.from_config(cfg["vae"]), unet=UNet2DConditionModel.from_config(cfg["unet"]),
+                        text_encoder=text_encoder, vae=vae, unet=unet,
                         noise_scheduler=DDPMScheduler.from_config(cfg["scheduler"]), family=SD1, source="random")
 
 

@@ -44,7 +44,7 @@ _CONFIG_FILES = {"unet": "unet/config.json", "vae": "vae/config.json", "text_enc
 
 __all__ = ["LdmKey", "LdmLayout", "components_to_ldm", "diffusers_to_ldm", "ldm_to_diffusers", "ldm_key_for",
            "detect_family", "detect_prediction_type", "read_single_file", "write_single_file", "bundled_configs",
-           "components_configs", "empty_modules"]
+           "components_configs", "empty_modules", "modules_from_configs"]
 
 
 @cache
@@ -127,18 +127,23 @@ def components_to_ldm(comps) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------------ LDM -> diffusers
-def empty_modules(configs: dict):
-    """(unet, vae, text_encoder) built from configs with parameters on the meta device (no memory, no init cost)."""
-    from accelerate import init_empty_weights
+def modules_from_configs(configs: dict):
+    """(unet, vae, text_encoder) built from configs, with freshly initialised (random) weights."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    unet = UNet2DConditionModel.from_config(configs["unet"])
+    vae = AutoencoderKL.from_config(configs["vae"])
+    te_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
+    return unet, vae, CLIPTextModel(CLIPTextConfig(**te_cfg))
+
+
+def empty_modules(configs: dict):
+    """(unet, vae, text_encoder) built from configs with parameters on the meta device (no memory, no init cost)."""
+    from accelerate import init_empty_weights
+
     with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel.from_config(configs["unet"])
-        vae = AutoencoderKL.from_config(configs["vae"])
-        te_cfg = {k: v for k, v in configs["text_encoder"].items() if k not in ("architectures", "model_type")}
-        text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
-    return unet, vae, text_encoder
+        return modules_from_configs(configs)
 
 
 def _fit(name: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
