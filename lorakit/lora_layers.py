@@ -179,9 +179,9 @@ def _fused_plan(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs
 
 
 def _unfused_forward(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """A call the fused product does not run: with the dropout active, sd-scripts' order
+    """A call the fused product does not run: with the dropout active (training mode), sd-scripts' order
     `base(x) + s·B(dropout(A(x)))` (one plain adapter); otherwise peft's forward."""
-    name = _plain_adapter(layer, args, kwargs)
+    name = _plain_adapter(layer, args, kwargs) if layer.training else None  # eval mode (inference): no dropout
     p = _dropout(layer, name) if name is not None else 0.0
     if not p:
         return super(type(layer), layer).forward(x, *args, **kwargs)
