@@ -195,7 +195,6 @@ def test_lora_learns_its_image(tmp_path, crisp_tiny_dir):
     assert before_other - after_other < before - after  # it learned *this* image, more than denoising in general
 
 
-# ---------------------------------------------------------------------------------------------- safety
 def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
     """`network_dropout` on every module kind (fused Linear and 1x1 conv, LoCon's 3x3 convs): the run trains, the
     file records the setting, and every module moved."""
@@ -212,6 +211,7 @@ def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in ups)
 
 
+# ---------------------------------------------------------------------------------------------- safety
 def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
     d = tmp_path / "data" / "1_x"
     d.mkdir(parents=True)
