@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
+from .skip_gradients import frozen_skip_gradients
 from .train_state import find_state, load_state, restore_params, save_state, set_rng_state
 from .training_setup import (
     Callbacks,
@@ -69,8 +70,9 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
     cfg = TrainConfig.from_dict(overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA, outputs
     try:
-        # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step)
-        with keep_freed_memory(run.device.type == "cpu"):
+        # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step); the U-Net's
+        # backward pass skips the input gradient of skip connections that need none (conv_in's output)
+        with keep_freed_memory(run.device.type == "cpu"), frozen_skip_gradients(run.components.unet):
             return _train_loop(cfg, run, Callbacks(callbacks))
     finally:
         if components is not None:

@@ -274,6 +274,22 @@ def test_cpu_steps_run_with_freed_memory_kept(tmp_path, tiny_sd1_dir, monkeypatc
     assert steps == [[("on", True, True)]] * 2  # every step ran with it on
 
 
+def test_steps_skip_the_input_gradient_of_conv_in_s_skip(tmp_path, tiny_sd1_dir, monkeypatch):
+    """Each step's backward pass computes the last up-block ResNet's input gradient for the channels that need one
+    only (`lorakit.skip_gradients`): its first convolution and its shortcut, once each per step."""
+    from lorakit import skip_gradients
+
+    calls, backward = [], skip_gradients._InputGradOfFirst.backward
+    monkeypatch.setattr(skip_gradients._InputGradOfFirst, "backward",
+                        staticmethod(lambda ctx, grad: (calls.append(ctx.keep), backward(ctx, grad))[1]))
+    d = tmp_path / "data" / "1_x"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"), sample_at_end=False, max_train_steps=2, device="cpu")
+    assert calls == [32, 32] * 2  # the tiny U-Net's last ResNet: cat([h, conv_in's output]), 32 + 32 channels
+
+
 def test_setup_errors_are_clear(tmp_path):
     from lorakit.optim import make_optimizer
     from lorakit.training_setup import _attention, precision
