@@ -4,9 +4,9 @@ An up block of Stable Diffusion's U-Net feeds each ResNet `cat([h, skip])`, `ski
 block layer. When `skip` needs no gradient, autograd still computes the input gradient of the ResNet's first
 convolution and of its shortcut for all channels, then drops the skip's channels at the `cat`. That happens in
 every LoRA step: the first skip is `conv_in`'s output, which nothing trainable precedes. In SD1.5 at 512 px it is
-the last ResNet's 3x3 convolution at 64x64 (640 -> 320 channels, half of them the skip's) and its 1x1 shortcut,
-~8 GFLOP of the backward pass, ~0.5% of a CPU training step; a bare frozen U-Net step, whose input gradient needs
-every channel, does all of it.
+the last ResNet's 3x3 convolution at 64x64 (640 -> 320 channels, half of them the skip's) and its 1x1 shortcut:
+~8 GFLOP of the backward pass, measured as 45 ms of a ~20 s CPU step (`benchmarks/RESULTS.md`). A bare frozen
+U-Net step, whose input gradient needs every channel, does all of it.
 
 `frozen_skip_gradients(unet)` makes those two convolutions compute the input gradient of the channels that need
 one only (`_InputGradOfFirst`). The gradients of everything that trains are unchanged:
