@@ -49,40 +49,52 @@ def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | Non
     return x.dtype if all(w.dtype == x.dtype for w in weights) else None
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`: itself when it already is (no call: the layers run a few hundred times a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class _LoraProduct(torch.autograd.Function):
     """y = base(x) + s·B(A(x)) for a Linear (`x` [..., in]) or a 1x1 Conv2d (`x` [n, in, h, w]); gradients for x,
     A and B (the base weight and bias are frozen)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype, dropout: float = 0.0):
+        if torch.is_autocast_enabled(x.device.type):  # the products run in `dtype`, not in autocast's choice
+            with torch.autocast(x.device.type, enabled=False):
+                return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout)
+        return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout):
         ctx.conv, ctx.scale, ctx.dtype = conv, scale, dtype
         ctx.shapes = (x.shape, x.dtype, down.shape, down.dtype, up.shape, up.dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(dtype)
-            w, a, b = weight.to(dtype).flatten(1), down.to(dtype).flatten(1), up.to(dtype).flatten(1)
-            bias = None if bias is None else bias.to(dtype)
-            xs = xc.flatten(2) if conv else xc.reshape(-1, xc.shape[-1])  # conv [n, in, h·w]; linear [N, in]
-            tokens = xs.shape[0] * xs.shape[2] if conv else xs.shape[0]
-            ctx.merged = merged = not dropout and _merge_weight(tokens, *w.shape, dtype)
-            if merged:  # W' = W + s·B·A: the base product computes the adapter's output too
-                w = torch.addmm(w, b, a, alpha=scale)
-            # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
-            h = a @ xs if conv else xs @ a.t()  # [n, r, h·w] / [N, r]
-            keep = None  # the dropout mask m, scaled: 0 or 1/(1-p)
-            if dropout:
-                keep = torch.empty_like(h).bernoulli_(1 - dropout).div_(1 - dropout)
-                h = h * keep
-            if conv:
-                y = w @ xs
-                if not merged:
-                    y.baddbmm_(b.expand(xs.shape[0], -1, -1), h, alpha=scale)
-                if bias is not None:
-                    y += bias[:, None]
-                y = y.view(x.shape[0], -1, *x.shape[2:])
-            else:
-                y = torch.nn.functional.linear(xc, w, bias)
-                if not merged:
-                    y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
+        xc, w, a, b = _as(x, dtype), _as(weight, dtype), _as(down, dtype), _as(up, dtype)
+        if conv:
+            w, a, b = w.flatten(1), a.flatten(1), b.flatten(1)
+        bias = None if bias is None else _as(bias, dtype)
+        xs = xc.flatten(2) if conv else xc.reshape(-1, xc.shape[-1])  # conv [n, in, h·w]; linear [N, in]
+        tokens = xs.shape[0] * xs.shape[2] if conv else xs.shape[0]
+        ctx.merged = merged = not dropout and _merge_weight(tokens, *w.shape, dtype)
+        if merged:  # W' = W + s·B·A: the base product computes the adapter's output too
+            w = torch.addmm(w, b, a, alpha=scale)
+        # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
+        h = a @ xs if conv else torch.nn.functional.linear(xs, a)  # [n, r, h·w] / [N, r]
+        keep = None  # the dropout mask m, scaled: 0 or 1/(1-p)
+        if dropout:
+            keep = torch.empty_like(h).bernoulli_(1 - dropout).div_(1 - dropout)
+            h = h * keep
+        if conv:
+            y = w @ xs
+            if not merged:
+                y.baddbmm_(b.expand(xs.shape[0], -1, -1), h, alpha=scale)
+            if bias is not None:
+                y += bias[:, None]
+            y = y.view(x.shape[0], -1, *x.shape[2:])
+        else:
+            y = torch.nn.functional.linear(xc, w, bias)
+            if not merged:
+                y.view(-1, y.shape[-1]).addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(xs, h, w if merged else weight, a, b, keep)
         return y
 
@@ -90,17 +102,18 @@ class _LoraProduct(torch.autograd.Function):
     def backward(ctx, grad):
         xs, h, weight, a, b, keep = ctx.saved_tensors
         x_shape, x_dtype, down_shape, down_dtype, up_shape, up_dtype = ctx.shapes
-        s, dtype, merged = ctx.scale, ctx.dtype, ctx.merged
-        w = weight.to(dtype).flatten(1)  # W' when merged
-        g = grad.to(dtype)
+        s, dtype, merged, conv = ctx.scale, ctx.dtype, ctx.merged, ctx.conv
+        w = _as(weight, dtype)  # W' when merged
+        g = _as(grad, dtype)
         grad_x = None  # not needed before the first adapted layer (nothing upstream trains)
-        if ctx.conv:
+        if conv:
+            w = w.flatten(1)
             gs = g.flatten(2)  # [n, out, h·w]
             gh = (b.t() @ gs).mul_(s)  # [n, r, h·w]
             if keep is not None:
                 gh.mul_(keep)
-            grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s)
-            grad_down = (gh @ xs.transpose(1, 2)).sum(0)
+            grad_up = (gs @ h.transpose(1, 2)).sum(0).mul_(s).reshape(up_shape)
+            grad_down = (gh @ xs.transpose(1, 2)).sum(0).reshape(down_shape)
             if ctx.needs_input_grad[0]:
                 grad_x = w.t() @ gs
                 if not merged:
@@ -118,9 +131,8 @@ class _LoraProduct(torch.autograd.Function):
                 if not merged:
                     grad_x.addmm_(gh, a)
         if grad_x is not None:
-            grad_x = grad_x.reshape(x_shape).to(x_dtype)
-        return (grad_x, None, None, grad_down.reshape(down_shape).to(down_dtype),
-                grad_up.reshape(up_shape).to(up_dtype), None, None, None, None)
+            grad_x = _as(grad_x.reshape(x_shape), x_dtype)
+        return (grad_x, None, None, _as(grad_down, down_dtype), _as(grad_up, up_dtype), None, None, None, None)
 
 
 def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
@@ -160,22 +172,26 @@ def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> str
     return name
 
 
-def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-    """The one plain adapter a fused step can run (gradients on, the adapter trains, the base is frozen), or None."""
+def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict,
+                      base: nn.Module | None = None) -> str | None:
+    """The one plain adapter a fused step can run (gradients on, the adapter trains, the base is frozen), or None.
+    `base`: the layer's base layer, when the caller has it already."""
     name = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
-    if (name is None or not layer.lora_A[name].weight.requires_grad
-            or any(p.requires_grad for p in layer.get_base_layer().parameters(recurse=False))):
+    if name is None or not layer.lora_A[name].weight.requires_grad:
         return None
-    return name
+    base = layer.get_base_layer() if base is None else base
+    return None if any(p.requires_grad for p in base.parameters(recurse=False)) else name
 
 
-def _fused_plan(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple | None:
-    """(adapter name, compute dtype, dropout p) when the fused step can run this call, else None."""
-    name = _training_adapter(layer, x, args, kwargs)
+def _fused_plan(layer: peft_lora.LoraLayer, base: nn.Module, x: torch.Tensor, args: tuple,
+                kwargs: dict) -> tuple | None:
+    """(A, B, scale, compute dtype, dropout p) when the fused step can run this call, else None."""
+    name = _training_adapter(layer, x, args, kwargs, base)
     if name is None:
         return None
-    dtype = _compute_dtype(x, layer.get_base_layer().weight, layer.lora_A[name].weight, layer.lora_B[name].weight)
-    return None if dtype is None else (name, dtype, _dropout(layer, name))
+    down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+    dtype = _compute_dtype(x, base.weight, down, up)
+    return None if dtype is None else (down, up, layer.scaling[name], dtype, _dropout(layer, name))
 
 
 def _unfused_forward(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -196,12 +212,11 @@ class LoraLinear(peft_lora.Linear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        plan = _fused_plan(self, x, args, kwargs) if type(base) is nn.Linear else None
+        plan = _fused_plan(self, base, x, args, kwargs) if type(base) is nn.Linear else None
         if plan is None:
             return _unfused_forward(self, x, args, kwargs)
-        name, dtype, dropout = plan
-        return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.scaling[name], False, dtype, dropout)
+        down, up, scale, dtype, dropout = plan
+        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, False, dtype, dropout)
 
 
 def _pointwise(conv: nn.Module) -> bool:
@@ -215,12 +230,11 @@ class LoraConv2d(peft_lora.Conv2d):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        plan = _fused_plan(self, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
-        if plan is None or not _pointwise(self.lora_A[plan[0]]):
+        plan = _fused_plan(self, base, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
+        if plan is None or plan[0].shape[2:] != (1, 1):  # a kxk down-projection (LoCon) is not a 1x1 product
             return _unfused_forward(self, x, args, kwargs)
-        name, dtype, dropout = plan
-        return _LoraProduct.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                                  self.scaling[name], True, dtype, dropout)
+        down, up, scale, dtype, dropout = plan
+        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, True, dtype, dropout)
 
 
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}
