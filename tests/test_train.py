@@ -29,6 +29,14 @@ def pattern(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(arr.astype(np.uint8), "RGB")
 
 
+def one_image_data(tmp_path, folder: str = "1_x"):
+    """`tmp_path/data/<folder>` holding one 64x64 pattern image (`a.png`); returns the folder."""
+    d = tmp_path / "data" / folder
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "a.png")
+    return d
+
+
 def read_lora(path):
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -198,9 +206,7 @@ def test_lora_learns_its_image(tmp_path, crisp_tiny_dir):
 def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
     """`network_dropout` on every module kind (fused Linear and 1x1 conv, LoCon's 3x3 convs): the run trains, the
     file records the setting, and every module moved."""
-    d = tmp_path / "data" / "1_sks toy"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    one_image_data(tmp_path, "1_sks toy")
     result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                            output_dir=str(tmp_path / "out"), max_train_steps=3, learning_rate=1e-3,
                            network_dropout=0.3, network_args=["conv_dim=4"], sample_at_end=False, device="cpu")
@@ -213,9 +219,7 @@ def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
 
 # ---------------------------------------------------------------------------------------------- safety
 def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
-    d = tmp_path / "data" / "1_x"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    one_image_data(tmp_path)
     common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                   output_dir=str(tmp_path / "out"), sample_at_end=False)
     good = lorakit.train(max_train_steps=1, **common)
@@ -237,9 +241,7 @@ def test_a_live_view_replaces_the_progress_bar(tmp_path, tiny_sd1_dir, monkeypat
         return make_bar(self, *args, disable=disable, **kwargs)
 
     monkeypatch.setattr(training_setup.Run, "progress_bar", spy)
-    d = tmp_path / "data" / "1_x"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    one_image_data(tmp_path)
     common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                   sample_at_end=False, max_train_steps=2, cache_latents=False)
     lorakit.train(output_dir=str(tmp_path / "plain"), **common)
@@ -264,9 +266,7 @@ def test_cpu_steps_run_with_freed_memory_kept(tmp_path, tiny_sd1_dir, monkeypatc
 
     steps = []
     monkeypatch.setattr(training, "keep_freed_memory", spy)
-    d = tmp_path / "data" / "1_x"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    one_image_data(tmp_path)
     lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                   output_dir=str(tmp_path / "out"), sample_at_end=False, max_train_steps=2, device="cpu",
                   callbacks=SimpleNamespace(on_step=lambda info: steps.append(list(seen))))
@@ -282,9 +282,7 @@ def test_steps_skip_the_input_gradient_of_conv_in_s_skip(tmp_path, tiny_sd1_dir,
     calls, backward = [], skip_gradients._InputGradOfFirst.backward
     monkeypatch.setattr(skip_gradients._InputGradOfFirst, "backward",
                         staticmethod(lambda ctx, grad: (calls.append(ctx.keep), backward(ctx, grad))[1]))
-    d = tmp_path / "data" / "1_x"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    one_image_data(tmp_path)
     lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                   output_dir=str(tmp_path / "out"), sample_at_end=False, max_train_steps=2, device="cpu")
     assert calls == [32, 32] * 2  # the tiny U-Net's last ResNet: cat([h, conv_in's output]), 32 + 32 channels
@@ -376,9 +374,7 @@ def test_schedules_warm_up():
 def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, capsys):
     from lorakit.cli import main
 
-    d = tmp_path / "data" / "1_sks toy"
-    d.mkdir(parents=True)
-    pattern(64, 64).save(d / "a.png")
+    d = one_image_data(tmp_path, "1_sks toy")
     (d / "b.png").write_bytes(b"")  # listed in the report, not fatal
     toml = tmp_path / "run.toml"
     toml.write_text(f'pretrained_model_name_or_path = "{tiny_sd1_dir}"\ntrain_data_dir = "{tmp_path / "data"}"\n'
