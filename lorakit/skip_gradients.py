@@ -100,12 +100,13 @@ def _conv_forward(resnet, conv, x):
 def frozen_skip_gradients(unet: nn.Module):
     """While the block runs, `unet`'s up-block ResNets compute no input gradient for skip channels that need none
     (see the module docstring). A model without up blocks of ResNets is left as it is."""
-    hooks, patched = [], []
+    hooks, patched, marked = [], [], []
     for block in getattr(unet, "up_blocks", ()):
         resnets = getattr(block, "resnets", None)
         if not resnets:
             continue
         hooks.append(block.register_forward_pre_hook(functools.partial(_mark_skips, resnets), with_kwargs=True))
+        marked.extend(resnets)
         for resnet in resnets:
             for conv in (getattr(resnet, "conv1", None), getattr(resnet, "conv_shortcut", None)):
                 if type(conv) is nn.Conv2d and "forward" not in vars(conv):
@@ -118,6 +119,5 @@ def frozen_skip_gradients(unet: nn.Module):
             hook.remove()
         for conv in patched:
             del conv.forward
-        for block in getattr(unet, "up_blocks", ()):
-            for resnet in getattr(block, "resnets", None) or ():
-                vars(resnet).pop("_lorakit_skip_from", None)
+        for resnet in marked:
+            vars(resnet).pop("_lorakit_skip_from", None)
