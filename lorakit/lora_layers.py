@@ -158,49 +158,43 @@ def _dropout(layer: peft_lora.LoraLayer, name: str) -> float | None:
     return None
 
 
-def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> str | None:
-    """The layer's one active, plain adapter (enabled, not merged, no DoRA or other variant), else None."""
+def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> tuple[str, float] | None:
+    """(name, dropout p) of the layer's one active, plain adapter (enabled, not merged, no DoRA or other variant, a
+    dropout the layers here run), else None."""
     if args or kwargs or layer.disable_adapters or layer.merged:
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
         return None
     (name,) = active
-    if (name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False)
-            or _dropout(layer, name) is None):
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
         return None
-    return name
-
-
-def _training_adapter(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict,
-                      base: nn.Module | None = None) -> str | None:
-    """The one plain adapter a fused step can run (gradients on, the adapter trains, the base is frozen), or None.
-    `base`: the layer's base layer, when the caller has it already."""
-    name = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
-    if name is None or not layer.lora_A[name].weight.requires_grad:
-        return None
-    base = layer.get_base_layer() if base is None else base
-    return None if any(p.requires_grad for p in base.parameters(recurse=False)) else name
+    p = _dropout(layer, name)
+    return None if p is None else (name, p)
 
 
 def _fused_plan(layer: peft_lora.LoraLayer, base: nn.Module, x: torch.Tensor, args: tuple,
                 kwargs: dict) -> tuple | None:
-    """(A, B, scale, compute dtype, dropout p) when the fused step can run this call, else None."""
-    name = _training_adapter(layer, x, args, kwargs, base)
-    if name is None:
+    """(A, B, scale, compute dtype, dropout p) when the fused step can run this call — gradients on, the one plain
+    adapter trains, the base layer is frozen — else None."""
+    adapter = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
+    if adapter is None:
         return None
+    name, p = adapter
     down, up = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not down.requires_grad or any(w.requires_grad for w in base.parameters(recurse=False)):
+        return None
     dtype = _compute_dtype(x, base.weight, down, up)
-    return None if dtype is None else (down, up, layer.scaling[name], dtype, _dropout(layer, name))
+    return None if dtype is None else (down, up, layer.scaling[name], dtype, p)
 
 
 def _unfused_forward(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     """A call the fused product does not run: with the dropout active (training mode), sd-scripts' order
     `base(x) + s·B(dropout(A(x)))` (one plain adapter); otherwise peft's forward."""
-    name = _plain_adapter(layer, args, kwargs) if layer.training else None  # eval mode (inference): no dropout
-    p = _dropout(layer, name) if name is not None else 0.0
-    if not p:
+    adapter = _plain_adapter(layer, args, kwargs) if layer.training else None  # eval mode (inference): no dropout
+    if adapter is None or not adapter[1]:
         return super(type(layer), layer).forward(x, *args, **kwargs)
+    name, p = adapter
     down, up = layer.lora_A[name], layer.lora_B[name]
     result = layer.get_base_layer()(x)
     h = torch.nn.functional.dropout(down(x.to(down.weight.dtype)), p, training=True)

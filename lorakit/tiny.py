@@ -99,17 +99,16 @@ def build_tiny(family: str | Family = "sd1", seed: int = 0, folder: str | Path |
 
     Returns `SDComponents` (see `lorakit.models`).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
 
+    from .checkpoint import modules_from_configs
     from .models import SDComponents
 
     fam = family if isinstance(family, Family) else {"sd1": SD1, "sd2": SD2}[family]
     cfg = tiny_configs(fam)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    vae = AutoencoderKL(**cfg["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    unet, vae, text_encoder = modules_from_configs(cfg)
     scheduler = DDPMScheduler(**cfg["scheduler"])
     import tempfile
 
