@@ -50,6 +50,11 @@ def forward_backward(layer: nn.Module, x: torch.Tensor, input_grad: bool = True)
     return out
 
 
+def fused_plan(layer: nn.Module, x: torch.Tensor, **kwargs):
+    """What the layer's forward(x, **kwargs) would hand the fused step (None: it runs peft's forward)."""
+    return _fused_plan(layer, layer.get_base_layer(), x, (), kwargs)
+
+
 def assert_same(ours, ref, **tol):
     for name, got, want in zip(("output", "grad x", "grad A", "grad B"), ours, ref):
         if got is None and want is None:  # no input gradient asked for
@@ -73,7 +78,7 @@ def test_fused_step_matches_peft(case):
     ours, ref = pair(make())
     assert isinstance(ours, (LoraLinear, LoraConv2d)) and not isinstance(ref, (LoraLinear, LoraConv2d))
     x = torch.randn(shape)
-    plan = _fused_plan(ours, ours.get_base_layer(), x, (), {})  # the fused step runs, with the adapter's A and B
+    plan = fused_plan(ours, x)  # the fused step runs, with the adapter's A and B
     assert plan is not None and plan[0] is ours.lora_A["default"].weight and plan[1] is ours.lora_B["default"].weight
     assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
     # the first adapted layer of a model: its input needs no gradient, A and B still get theirs
@@ -128,27 +133,27 @@ def test_other_cases_run_peft_forward():
     x = torch.randn(2, 30, 24)
     ours, ref = pair(nn.Linear(24, 40))
     with torch.no_grad():
-        assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+        assert fused_plan(ours, x) is None
         torch.testing.assert_close(ours(x), ref(x))
 
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {"adapter_names": ["default"]}) is None
+    assert fused_plan(ours, x, adapter_names=["default"]) is None
     ours.base_layer.bias.requires_grad_(True)  # a trainable base: peft's forward gives it its gradient
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+    assert fused_plan(ours, x) is None
     ours.base_layer.bias.requires_grad_(False)
     ours.lora_A["default"].weight.requires_grad_(False)
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+    assert fused_plan(ours, x) is None
     ours.lora_A["default"].weight.requires_grad_(True)
 
     ours.merge()
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+    assert fused_plan(ours, x) is None
     ours.unmerge()
     ours.enable_adapters(False)
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+    assert fused_plan(ours, x) is None
     ours.enable_adapters(True)
 
     ours.update_layer("second", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=True, config=LoraConfig(r=2))
     ours.set_adapter(["default", "second"])
-    assert _fused_plan(ours, ours.get_base_layer(), x, (), {}) is None
+    assert fused_plan(ours, x) is None
 
     conv, conv_ref = pair(nn.Conv2d(6, 8, 3, padding=1))
     image = torch.randn(1, 6, 8, 8)
