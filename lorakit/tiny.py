@@ -8,6 +8,7 @@ a few hundred thousand parameters, so tests and CPU experiments run in seconds.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -110,8 +111,6 @@ def build_tiny(family: str | Family = "sd1", seed: int = 0, folder: str | Path |
     torch.manual_seed(seed)
     unet, vae, text_encoder = modules_from_configs(cfg)
     scheduler = DDPMScheduler(**cfg["scheduler"])
-    import tempfile
-
     tok_dir = Path(folder) / "tokenizer" if folder else Path(tempfile.mkdtemp(prefix="lorakit-tok-"))
     write_clip_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)

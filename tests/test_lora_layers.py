@@ -140,9 +140,10 @@ def test_other_cases_run_peft_forward():
     ours.base_layer.bias.requires_grad_(True)  # a trainable base: peft's forward gives it its gradient
     assert fused_plan(ours, x) is None
     ours.base_layer.bias.requires_grad_(False)
-    ours.lora_A["default"].weight.requires_grad_(False)
+    ours.requires_grad_(False)  # a frozen adapter (e.g. the text encoder's while only the U-Net trains)
     assert fused_plan(ours, x) is None
     ours.lora_A["default"].weight.requires_grad_(True)
+    ours.lora_B["default"].weight.requires_grad_(True)
 
     ours.merge()
     assert fused_plan(ours, x) is None
@@ -220,6 +221,33 @@ def test_both_fused_variants_match_peft(case, merged, monkeypatch):
     x = torch.randn(shape)
     assert_same(forward_backward(ours, x), forward_backward(ref, x), rtol=1e-5, atol=1e-5)
     assert len(decisions) == 1
+
+
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("case", CASES)
+def test_one_frozen_projection(case, frozen, merged, monkeypatch):
+    """With A or B frozen (the other trains) the fused step runs and gives peft's output, input gradient and the
+    trained projection's gradient; the frozen one gets none."""
+    from lorakit import lora_layers
+
+    monkeypatch.setattr(lora_layers, "_merge_weight", lambda *args: merged)
+    make, shape = CASES[case]
+    ours, ref = pair(make())
+    for layer in (ours, ref):
+        getattr(layer, frozen)["default"].weight.requires_grad_(False)
+    x = torch.randn(shape)
+    assert fused_plan(ours, x) is not None
+    trained = "lora_B" if frozen == "lora_A" else "lora_A"
+    results = []
+    for layer in (ours, ref):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        assert getattr(layer, frozen)["default"].weight.grad is None
+        results.append((y.detach(), xi.grad, getattr(layer, trained)["default"].weight.grad))
+    for name, got, want in zip(("output", "grad x", f"grad {trained}"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_which_layers_merge_the_weight():
