@@ -5,6 +5,9 @@ then measure how often the classifier sees the new concept without and with the 
     python benchmarks/toy_lesson.py --lessons dreambooth --seeds 40
 
 Target (issue 6): each lesson's training ≤ 120 s wall on 2 cores; concept rate ≥ 80% with the LoRA, ≤ 10% without.
+Also printed: the concept rate on each lesson's control prompts (`Lesson.controls`: for DreamBooth the class prompt
+"a shape" and known scenes, for captions the lesson's scenes without the word "striped"), where a LoRA that learned
+only its concept leaves it low.
 Run it on an otherwise idle machine: the wall time is the figure a workshop participant will see.
 """
 
@@ -66,10 +69,11 @@ def main(argv=None) -> None:
     print(f"\ntoy lesson on {args.threads} CPU thread(s), torch {torch.__version__}, {args.seeds} seeds per rate"
           + (f", settings {' '.join(args.set)}" if args.set else ""))
     print("| lesson | train wall s (target ≤ 120) | lesson + measurement s | concept rate without LoRA (≤ 10%) | "
-          "with LoRA (≥ 80%) |")
-    print("|---|---|---|---|---|")
+          "with LoRA (≥ 80%) | on control prompts, without / with LoRA |")
+    print("|---|---|---|---|---|---|")
     for name, r, total in rows:
-        print(f"| {name} | {r.train_seconds:.1f} | {total:.1f} | {r.rate_without:.0%} | {r.rate_with:.0%} |")
+        print(f"| {name} | {r.train_seconds:.1f} | {total:.1f} | {r.rate_without:.0%} | {r.rate_with:.0%} | "
+              f"{r.control_without:.0%} / {r.control_with:.0%} |")
 
 
 if __name__ == "__main__":

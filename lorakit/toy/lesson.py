@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import world
-from .examples import DREAMBOOTH_PROMPT, STYLE_WORD
+from .examples import CLASS_PROMPT, DREAMBOOTH_PROMPT, STYLE_WORD
 from .sampling import sample
 
 
@@ -26,11 +26,15 @@ class Lesson:
     prompts: tuple[str, ...]  # cycled over the seeds
     key: str  # classifier head: "shape" | "colour" | "fill" | "background"
     target: str  # the concept the LoRA should produce
+    controls: tuple[str, ...] = ()  # prompts that should not show it (the class prompt, other scenes)
 
 
-DREAMBOOTH = Lesson("dreambooth", (DREAMBOOTH_PROMPT,), "shape", world.HELD_OUT_SHAPES[0])
+_CONTROL_SCENES = world.sample_scenes(12, 7, fills=("solid",))
+DREAMBOOTH = Lesson("dreambooth", (DREAMBOOTH_PROMPT,), "shape", world.HELD_OUT_SHAPES[0],
+                    controls=(CLASS_PROMPT,) + tuple(world.caption(_CONTROL_SCENES, i) for i in range(5)))
 CAPTIONS = Lesson("captions", tuple(
-    world.caption(world.sample_scenes(12, 7, fills=(STYLE_WORD,)), i) for i in range(12)), "fill", STYLE_WORD)
+    world.caption(world.sample_scenes(12, 7, fills=(STYLE_WORD,)), i) for i in range(12)), "fill", STYLE_WORD,
+    controls=tuple(world.caption(_CONTROL_SCENES, i) for i in range(12)))
 LESSONS = {lesson.name: lesson for lesson in (DREAMBOOTH, CAPTIONS)}
 
 
@@ -42,19 +46,26 @@ class LessonResult:
     train_seconds: float
     lora_path: Path
     n_seeds: int
+    control_without: float | None = None  # the same rate on the lesson's control prompts (should stay low)
+    control_with: float | None = None
 
     def __str__(self) -> str:
-        return (f"{self.lesson}: rate without LoRA {self.rate_without:.0%}, with LoRA "
+        text = (f"{self.lesson}: rate without LoRA {self.rate_without:.0%}, with LoRA "
                 f"{self.rate_with:.0%} ({self.n_seeds} seeds), trained in {self.train_seconds:.1f}s")
+        if self.control_with is not None:
+            text += f"; on control prompts {self.control_without:.0%} without, {self.control_with:.0%} with"
+        return text
 
 
-def concept_rate(comps, lesson: Lesson, seeds, classifier=None, **sample_kwargs) -> float:
-    """Fraction of samples (one per seed, prompts cycled) that the classifier says show `lesson.target`."""
+def concept_rate(comps, lesson: Lesson, seeds, classifier=None, prompts=None, **sample_kwargs) -> float:
+    """Fraction of samples (one per seed, prompts cycled) that the classifier says show `lesson.target`; the
+    lesson's own prompts, or `prompts` (e.g. `lesson.controls`)."""
     from .classifier import load_classifier
 
     classifier = classifier or load_classifier()
     seeds = list(seeds)
-    prompts = [lesson.prompts[i % len(lesson.prompts)] for i in range(len(seeds))]
+    prompts = prompts or lesson.prompts
+    prompts = [prompts[i % len(prompts)] for i in range(len(seeds))]
     images = sample(comps, prompts, seeds, **sample_kwargs)
     predicted = classifier.predict(images)[lesson.key]
     return sum(p == lesson.target for p in predicted) / len(seeds)
@@ -99,9 +110,13 @@ def run_lesson(lesson: Lesson | str, config, seeds=range(20), classifier=None, *
     result = train(cfg)
     train_seconds = time.perf_counter() - start
     comps = load_models(cfg.pretrained_model_name_or_path, dtype=torch.float32, device="cpu")
-    rate_without = concept_rate(comps, lesson, seeds, classifier)
-    apply_lora_file(comps, result.lora_path)
-    rate_with = concept_rate(comps, lesson, seeds, classifier)
+    rates = {}
+    for state in ("without", "with"):
+        if state == "with":
+            apply_lora_file(comps, result.lora_path)
+        rates[state] = concept_rate(comps, lesson, seeds, classifier)
+        if lesson.controls:
+            rates["control_" + state] = concept_rate(comps, lesson, seeds, classifier, prompts=lesson.controls)
     remove_lora(comps)
-    return LessonResult(lesson.name, rate_without, rate_with, train_seconds, Path(result.lora_path),
-                        len(list(seeds)))
+    return LessonResult(lesson.name, rates["without"], rates["with"], train_seconds, Path(result.lora_path),
+                        len(list(seeds)), rates.get("control_without"), rates.get("control_with"))
