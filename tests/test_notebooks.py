@@ -95,11 +95,12 @@ def test_01_prepare_data(run_all):
     report = json.loads((work / "data" / "check_report.json").read_text())
     assert report and isinstance(report, dict)
     repaired = sorted((work / "data" / "repaired").glob("*.png"))
-    assert len(repaired) == 32
+    n_images = len(list((work / "data_examples" / "captions").glob("*.png")))  # the example it prepares
+    assert n_images and len(repaired) == n_images
     captions = [p.with_suffix(".txt").read_text() for p in repaired]
     assert all(c.startswith("sks") for c in captions)
     db = [p for p in (work / "data" / "dreambooth").iterdir() if p.is_dir()]
-    assert len(db) == 1 and db[0].name.endswith("_sks shape") and len(list(db[0].glob("*.png"))) == 32
+    assert len(db) == 1 and db[0].name.endswith("_sks shape") and len(list(db[0].glob("*.png"))) == n_images
     reg = list((work / "data" / "reg").rglob("*.png"))
     assert len(reg) == 2 and {png_size(p) for p in reg} == {(toy_size(), toy_size())}
 

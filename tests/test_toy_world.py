@@ -121,10 +121,11 @@ def test_data_examples_configs_are_valid_and_show_the_concepts():
         assert cfg.pretrained_model_name_or_path == "lorakit-toy"
         assert (ROOT / cfg.train_data_dir).is_dir()
     classifier = load_classifier()
-    crescents = sorted((DATA_EXAMPLES / "dreambooth" / "img").glob("*_sks shape/*.png"))
-    reg = sorted((DATA_EXAMPLES / "dreambooth" / "reg").glob("*_shape/*.png"))
-    striped = sorted((DATA_EXAMPLES / "captions").glob("*.png"))
-    assert crescents and reg and striped
+    crescents = sorted((DATA_EXAMPLES / "dreambooth" / "img").glob("*_a sks shape/*.png"))
+    reg = sorted((DATA_EXAMPLES / "dreambooth" / "reg").glob("*_a shape/*.png"))
+    striped = sorted((DATA_EXAMPLES / "captions").glob("[0-9]*.png"))
+    solid = sorted((DATA_EXAMPLES / "captions").glob("solid_*.png"))
+    assert crescents and reg and striped and solid
 
     def predict(paths):
         from PIL import Image
@@ -134,5 +135,8 @@ def test_data_examples_configs_are_valid_and_show_the_concepts():
     assert set(predict(crescents)["shape"]) == {"crescent"}
     assert "crescent" not in predict(reg)["shape"]
     assert set(predict(striped)["fill"]) == {"striped"}
+    assert set(predict(solid)["fill"]) == {"solid"}
     for p in striped:
         assert "striped" in p.with_suffix(".txt").read_text()
+    for p in solid:  # the contrast: what the word "striped" adds
+        assert "striped" not in p.with_suffix(".txt").read_text()

@@ -1,9 +1,11 @@
 """The bundled `data_examples/`: two small datasets drawn from the toy world, with ready-to-run training configs.
 
-- `dreambooth/img/<repeats>_sks shape/`: crescents — a shape the toy model never saw — to be learned under the
-  trigger word "sks"; `dreambooth/reg/1_shape/`: class images (the shapes it knows), same layout.
+- `dreambooth/img/<repeats>_a sks shape/`: crescents — a shape the toy model never saw — to be learned under the
+  trigger word "sks"; `dreambooth/reg/1_a shape/`: class images (the shapes it knows), same layout. The two folder
+  names are the DreamBooth paper's prompt pair, "a [V] shape" and "a shape": the same words but the identifier.
 - `captions/`: images of known shapes with a striped fill (a fill it never saw) and `.txt` captions such as
-  "a red striped circle on a white background".
+  "a red striped circle on a white background", and half as many solid ones (`solid_*.png`) captioned without the
+  word: they tie the stripes to "striped" (without them the LoRA stripes every prompt).
 - `dreambooth.toml`, `captions.toml`: `lorakit train --config ...` settings that learn on a CPU in about a minute
   on the built-in `lorakit-toy` model; `sample_prompts.txt`: kohya-syntax prompts for samples during training.
 
@@ -21,6 +23,7 @@ from . import world
 TRIGGER = "sks"
 DREAMBOOTH_REPEATS = 10
 DREAMBOOTH_PROMPT = f"a {TRIGGER} {world.CLASS_WORD}"
+CLASS_PROMPT = f"a {world.CLASS_WORD}"  # the instance prompt without the identifier: the class images' caption
 STYLE_WORD = "striped"
 
 # Workshop settings shared by both examples: rank 8 on the toy model, AdamW at 2e-3 (text encoder 1e-3), batch 8,
@@ -70,17 +73,21 @@ def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg
     """
     dest = Path(dest)
     rel = Path(dest.name)
-    # DreamBooth: the held-out shape under the trigger word, known shapes as class (regularisation) images
-    db_train = dest / "dreambooth" / "img" / f"{DREAMBOOTH_REPEATS}_{TRIGGER} {world.CLASS_WORD}"
-    db_reg = dest / "dreambooth" / "reg" / f"1_{world.CLASS_WORD}"
+    # DreamBooth: the held-out shape under the trigger word, known shapes as class (regularisation) images, captioned
+    # "a sks shape" / "a shape" so that the class prompt is a trained caption. (With "sks shape" / "shape", the
+    # prompt "a shape" drew crescents in 15 of 16 samples: benchmarks/RESULTS.md, "Toy lesson".)
+    db_train = dest / "dreambooth" / "img" / f"{DREAMBOOTH_REPEATS}_{DREAMBOOTH_PROMPT}"
+    db_reg = dest / "dreambooth" / "reg" / f"1_{CLASS_PROMPT}"
     _write_images(db_train, world.sample_scenes(n_train, seed, shapes=world.HELD_OUT_SHAPES, fills=("solid",)))
     _write_images(db_reg, world.sample_scenes(n_reg, seed + 1, fills=("solid",)))
-    # Captions: known shapes with the held-out striped fill, each captioned in full
+    # Captions: known shapes with the held-out striped fill, each captioned in full, and solid ones as contrast
     cap_dir = dest / "captions"
-    scenes = world.sample_scenes(n_captions, seed + 2, fills=(STYLE_WORD,))
-    _write_images(cap_dir, scenes, [world.caption(scenes, i) for i in range(len(scenes))])
+    for fill, n, offset, prefix in ((STYLE_WORD, n_captions, 2, ""), ("solid", n_captions // 2, 3, "solid_")):
+        scenes = world.sample_scenes(n, seed + offset, fills=(fill,))
+        _write_images(cap_dir, scenes, [world.caption(scenes, i) for i in range(len(scenes))], prefix=prefix)
     prompts = write_text(dest / "sample_prompts.txt", "\n".join([
         f"{DREAMBOOTH_PROMPT} --s 20 --l 5 --d 1",
+        f"{CLASS_PROMPT} --s 20 --l 5 --d 5",
         f"a blue {TRIGGER} {world.CLASS_WORD} on a white background --s 20 --l 5 --d 2",
         f"a red {STYLE_WORD} circle on a white background --s 20 --l 5 --d 3",
         f"a yellow {STYLE_WORD} square on a black background --s 20 --l 5 --d 4",
