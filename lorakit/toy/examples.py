@@ -75,7 +75,7 @@ def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg
     rel = Path(dest.name)
     # DreamBooth: the held-out shape under the trigger word, known shapes as class (regularisation) images, captioned
     # "a sks shape" / "a shape" so that the class prompt is a trained caption. (With "sks shape" / "shape", the
-    # prompt "a shape" drew crescents in 15 of 16 samples: benchmarks/RESULTS.md, "Toy lesson".)
+    # prompt "a shape" drew crescents in 15 of 16 samples: benchmarks/RESULTS.md, "Control prompts".)
     db_train = dest / "dreambooth" / "img" / f"{DREAMBOOTH_REPEATS}_{DREAMBOOTH_PROMPT}"
     db_reg = dest / "dreambooth" / "reg" / f"1_{CLASS_PROMPT}"
     _write_images(db_train, world.sample_scenes(n_train, seed, shapes=world.HELD_OUT_SHAPES, fills=("solid",)))
