@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,23 @@ def test_data_examples_are_what_the_script_makes(tmp_path):
         assert (made / rel).read_bytes() == (DATA_EXAMPLES / rel).read_bytes(), rel
     total = sum(p.stat().st_size for p in DATA_EXAMPLES.rglob("*") if p.is_file())
     assert total <= 5 * 2 ** 20
+
+
+def test_data_examples_replace_the_former_folder_names(tmp_path):
+    """A data_examples/ written by an earlier version (`10_sks shape`, `1_shape`) is brought up to date: the former
+    folders, holding only the same images, go; one with a file of the user's in it stays."""
+    from lorakit.toy.examples import make_data_examples
+
+    dest = tmp_path / "data_examples"
+    make_data_examples(dest)
+    img, reg = dest / "dreambooth" / "img", dest / "dreambooth" / "reg"
+    shutil.copytree(img / "10_a sks shape", img / "10_sks shape")
+    shutil.copytree(reg / "1_a shape", reg / "1_shape")
+    (reg / "1_shape" / "mine.png").write_bytes(b"not an example")
+    make_data_examples(dest)
+    assert sorted(p.name for p in img.iterdir()) == ["10_a sks shape"]
+    assert sorted(p.name for p in reg.iterdir()) == ["1_a shape", "1_shape"]
+    assert (reg / "1_shape" / "mine.png").read_bytes() == b"not an example"
 
 
 def test_data_examples_configs_are_valid_and_show_the_concepts():

@@ -65,6 +65,29 @@ def _toml(title: str, values: dict) -> str:
         tomli_w.dumps(values)
 
 
+# Folders of earlier versions of the examples (same images, other names): a copy of data_examples/ kept from one
+# of them (e.g. on Google Drive) would otherwise train on both names at once
+_FORMER_FOLDERS = {"img": f"{DREAMBOOTH_REPEATS}_{TRIGGER} {world.CLASS_WORD}", "reg": f"1_{world.CLASS_WORD}"}
+
+
+def _remove_former_folders(dreambooth: Path, written: dict[str, list[Path]]) -> list[Path]:
+    """Delete `dreambooth/img|reg/<former name>/` when it holds nothing but byte-identical copies of files just
+    written (nothing is lost); a folder with anything else in it is left alone. Returns the folders removed."""
+    removed = []
+    for kind, name in _FORMER_FOLDERS.items():
+        old = dreambooth / kind / name
+        if not old.is_dir():
+            continue
+        new = {p.name: p for p in written[kind]}
+        files = list(old.iterdir())
+        if all(f.is_file() and f.name in new and f.read_bytes() == new[f.name].read_bytes() for f in files):
+            for f in files:
+                f.unlink()
+            old.rmdir()
+            removed.append(old)
+    return removed
+
+
 def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg: int = 32,
                        n_captions: int = 32) -> dict[str, Path]:
     """Write the examples into `dest` (normally the repository's `data_examples/`); returns the main paths.
@@ -78,8 +101,10 @@ def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg
     # prompt "a shape" drew crescents in 15 of 16 samples: benchmarks/RESULTS.md, "Control prompts".)
     db_train = dest / "dreambooth" / "img" / f"{DREAMBOOTH_REPEATS}_{DREAMBOOTH_PROMPT}"
     db_reg = dest / "dreambooth" / "reg" / f"1_{CLASS_PROMPT}"
-    _write_images(db_train, world.sample_scenes(n_train, seed, shapes=world.HELD_OUT_SHAPES, fills=("solid",)))
-    _write_images(db_reg, world.sample_scenes(n_reg, seed + 1, fills=("solid",)))
+    written = {"img": _write_images(db_train, world.sample_scenes(n_train, seed, shapes=world.HELD_OUT_SHAPES,
+                                                                fills=("solid",))),
+               "reg": _write_images(db_reg, world.sample_scenes(n_reg, seed + 1, fills=("solid",)))}
+    _remove_former_folders(dest / "dreambooth", written)
     # Captions: known shapes with the held-out striped fill, each captioned in full, and solid ones as contrast
     cap_dir = dest / "captions"
     for fill, n, offset, prefix in ((STYLE_WORD, n_captions, 2, ""), ("solid", n_captions // 2, 3, "solid_")):
