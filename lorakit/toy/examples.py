@@ -70,10 +70,9 @@ def _toml(title: str, values: dict) -> str:
 _FORMER_FOLDERS = {"img": f"{DREAMBOOTH_REPEATS}_{TRIGGER} {world.CLASS_WORD}", "reg": f"1_{world.CLASS_WORD}"}
 
 
-def _remove_former_folders(dreambooth: Path, written: dict[str, list[Path]]) -> list[Path]:
+def _remove_former_folders(dreambooth: Path, written: dict[str, list[Path]]) -> None:
     """Delete `dreambooth/img|reg/<former name>/` when it holds nothing but byte-identical copies of files just
-    written (nothing is lost); a folder with anything else in it is left alone. Returns the folders removed."""
-    removed = []
+    written (nothing is lost); a folder with anything else in it is left alone."""
     for kind, name in _FORMER_FOLDERS.items():
         old = dreambooth / kind / name
         if not old.is_dir():
@@ -84,8 +83,6 @@ def _remove_former_folders(dreambooth: Path, written: dict[str, list[Path]]) -> 
             for f in files:
                 f.unlink()
             old.rmdir()
-            removed.append(old)
-    return removed
 
 
 def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg: int = 32,

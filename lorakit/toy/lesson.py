@@ -110,13 +110,14 @@ def run_lesson(lesson: Lesson | str, config, seeds=range(20), classifier=None, *
     result = train(cfg)
     train_seconds = time.perf_counter() - start
     comps = load_models(cfg.pretrained_model_name_or_path, dtype=torch.float32, device="cpu")
-    rates = {}
-    for state in ("without", "with"):
-        if state == "with":
-            apply_lora_file(comps, result.lora_path)
-        rates[state] = concept_rate(comps, lesson, seeds, classifier)
-        if lesson.controls:
-            rates["control_" + state] = concept_rate(comps, lesson, seeds, classifier, prompts=lesson.controls)
+
+    def rates() -> tuple[float, float | None]:  # (on the lesson's prompts, on its controls)
+        controls = concept_rate(comps, lesson, seeds, classifier, prompts=lesson.controls) if lesson.controls else None
+        return concept_rate(comps, lesson, seeds, classifier), controls
+
+    rate_without, control_without = rates()
+    apply_lora_file(comps, result.lora_path)
+    rate_with, control_with = rates()
     remove_lora(comps)
-    return LessonResult(lesson.name, rates["without"], rates["with"], train_seconds, Path(result.lora_path),
-                        len(list(seeds)), rates.get("control_without"), rates.get("control_with"))
+    return LessonResult(lesson.name, rate_without, rate_with, train_seconds, Path(result.lora_path),
+                        len(list(seeds)), control_without, control_with)
