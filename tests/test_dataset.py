@@ -292,3 +292,119 @@ def test_sd_scripts_metadata_json_subset(tmp_path):
     ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
     assert sorted(e.item.caption for e in ds.examples) == ["a cat", "cat, sofa"]
     assert any(p.endswith("gone") and "missing" in r for p, r in ds.report.skipped)
+
+
+def test_dataset_toml_scopes_num_repeats_and_class_tokens_like_sd_scripts(tmp_path):
+    """sd-scripts lets `num_repeats` and `class_tokens` be set at dataset or [general] level, inherited by subsets."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        pattern(64, 64, ord(name)).save(tmp_path / name / "0.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[general]\nclass_tokens = 'sks dog'\n[[datasets]]\nresolution = 64\nnum_repeats = 3\n"
+                    "[[datasets.subsets]]\nimage_dir = 'a'\n"
+                    "[[datasets.subsets]]\nimage_dir = 'b'\nnum_repeats = 5\nclass_tokens = 'dog'\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    got = sorted((e.item.path.parent.name, e.item.repeats, e.item.caption) for e in ds.examples)
+    assert got == [("a", 3, "sks dog"), ("b", 5, "dog")]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("is_reg = 'maybe'", "`is_reg` must be true/false, got 'maybe'"),
+    ("keep_tokens = 'one'", "`keep_tokens` must be an integer"),
+    ("num_repeats = 'ten'", "`num_repeats` must be an integer"),
+    ("num_repeats = -3", "`num_repeats` must be ≥ 0"),
+    ("caption_dropout_rate = 5", "`caption_dropout_rate` must be ≤ 1"),
+    ("caption_extension = 'txt'", "`caption_extension` must be a file extension starting with a dot"),
+    ("color_aug = true", "`color_aug` in .* latents cannot be cached"),
+])
+def test_dataset_toml_values_are_checked_by_name(tmp_path, line, message):
+    (tmp_path / "imgs").mkdir()
+    pattern(64, 64).save(tmp_path / "imgs" / "0.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'imgs'\n{line}\n")
+    with pytest.raises(ConfigError, match=message) as err:
+        TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert "ds.toml" in str(err.value)
+
+
+def test_dataset_toml_bad_shapes_and_dataset_values_are_named(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    pattern(64, 64).save(tmp_path / "imgs" / "0.png")
+    toml = tmp_path / "ds.toml"
+    cases = {
+        "[datasets]\nbatch_size = 2\n": "must be an array of tables, written \\[\\[datasets\\]\\]",
+        "[[datasets]]\nbatch_size = '2'\n[[datasets.subsets]]\nimage_dir = 'imgs'\n": None,  # a numeric string is 2
+        "[[datasets]]\nbucket_reso_steps = 0\n[[datasets.subsets]]\nimage_dir = 'imgs'\n":
+            "`bucket_reso_steps` must be ≥ 8",
+        "[[datasets]]\nmin_bucket_reso = 512\nmax_bucket_reso = 256\n[[datasets.subsets]]\nimage_dir = 'imgs'\n":
+            "`min_bucket_reso` \\(512\\) must be ≤ `max_bucket_reso` \\(256\\)",
+        "[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'nowhere'\n": "`image_dir` 'nowhere' .* not found",
+    }
+    for text, message in cases.items():
+        toml.write_text(text)
+        cfg = cfg_for(tmp_path, dataset_config=str(toml))
+        if message is None:
+            assert TrainDataset.from_config(cfg, native_resolution=64).examples[0].batch_size == 2
+            continue
+        with pytest.raises(ConfigError, match=message):
+            TrainDataset.from_config(cfg, native_resolution=64)
+
+
+def test_dataset_toml_image_dir_falls_back_to_the_working_directory(tmp_path, monkeypatch):
+    """sd-scripts reads a relative `image_dir` from the working directory; lorakit looks beside the TOML first."""
+    (tmp_path / "train" / "img").mkdir(parents=True)
+    pattern(64, 64).save(tmp_path / "train" / "img" / "0.png")
+    (tmp_path / "configs").mkdir()
+    toml = tmp_path / "configs" / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'train/img'\n")
+    monkeypatch.chdir(tmp_path)
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert [e.item.path for e in ds.examples] == [(tmp_path / "train" / "img" / "0.png").resolve()]
+
+
+def test_dataset_toml_zero_repeats_skips_the_subset(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        pattern(64, 64, ord(name)).save(tmp_path / name / "0.png")
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'a'\n"
+                    "[[datasets.subsets]]\nimage_dir = 'b'\nnum_repeats = 0\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert [e.item.path.parent.name for e in ds.examples] == ["a"] and len(ds) == 1
+    assert any(p.endswith("b") and "never drawn" in r for p, r in ds.report.skipped)
+
+
+def test_metadata_json_joins_caption_and_tags_and_refuses_bad_shapes(tmp_path):
+    (tmp_path / "ft").mkdir()
+    pattern(64, 64, 0).save(tmp_path / "ft" / "photo.001.png")
+    pattern(64, 64, 1).save(tmp_path / "ft" / "b.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"photo.001": {"caption": "a dog", "tags": "grass, sunny"}, "b": {"tags": "cat"}}))
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'ft'\n"
+                    "metadata_file = 'meta.json'\n")
+    cfg = cfg_for(tmp_path, dataset_config=str(toml))
+    ds = TrainDataset.from_config(cfg, native_resolution=64)
+    assert sorted(e.item.caption for e in ds.examples) == ["a dog, grass, sunny", "cat"]  # sd-scripts' join
+    for bad, message in [([1, 2], "expected a JSON object"), ({"b": {"tags": ["cat"]}}, "entry 'b' must be")]:
+        meta.write_text(json.dumps(bad))
+        with pytest.raises(DatasetError, match=message):
+            TrainDataset.from_config(cfg, native_resolution=64)
+
+
+def test_caption_files_with_another_extension_are_reported(tmp_path):
+    """sd-scripts' default caption extension is `.caption`; lorakit's `.txt`. A migrating user is told."""
+    d = tmp_path / "train" / "5_sks dog"
+    d.mkdir(parents=True)
+    for i in range(2):
+        pattern(64, 64, i).save(d / f"{i}.png")
+        (d / f"{i}.caption").write_text("sks dog on grass")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train")), native_resolution=64)
+    assert [n for p, n in ds.report.notes if p == str(d)] == [
+        "2 .caption caption file(s) not read: `caption_extension` is '.txt' (set `caption_extension = \".caption\"` "
+        "to use them)"]
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"),
+                                          caption_extension=".caption"), native_resolution=64)
+    assert {e.item.caption for e in ds.examples} == {"sks dog on grass"} and not ds.report.notes
+    with pytest.raises(ConfigError, match="`caption_extension` must be a file extension starting with a dot"):
+        cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), caption_extension="caption")

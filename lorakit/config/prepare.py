@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
-from .schema import JobConfig, option
+from .schema import JobConfig, check_extension, option
 
 PREPARE_ACTIONS = ("check", "repair", "captions", "dreambooth", "reg")
 POLICIES = ("keep", "drop", "move")
@@ -113,6 +113,7 @@ class PrepareConfig(JobConfig):
     device: str | None = option(None, "cuda, mps or cpu. Unset: the best available.", group="reg")
 
     def check(self) -> None:
+        check_extension("caption_extension", self.caption_extension)
         if self.output_dir and self.input_dir and Path(self.output_dir).resolve() == Path(self.input_dir).resolve():
             raise ConfigError("`output_dir` must be a new folder, not `input_dir`; lorakit never writes into your "
                               "originals")

@@ -130,6 +130,39 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
     raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
 
 
+def _check_range(spec: FieldSpec, item, where: str = "") -> None:
+    """The field's choices and bounds, for one (scalar) value."""
+    if spec.choices is not None and item not in spec.choices:
+        raise ConfigError(f"`{spec.name}` must be one of {', '.join(map(str, spec.choices))}; got {item!r}{where}")
+    if isinstance(item, (int, float)) and not isinstance(item, bool):
+        if spec.min is not None and item < spec.min:
+            raise ConfigError(f"`{spec.name}` must be ≥ {spec.min}, got {item}{where}")
+        if spec.max is not None and item > spec.max:
+            raise ConfigError(f"`{spec.name}` must be ≤ {spec.max}, got {item}{where}")
+
+
+def checked_value(spec: FieldSpec, value, where: str = ""):
+    """One value for the field `spec` from another source (e.g. a dataset TOML): its type converted or refused,
+    its choices and bounds checked, as `validate()` would; errors name the field and `where`."""
+    value = JobConfig.coerce(spec, value, where)
+    for item in value if isinstance(value, list) else [] if value is None else [value]:
+        _check_range(spec, item, where)
+    return value
+
+
+def scalar_spec(name: str, type_: type, default=None, *, min: float | None = None) -> FieldSpec:
+    """A FieldSpec for a value that is not a job option (e.g. a dataset TOML's `num_repeats`)."""
+    return FieldSpec(name=name, type=type_, item_type=None, optional=default is None, default=default, help="",
+                     group="", choices=None, min=min, max=None, basic=False, secret=False)
+
+
+def check_extension(name: str, value: str, where: str = "") -> None:
+    """A file-extension option (`caption_extension`) must start with a dot: `.txt`, not `txt`."""
+    if not value.startswith(".") or len(value) < 2:
+        raise ConfigError(f"`{name}` must be a file extension starting with a dot, e.g. \".txt\" or "
+                          f"\".caption\"; got {value!r}{where}")
+
+
 class JobConfig:
     """Mixin for job configs: construction from dicts/TOML/CLI, validation, export."""
 
@@ -235,14 +268,7 @@ class JobConfig:
             if s.type is not list and isinstance(v, list):
                 raise ConfigError(f"`{s.name}` must be {_type_name(s)}, got a list")
             for item in values:
-                if s.choices is not None and item not in s.choices:
-                    raise ConfigError(
-                        f"`{s.name}` must be one of {', '.join(map(str, s.choices))}; got {item!r}")
-                if isinstance(item, (int, float)) and not isinstance(item, bool):
-                    if s.min is not None and item < s.min:
-                        raise ConfigError(f"`{s.name}` must be ≥ {s.min}, got {item}")
-                    if s.max is not None and item > s.max:
-                        raise ConfigError(f"`{s.name}` must be ≤ {s.max}, got {item}")
+                _check_range(s, item)
         self.check()
 
     def check(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .schema import JobConfig, option, parse_resolution
+from .schema import JobConfig, check_extension, option, parse_resolution
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -156,6 +156,7 @@ class TrainConfig(JobConfig):
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ConfigError("`network_train_unet_only` and `network_train_text_encoder_only` cannot both be set: "
                               "choose one, or neither to train both")
+        check_extension("caption_extension", self.caption_extension)
         if self.cache_latents and (self.color_aug or self.random_crop):
             what = "color_aug" if self.color_aug else "random_crop"
             raise ConfigError(f"`{what}` changes the image every step, so latents cannot be cached: "

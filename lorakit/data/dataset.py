@@ -100,6 +100,9 @@ class TrainDataset:
             _check_sizes(spec, vae_scale_factor)
             train_items, reg_items = [], []
             for subset in spec.subsets:
+                if subset.num_repeats < 1:
+                    report.skip(subset.image_dir, "num_repeats is 0: the folder is never drawn")
+                    continue
                 (reg_items if subset.is_reg else train_items).extend(scan_subset(subset, report))
             if reg_items and not train_items:
                 raise DatasetError("only regularisation images were found; add training images")

@@ -16,23 +16,33 @@
       is_reg = true
       class_tokens = "dog"
 
-A value is looked up subset → dataset → `[general]` → the train config (CLI/TOML) → default. Relative `image_dir`s
-are relative to the TOML file's folder. Unknown keys are errors that name the key.
+A value is looked up subset → dataset → `[general]` → the train config (CLI/TOML) → default, with sd-scripts'
+scopes: `image_dir`, `is_reg` and `metadata_file` belong to a subset; `num_repeats`, `class_tokens` and the caption
+and augmentation options may be set at any level; the resolution, bucketing and batch options at dataset or
+`[general]` level. Every value is type- and range-checked as the train option of the same name is. A relative
+`image_dir` (or `metadata_file`) is looked up beside the TOML file, then in the working directory (sd-scripts' rule).
+Unknown keys are errors that name the key.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..config.schema import parse_resolution, read_toml
+from ..config.schema import check_extension, checked_value, parse_resolution, read_toml, scalar_spec
 from ..errors import ConfigError
 from .folders import DatasetSpec, Subset
 
-SUBSET_KEYS = {"shuffle_caption", "caption_extension", "keep_tokens", "caption_dropout_rate", "color_aug",
-               "flip_aug", "random_crop"}
+# options of the train config that a subset may set (or inherit from its dataset or [general])
+SUBSET_OPTIONS = {"shuffle_caption", "caption_extension", "keep_tokens", "caption_dropout_rate", "color_aug",
+                  "flip_aug", "random_crop"}
+# subset values that are not train options, and may also be set at dataset or [general] level
+SUBSET_ASCENDABLE = {"num_repeats": scalar_spec("num_repeats", int, 1, min=0),
+                     "class_tokens": scalar_spec("class_tokens", str)}
+SUBSET_KEYS = SUBSET_OPTIONS | set(SUBSET_ASCENDABLE)
 DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps", "bucket_no_upscale"}
-SUBSET_ONLY = {"image_dir", "num_repeats", "class_tokens", "is_reg", "metadata_file"}
+SUBSET_ONLY = {"image_dir": scalar_spec("image_dir", str), "is_reg": scalar_spec("is_reg", bool, False),
+               "metadata_file": scalar_spec("metadata_file", str)}
 # where the train config spells a value differently
 CONFIG_NAMES = {"batch_size": "train_batch_size"}
 
@@ -44,47 +54,81 @@ def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
                               f"(supported: {', '.join(sorted(allowed))})")
 
 
+def _tables(value, what: str, path: Path) -> list[dict]:
+    """An array of tables (`[[datasets]]`, `[[datasets.subsets]]`), refused by name when written otherwise."""
+    if value is None:
+        return []
+    if not (isinstance(value, list) and all(isinstance(t, dict) for t in value)):
+        raise ConfigError(f"{path.name}: `{what}` must be an array of tables, written [[{what}]]")
+    return value
+
+
+def _find(path: Path, value: str, key: str, where: str) -> Path:
+    """A path from the TOML: as given when absolute; else beside the TOML file, then in the working directory."""
+    given = Path(value).expanduser()
+    candidates = [given] if given.is_absolute() else [path.parent / given, Path.cwd() / given]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    looked = " or ".join(str(c.resolve()) for c in candidates)
+    raise ConfigError(f"{path.name}: `{key}` {value!r} in {where} not found (looked for {looked})")
+
+
 def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, int]) -> list[DatasetSpec]:
     """Parse an sd-scripts dataset TOML into `DatasetSpec`s; `cfg` (TrainConfig) supplies the fallbacks."""
     path = Path(path)
     data = read_toml(path)
     _check_keys(data, {"general", "datasets"}, "the top level", path)
     general = data.get("general", {})
+    if not isinstance(general, dict):
+        raise ConfigError(f"{path.name}: `general` must be a table, written [general]")
     _check_keys(general, SUBSET_KEYS | DATASET_KEYS, "[general]", path)
-    datasets = data.get("datasets") or []
+    datasets = _tables(data.get("datasets"), "datasets", path)
     if not datasets:
         raise ConfigError(f"{path.name}: no [[datasets]] table")
 
-    def lookup(key, *tables):
-        for t in tables:
-            if key in t:
-                return t[key]
-        if key == "resolution":
-            return None
-        return getattr(cfg, CONFIG_NAMES.get(key, key))
+    def lookup(key, *scopes):
+        """The value of `key` from the first (table, where) scope that sets it, checked; else the train config's
+        value (or the subset default)."""
+        spec = SUBSET_ASCENDABLE.get(key) or SUBSET_ONLY.get(key)
+        for table, where in scopes:
+            if key in table:
+                spec = spec or type(cfg).spec(CONFIG_NAMES.get(key, key))
+                return checked_value(spec, table[key], f" (in {where} of {path.name})")
+        return spec.default if spec else getattr(cfg, CONFIG_NAMES.get(key, key))
 
     specs = []
     for i, ds in enumerate(datasets):
-        _check_keys(ds, SUBSET_KEYS | DATASET_KEYS | {"subsets"}, f"[[datasets]] #{i + 1}", path)
+        ds_where = f"[[datasets]] #{i + 1}"
+        _check_keys(ds, SUBSET_KEYS | DATASET_KEYS | {"subsets"}, ds_where, path)
         subsets = []
-        for j, sub in enumerate(ds.get("subsets") or []):
+        for j, sub in enumerate(_tables(ds.get("subsets"), "datasets.subsets", path)):
             where = f"[[datasets.subsets]] #{j + 1} of dataset #{i + 1}"
-            _check_keys(sub, SUBSET_KEYS | SUBSET_ONLY, where, path)
-            if "image_dir" not in sub:
+            _check_keys(sub, SUBSET_KEYS | set(SUBSET_ONLY), where, path)
+            scopes = ((sub, where), (ds, ds_where), (general, "[general]"))
+            image_dir = lookup("image_dir", scopes[0])
+            if image_dir is None:
                 raise ConfigError(f"{path.name}: {where} needs `image_dir`")
-            image_dir = (path.parent / sub["image_dir"]).resolve()
-            meta = sub.get("metadata_file")
-            subsets.append(Subset(
-                image_dir=image_dir, num_repeats=int(sub.get("num_repeats", 1)), is_reg=bool(sub.get("is_reg", False)),
-                class_tokens=sub.get("class_tokens"),
-                metadata_file=(path.parent / meta).resolve() if meta else None,
-                **{k: lookup(k, sub, ds, general) for k in SUBSET_KEYS}))
+            meta = lookup("metadata_file", scopes[0])
+            options = {k: lookup(k, *scopes) for k in SUBSET_KEYS}
+            check_extension("caption_extension", options["caption_extension"], f" (in {where} of {path.name})")
+            if cfg.cache_latents and (options["color_aug"] or options["random_crop"]):
+                what = "color_aug" if options["color_aug"] else "random_crop"
+                raise ConfigError(f"{path.name}: `{what}` in {where} changes the image every step, so latents "
+                                  f"cannot be cached: set `cache_latents = false`")
+            subsets.append(Subset(image_dir=_find(path, image_dir, "image_dir", where),
+                                  is_reg=lookup("is_reg", scopes[0]),
+                                  metadata_file=_find(path, meta, "metadata_file", where) if meta else None,
+                                  **options))
         if not subsets:
-            raise ConfigError(f"{path.name}: [[datasets]] #{i + 1} has no [[datasets.subsets]]")
-        reso = lookup("resolution", ds, general)
+            raise ConfigError(f"{path.name}: {ds_where} has no [[datasets.subsets]]")
+        reso = next((t["resolution"] for t in (ds, general) if "resolution" in t), None)
         if isinstance(reso, list):
             reso = ",".join(str(r) for r in reso)
         resolution = parse_resolution(reso) or parse_resolution(cfg.resolution) or default_resolution
-        specs.append(DatasetSpec(subsets=subsets, resolution=resolution,
-                                 **{k: lookup(k, ds, general) for k in DATASET_KEYS - {"resolution"}}))
+        options = {k: lookup(k, (ds, ds_where), (general, "[general]")) for k in DATASET_KEYS - {"resolution"}}
+        if options["min_bucket_reso"] > options["max_bucket_reso"]:
+            raise ConfigError(f"{path.name}: `min_bucket_reso` ({options['min_bucket_reso']}) must be ≤ "
+                              f"`max_bucket_reso` ({options['max_bucket_reso']}) for {ds_where}")
+        specs.append(DatasetSpec(subsets=subsets, resolution=resolution, **options))
     return specs

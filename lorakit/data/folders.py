@@ -28,6 +28,7 @@ from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, is_image_file, loa
 DREAMBOOTH_FOLDER = re.compile(r"^(\d+)_(.*)$")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
 # files expected beside images (captions, metadata, notes, other tools' caches): not listed as "not an image"
+CAPTION_EXTENSIONS = (".txt", ".caption")  # the usual caption-file extensions (lorakit's and sd-scripts' defaults)
 QUIET_EXTENSIONS = (".txt", ".caption", ".json", ".jsonl", ".npz", ".safetensors", ".toml", ".md")
 
 
@@ -187,13 +188,31 @@ def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
         data = json.loads(meta.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DatasetError(f"{meta}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{meta}: expected a JSON object {{\"<image key>\": {{\"caption\": ..., \"tags\": ...}}}}, "
+                           f"got a {type(data).__name__}")
     for key, entry in data.items():
-        caption = entry.get("caption") or entry.get("tags") or ""
-        path = subset.image_dir / key
-        if not path.suffix:
-            path = next((path.with_suffix(e) for e in IMAGE_EXTENSIONS if path.with_suffix(e).is_file()), path)
-        out[path] = caption.strip()
+        fields = entry if isinstance(entry, dict) else {}
+        caption, tags = fields.get("caption"), fields.get("tags")
+        if not isinstance(entry, dict) or not all(v is None or isinstance(v, str) for v in (caption, tags)):
+            raise DatasetError(f"{meta}: entry {key!r} must be an object whose `caption` and `tags` are strings, "
+                               f"got {json.dumps(entry)[:80]}")
+        # sd-scripts' rule: the caption, then ", " and the tags when both are there; the tags alone otherwise
+        if caption is None:
+            caption = tags or ""
+        elif tags:
+            caption = f"{caption}, {tags}"
+        out[_image_for_key(subset.image_dir, key)] = caption.strip()
     return out
+
+
+def _image_for_key(image_dir: Path, key: str) -> Path:
+    """The image a metadata JSON key names: the file itself, else the key plus an image extension (sd-scripts'
+    keys are often stems, which may contain dots: `photo.001`)."""
+    path = image_dir / key
+    if path.is_file():
+        return path
+    return next((c for c in (image_dir / f"{key}{e}" for e in IMAGE_EXTENSIONS) if c.is_file()), path)
 
 
 def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
@@ -232,9 +251,25 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
                 caption = ""
         items.append(ImageItem(path=path, caption=caption, subset=subset, size=size, repeats=subset.num_repeats))
     report.used[str(subset.image_dir)] = len(items)
+    if subset.metadata_file is None:
+        _note_unread_captions(subset, candidates, report)
     if not items:
         report.note(subset.image_dir, "no usable images in this folder")
     return items
+
+
+def _note_unread_captions(subset: Subset, files: list[Path], report: LoadReport) -> None:
+    """Say so when caption files beside the images have another extension than `caption_extension` (sd-scripts'
+    default is `.caption`, lorakit's `.txt`), so their captions are not read."""
+    images = {p.stem for p in files if is_image_file(p)}
+    for ext in CAPTION_EXTENSIONS:
+        if ext == subset.caption_extension.lower():
+            continue
+        unread = [p for p in files if p.suffix.lower() == ext and p.stem in images]
+        if unread and not any(p.with_suffix(subset.caption_extension).is_file() for p in unread):
+            report.note(subset.image_dir, f"{len(unread)} {ext} caption file(s) not read: `caption_extension` is "
+                                          f"{subset.caption_extension!r} (set `caption_extension = \"{ext}\"` to "
+                                          f"use them)")
 
 
 def _probe(path: Path) -> tuple[tuple[int, int], list[str]]:
