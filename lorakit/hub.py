@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import PushConfig
-from .errors import ConfigError
+from .errors import ConfigError, LoraFormatError
 from .fileio import write_text
 
 TAGS = ["lora", "text-to-image", "stable-diffusion", "lorakit"]
@@ -57,6 +57,7 @@ class UploadPlan:
     private: bool
     commit_message: str
     metadata: dict = field(default_factory=dict)
+    withheld: list[tuple[str, str]] = field(default_factory=list)  # (file, why it is not uploaded)
 
     @property
     def paths_in_repo(self) -> list[str]:
@@ -67,12 +68,15 @@ class UploadPlan:
 def read_lora_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The string metadata of a `.safetensors` header (empty for other formats)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return {}
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged header
+        raise LoraFormatError(f"{path.name}: not a readable .safetensors file ({e})") from None
 
 
 def training_config(meta: dict[str, str]) -> dict:
@@ -182,7 +186,7 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
     if not out.is_dir():
         raise ConfigError(f"`output_dir` {str(out)!r} does not exist: train first, or point it at the folder "
                           f"that holds your LoRA")
-    loras = sorted(p for p in out.iterdir() if p.is_file() and p.suffix in LORA_SUFFIXES)
+    loras = sorted(p for p in out.iterdir() if p.is_file() and p.suffix.lower() in LORA_SUFFIXES)
     if not loras:
         raise ConfigError(f"no LoRA file (.safetensors/.ckpt/.pt) in `output_dir` {str(out)!r}: train first")
     first_meta = read_lora_metadata(loras[0])
@@ -194,7 +198,8 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
                     and not any(part.startswith(".") for part in p.relative_to(out).parts))
     files = [(p, p.name) for p in loras]
     files += [(p, "images/" + p.relative_to(out).as_posix()) for p in images]
-    files += [(p, p.name) for p in sorted(out.glob("*.toml"))]
+    configs, withheld = _shareable_configs(out)
+    files += [(p, p.name) for p in configs]
     samples = [p for p in images if "loss" not in p.stem.lower()]
     last = sorted(samples, key=lambda p: (p.stat().st_mtime, p.name))[-MAX_GALLERY:]
     gallery = [("images/" + p.relative_to(out).as_posix(), _prompt_of(p)) for p in last]
@@ -211,7 +216,42 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
     readme = write_text(out / "README.md", card)
     files.append((readme, "README.md"))
     return UploadPlan(cfg.repo_id, files, card, cfg.private, cfg.commit_message,
-                      dict(base_model=base_model, instance_prompt=instance_prompt, lora=main.name))
+                      dict(base_model=base_model, instance_prompt=instance_prompt, lora=main.name), withheld)
+
+
+_SECRET_KEYS = {"token", "hf_token", "hub_token", "api_key", "password"}
+_TOKEN_TEXT = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+
+
+def _secret_key(table: dict) -> str | None:
+    for key, value in table.items():
+        if key.lower() in _SECRET_KEYS:
+            return key
+        found = _secret_key(value) if isinstance(value, dict) else None
+        if found:
+            return found
+    return None
+
+
+def _shareable_configs(out: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The TOML files of `output_dir` that may be uploaded, and those withheld with the reason: a TOML that sets a
+    token (a push config kept beside the LoRA) or holds text like a Hub token is never uploaded. lorakit's own
+    training config never contains the token (secret options are not saved)."""
+    from .config.schema import tomllib
+
+    keep, withheld = [], []
+    for path in sorted(out.glob("*.toml")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            key = _secret_key(tomllib.loads(text))
+        except tomllib.TOMLDecodeError:
+            withheld.append((path.name, "not valid TOML"))
+            continue
+        if key or _TOKEN_TEXT.search(text):
+            withheld.append((path.name, f"it sets `{key}`" if key else "it holds text like a Hub token"))
+        else:
+            keep.append(path)
+    return keep, withheld
 
 
 # ---------------------------------------------------------------------------------------------------------- push
@@ -237,6 +277,8 @@ def push_to_hub(cfg: PushConfig | None = None, /, *, api=None, **kwargs) -> str:
     """
     cfg = _config(cfg, kwargs)
     plan = plan_upload(cfg)
+    for name, why in plan.withheld:
+        print(f"not uploading {name}: {why}")
     if api is None:
         from huggingface_hub import HfApi
 

@@ -149,3 +149,37 @@ def test_local_base_model_path_is_not_put_in_the_metadata(tmp_path):
     out = make_output(tmp_path / "output")
     plan = hub.plan_upload(repo_id="me/x", output_dir=str(out), base_model="/models/my-model.safetensors")
     assert "base_model" not in ModelCard(plan.card).data.to_dict()
+
+
+def test_a_toml_holding_a_token_is_never_uploaded(tmp_path, capsys):
+    """A push config kept beside the LoRA may set `token`: it stays on the machine; the training config goes up."""
+    out = make_output(tmp_path / "output")
+    (out / "push.toml").write_text(f'repo_id = "me/toy-lora"\ntoken = "{TOKEN}"\n')
+    (out / "notes.toml").write_text(f'[hub]\ncomment = "uses {TOKEN}"\n')
+    (out / "broken.toml").write_text("this is = = not toml\n")
+    api = FakeApi()
+    hub.push_to_hub(PushConfig(repo_id="me/toy-lora", output_dir=str(out)), api=api)
+    commit = dict(api.calls)["create_commit"]
+    sent = [Path(op.path_or_fileobj) for op in commit["operations"]]
+    assert "train_config.toml" in [p.name for p in sent]
+    assert not {"push.toml", "notes.toml", "broken.toml"} & {p.name for p in sent}
+    assert all(TOKEN.encode() not in p.read_bytes() for p in sent)
+    printed = capsys.readouterr().out
+    assert "not uploading push.toml: it sets `token`" in printed
+    assert "not uploading notes.toml: it holds text like a Hub token" in printed and TOKEN not in printed
+
+
+def test_upper_case_extension_and_damaged_lora_header(tmp_path):
+    out = make_output(tmp_path / "output")
+    for p in out.glob("*.safetensors"):
+        p.rename(p.with_suffix(".SAFETENSORS"))
+    plan = hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(out)))
+    assert plan.metadata["lora"] == "toy_lora.SAFETENSORS" and "lorakit-toy" in plan.card  # its metadata was read
+    assert "toy_lora.SAFETENSORS" in plan.paths_in_repo and "toy_lora-000100.SAFETENSORS" in plan.paths_in_repo
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    from lorakit.errors import LoraFormatError
+
+    with pytest.raises(LoraFormatError, match="lora.safetensors: not a readable .safetensors file"):
+        hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(bad)))
