@@ -24,10 +24,22 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _file_mode(dest))  # mkstemp makes it owner-only (0600)
         os.replace(tmp_path, dest)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _file_mode(dest: Path) -> int:
+    """The permissions a new file gets from the umask (usually 0644), or those of the file it replaces: a LoRA
+    must stay readable by a web UI that runs as another user."""
+    try:
+        return dest.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def write_text(dest: str | os.PathLike, text: str) -> Path:

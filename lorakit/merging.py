@@ -195,10 +195,7 @@ def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_pre
 
     keys = list(base.ldm_shapes)
     if out.suffix.lower() == ".safetensors":
-        if isinstance(base._reader, SafetensorsReader):
-            layout = [(k, base.ldm_shapes[k], _out_dtype(base._reader.dtype(k), save_precision)) for k in keys]
-        else:
-            layout = [(k, base.ldm_shapes[k], _out_dtype(base._reader[k].dtype, save_precision)) for k in keys]
+        layout = [(k, base.ldm_shapes[k], _out_dtype(base.ldm_dtype(k), save_precision)) for k in keys]
         with atomic_path(out) as tmp:
             write_safetensors(tmp, layout, produce, metadata)
     else:
@@ -294,7 +291,7 @@ def merge_lora_modules(loras: Sequence[LoadedLora], ratios: Sequence[float], mod
                 conv3 = factors[0].down.ndim == 4 and tuple(factors[0].down.shape[2:]) != (1, 1)
                 rank = (new_conv_rank or new_rank) if conv3 else new_rank
                 merged[name], err = svd_loras(factors, rs, rank)
-                norm2 = float(sum(r * f.delta() for f, r in parts).square().sum())
+                norm2 = float(sum(r * f.delta().flatten(1) for f, r in parts).square().sum())  # 2-D and 1x1 4-D alike
                 acc = sums.setdefault("text_encoder" if name.startswith("lora_te") else "unet", [0.0, 0.0])
                 acc[0] += err * err * norm2
                 acc[1] += norm2

@@ -109,7 +109,11 @@ def layout_from_ldm_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[LdmLayout,
         blocks = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
         te_layers = len(blocks) - 1  # diffusers drops the last OpenCLIP block (SD2 uses the penultimate layer)
     else:
-        hidden = shapes[CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"][1]
+        embedding = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+        if embedding not in shapes:
+            raise ModelLoadError(f"no text encoder in this checkpoint (no `{embedding}` nor OpenCLIP keys): merge and "
+                                 f"extract need a full SD1.x/SD2.x single file (U-Net, text encoder and VAE)")
+        hidden = shapes[embedding][1]
         te_layers = len({int(m[1]) for k in keys
                          if (m := re.match(re.escape(CLIP_PREFIX) + r"text_model\.encoder\.layers\.(\d+)\.", k))})
     inputs = {int(m[1]) for k in keys if (m := re.match(re.escape(UNET_PREFIX) + r"input_blocks\.(\d+)\.", k))}
@@ -290,7 +294,7 @@ class SingleFileWeights(ModelWeights):
 
     def __init__(self, path: Path):
         self.source = str(path)
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             self._reader = SafetensorsReader(path)
             ldm_shapes = {k: self._reader.shape(k) for k in self._reader.keys()}
         else:
@@ -302,6 +306,11 @@ class SingleFileWeights(ModelWeights):
                 raise ModelLoadError(f"{path.name}: not a state dict")
             self._reader = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
             ldm_shapes = {k: tuple(v.shape) for k, v in self._reader.items()}
+        from .checkpoint import normalize_ldm_keys
+
+        # older SD1 files spell the CLIP keys without `text_model.`: read them under the usual names
+        self._original = {k: v for k, v in normalize_ldm_keys({k: k for k in ldm_shapes}).items() if k != v}
+        ldm_shapes = {k: ldm_shapes[self._original.get(k, k)] for k in normalize_ldm_keys(dict(ldm_shapes))}
         self.ldm_shapes = ldm_shapes
         self.layout, self.family = layout_from_ldm_keys(ldm_shapes)
         self._where: dict[str, LdmKey] = {}
@@ -318,7 +327,12 @@ class SingleFileWeights(ModelWeights):
         return self._where[name]
 
     def read_ldm(self, key: str) -> torch.Tensor:
+        key = self._original.get(key, key)
         return self._reader.get(key) if isinstance(self._reader, SafetensorsReader) else self._reader[key]
+
+    def ldm_dtype(self, key: str) -> torch.dtype:
+        key = self._original.get(key, key)
+        return self._reader.dtype(key) if isinstance(self._reader, SafetensorsReader) else self._reader[key].dtype
 
     def shapes(self):
         return dict(self._shapes)

@@ -70,3 +70,18 @@ def test_streaming_reader_names_a_bad_file(tmp_path):
     good.write_bytes(good.read_bytes()[:-16])
     with pytest.raises(ModelLoadError, match="cut.safetensors: truncated"):
         SafetensorsReader(good)
+
+
+def test_written_files_get_the_umask_mode_or_keep_the_replaced_ones(tmp_path):
+    """A LoRA must be readable by a web UI that runs as another user: not mkstemp's owner-only 0600."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        new = save_safetensors({"w": torch.ones(2)}, tmp_path / "new.safetensors")
+        assert new.stat().st_mode & 0o777 == 0o644
+        os.chmod(new, 0o640)
+        save_safetensors({"w": torch.zeros(2)}, new)  # replacing a file keeps its permissions
+        assert new.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

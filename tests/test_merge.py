@@ -225,3 +225,50 @@ def test_failed_merge_leaves_no_partial_output(setup, tmp_path, monkeypatch):
             merge(sd_model=str(src), models=[str(a)], save_to=str(dst))
         assert not dst.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_svd_merge_of_2d_and_4d_1x1_spellings_of_one_module(setup, tmp_path):
+    """sd-scripts stores proj_in/proj_out as 4-D 1x1 convolutions, lorakit's SD2 LoRAs as 2-D: one module, two
+    spellings. The merge's error must be measured on the module's matrix (summing a [o, i] and an [o, i, 1, 1] delta
+    would broadcast to [o, i, o, i])."""
+    from lorakit.fileio import save_safetensors
+
+    family, d, comps, a, b = setup
+    tensors, meta = load_lora_file(a)
+    changed = [k for k in tensors if "proj_" in k and not k.endswith(".alpha")]
+    assert changed  # SD1's projections are 1x1 convolutions (stored 4-D), SD2's are Linear (2-D): respell them
+    other = {k: (v.flatten(1) if v.ndim == 4 else v[:, :, None, None]) if k in changed else v
+             for k, v in tensors.items()}
+    save_safetensors(other, tmp_path / "a2d.safetensors", meta)
+    mixed = merge(models=[str(a), str(tmp_path / "a2d.safetensors")], ratios=[0.5, 0.5], merge_mode="svd",
+                  new_rank=1, save_to=str(tmp_path / "mixed.safetensors"))
+    same = merge(models=[str(a), str(a)], ratios=[0.5, 0.5], merge_mode="svd", new_rank=1,
+                 save_to=str(tmp_path / "same.safetensors"))
+    assert same.errors["unet"] > 0.05  # rank 2 cut to 1
+    assert mixed.errors["unet"] == pytest.approx(same.errors["unet"], rel=1e-4)
+
+
+def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
+    """Older SD1 single files spell the CLIP keys without `text_model.` (the loader accepts them); merge reads
+    them too. A file without a text encoder is refused by name."""
+    from lorakit.checkpoint_keys import CLIP_PREFIX
+    from lorakit.errors import ModelLoadError
+    from lorakit.fileio import save_safetensors
+
+    comps = build_tiny("sd1", seed=0)  # the spelling variant exists in SD1 files only
+    save_single_file(comps, tmp_path / "base.safetensors")
+    a = make_lora(comps, tmp_path / "a.safetensors", rank=2, seed=1, alpha=1.0)
+    with open_weights(tmp_path / "base.safetensors") as base:
+        ldm = {k: base.read_ldm(k) for k in base.ldm_shapes}
+    old = {k.replace(CLIP_PREFIX + "text_model.", CLIP_PREFIX): v for k, v in ldm.items()}
+    assert old.keys() != ldm.keys()
+    save_safetensors(old, tmp_path / "old.safetensors")
+    for base, out in (("old", "o"), ("base", "n")):
+        merge(sd_model=str(tmp_path / f"{base}.safetensors"), models=[str(a)], ratios=[0.7],
+              save_to=str(tmp_path / f"{out}.safetensors"))
+    with open_weights(tmp_path / "o.safetensors") as got, open_weights(tmp_path / "n.safetensors") as want:
+        assert got.ldm_shapes.keys() == want.ldm_shapes.keys()
+        assert all(torch.equal(got.read_ldm(k), want.read_ldm(k)) for k in want.ldm_shapes)
+    save_safetensors({k: v for k, v in ldm.items() if not k.startswith(CLIP_PREFIX)}, tmp_path / "unet.safetensors")
+    with pytest.raises(ModelLoadError, match="no text encoder in this checkpoint"):
+        merge(sd_model=str(tmp_path / "unet.safetensors"), models=[str(a)], save_to=str(tmp_path / "u.safetensors"))
