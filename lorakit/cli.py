@@ -6,11 +6,12 @@ Precedence: schema default < TOML file < command-line flag. Errors become one li
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
 from .config import JOB_CONFIGS, FieldSpec, JobConfig
-from .errors import LorakitError
+from .errors import ConfigError, LorakitError
 
 # job name -> "module:function" taking the job's config object; imported only when the job runs
 RUNNERS = {
@@ -29,8 +30,9 @@ def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: boo
     help_text = spec.help + (f" [default: {spec.default}]" if spec.default not in (None, [], "") else "")
     if spec.optional and spec.type not in (str, bool, list):
         help_text += " ('none' unsets it)"
-    if positional:
+    if positional:  # `lorakit inspect file.safetensors`, or `--path file.safetensors` as messages spell it
         parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(f"--{spec.name}", dest=spec.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return
     kw = dict(dest=spec.name, default=argparse.SUPPRESS, help=help_text)
     if spec.type is bool:
@@ -43,12 +45,15 @@ def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: boo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA training kit for Stable Diffusion.")
+    # no abbreviations: `--learning 5e-3` or `--overwrite` must not silently set the option they happen to prefix
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA training kit for Stable Diffusion.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="job", metavar="<job>")
     for name, cls in JOB_CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
-                           description=(cls.__doc__ or "").strip() or None)
-        p.add_argument("--config", dest="_config", default=None, help="Read options from a TOML file first.")
+                           description=(cls.__doc__ or "").strip() or None, allow_abbrev=False)
+        p.add_argument("--config", dest="_config", metavar="FILE.toml", default=None,
+                       help="Read options from a TOML file first.")
         p.add_argument("--dry_run", dest="_dry_run", action="store_true",
                        help="Validate and print the resolved config, then stop.")
         groups: dict[str, argparse._ArgumentGroup] = {}
@@ -61,16 +66,31 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
     """Parse `argv` (without the program name) into (config, dry_run)."""
     parser = build_parser()
-    ns = vars(parser.parse_args(argv))
+    namespace, unknown = parser.parse_known_args(argv)
+    ns = vars(namespace)
     job = ns.pop("job")
     if job is None:
         parser.print_help()
         raise SystemExit(2)
     cls = JOB_CONFIGS[job]
+    if unknown:
+        raise ConfigError(_unknown_argument(cls, unknown[0]))
     config_path, dry_run = ns.pop("_config"), ns.pop("_dry_run")
     if config_path:
         return cls.from_toml(config_path, overrides=ns), dry_run
     return cls.from_dict(ns, where=""), dry_run
+
+
+def _unknown_argument(cls: type[JobConfig], arg: str) -> str:
+    """The message for a command-line word the job does not take, with the closest option when there is one."""
+    if not arg.startswith("-"):
+        positional = ", ".join(f"<{name}>" for name in cls.positional)
+        return (f"unexpected argument {arg!r} for `{cls.job}`"
+                + (f" (it takes {positional} and --options)" if positional else " (options are written --name value)"))
+    name = arg.lstrip("-").split("=", 1)[0]
+    close = difflib.get_close_matches(name.removeprefix("no_"), [s.name for s in cls.specs()], n=1, cutoff=0.6)
+    hint = f"; did you mean `--{close[0]}`?" if close else f"; see `lorakit {cls.job} --help`"
+    return f"unknown option `{arg.split('=', 1)[0]}` for `{cls.job}`{hint}"
 
 
 def run_job(cfg: JobConfig):

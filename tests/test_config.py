@@ -108,3 +108,33 @@ def test_parse_resolution():
     assert parse_resolution("512") == (512, 512)
     assert parse_resolution("768,512") == (768, 512)
     assert parse_resolution(None) is None
+
+
+def test_every_job_has_a_one_line_description():
+    """`lorakit --help` lists each job with the first line of its docstring (not a dataclass signature)."""
+    for cls in JOB_CONFIGS.values():
+        first = (cls.__doc__ or "").strip().splitlines()[0]
+        assert first and not first.startswith(cls.__name__ + "("), cls.job
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--learning", "5e-3"], "unknown option `--learning` for `train`; did you mean `--learning_rate`?"),
+    (["train", "--max_train_step", "10"], "did you mean `--max_train_steps`?"),
+    (["train", "--netwrok_dim", "8"], "did you mean `--network_dim`?"),
+    (["prepare", "repair", "in", "--overwrite"], "unknown option `--overwrite` for `prepare`; did you mean"),
+    (["prepare", "check", "a", "b"], "unexpected argument 'b' for `prepare`"),
+])
+def test_cli_refuses_abbreviations_and_typos_with_a_suggestion(capsys, argv, message):
+    """argparse would read `--learning` as `--learning_rate` (a prefix) and `--overwrite` as `--overwrite_captions`:
+    a guessed flag must not silently set another option."""
+    assert main([*argv, "--dry_run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_positional_options_may_also_be_given_as_flags():
+    """Messages name `--input_dir`; the flag works as well as the positional form."""
+    cfg, _ = parse_config(["prepare", "check", "--input_dir", "photos"])
+    assert (cfg.action, cfg.input_dir) == ("check", "photos")
+    cfg, _ = parse_config(["inspect", "--path", "a.safetensors"])
+    assert cfg.path == "a.safetensors"

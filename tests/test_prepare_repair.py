@@ -232,3 +232,41 @@ def test_cli_repair(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dropped   corrupt.jpg  (unreadable)" in out and "re-check:" in out
     assert (tmp_path / "clean" / "no_caption.txt").read_text() == "a drawing\n"
+
+
+def test_a_rerun_replaces_prepares_own_output_and_never_a_users_folder(tmp_path, capsys):
+    """A notebook's Run-all runs prepare again over its earlier output: `replace_output` replaces what prepare
+    wrote (stale files included) and refuses a folder of the user's."""
+    import lorakit
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
+    out, train = tmp_path / "repaired", tmp_path / "train"
+    run = dict(action="repair", input_dir=str(src), output_dir=str(out), resolution=64)
+    lorakit.prepare(**run)
+    layout = dict(action="dreambooth", input_dir=str(out), output_dir=str(train), identifier="sks",
+                  class_name="dog", repeats=3)
+    lorakit.prepare(**layout)
+    (out / "stale.png").write_bytes(encode(drawn_image(9, (64, 64)), "PNG"))  # from an older input
+    with pytest.raises(DatasetError, match="not empty.*replace_output"):
+        lorakit.prepare(**run)
+    with pytest.raises(DatasetError, match="already has files.*replace_output"):
+        lorakit.prepare(**layout)
+    lorakit.prepare(**run, replace_output=True)
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".png") == ["0.png", "1.png"]
+    lorakit.prepare(**layout, replace_output=True)
+    assert sorted(p.name for p in (train / "3_sks dog").iterdir()) == ["0.png", "1.png"]
+    assert "replacing the earlier output" in capsys.readouterr().out
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("my notes")
+    with pytest.raises(DatasetError, match="was not written by `lorakit prepare`"):
+        lorakit.prepare(action="repair", input_dir=str(src), output_dir=str(mine), replace_output=True)
+    assert (mine / "keep.txt").read_text() == "my notes"
+    # the marker is invisible to training and to check
+    assert [s.image_dir.name for s in subsets_from_folder(train, is_reg=False, caption_extension=".txt",
+                                                         report=LoadReport())] == ["3_sks dog"]
+    assert not check_dataset(out, 64).other_problems

@@ -43,6 +43,9 @@ class PrepareConfig(JobConfig):
                             basic=True)
     output_dir: str | None = option(None, "Where repaired / laid-out / generated data goes (a new folder, never the "
                                           "input folder).", group="basic", basic=True)
+    replace_output: bool = option(False, "Replace what an earlier prepare run wrote into output_dir (for re-runs, "
+                                         "e.g. a notebook's Run-all). Only a folder lorakit's prepare wrote is "
+                                         "emptied; any other non-empty folder is refused.", group="basic")
     resolution: int = option(512, "Target training resolution (for 'too small' and bucket checks).",
                              group="basic", min=8)
     caption_extension: str = option(".txt", "Extension of caption files next to the images.", group="basic")

@@ -24,6 +24,8 @@ SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmsolve
 
 @dataclass(repr=False)
 class TrainConfig(JobConfig):
+    """Train a DreamBooth- or caption-LoRA; save it as kohya-format .safetensors with samples and loss history."""
+
     job = "train"
 
     # ---- model

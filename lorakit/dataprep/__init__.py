@@ -7,6 +7,8 @@ Nothing here ever writes into the input folder: every output goes to a new folde
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..config.prepare import PrepareConfig
 from ..errors import ModelLoadError
 from .autocaption import auto_caption, blip_captioner
@@ -24,6 +26,7 @@ from .captions import (
 from .check import check_dataset
 from .contact_sheet import contact_sheet
 from .layout import DreamBoothLayout, make_dreambooth_layout, steps_per_epoch, suggest_repeats
+from .output import claim_output
 from .problems import KINDS
 from .reg import RegImages, generate_reg_images
 from .repair import RepairResult, repair_dataset
@@ -57,6 +60,8 @@ def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
     cfg = PrepareConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     cfg.required_for_action()
     action = cfg.action
+    if cfg.output_dir and action != "check" and not cfg.in_place:
+        claim_output(Path(cfg.output_dir), replace=cfg.replace_output)
     if action == "check":
         tokenizer = load_tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
         result = check_dataset(cfg.input_dir, cfg.resolution, caption_extension=cfg.caption_extension,
@@ -109,3 +114,4 @@ def _captions(cfg: PrepareConfig) -> CaptionEdit:
     if top:
         print("most common tags: " + ", ".join(f"{t} ({n})" for t, n in top))
     return result
+

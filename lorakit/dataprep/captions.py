@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from ..data.captions import split_tags
 from ..errors import DatasetError
 from ..fileio import write_bytes, write_text
+from .output import has_files
 from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key
 
 
@@ -102,8 +103,9 @@ def _target(folder: Path, output_dir, in_place: bool) -> Path:
     out = Path(output_dir)
     if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
         raise DatasetError(f"`output_dir` ({out}) must be outside {folder}; or pass in_place=True")
-    if out.exists() and any(out.iterdir()):
-        raise DatasetError(f"`output_dir` {out} is not empty; choose a new folder")
+    if has_files(out):
+        raise DatasetError(f"`output_dir` {out} is not empty; choose a new folder (or set `replace_output = true` to "
+                           f"replace an earlier prepare run's output)")
     return out
 
 

@@ -84,7 +84,8 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
             repeats = suggest_repeats(len(images), target_steps, epochs, batch_size, with_reg)
         folder = dst / folder_name(repeats, identifier, class_name)
         if folder.exists() and any(folder.iterdir()):
-            raise DatasetError(f"{folder} already has files; choose a new `output_dir`")
+            raise DatasetError(f"{folder} already has files; choose a new `output_dir` (or set `replace_output = "
+                               f"true` to replace an earlier prepare run's output)")
         taken: set[str] = set()
         for rel in images:
             name = PurePosixPath(rel).name

@@ -22,6 +22,7 @@ from ..errors import DatasetError
 from ..fileio import atomic_path, write_bytes, write_text
 from .check import check_dataset
 from .convert import parse_background, to_training_rgb
+from .output import has_files, mark_output
 from .report import DatasetReport, ImageRecord
 from .sources import DatasetSource, dreambooth_folder_tokens
 
@@ -92,8 +93,9 @@ def _check_folders(src: Path, dst: Path, overwrite: bool) -> None:
     if s == d or (src.is_dir() and s in d.parents) or d in s.parents:
         raise DatasetError(f"`output_dir` ({dst}) must be a new folder outside the input ({src}); lorakit never "
                            f"writes into your originals")
-    if d.exists() and any(d.iterdir()) and not overwrite:
-        raise DatasetError(f"`output_dir` {dst} is not empty; choose a new folder (or pass overwrite=True)")
+    if has_files(d) and not overwrite:
+        raise DatasetError(f"`output_dir` {dst} is not empty; choose a new folder (or set `replace_output = true` "
+                           f"to replace an earlier prepare run's output)")
 
 
 def repair_dataset(
@@ -159,6 +161,8 @@ def repair_dataset(
             names[rec.path] = _unique(_output_name(rec, ascii_names, max_side), taken)
 
     dst.mkdir(parents=True, exist_ok=True)
+    if any(action == "moved" for _, action, _ in plans):
+        mark_output(aside)  # a re-run with `replace_output` replaces it with the output
     with DatasetSource(src) as source:
         def run(plan) -> RepairAction:
             rec, action, reason = plan

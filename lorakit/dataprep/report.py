@@ -140,7 +140,8 @@ class DatasetReport:
         if buckets:
             lines.append("Buckets: " + ", ".join(f"{w}x{h}: {c}" for (w, h), c in sorted(buckets.items())))
         if self.token_counter == "estimate":
-            lines.append("Caption lengths are estimated (no CLIP tokenizer given); pass `tokenizer=` for exact counts.")
+            lines.append("Caption lengths are estimated (no CLIP tokenizer given); set `tokenizer_model` for exact "
+                         "counts.")
         return "\n".join(lines)
 
     def to_markdown(self, *, max_rows: int | None = None) -> str:
