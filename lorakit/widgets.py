@@ -171,6 +171,7 @@ class Form:
 
         self.cls, self.on_submit, self.result, self.error = cls, on_submit, None, ""
         self._quiet = False
+        self._values = dict(values or {})  # the notebook's values: they win over any preset
         start = initial_values(cls, preset, values)
         self.specs = cls.spec_map()
         self.fields = {s.name: FieldWidget(s, start.get(s.name)) for s in cls.specs()}
@@ -211,6 +212,7 @@ class Form:
         self.widget.add_class("lorakit-form")
         for f in self.fields.values():
             f.widget.observe(lambda _ch: self._revalidate(), names="value")
+        self._applied = self.raw()  # the values the form was last filled with (to tell what the user changed)
         self._revalidate()
 
     # ---------------------------------------------------------------- values
@@ -242,12 +244,16 @@ class Form:
         return self.set(**(cfg.to_dict() if isinstance(cfg, JobConfig) else dict(cfg)))
 
     def apply_preset(self, name: str) -> None:
-        """Set the preset's fields; the others keep what you typed (e.g. your dataset folder)."""
-        from .presets import preset as preset_values
-
-        if name and name != NO_PRESET:
-            self.set(**preset_values(name, self.cls))
-            self.status.value = f"preset: {html.escape(name)}"
+        """Fill the form as schema defaults ← the preset ← the notebook's values, as if it had been made with this
+        preset: nothing of the previous preset carries over. A field you changed in the form keeps your value
+        (e.g. your dataset folder)."""
+        target = initial_values(self.cls, name, self._values)
+        current = self.raw()
+        changes = {k: target[k] for k, f in self.fields.items()
+                   if k in target and current[k] == self._applied.get(k) and current[k] != target[k]}
+        self.set(**changes)
+        self._applied = {**self._applied, **{k: self.fields[k].get() for k in changes}}
+        self.status.value = f"preset: {html.escape(name)}" if name and name != NO_PRESET else ""
         if self.preset.value != (name or NO_PRESET):
             self.preset.value = name or NO_PRESET
 

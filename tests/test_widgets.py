@@ -153,6 +153,7 @@ def test_presets_fill_the_form_and_keep_other_fields():
     assert form.value.pretrained_model_name_or_path == "lorakit-toy" and form.value.mixed_precision == "no"
     for name in PRESETS["train"]:
         assert isinstance(apply_preset(name), TrainConfig)  # every preset is valid for the schema
+        assert isinstance(form.value, TrainConfig)
     with pytest.raises(ConfigError, match="known presets"):
         widgets.form(TrainConfig, preset="no such preset")
 
@@ -184,3 +185,19 @@ def test_static_form_without_widgets_uses_the_parameters():
     assert "max_train_steps = 7" in repr(form)
     bad = widgets.form(TrainConfig, values=dict(network_dim=-1), use_widgets=False)
     assert "network_dim" in repr(bad)
+
+
+def test_switching_presets_carries_nothing_over_but_what_the_user_typed():
+    """Each preset fills the form as defaults ← preset ← notebook values; the previous preset's values (device,
+    optimizer, caption options) do not stay behind, and a field typed by the user does."""
+    values = dict(train_data_dir="my/data", output_name="sks_shape")
+    for first in PRESETS["train"]:
+        for second in PRESETS["train"]:
+            form = widgets.form(TrainConfig, preset=first, values=values)
+            form.preset.value = second
+            fresh = widgets.form(TrainConfig, preset=second, values=values)
+            assert form.value.to_dict() == fresh.value.to_dict(), (first, second)
+    form = widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=values)
+    form.set(learning_rate=3e-4)  # typed by the user
+    form.preset.value = "SD1.5 character, T4"
+    assert form.value.learning_rate == 3e-4 and form.value.output_name == "sks_shape"
