@@ -124,11 +124,35 @@ def setup(use_drive: bool = False, drive_folder: str = "lorakit", *, quiet: bool
             root, on_drive = Path(DRIVE_HOME) / drive_folder, True
             root.mkdir(parents=True, exist_ok=True)
             os.chdir(root)
+        _install_gpu_extras(quiet)
     elif use_drive and not quiet:
         print(f"Google Drive is only available on Colab; this is not Colab, so files stay in {root}")
     if not quiet:
         print(f"lorakit {_version()} · {_device()} · working folder: {root}")
     return Workspace(root, colab, on_drive)
+
+
+def gpu_extras_command(cuda: bool, installed: set[str]) -> list[str] | None:
+    """The pip command for the GPU extras a T4 preset uses (bitsandbytes, for `AdamW8bit`), when a CUDA runtime
+    lacks them; None when there is nothing to install. xformers is left out: it pins its own torch."""
+    missing = [name for name in ("bitsandbytes",) if name not in installed]
+    return [sys.executable, "-m", "pip", "install", "-q", *missing] if cuda and missing else None
+
+
+def _install_gpu_extras(quiet: bool) -> None:
+    import importlib.util
+    import subprocess
+
+    import torch
+
+    installed = {name for name in ("bitsandbytes",) if importlib.util.find_spec(name) is not None}
+    cmd = gpu_extras_command(torch.cuda.is_available(), installed)
+    if cmd is None:
+        return
+    if not quiet:
+        print(f"installing {', '.join(cmd[5:])} (8-bit AdamW on the GPU)")
+    if subprocess.run(cmd).returncode != 0 and not quiet:
+        print("could not install bitsandbytes: choose `optimizer_type = AdamW` instead of AdamW8bit")
 
 
 def _version() -> str:

@@ -31,8 +31,25 @@ def parse_optimizer_args(args: list[str]) -> dict:
 
 def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str] | None = None,
                    device: torch.device | str = "cpu") -> torch.optim.Optimizer:
-    """Build the optimizer `name` over `param_groups` (each group may carry its own "lr")."""
+    """Build the optimizer `name` over `param_groups` (each group may carry its own "lr"). A value in `args` the
+    optimizer refuses is a ConfigError naming `optimizer_args`."""
     kwargs = parse_optimizer_args(args or [])
+    try:
+        return _make_optimizer(name, param_groups, lr, kwargs, device)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError) or not args:
+            raise
+        raise ConfigError(f"`optimizer_args` {args} are not accepted by {name}: {e}") from None
+
+
+def check_optimizer(name: str, lr: float, args: list[str] | None, device: torch.device | str) -> None:
+    """Build the optimizer once over a dummy parameter, so that a missing package or a bad `optimizer_args` value
+    is reported before the model is downloaded and the latents are cached."""
+    make_optimizer(name, [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))]}], lr, args, device)
+
+
+def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict,
+                    device: torch.device | str) -> torch.optim.Optimizer:
     if name == "AdamW":
         if torch.device(device).type in ("cpu", "cuda") and not {"fused", "foreach"} & kwargs.keys():
             # one fused kernel over all tensors: on a CPU 3x faster than the default per-tensor loop for a LoRA's

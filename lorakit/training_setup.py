@@ -20,7 +20,7 @@ from .data.latents import encode
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
-from .optim import make_optimizer, make_scheduler
+from .optim import check_optimizer, make_optimizer, make_scheduler
 
 TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
 GRID_ROUNDS = 8  # sampling rounds shown in samples_grid.png (the latest ones)
@@ -83,7 +83,17 @@ class Callbacks:
 # ---------------------------------------------------------------------------------------------- device, precision
 def pick_device(cfg) -> torch.device:
     if cfg.device:
-        return torch.device(cfg.device)
+        try:
+            device = torch.device(cfg.device)
+        except RuntimeError:
+            raise ConfigError(f"`device` must be cpu, cuda, cuda:N or mps (or unset: the best available), got "
+                              f"{cfg.device!r}") from None
+        mps = getattr(torch.backends, "mps", None)
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (
+                device.type == "mps" and not (mps is not None and mps.is_available())):
+            raise ConfigError(f"`device` is {cfg.device} but this machine has no {device.type.upper()} device; "
+                              f"leave `device` unset to use the best one available")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -218,6 +228,7 @@ def prepare_run(cfg, components=None) -> Run:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed or 0)
+    check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device)
     if components is None:
         components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2,
                                  v_parameterization=cfg.v_parameterization, vae=cfg.vae, dtype=weight_dtype,

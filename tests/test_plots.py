@@ -128,3 +128,13 @@ def test_live_view_status_shows_speed_and_eta():
     assert "ETA 2:00" in view.status.value  # 6 steps left at 0.05 steps/s
     assert view.shows_progress and Callbacks([view]).shows_progress
     assert not Callbacks([{"on_step": print}]).shows_progress and not Callbacks(None).shows_progress
+
+
+def test_colab_gpu_runtime_gets_bitsandbytes_for_the_t4_presets():
+    """The T4 presets train with AdamW8bit: on a CUDA runtime without bitsandbytes, setup installs it; never on a
+    CPU runtime, never twice."""
+    import sys
+
+    assert colab.gpu_extras_command(True, set()) == [sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"]
+    assert colab.gpu_extras_command(True, {"bitsandbytes"}) is None
+    assert colab.gpu_extras_command(False, set()) is None

@@ -310,6 +310,33 @@ def test_setup_errors_are_clear(tmp_path):
         cfg.replace(min_timestep=500, max_timestep=400)
 
 
+def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_path, monkeypatch):
+    """Each is one line naming the option, raised before any download or latent caching (not a torch traceback
+    from inside the optimizer or the device layer)."""
+    import lorakit.models
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(lorakit.models, "load_models", no_loading)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = dict(train_data_dir=str(tmp_path), output_dir=str(tmp_path / "out"), max_train_steps=1)
+    cases = [
+        (dict(device="gpu"), ConfigError, "`device` must be cpu, cuda, cuda:N or mps"),
+        (dict(device="cuda"), ConfigError, "`device` is cuda but this machine has no CUDA device"),
+        (dict(device="cpu", optimizer_args=["weight_decay=abc"]), ConfigError,
+         "`optimizer_args` \\['weight_decay=abc'\\] are not accepted by AdamW"),
+        (dict(device="cpu", optimizer_type="AdamW8bit"), TrainingError, "AdamW8bit.*CUDA"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            lorakit.train(**base, **options)
+    for arg, message in [("conv_dim=abc", "conv_dim='abc': must be an integer"),
+                         ("conv_alpha=x", "conv_alpha='x': must be a number"), ("conv_dim=0", "must be ≥ 1")]:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**base, network_args=[arg])
+
+
 @pytest.mark.parametrize("name,lr,args", [("AdamW", 0.1, ["weight_decay=0.0"]), ("Lion", 0.05, []),
                                           ("Prodigy", 1.0, []), ("Adafactor", 0.1, []), ("SGD", 0.1, ["momentum=0.9"])])
 def test_optimizers_minimise_a_quadratic(name, lr, args):

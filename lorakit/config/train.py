@@ -179,6 +179,14 @@ class TrainConfig(JobConfig):
         for arg in self.optimizer_args:
             if "=" not in arg:
                 raise ConfigError(f"`optimizer_args` entries must be key=value, got {arg!r}")
+        args = dict(a.split("=", 1) for a in self.network_args)
+        for key, kind, what in (("conv_dim", int, "an integer"), ("conv_alpha", float, "a number")):
+            try:
+                value = kind(args[key]) if key in args else 1
+            except ValueError:
+                raise ConfigError(f"`network_args` {key}={args[key]!r}: must be {what}") from None
+            if value <= 0 and key == "conv_dim":
+                raise ConfigError(f"`network_args` conv_dim={args[key]!r}: must be ≥ 1")
 
     # ---- derived values (one place, used by train, metadata and the forms' summary)
     @property
