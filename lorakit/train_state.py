@@ -80,11 +80,14 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
     return final
 
 
-def find_state(resume: str, output_dir: str | Path) -> Path:
-    """The state folder named by `resume`: a folder path, or `latest` (the newest in `output_dir`)."""
+def find_state(resume: str, output_dir: str | Path) -> Path | None:
+    """The state folder named by `resume`: a folder path, `latest` (the newest in `output_dir`), or `auto` (the
+    newest in `output_dir` if there is one, else None: a new run)."""
     output_dir = Path(output_dir)
-    if resume == "latest":
+    if resume in ("latest", "auto"):
         pointer = output_dir / LATEST
+        if not pointer.is_file() and resume == "auto":
+            return None
         if not pointer.is_file():
             raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is missing): "
                                 f"train with `save_state = true` first")
@@ -121,3 +124,12 @@ def restore_params(named: dict[str, torch.nn.Parameter], saved: dict[str, torch.
                 raise TrainingError(f"`resume`: parameter {name} has shape {tuple(saved[name].shape)} in the state "
                                     f"but {tuple(p.shape)} now: resume with the same `network_dim`")
             p.copy_(saved[name].to(p.device, p.dtype))
+
+
+def saved_state_in(output_dir: str | Path) -> Path | None:
+    """The newest state folder `save_state` left in `output_dir`, or None."""
+    pointer = Path(output_dir) / LATEST
+    if not pointer.is_file():
+        return None
+    folder = Path(output_dir) / pointer.read_text(encoding="utf-8").strip()
+    return folder if (folder / "train_state.pt").is_file() else None

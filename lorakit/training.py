@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
 from .skip_gradients import frozen_skip_gradients
-from .train_state import find_state, load_state, restore_params, save_state, set_rng_state
+from .train_state import find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
 from .training_setup import (
     Callbacks,
     StepInfo,
@@ -94,8 +94,14 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
 
     # ---- where to start: fresh, or exactly where a saved state stopped
     step, start_epoch, skip_batches, history = 0, 0, 0, []
-    if cfg.resume:
-        state = load_state(find_state(cfg.resume, cfg.output_dir))
+    folder = find_state(cfg.resume, cfg.output_dir) if cfg.resume else None
+    if cfg.resume == "auto" and folder is None:
+        run.log(f"resume = auto: no saved state in {cfg.output_dir} yet, so this is a new run")
+    elif folder is None and (found := saved_state_in(cfg.output_dir)) is not None:
+        run.log(f"note: {cfg.output_dir} holds a saved state ({found.name}) that this run does not continue: it "
+                f"starts at step 0 (set `resume = latest` or `auto` to continue it)")
+    if folder is not None:
+        state = load_state(folder)
         restore_params(named_params, state.params, state.folder)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -103,7 +109,11 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
             scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng)
         step, start_epoch, skip_batches, history = state.step, state.epoch, state.batches_done, state.loss_history
-        run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})")
+        run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})"
+                + ("; set `resume = none` to start over" if cfg.resume == "auto" else ""))
+        if step >= run.max_steps:
+            run.log(f"the saved state is at step {step} of {run.max_steps}: nothing left to train (raise "
+                    f"`max_train_steps` to train on, or set `resume = none` to train again from scratch)")
 
     def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
         """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""

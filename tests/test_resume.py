@@ -109,3 +109,24 @@ def test_user_interrupt_saves_lora_and_state(tmp_path, tiny_sd1_dir, dataset):
     resumed = lorakit.train(resume="latest", **kw)
     a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_state(tmp_path, tiny_sd1_dir, dataset,
+                                                                                   capsys):
+    """A notebook run again after a disconnect: `resume = auto` starts a new run when there is no state and continues
+    the saved one when there is; a run that does not resume over a saved state says so."""
+    full = lorakit.train(**settings(tiny_sd1_dir, dataset, tmp_path / "full"))
+    out = tmp_path / "colab"
+    with pytest.raises(Killed):
+        lorakit.train(resume="auto", callbacks=KillAt(5), **settings(tiny_sd1_dir, dataset, out))
+    assert "no saved state" in capsys.readouterr().out
+    resumed = lorakit.train(resume="auto", **settings(tiny_sd1_dir, dataset, out))
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "state-00000004" in printed and "`resume = none` to start over" in printed
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = lorakit.train(resume="auto", **settings(tiny_sd1_dir, dataset, out))  # finished: nothing left to do
+    assert "nothing left to train" in capsys.readouterr().out
+    assert all(torch.equal(a[k], t) for k, t in load_file(str(again.lora_path)).items())
+    lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1})
+    assert "holds a saved state (state-00000007) that this run does not continue" in capsys.readouterr().out
