@@ -10,6 +10,7 @@ the same image whatever the batch. PNGs carry their settings in A1111's `paramet
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from .config.jobs import GenerateConfig
 from .errors import ConfigError
 from .host_memory import keep_freed_memory
-from .prompts import PromptSpec, read_prompt_file
+from .prompts import PromptSpec, parse_prompt_line, read_prompt_file
 
 DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
@@ -63,7 +64,7 @@ def _prompts(cfg: GenerateConfig, width: int, height: int) -> list[PromptSpec]:
     if cfg.from_file:
         specs = read_prompt_file(cfg.from_file)
     elif cfg.prompt:
-        specs = [PromptSpec(prompt=cfg.prompt)]
+        specs = [parse_prompt_line(cfg.prompt, " (in `prompt`)")]  # `a dog --n blurry --d 5` as in a prompt file
     else:
         raise ConfigError("`prompt` is empty: give a prompt, or a prompt file in `from_file`")
     return [s.with_defaults(negative_prompt=cfg.negative_prompt, width=width, height=height,
@@ -185,7 +186,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     loras = list(zip(cfg.network_weights, cfg.resolved_mul))
     apply = _FusedLoras if cfg.network_merge else _AdapterLoras
     out_dir = Path(cfg.output_dir) if cfg.output_dir else None
-    start = len(list(out_dir.glob("*.png"))) if out_dir and out_dir.is_dir() else 0
+    start = _next_index(out_dir) if out_dir and out_dir.is_dir() else 0
     images, paths, per_image = [], [], []
     # on a CPU, malloc keeps the memory each denoising step frees for the next one (no page faults per step)
     with apply(comps, cfg.network_weights, cfg.resolved_mul), keep_freed_memory(device.type == "cpu"):
@@ -216,3 +217,10 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     if out_dir is not None:
         print(f"{len(images)} image(s) written to {out_dir}")
     return GenerateResult(images=images, grid=grid, paths=paths, specs=per_image)
+
+
+def _next_index(out_dir: Path) -> int:
+    """The first image number after every `NNNNN-<seed>.png` / `grid-NNNNN.png` already in `out_dir`, so a new run
+    never writes over an earlier image (also after some were deleted)."""
+    numbers = [int(m[1]) for p in out_dir.glob("*.png") if (m := re.match(r"^(?:grid-)?(\d+)", p.name))]
+    return max(numbers, default=-1) + 1

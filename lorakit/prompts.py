@@ -62,7 +62,7 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
     prompt = line[: matches[0].start()].strip() if matches else line
     values: dict = {}
     for i, m in enumerate(matches):
-        letter = m.group(1)
+        letter = m.group(1).lower()  # sd-scripts reads `--W 512` as `--w 512`
         end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
         raw = line[m.end(): end].strip()
         if letter not in _OPTIONS:

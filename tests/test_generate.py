@@ -146,3 +146,20 @@ def test_cpu_denoising_runs_with_freed_memory_kept(model, monkeypatch):
         hook.remove()
     assert len(calls) == 3  # one call per denoising step (guidance batches both halves)
     assert all(calls) and not state["on"]
+
+
+def test_prompt_options_in_the_prompt_and_no_image_is_written_over(model, tmp_path):
+    """`prompt` takes kohya's options as a prompt file does; a later run numbers its images after every image
+    already there, also after some were deleted (nothing is lost)."""
+    d, comps, a, b = model
+    out = tmp_path / "out"
+    first = generate(components=comps, prompt="a cat --n dog --d 5 --w 64 --h 48", num_images=2,
+                     **{**FAST, "output_dir": str(out)})
+    assert [s.seed for s in first.specs] == [5, 6] and first.images[0].size == (64, 48)
+    assert first.specs[0].prompt == "a cat" and first.specs[0].negative_prompt == "dog"
+    assert "Negative prompt: dog" in Image.open(first.paths[0]).text["parameters"]
+    first.paths[0].unlink()  # the user deletes an image they did not like
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    second = generate(components=comps, prompt="a cat --d 9", num_images=1, **{**FAST, "output_dir": str(out)})
+    assert second.paths[0].name == "00002-9.png"
+    assert all((out / name).read_bytes() == data for name, data in before.items())

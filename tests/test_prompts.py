@@ -58,3 +58,7 @@ def test_file_skips_comments_and_names_the_bad_line(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="no prompts"):
         read_prompt_file(tmp_path / "empty.txt")
+
+
+def test_option_letters_are_case_insensitive_like_sd_scripts():
+    assert parse_prompt_line("a cat --W 64 --H 48 --D 3") == PromptSpec("a cat", width=64, height=48, seed=3)

@@ -84,7 +84,8 @@ class GenerateConfig(JobConfig):
 
     pretrained_model_name_or_path: str = option("lorakit-toy", "Base model (repo id, folder, single file or "
                                                 "`lorakit-toy`).", group="basic", basic=True)
-    prompt: str = option("", "What to draw.", group="basic", basic=True)
+    prompt: str = option("", "What to draw; kohya prompt options may follow (`--n blurry --d 5 --s 30`).",
+                         group="basic", basic=True)
     negative_prompt: str = option("", "What to avoid.", group="basic", basic=True)
     network_weights: list[str] = option([], "LoRA files to apply.", group="lora", basic=True)
     network_mul: list[float] = option([], "Multiplier per LoRA (default 1.0 each).", group="lora", basic=True)
