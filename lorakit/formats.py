@@ -284,9 +284,15 @@ FAMILY_WORDS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 
 # ---------------------------------------------------------------------------------------------------- inspect
 
-@dataclass
+@dataclass(repr=False)
 class LoraSummary:
     """What `inspect` found in a LoRA file; `str()` is the printed report."""
+
+    def __repr__(self) -> str:  # short: a notebook cell ending in `lorakit.inspect(...)` echoes it after the report
+        ranks = ", ".join(f"{r}" for r in sorted(self.ranks))
+        return (f"LoraSummary({Path(self.path).name!r}, family={self.family}, {self.te_modules + self.unet_modules} "
+                f"modules, rank {ranks or '-'})")
+
 
     path: str
     family: str | None

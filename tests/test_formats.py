@@ -354,6 +354,10 @@ def test_inspect_cli_prints_the_summary(tiny_sd1_dir, tmp_path, capsys):
     assert "SD 1.x" in out and f"text encoder {te}, U-Net {len(net.targets) - te}, of which conv 3x3 {conv}" in out
     assert f"2 ×{conv}, 4 ×{len(net.targets) - conv}" in out  # ranks
     assert "float16" in out and "ss_steps: 7" in out and "sshs_model_hash" in out
+    from lorakit.formats import inspect
+
+    summary = inspect(path=str(path))  # a notebook echoes the return value after the printed report: one line
+    assert repr(summary) == f"LoraSummary('x.safetensors', family=sd1, {len(net.targets)} modules, rank 2, 4)"
     assert "training config (lorakit; 5 options set" in out and 'output_name = "inspect_me"' in out
     # a hand-written file without metadata or alphas
     tensors = hand_written(HAND_SD1)
