@@ -39,6 +39,7 @@ class ExtractResult:
     seconds: float = 0.0
     svd_seconds: float = 0.0  # of `seconds`, the time spent in the SVDs (the rest is reading the models)
     family: object = None  # lorakit.families.Family of the models
+    prediction_type: str = "epsilon"  # of model_org ("epsilon" or "v_prediction")
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __str__(self) -> str:
@@ -117,10 +118,11 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
     if not state:
         raise ModelLoadError("no LoRA target layers found in model_org")
     errors = {c: (math.sqrt(e / n) if n > 0 else 0.0) for c, (e, n) in sums.items()}
+    family = get_family(v2) if v2 is not None else org.family
+    prediction = org.prediction_type if family.v2 == org.family.v2 else family.default_prediction
     result = ExtractResult(path=None, errors=errors, modules=counts, text_encoder_skipped=skip_te,
                            max_text_encoder_diff=max_te, seconds=time.perf_counter() - start, svd_seconds=svd_seconds,
-                           state_dict=state,
-                           family=get_family(v2) if v2 is not None else org.family)
+                           state_dict=state, family=family, prediction_type=prediction)
     for c, e in errors.items():
         log(f"{COMPONENT_WORDS[c]}: {counts[c]} modules, relative reconstruction error {e:.4f}")
     return result
@@ -157,9 +159,11 @@ def extract(cfg: ExtractConfig | None = None, /, **kwargs) -> ExtractResult:
         raise ConfigError("`device` is cuda but no CUDA GPU is available; use `device = cpu`")
     result = extract_lora(cfg.model_org, cfg.model_tuned, dim=cfg.dim, conv_dim=cfg.conv_dim, svd=cfg.svd,
                           clamp_quantile=cfg.clamp_quantile, min_diff=cfg.min_diff, device=cfg.device, v2=cfg.v2)
-    family = result.family
+    family, prediction = result.family, result.prediction_type
     errors = {f"{c}": f"{e:.6f}" for c, e in result.errors.items()}
-    meta = lora_base_metadata(family, family.default_prediction if family.v2 else "epsilon", network_dim=cfg.dim,
+    # SD2 at 768 px is the v-prediction model; SD2-base (epsilon) is a 512 px model
+    resolution = 512 if family.v2 and prediction == "epsilon" else None
+    meta = lora_base_metadata(family, prediction, network_dim=cfg.dim, resolution=resolution,
                               network_alpha=float(cfg.dim), conv_dim=cfg.conv_dim,
                               conv_alpha=None if cfg.conv_dim is None else float(cfg.conv_dim),
                               title=out.stem,

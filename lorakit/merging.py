@@ -320,7 +320,7 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
     conv = [f for f in merged.values() if f.down.ndim == 4 and f.down.shape[2] > 1]
     meta = lora_base_metadata(
         family, prediction, network_dim=max(f.rank for f in linear) if linear else ranks[-1],
-        network_alpha=(linear[0].alpha if linear else None), title=out.stem,
+        network_alpha=(linear[0].alpha if linear else None), title=out.stem, resolution=_resolution_of(first_meta),
         conv_dim=max(f.rank for f in conv) if conv else None, conv_alpha=conv[0].alpha if conv else None,
         extra={"lorakit.merged_loras": ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios)),
                "lorakit.merge_mode": cfg.merge_mode,
@@ -330,6 +330,18 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
     weights = {n: LoraWeights(down=f.down, up=f.up, alpha=float(f.alpha)) for n, f in merged.items()}
     path = save_lora(out, weights, metadata=meta, save_precision=save_dtype)
     return MergeResult(path, len(merged), cfg.merge_mode, errors)
+
+
+def _resolution_of(metadata: dict) -> tuple[int, int] | None:
+    """(width, height) a LoRA was trained at, from its `modelspec.resolution` ("512x512") or `ss_resolution`
+    ("(512, 512)"); None when it has neither."""
+    import re
+
+    for key in ("modelspec.resolution", "ss_resolution"):
+        numbers = re.findall(r"\d+", str(metadata.get(key, "")))
+        if len(numbers) == 2:
+            return int(numbers[0]), int(numbers[1])
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------ the verb

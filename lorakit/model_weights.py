@@ -191,6 +191,11 @@ class ModelWeights:
     family: Family
     source: str
 
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction": what the model predicts (for the metadata of LoRAs made from it)."""
+        return "epsilon"
+
     def shapes(self) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
@@ -230,6 +235,10 @@ class StateDictWeights(ModelWeights):
         weights.components = comps
         return weights
 
+    @property
+    def prediction_type(self) -> str:
+        return self.components.prediction_type if self.components is not None else "epsilon"
+
     def shapes(self):
         return {k: tuple(v.shape) for k, v in self.tensors.items()}
 
@@ -266,6 +275,13 @@ class FolderWeights(ModelWeights):
         cfg = json.loads(unet_cfg.read_text()) if unet_cfg.is_file() else {}
         v2 = cfg.get("cross_attention_dim") == 1024 or bool(cfg.get("use_linear_projection"))
         self.family = SD2 if v2 else SD1
+        scheduler = folder / "scheduler" / "scheduler_config.json"
+        self._prediction = (json.loads(scheduler.read_text()).get("prediction_type") if scheduler.is_file()
+                            else None) or "epsilon"
+
+    @property
+    def prediction_type(self) -> str:
+        return self._prediction
 
     def _locate(self, name):
         component = name.partition(".")[0]
@@ -329,6 +345,30 @@ class SingleFileWeights(ModelWeights):
     def read_ldm(self, key: str) -> torch.Tensor:
         key = self._original.get(key, key)
         return self._reader.get(key) if isinstance(self._reader, SafetensorsReader) else self._reader[key]
+
+    @property
+    def prediction_type(self) -> str:
+        """Detected as the loader does (`checkpoint.detect_prediction_type`), reading only the tensors it needs."""
+        from collections.abc import Mapping
+
+        from .checkpoint import detect_prediction_type
+
+        weights = self
+
+        class Lazy(Mapping):
+            def __getitem__(self, key):
+                if key not in weights.ldm_shapes:
+                    raise KeyError(key)
+                return weights.read_ldm(key)
+
+            def __iter__(self):
+                return iter(weights.ldm_shapes)
+
+            def __len__(self):
+                return len(weights.ldm_shapes)
+
+        metadata = self._reader.metadata if isinstance(self._reader, SafetensorsReader) else {}
+        return detect_prediction_type(Lazy(), self.family, metadata=metadata)
 
     def ldm_dtype(self, key: str) -> torch.dtype:
         key = self._original.get(key, key)

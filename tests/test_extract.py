@@ -131,3 +131,33 @@ def test_bad_input_is_refused(tmp_path, sd1):
     sd2 = build_tiny("sd2", seed=0)
     with pytest.raises(Exception, match="SD1 but model_tuned is SD2"):
         extract_lora(sd1, sd2, dim=2, log=None)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_sd2_metadata_follows_the_models_prediction_type(tmp_path, prediction):
+    """An SD2-base (epsilon, 512 px) model's LoRA is labelled `sd_v2` at 512, a 768-v model's `sd_v2_v` at 768:
+    read from the model, not assumed from the family (UIs pick the base model and the sampler from it)."""
+    import json
+
+    base = build_tiny("sd2", seed=0)
+    tuned, _ = _fine_tune(base, seed=3)
+    for comps, name in ((base, "org"), (tuned, "tuned")):
+        comps.save_pretrained(tmp_path / name)
+        scheduler = tmp_path / name / "scheduler" / "scheduler_config.json"
+        scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": prediction}))
+    out = tmp_path / "x.safetensors"
+    extract(model_org=str(tmp_path / "org"), model_tuned=str(tmp_path / "tuned"), save_to=str(out), dim=2)
+    meta = load_lora_file(out)[1]
+    v = prediction == "v_prediction"
+    assert meta["ss_base_model_version"] == ("sd_v2_v" if v else "sd_v2")
+    assert meta["modelspec.prediction_type"] == ("v" if v else "epsilon")
+    assert meta["ss_resolution"] == ("(768, 768)" if v else "(512, 512)")
+    assert meta["modelspec.architecture"].startswith("stable-diffusion-v2-768-v" if v else "stable-diffusion-v2-512")
+
+    from lorakit.merging import merge
+
+    resized = merge(models=[str(out)], merge_mode="svd", new_rank=1, save_to=str(tmp_path / "small.safetensors"))
+    small = load_lora_file(resized.path)[1]
+    for key in ("ss_base_model_version", "modelspec.prediction_type", "ss_resolution", "modelspec.architecture",
+                "modelspec.resolution"):
+        assert small[key] == meta[key], key
