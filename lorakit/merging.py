@@ -249,6 +249,8 @@ def _merge_into_model(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult
             isinstance(r, SafetensorsReader) for r, _ in base._readers.values())
         if streamable_file:
             meta = dict(base._reader.metadata) if isinstance(base._reader, SafetensorsReader) else {}
+            # the base's hashes describe the base's weights, not the merged ones
+            meta = {k: v for k, v in meta.items() if not k.startswith(("sshs_", "modelspec.hash_"))}
             meta["lorakit.merged_loras"] = ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios))
             _merge_single_file(base, plan, out, dtype, cfg.save_precision, meta, cfg.device)
         elif streamable_folder:

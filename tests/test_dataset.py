@@ -408,3 +408,22 @@ def test_caption_files_with_another_extension_are_reported(tmp_path):
     assert {e.item.caption for e in ds.examples} == {"sks dog on grass"} and not ds.report.notes
     with pytest.raises(ConfigError, match="`caption_extension` must be a file extension starting with a dot"):
         cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), caption_extension="caption")
+
+
+def test_a_dreambooth_folder_given_directly_and_uncaptioned_reg_images_are_refused(tmp_path):
+    """Both would train every image with an empty caption (sd-scripts reads only `<repeats>_<name>` sub-folders)."""
+    d = tmp_path / "train" / "10_sks dog"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "0.png")
+    with pytest.raises(DatasetError, match="is itself a `<repeats>_<identifier> <class>` folder: set `train_data_dir`"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
+    reg = tmp_path / "reg"
+    reg.mkdir()
+    pattern(64, 64, 1).save(reg / "r.png")
+    with pytest.raises(DatasetError, match="`reg_data_dir` .* has images but no .txt captions"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(reg)),
+                                 native_resolution=64)
+    (reg / "r.txt").write_text("a dog")  # captioned reg images are fine
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(reg)),
+                                  native_resolution=64)
+    assert sorted(e.item.caption for e in ds.examples) == ["a dog"] + ["sks dog"]

@@ -262,10 +262,16 @@ def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
         ldm = {k: base.read_ldm(k) for k in base.ldm_shapes}
     old = {k.replace(CLIP_PREFIX + "text_model.", CLIP_PREFIX): v for k, v in ldm.items()}
     assert old.keys() != ldm.keys()
-    save_safetensors(old, tmp_path / "old.safetensors")
+    save_safetensors(old, tmp_path / "old.safetensors", {"sshs_model_hash": "0" * 64, "modelspec.hash_sha256": "0x0",
+                                                          "modelspec.title": "base"})
     for base, out in (("old", "o"), ("base", "n")):
         merge(sd_model=str(tmp_path / f"{base}.safetensors"), models=[str(a)], ratios=[0.7],
               save_to=str(tmp_path / f"{out}.safetensors"))
+    from lorakit.hub import read_lora_metadata
+
+    merged_meta = read_lora_metadata(tmp_path / "o.safetensors")  # the base's hashes would be stale: dropped
+    assert merged_meta["modelspec.title"] == "base" and not any(k.startswith(("sshs_", "modelspec.hash"))
+                                                                for k in merged_meta)
     with open_weights(tmp_path / "o.safetensors") as got, open_weights(tmp_path / "n.safetensors") as want:
         assert got.ldm_shapes.keys() == want.ldm_shapes.keys()
         assert all(torch.equal(got.read_ldm(k), want.read_ldm(k)) for k in want.ldm_shapes)

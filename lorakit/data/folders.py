@@ -136,6 +136,15 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
     if (folder / "metadata.jsonl").is_file():
         return [Subset(image_dir=folder, metadata_file=folder / "metadata.jsonl", **common)]
     if images:
+        if not any(p.with_suffix(caption_extension).is_file() for p in images):
+            # no captions at all: every image would train with an empty caption, which is never what was meant
+            if DREAMBOOTH_FOLDER.match(folder.name):
+                raise DatasetError(f"`{what}` {folder} is itself a `<repeats>_<identifier> <class>` folder: set "
+                                   f"`{what}` to the folder that holds it ({folder.parent})")
+            if is_reg:
+                raise DatasetError(f"`reg_data_dir` {folder} has images but no {caption_extension} captions: put the "
+                                   f"regularisation images in a `<repeats>_<class>` folder (e.g. `1_dog`), whose name "
+                                   f"is their caption")
         for d in subdirs:
             report.skip(d, "sub-folder of a caption dataset: ignored (DreamBooth folders are named "
                            "`<repeats>_<identifier> <class>`)")
