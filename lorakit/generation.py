@@ -23,9 +23,6 @@ from .host_memory import keep_freed_memory
 from .prompts import PromptSpec, parse_prompt_line, read_prompt_file
 
 DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
-                  "euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE",
-                  "unipc": "UniPC"}
 
 
 @dataclass
@@ -49,15 +46,6 @@ def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Imag
     for n, img in enumerate(images):
         grid.paste(img, ((n % cols) * w, (n // cols) * h))
     return grid
-
-
-def png_parameters(spec: PromptSpec, sampler: str, model: str, loras: list[tuple[str, float]]) -> str:
-    """A1111's `parameters` text: prompt (with `<lora:name:weight>` tags), negative prompt, one settings line."""
-    tags = "".join(f" <lora:{Path(p).stem}:{m:g}>" for p, m in loras)
-    return (f"{spec.prompt}{tags}\nNegative prompt: {spec.negative_prompt or ''}\n"
-            f"Steps: {spec.num_inference_steps}, Sampler: {SAMPLER_LABELS.get(sampler, sampler)}, "
-            f"CFG scale: {spec.guidance_scale:g}, Seed: {spec.seed}, Size: {spec.width}x{spec.height}, "
-            f"Model: {Path(model).stem}")
 
 
 def _prompts(cfg: GenerateConfig, width: int, height: int) -> list[PromptSpec]:
@@ -162,7 +150,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     `components`: an already loaded `SDComponents` to use instead of loading `pretrained_model_name_or_path`
     (left unchanged afterwards). Set `output_dir=""` to write no files.
     """
-    from .sampling import make_sampler, save_png
+    from .sampling import make_sampler, png_parameters, save_png
 
     cfg = GenerateConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     for p in cfg.network_weights:
@@ -208,8 +196,9 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
                 per_image.append(image_spec)
                 if out_dir is not None:
                     info = PngImagePlugin.PngInfo()
-                    info.add_text("parameters", png_parameters(image_spec, cfg.scheduler,
-                                                               cfg.pretrained_model_name_or_path, loras))
+                    info.add_text("parameters", png_parameters(image_spec, cfg.scheduler, loras=loras,
+                                                               model=cfg.pretrained_model_name_or_path,
+                                                               clip_skip=cfg.clip_skip))
                     paths.append(save_png(image, out_dir / f"{start + len(paths):05d}-{seed}.png", info))
     grid = image_grid(images)
     if out_dir is not None and len(images) > 1:

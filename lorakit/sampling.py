@@ -66,11 +66,24 @@ def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None
     return Path(dest)
 
 
-def png_parameters(spec: PromptSpec, sampler: str) -> str:
-    """A1111-style parameters text: prompt, negative prompt, then the settings on one line."""
-    return (f"{spec.prompt}\nNegative prompt: {spec.negative_prompt or ''}\n"
-            f"Steps: {spec.num_inference_steps}, Sampler: {sampler}, CFG scale: {spec.guidance_scale}, "
-            f"Seed: {spec.seed}, Size: {spec.width}x{spec.height}")
+SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
+                  "euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE",
+                  "unipc": "UniPC"}
+
+
+def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
+                   loras: list[tuple[str, float]] = (), clip_skip: int = 1) -> str:
+    """A1111's `parameters` text, which A1111, ComfyUI and civitai read back: the prompt (with `<lora:name:weight>`
+    tags), `Negative prompt:` when there is one, then the settings on one line."""
+    tags = "".join(f" <lora:{Path(p).stem}:{m:g}>" for p, m in loras)
+    lines = [spec.prompt + tags] + ([f"Negative prompt: {spec.negative_prompt}"] if spec.negative_prompt else [])
+    settings = [f"Steps: {spec.num_inference_steps}", f"Sampler: {SAMPLER_LABELS.get(sampler, sampler)}",
+                f"CFG scale: {spec.guidance_scale:g}", f"Seed: {spec.seed}", f"Size: {spec.width}x{spec.height}"]
+    if model:
+        settings.append(f"Model: {Path(model).stem}")
+    if clip_skip > 1:
+        settings.append(f"Clip skip: {clip_skip}")
+    return "\n".join(lines + [", ".join(settings)])
 
 
 @torch.no_grad()

@@ -163,3 +163,16 @@ def test_prompt_options_in_the_prompt_and_no_image_is_written_over(model, tmp_pa
     second = generate(components=comps, prompt="a cat --d 9", num_images=1, **{**FAST, "output_dir": str(out)})
     assert second.paths[0].name == "00002-9.png"
     assert all((out / name).read_bytes() == data for name, data in before.items())
+
+
+def test_png_parameters_read_like_a1111s():
+    """No `Negative prompt:` line without one (A1111 writes none); `Clip skip` when it is not 1."""
+    from lorakit.prompts import PromptSpec
+    from lorakit.sampling import png_parameters
+
+    spec = PromptSpec("a cat", None, 64, 48, 20, 7.5, 3)
+    assert png_parameters(spec, "euler_a") == "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 64x48"
+    text = png_parameters(PromptSpec("a cat", "dog", 64, 64, 20, 7.0, 3), "ddim", model="models/base.safetensors",
+                          loras=[("out/a.safetensors", 0.8)], clip_skip=2)
+    assert text == ("a cat <lora:a:0.8>\nNegative prompt: dog\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 3, "
+                    "Size: 64x64, Model: base, Clip skip: 2")
