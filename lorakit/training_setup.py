@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime
 import io
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +134,7 @@ class Run:
         self.state_dir: Path | None = None
         self.config_path: Path | None = None
         self.report_path: Path | None = None
-        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._ids: dict[str, torch.Tensor] = {}
         self._hidden: dict[str, torch.Tensor] = {}
         spe = math.ceil(len(dataset) / cfg.gradient_accumulation_steps)

@@ -138,3 +138,18 @@ def test_positional_options_may_also_be_given_as_flags():
     assert (cfg.action, cfg.input_dir) == ("check", "photos")
     cfg, _ = parse_config(["inspect", "--path", "a.safetensors"])
     assert cfg.path == "a.safetensors"
+
+
+def test_choices_in_another_case_are_read_as_the_schema_spells_them():
+    """sd-scripts reads `--optimizer_type adamw8bit`; so does lorakit (and stores `AdamW8bit`)."""
+    cfg, _ = parse_config(["train", "--optimizer_type", "adamw8bit", "--lr_scheduler", "Cosine"])
+    assert (cfg.optimizer_type, cfg.lr_scheduler) == ("AdamW8bit", "cosine")
+    with pytest.raises(ConfigError, match="`optimizer_type` must be one of"):
+        parse_config(["train", "--optimizer_type", "adamw9bit"])
+
+
+def test_a_key_set_twice_across_toml_sections_is_an_error(tmp_path):
+    (tmp_path / "t.toml").write_text("learning_rate = 1e-4\n[training]\nlearning_rate = 5e-4\n")
+    with pytest.raises(ConfigError, match=r"`learning_rate` is set twice in t.toml \(at the top level and in "
+                                          r"\[training\]\)"):
+        TrainConfig.from_toml(tmp_path / "t.toml")

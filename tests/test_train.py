@@ -90,6 +90,10 @@ def test_dreambooth_with_reg_images(tmp_path, tiny_sd1_dir):
     assert meta["ss_network_dim"] == "16" and float(meta["ss_network_alpha"]) == 8.0
     assert meta["ss_steps"] == "6" and meta["ss_num_reg_images"] == "3" and meta["ss_num_train_images"] == "2"
     assert float(meta["ss_prior_loss_weight"]) == 0.7
+    import datetime
+
+    started, finished = (datetime.datetime.fromisoformat(meta[f"ss_training_{k}_at"]) for k in ("started", "finished"))
+    assert started.tzinfo is not None and finished.tzinfo is not None and started <= finished  # both in UTC
     assert json.loads(meta["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2}}
     assert json.loads(meta["lorakit.training_config"])["train_data_dir"] == str(tmp_path / "train")
     # the config next to the LoRA reads back to the same config

@@ -148,7 +148,7 @@ class PushConfig(JobConfig):
                                          group="card")
     license: str = option("creativeml-openrail-m", "License in the card.", group="card")
     commit_message: str = option("Upload LoRA trained with lorakit", "Commit message.", group="card")
-    token: str | None = option(None, "Hub token. Unset: HF_TOKEN or `huggingface-cli login`. Never saved or "
+    token: str | None = option(None, "Hub token. Unset: HF_TOKEN or `hf auth login`. Never saved or "
                                "printed.", group="basic", secret=True)
     endpoint: str | None = option(None, "Hub endpoint (for a private hub).", group="advanced")
 

@@ -130,6 +130,13 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
     raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
 
 
+def _canonical_choice(spec: FieldSpec, value):
+    """A choice written in another case (`adamw`, sd-scripts accepts it) as the schema spells it (`AdamW`)."""
+    if spec.choices is None or not isinstance(value, str) or value in spec.choices:
+        return value
+    return next((c for c in spec.choices if isinstance(c, str) and c.lower() == value.lower()), value)
+
+
 def _check_range(spec: FieldSpec, item, where: str = "") -> None:
     """The field's choices and bounds, for one (scalar) value."""
     if spec.choices is not None and item not in spec.choices:
@@ -211,8 +218,8 @@ class JobConfig:
                 value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
-            return [_coerce_scalar(spec, spec.item_type, v, where) for v in value]
-        return _coerce_scalar(spec, spec.type, value, where)
+            return [_canonical_choice(spec, _coerce_scalar(spec, spec.item_type, v, where)) for v in value]
+        return _canonical_choice(spec, _coerce_scalar(spec, spec.type, value, where))
 
     @classmethod
     def from_dict(cls, data: dict, *, where: str = ""):
@@ -236,12 +243,14 @@ class JobConfig:
     def from_toml(cls, path: str | os.PathLike, overrides: dict | None = None):
         """Load a TOML file (flat `name = value`, sections are allowed and flattened); `overrides` win."""
         data = read_toml(path)
-        flat = {}
+        flat, seen = {}, {}
         for k, v in data.items():
-            if isinstance(v, dict):  # [model], [training] ... groups are a convenience, keys stay flat
-                flat.update(v)
-            else:
-                flat[k] = v
+            # [model], [training] ... groups are a convenience, keys stay flat: one key may be set once only
+            for key, value, where in ([(sub, x, f"[{k}]") for sub, x in v.items()] if isinstance(v, dict)
+                                      else [(k, v, "the top level")]):
+                if key in seen:
+                    raise ConfigError(f"`{key}` is set twice in {Path(path).name} (at {seen[key]} and in {where})")
+                flat[key], seen[key] = value, where
         specs = cls.spec_map()
         for key, value in (overrides or {}).items():  # errors in a command-line value say so
             flat[key] = cls.coerce(specs[key], value, " (on the command line)") if key in specs else value
