@@ -40,6 +40,7 @@ class TrainState:
     rng: dict
     loss_history: list
     folder: Path
+    layout: dict | None = None  # the run's batch layout when saved (`run_layout`); None in older states
 
 
 def rng_state() -> dict:
@@ -56,7 +57,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
-               step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "") -> Path:
+               step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "",
+               layout: dict | None = None) -> Path:
     """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
         torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
                     "batches_done": batches_done, "rng": rng_state(), "loss_history": loss_history,
-                    "format": 1}, tmp / "train_state.pt")
+                    "layout": layout, "format": 1}, tmp / "train_state.pt")
         if config_toml:
             write_text(tmp / "config.toml", config_toml)
         if final.exists():
@@ -108,7 +110,8 @@ def load_state(folder: str | Path) -> TrainState:
     params = load_file(str(folder / "lora_params.safetensors"))
     return TrainState(params=params, optimizer=data["optimizer"], scheduler=data["scheduler"], scaler=data["scaler"],
                       step=int(data["step"]), epoch=int(data["epoch"]), batches_done=int(data["batches_done"]),
-                      rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder)
+                      rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder,
+                      layout=data.get("layout"))
 
 
 def restore_params(named: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], folder: Path) -> None:
@@ -133,3 +136,14 @@ def saved_state_in(output_dir: str | Path) -> Path | None:
         return None
     folder = Path(output_dir) / pointer.read_text(encoding="utf-8").strip()
     return folder if (folder / "train_state.pt").is_file() else None
+
+
+def check_layout(saved: dict | None, current: dict, folder: Path) -> None:
+    """A state continues exactly only over the same batches: refuse one saved with another dataset, batch size or
+    gradient accumulation (its position would point into a different epoch), naming what changed."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in current if saved.get(key) != current[key]]
+    if changed:
+        raise TrainingError(f"cannot resume from {folder}: since it was saved, {'; '.join(changed)}. Resume with the "
+                            f"same data and batch settings, or set `resume = none` to start a new run")

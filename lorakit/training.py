@@ -24,7 +24,7 @@ from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
 from .skip_gradients import frozen_skip_gradients
-from .train_state import find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
+from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
 from .training_setup import (
     Callbacks,
     StepInfo,
@@ -79,6 +79,15 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
             run.network.remove()
 
 
+def run_layout(cfg: TrainConfig, dataset) -> dict:
+    """What a saved position means: the images (and repeats) drawn, batches per epoch, accumulation."""
+    import hashlib
+
+    images = sorted(f"{ex.item.path.name}:{ex.item.repeats}:{ex.batch_size}" for ex in dataset.examples)
+    return {"images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16] + f" ({len(images)} draws)",
+            "batches per epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+
+
 def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     """The loop: from the prepared run to the saved LoRA."""
     comps, dataset, device = run.components, run.dataset, run.device
@@ -100,8 +109,10 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     elif folder is None and (found := saved_state_in(cfg.output_dir)) is not None:
         run.log(f"note: {cfg.output_dir} holds a saved state ({found.name}) that this run does not continue: it "
                 f"starts at step 0 (set `resume = latest` or `auto` to continue it)")
+    layout = run_layout(cfg, dataset)
     if folder is not None:
         state = load_state(folder)
+        check_layout(state.layout, layout, state.folder)
         restore_params(named_params, state.params, state.folder)
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -122,7 +133,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         if cfg.save_state:
             run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
-                                       loss_history=history, config_toml=cfg.to_toml())
+                                       loss_history=history, config_toml=cfg.to_toml(), layout=layout)
         write_history(run.output_dir, history)
 
     progress = run.progress_bar(initial=step, disable=cbs.shows_progress)
@@ -232,7 +243,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     if cfg.save_state:
         run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, step=step, epoch=resume_point[0], batches_done=resume_point[1],
-                                   loss_history=history, config_toml=cfg.to_toml())
+                                   loss_history=history, config_toml=cfg.to_toml(), layout=layout)
     csv_path = write_history(run.output_dir, history)
     if cfg.sample_at_end:
         run.sample(step, cbs)

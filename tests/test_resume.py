@@ -130,3 +130,19 @@ def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_sta
     assert all(torch.equal(a[k], t) for k, t in load_file(str(again.lora_path)).items())
     lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1})
     assert "holds a saved state (state-00000007) that this run does not continue" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_state_saved_over_other_batches(tmp_path, tiny_sd1_dir, dataset):
+    """The saved position (epoch, batches done) means something only over the same batches: a changed dataset or
+    batch setting is refused by name instead of silently continuing somewhere else."""
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(3), **settings(tiny_sd1_dir, dataset, out))
+    (dataset / "1_sks toy" / "9.png").write_bytes((dataset / "1_sks toy" / "0.png").read_bytes())
+    with pytest.raises(TrainingError, match=r"cannot resume from .*state-00000002: since it was saved, images '\w+ "
+                                            r"\(5 draws\)' → '\w+ \(6 draws\)'; batches per epoch 5 → 6"):
+        lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
+    (dataset / "1_sks toy" / "9.png").unlink()
+    with pytest.raises(TrainingError, match="gradient_accumulation_steps 2 → 1"):
+        lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "gradient_accumulation_steps": 1})
+    assert lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out)).steps == 7
