@@ -68,6 +68,8 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
     (a notebook keeps one model in memory); the LoRA is removed from it again when training ends.
     """
     cfg = TrainConfig.from_dict(overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
+    if cfg.seed is None:
+        cfg = cfg.replace(seed=_seed_for(cfg))
     run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA, outputs
     try:
         # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step); the U-Net's
@@ -77,6 +79,20 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
     finally:
         if components is not None:
             run.network.remove()
+
+
+def _seed_for(cfg: TrainConfig) -> int:
+    """`seed = none`: a random seed, printed and saved with the run (its config, metadata and states); a resumed
+    run takes the seed of the state it continues, so it stays exact."""
+    import random
+
+    folder = find_state(cfg.resume, cfg.output_dir) if cfg.resume else None
+    saved = TrainConfig.from_toml(folder / "config.toml").seed if folder and (folder / "config.toml").is_file() \
+        else None
+    seed = saved if saved is not None else random.SystemRandom().randrange(2**31)
+    print(f"seed = none: this run uses seed {seed}" + (" (the resumed state's)" if saved is not None else
+                                                        " (saved with the run, to repeat it)"))
+    return seed
 
 
 def run_layout(cfg: TrainConfig, dataset) -> dict:

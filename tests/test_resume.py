@@ -146,3 +146,21 @@ def test_resume_refuses_a_state_saved_over_other_batches(tmp_path, tiny_sd1_dir,
     with pytest.raises(TrainingError, match="gradient_accumulation_steps 2 → 1"):
         lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "gradient_accumulation_steps": 1})
     assert lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out)).steps == 7
+
+
+def test_seed_none_draws_a_seed_that_is_saved_and_kept_on_resume(tmp_path, tiny_sd1_dir, dataset, capsys):
+    import re
+
+    kw = {**settings(tiny_sd1_dir, dataset, tmp_path / "run"), "seed": None}
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(3), **kw)
+    seed = int(re.search(r"this run uses seed (\d+) \(saved with the run", capsys.readouterr().out)[1])
+    resumed = lorakit.train(resume="latest", **kw)
+    assert f"this run uses seed {seed} (the resumed state's)" in capsys.readouterr().out
+    full = lorakit.train(**{**kw, "seed": seed, "output_dir": str(tmp_path / "full")})
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from safetensors import safe_open
+
+    with safe_open(str(resumed.lora_path), framework="pt") as f:
+        assert f.metadata()["ss_seed"] == str(seed)

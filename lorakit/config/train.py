@@ -125,7 +125,8 @@ class TrainConfig(JobConfig):
                                group="training", min=1, max=1000)
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting (Hang et al. 2023); 5 is typical.",
                                          group="training", min=0.0)
-    seed: int | None = option(42, "Random seed; a run with the same seed is reproducible on CPU.",
+    seed: int | None = option(42, "Random seed; a run with the same seed is reproducible on CPU (none: a random "
+                                  "seed, printed and saved with the run).",
                               group="training", min=0)
     xformers: bool = option(False, "Use xformers attention (optional package) instead of PyTorch SDPA.",
                             group="training")
