@@ -143,6 +143,8 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_min_snr_gamma": cfg.min_snr_gamma,
         "ss_prior_loss_weight": cfg.prior_loss_weight,
         "ss_caption_dropout_rate": cfg.caption_dropout_rate,
+        "ss_caption_dropout_every_n_epochs": cfg.caption_dropout_every_n_epochs or 0,
+        "ss_caption_tag_dropout_rate": cfg.caption_tag_dropout_rate,
         "ss_shuffle_caption": cfg.shuffle_caption,
         "ss_keep_tokens": cfg.keep_tokens,
         "ss_flip_aug": cfg.flip_aug,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lorakit.config import TrainConfig
-from lorakit.data.captions import process_caption, read_caption_file
+from lorakit.data.captions import process_caption, read_caption_file, split_tags
 from lorakit.data.dataset import TrainDataset
 from lorakit.data.folders import ImageItem, Subset, balance_reg_images
 from lorakit.data.images import load_rgb
@@ -427,3 +427,37 @@ def test_a_dreambooth_folder_given_directly_and_uncaptioned_reg_images_are_refus
     ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), reg_data_dir=str(reg)),
                                   native_resolution=64)
     assert sorted(e.item.caption for e in ds.examples) == ["a dog"] + ["sks dog"]
+
+
+def test_sd_scripts_caption_options():
+    """prefix/suffix, the fixed part before `keep_tokens_separator`, tag dropout and the dropout epochs, as
+    sd-scripts' process_caption applies them."""
+    rng = random.Random(0)
+    assert process_caption("dog, grass", prefix="sks", suffix="photo") == "sks dog, grass photo"
+    assert process_caption("dog, grass", prefix="sks", drop=True, rng=rng) == ""
+    caption = "sks, dog ||| grass, sunny, park, ball, tree, sky"
+    seen = set()
+    for _ in range(200):
+        out = split_tags(process_caption(caption, shuffle=True, tag_dropout_rate=0.5, keep_tokens_separator="|||",
+                                         rng=rng))
+        assert out[:2] == ["sks", "dog"] and set(out[2:]) <= {"grass", "sunny", "park", "ball", "tree", "sky"}
+        seen.add(len(out) - 2)
+    assert min(seen) < 3 < max(seen)  # tags were dropped, by chance, about half of them
+    assert process_caption(caption, keep_tokens_separator="|||") == "sks, dog, grass, sunny, park, ball, tree, sky"
+    # with the options off, the rng is used exactly as before (runs stay reproducible across versions)
+    a, b = random.Random(1), random.Random(1)
+    process_caption("a, b, c", shuffle=True, keep_tokens=1, rng=a)
+    tags = ["b", "c"]
+    b.shuffle(tags)
+    assert a.random() == b.random()
+
+
+def test_caption_dropout_every_n_epochs_and_prefix_reach_the_batches(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    pattern(64, 64).save(d / "0.png")
+    (d / "0.txt").write_text("dog, grass")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), caption_prefix="sks",
+                                          caption_dropout_every_n_epochs=2), native_resolution=64)
+    captions = [ds.load(ds.batches(epoch)[0], epoch, 0).captions[0] for epoch in range(4)]
+    assert captions == ["sks dog, grass", "", "sks dog, grass", ""]

@@ -52,6 +52,16 @@ class TrainConfig(JobConfig):
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling.", group="data", min=0)
     caption_dropout_rate: float = option(0.0, "Probability of training a step with an empty caption.",
                                          group="data", min=0.0, max=1.0)
+    caption_dropout_every_n_epochs: int | None = option(None, "Train every Nth epoch with empty captions.",
+                                                        group="data", min=1)
+    caption_tag_dropout_rate: float = option(0.0, "Probability of leaving out each tag (after `keep_tokens`) when "
+                                             "an image is drawn.", group="data", min=0.0, max=1.0)
+    keep_tokens_separator: str = option("", "Tags before this marker in a caption (e.g. `|||`) stay in place; "
+                                        "those after it are shuffled and dropped (instead of `keep_tokens`).",
+                                        group="data")
+    caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
+                                        group="data")
+    caption_suffix: str | None = option(None, "Text put after every caption.", group="data")
     color_aug: bool = option(False, "Random hue jitter (needs cache_latents = false).", group="data")
     flip_aug: bool = option(False, "Random horizontal flips (don't use for asymmetric subjects).", group="data")
     random_crop: bool = option(False, "Random instead of centre crop (needs cache_latents = false).", group="data")

@@ -3,7 +3,11 @@
 - `shuffle_caption`: comma-separated tags are shuffled each time an image is drawn, except the first `keep_tokens`
   (the trigger word and class usually come first and must stay there);
 - `caption_dropout_rate`: with this probability the image is trained with an empty caption (the model keeps a
-  good unconditional prediction, which classifier-free guidance needs).
+  good unconditional prediction, which classifier-free guidance needs); `caption_dropout_every_n_epochs`: every
+  Nth epoch with empty captions;
+- `caption_tag_dropout_rate`: each tag after the fixed ones is left out with this probability;
+- `keep_tokens_separator` (e.g. `|||`): the tags before it stay in place, instead of the first `keep_tokens`;
+- `caption_prefix` / `caption_suffix`: text put around every caption.
 """
 
 from __future__ import annotations
@@ -35,15 +39,28 @@ def split_tags(caption: str) -> list[str]:
 
 
 def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0, dropout_rate: float = 0.0,
-                    rng: random.Random | None = None) -> str:
-    """Apply caption dropout and tag shuffling to one caption (pure given `rng`)."""
-    if dropout_rate > 0.0 and rng is not None and rng.random() < dropout_rate:
+                    rng: random.Random | None = None, tag_dropout_rate: float = 0.0, keep_tokens_separator: str = "",
+                    prefix: str | None = None, suffix: str | None = None, drop: bool = False) -> str:
+    """One caption as sd-scripts trains it (pure given `rng`): prefix and suffix added; the whole caption dropped
+    (`drop`, or with `dropout_rate`); else the tags after the fixed ones (the first `keep_tokens`, or those before
+    `keep_tokens_separator`) shuffled and each dropped with `tag_dropout_rate`."""
+    caption = " ".join(part for part in (prefix, caption, suffix) if part)
+    if drop or (dropout_rate > 0.0 and rng is not None and rng.random() < dropout_rate):
         return ""
-    if not shuffle or rng is None:
+    if rng is None or not (shuffle or tag_dropout_rate > 0.0):
+        if keep_tokens_separator and keep_tokens_separator in caption:  # the marker is not for the text encoder
+            return ", ".join(split_tags(caption.replace(keep_tokens_separator, ",")))
         return caption
-    tags = split_tags(caption)
-    fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
-    rng.shuffle(rest)
+    if keep_tokens_separator and keep_tokens_separator in caption:
+        fixed_part, flex_part = caption.split(keep_tokens_separator, 1)
+        fixed, rest = split_tags(fixed_part), split_tags(flex_part)
+    else:
+        tags = split_tags(caption)
+        fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
+    if shuffle:
+        rng.shuffle(rest)
+    if tag_dropout_rate > 0.0:
+        rest = [t for t in rest if rng.random() >= tag_dropout_rate]
     return ", ".join(fixed + rest)
 
 

@@ -19,7 +19,7 @@ from ..config.schema import parse_resolution
 from ..errors import ConfigError, DatasetError
 from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
 from .captions import process_caption
-from .dataset_toml import load_dataset_config
+from .dataset_toml import SUBSET_OPTIONS, load_dataset_config
 from .folders import DatasetSpec, ImageItem, LoadReport, balance_reg_images, scan_subset, subsets_from_folder
 from .images import image_to_tensor, load_rgb
 from .latents import cache_file, cache_key, encode, image_sha, read_cached, vae_fingerprint, write_cached
@@ -61,9 +61,7 @@ def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
 
 
 def _subset_options(cfg) -> dict:
-    return dict(shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
-                caption_dropout_rate=cfg.caption_dropout_rate, flip_aug=cfg.flip_aug, color_aug=cfg.color_aug,
-                random_crop=cfg.random_crop)
+    return {name: getattr(cfg, name) for name in SUBSET_OPTIONS - {"caption_extension"}}  # passed apart
 
 
 class TrainDataset:
@@ -175,8 +173,12 @@ class TrainDataset:
                 offset = (rng.random(), rng.random()) if sub.random_crop else None
                 hue = rng.uniform(-8 / 180, 8 / 180) if sub.color_aug else None
                 pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, hue_shift=hue))
-            captions.append(process_caption(ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
-                                            dropout_rate=sub.caption_dropout_rate, rng=rng))
+            every = sub.caption_dropout_every_n_epochs
+            captions.append(process_caption(
+                ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
+                dropout_rate=sub.caption_dropout_rate, rng=rng, tag_dropout_rate=sub.caption_tag_dropout_rate,
+                keep_tokens_separator=sub.keep_tokens_separator, prefix=sub.caption_prefix, suffix=sub.caption_suffix,
+                drop=bool(every) and (epoch + 1) % every == 0))
             weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             is_reg.append(sub.is_reg)
         return Batch(captions=captions, weights=torch.tensor(weights),

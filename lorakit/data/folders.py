@@ -44,6 +44,11 @@ class Subset:
     shuffle_caption: bool = False
     keep_tokens: int = 0
     caption_dropout_rate: float = 0.0
+    caption_dropout_every_n_epochs: int | None = None
+    caption_tag_dropout_rate: float = 0.0
+    keep_tokens_separator: str = ""
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
