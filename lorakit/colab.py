@@ -5,7 +5,10 @@ The first code cell of every lorakit notebook installs lorakit if it is missing 
 - on Colab, turns on Colab's widget manager (ipywidgets 8 forms need it) and, with `use_drive=True`, mounts Google
   Drive and makes a folder on it the working folder — every relative path (datasets, `output_dir`, saved states)
   then lives on Drive, so a runtime disconnect loses nothing and training resumes from the saved state;
-- off Colab, asking for Drive is answered with one clear sentence and the local folder is used;
+- off Colab, asking for Drive is answered with one clear sentence and the local folder is used; a kernel that
+  Jupyter started in a checkout's `notebooks/` folder works in the checkout (where README's paths point), so the
+  notebooks do not write a second `data_examples/` and `output/` inside `notebooks/`;
+- on a Colab GPU runtime without bitsandbytes, installs it (the T4 presets train with 8-bit AdamW);
 - makes lorakit's own errors (bad input, not bugs) show as one red line instead of a traceback wall.
 
 Installing lorakit never replaces the preinstalled torch: `install_command()` pins torch to the version already
@@ -125,11 +128,24 @@ def setup(use_drive: bool = False, drive_folder: str = "lorakit", *, quiet: bool
             root.mkdir(parents=True, exist_ok=True)
             os.chdir(root)
         _install_gpu_extras(quiet)
-    elif use_drive and not quiet:
-        print(f"Google Drive is only available on Colab; this is not Colab, so files stay in {root}")
+    else:
+        if _checkout_root(root) is not None:  # Jupyter starts a kernel in the notebook's folder
+            root = _checkout_root(root)
+            os.chdir(root)  # the notebooks' relative paths (data_examples/, output/) mean the checkout's, as in README
+        if use_drive and not quiet:
+            print(f"Google Drive is only available on Colab; this is not Colab, so files stay in {root}")
     if not quiet:
         print(f"lorakit {_version()} · {_device()} · working folder: {root}")
     return Workspace(root, colab, on_drive)
+
+
+def _checkout_root(folder: Path) -> Path | None:
+    """The lorakit checkout whose `notebooks/` folder `folder` is, else None."""
+    parent = folder.parent
+    if folder.name == "notebooks" and (parent / "lorakit" / "__init__.py").is_file() and (
+            parent / "pyproject.toml").is_file():
+        return parent
+    return None
 
 
 def gpu_extras_command(cuda: bool, installed: set[str]) -> list[str] | None:

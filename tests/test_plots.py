@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -138,3 +139,17 @@ def test_colab_gpu_runtime_gets_bitsandbytes_for_the_t4_presets():
     assert colab.gpu_extras_command(True, set()) == [sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"]
     assert colab.gpu_extras_command(True, {"bitsandbytes"}) is None
     assert colab.gpu_extras_command(False, set()) is None
+
+
+def test_a_kernel_started_in_a_checkouts_notebooks_folder_works_in_the_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
+    (tmp_path / "lorakit").mkdir()
+    (tmp_path / "lorakit" / "__init__.py").write_text("")
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    ws = colab.setup(quiet=True)
+    assert ws.root == tmp_path and Path.cwd() == tmp_path
+    (tmp_path / "elsewhere" / "notebooks").mkdir(parents=True)  # not a checkout: the folder stays
+    monkeypatch.chdir(tmp_path / "elsewhere" / "notebooks")
+    assert colab.setup(quiet=True).root == tmp_path / "elsewhere" / "notebooks"
