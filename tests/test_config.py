@@ -153,3 +153,18 @@ def test_a_key_set_twice_across_toml_sections_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=r"`learning_rate` is set twice in t.toml \(at the top level and in "
                                           r"\[training\]\)"):
         TrainConfig.from_toml(tmp_path / "t.toml")
+
+
+def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, capsys):
+    """A config brought from sd-scripts often sets data-loader and logging options: they are read with a note, while
+    an option that would change the result (max_token_length) is still refused by name."""
+    (tmp_path / "t.toml").write_text("network_dim = 8\nmax_data_loader_n_workers = 0\nlogging_dir = 'logs'\n"
+                                     "[extra]\nmem_eff_attn = true\n")
+    cfg = TrainConfig.from_toml(tmp_path / "t.toml")
+    assert cfg.network_dim == 8
+    err = capsys.readouterr().err
+    assert "note: `max_data_loader_n_workers` (in t.toml) is not used by lorakit: batches are loaded" in err
+    assert "`logging_dir`" in err and "`mem_eff_attn`" in err
+    (tmp_path / "t.toml").write_text("max_token_length = 225\n")
+    with pytest.raises(ConfigError, match="unknown option `max_token_length`"):
+        TrainConfig.from_toml(tmp_path / "t.toml")

@@ -461,3 +461,17 @@ def test_caption_dropout_every_n_epochs_and_prefix_reach_the_batches(tmp_path):
                                           caption_dropout_every_n_epochs=2), native_resolution=64)
     captions = [ds.load(ds.batches(epoch)[0], epoch, 0).captions[0] for epoch in range(4)]
     assert captions == ["sks dog, grass", "", "sks dog, grass", ""]
+
+
+def test_metadata_file_subset_without_image_dir_reads_absolute_keys(tmp_path):
+    """sd-scripts' fine-tuning metadata often keys images by absolute path, with no `image_dir`."""
+    (tmp_path / "ft").mkdir()
+    pattern(64, 64).save(tmp_path / "ft" / "a.png")
+    (tmp_path / "meta.json").write_text(json.dumps({str(tmp_path / "ft" / "a.png"): {"caption": "a cat"}}))
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nmetadata_file = 'meta.json'\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert [(e.item.path, e.item.caption) for e in ds.examples] == [(tmp_path / "ft" / "a.png", "a cat")]
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nnum_repeats = 2\n")
+    with pytest.raises(ConfigError, match="needs `image_dir` \\(or a `metadata_file`\\)"):
+        TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)

@@ -226,9 +226,13 @@ class JobConfig:
         """Build from a plain dict (TOML, JSON, widgets). Unknown keys are errors with a suggestion."""
         specs = cls.spec_map()
         aliases = getattr(cls, "aliases", {})
+        ignored = getattr(cls, "ignored_options", {})
         kwargs = {}
         for key, value in data.items():
             key = aliases.get(key, key)
+            if key in ignored and key not in specs:  # an sd-scripts option with nothing to do here
+                print(f"note: `{key}`{where} is not used by lorakit: {ignored[key]}", file=sys.stderr)
+                continue
             if key not in specs:
                 close = difflib.get_close_matches(key, list(specs), n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else f"; valid options: `lorakit {cls.job} --help`"

@@ -11,6 +11,7 @@ lorakit's defaults differ from sd-scripts' in a few deliberate places, each for 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import ConfigError
 from .schema import JobConfig, check_extension, option, parse_resolution
@@ -27,6 +28,19 @@ class TrainConfig(JobConfig):
     """Train a DreamBooth- or caption-LoRA; save it as kohya-format .safetensors with samples and loss history."""
 
     job = "train"
+    # sd-scripts options a config file brought from there may hold, which change nothing in lorakit's training: read
+    # with a note instead of refused (options that would change the result are refused by name)
+    ignored_options: ClassVar[dict[str, str]] = {
+        "max_data_loader_n_workers": "batches are loaded in the training process (latents are cached)",
+        "persistent_data_loader_workers": "batches are loaded in the training process (latents are cached)",
+        "logging_dir": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "log_with": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "log_prefix": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "mem_eff_attn": "attention is PyTorch's memory-efficient SDPA by default",
+        "sdpa": "attention is PyTorch's SDPA by default",
+        "lowram": "lorakit streams and frees model weights itself",
+        "highvram": "lorakit places the models itself",
+    }
 
     # ---- model
     pretrained_model_name_or_path: str = option(

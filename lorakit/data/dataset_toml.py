@@ -107,19 +107,19 @@ def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, in
             where = f"[[datasets.subsets]] #{j + 1} of dataset #{i + 1}"
             _check_keys(sub, SUBSET_KEYS | set(SUBSET_ONLY), where, path)
             scopes = ((sub, where), (ds, ds_where), (general, "[general]"))
-            image_dir = lookup("image_dir", scopes[0])
-            if image_dir is None:
-                raise ConfigError(f"{path.name}: {where} needs `image_dir`")
-            meta = lookup("metadata_file", scopes[0])
+            image_dir, meta = lookup("image_dir", scopes[0]), lookup("metadata_file", scopes[0])
+            if image_dir is None and meta is None:
+                raise ConfigError(f"{path.name}: {where} needs `image_dir` (or a `metadata_file`)")
             options = {k: lookup(k, *scopes) for k in SUBSET_KEYS}
             check_extension("caption_extension", options["caption_extension"], f" (in {where} of {path.name})")
             if cfg.cache_latents and (options["color_aug"] or options["random_crop"]):
                 what = "color_aug" if options["color_aug"] else "random_crop"
                 raise ConfigError(f"{path.name}: `{what}` in {where} changes the image every step, so latents "
                                   f"cannot be cached: set `cache_latents = false`")
-            subsets.append(Subset(image_dir=_find(path, image_dir, "image_dir", where),
-                                  is_reg=lookup("is_reg", scopes[0]),
-                                  metadata_file=_find(path, meta, "metadata_file", where) if meta else None,
+            meta_path = _find(path, meta, "metadata_file", where) if meta else None
+            # without `image_dir`, the metadata file's keys are image paths (absolute, or beside the file)
+            folder = _find(path, image_dir, "image_dir", where) if image_dir else meta_path.parent
+            subsets.append(Subset(image_dir=folder, is_reg=lookup("is_reg", scopes[0]), metadata_file=meta_path,
                                   **options))
         if not subsets:
             raise ConfigError(f"{path.name}: {ds_where} has no [[datasets.subsets]]")
