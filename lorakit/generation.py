@@ -126,22 +126,6 @@ class _AdapterLoras:
         return False
 
 
-def _encode(comps, prompt: str, clip_skip: int) -> torch.Tensor:
-    """Text-encoder states of layer `-clip_skip`, then the final layer norm (sd-scripts' and A1111's clip skip).
-
-    Done here because diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which transformers ≥ 5's
-    flattened `CLIPTextModel` no longer has.
-    """
-    tok = comps.tokenizer
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(comps.text_encoder.device)
-    te = comps.text_encoder
-    hidden = te(ids, output_hidden_states=True).hidden_states
-    if clip_skip > len(hidden) - 1:
-        raise ConfigError(f"`clip_skip` = {clip_skip} but the text encoder has {len(hidden) - 1} layers")
-    return getattr(te, "text_model", te).final_layer_norm(hidden[-clip_skip])
-
-
 @torch.no_grad()
 def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs) -> GenerateResult:
     """Generate images (see `GenerateConfig`); returns a `GenerateResult` with PIL images and a grid.
@@ -150,7 +134,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     `components`: an already loaded `SDComponents` to use instead of loading `pretrained_model_name_or_path`
     (left unchanged afterwards). Set `output_dir=""` to write no files.
     """
-    from .sampling import make_sampler, png_parameters, save_png
+    from .sampling import encode_clip_skip, make_sampler, png_parameters, save_png
 
     cfg = GenerateConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     for p in cfg.network_weights:
@@ -184,8 +168,8 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             text = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None)
             if cfg.clip_skip > 1:
-                text = dict(prompt_embeds=_encode(comps, spec.prompt, cfg.clip_skip),
-                            negative_prompt_embeds=_encode(comps, spec.negative_prompt or "", cfg.clip_skip))
+                text = dict(prompt_embeds=encode_clip_skip(comps, spec.prompt, cfg.clip_skip),
+                            negative_prompt_embeds=encode_clip_skip(comps, spec.negative_prompt or "", cfg.clip_skip))
             out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                        guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
                        generator=generators, output_type="pil")

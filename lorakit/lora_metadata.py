@@ -98,7 +98,9 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
                    training_started_at: str | None = None, training_finished_at: str | None = None,
                    resolution: int | tuple | None = None, num_train_images: int | None = None,
                    num_reg_images: int | None = None, tag_frequency: dict | None = None,
-                   dataset_dirs: dict | None = None) -> dict[str, str]:
+                   dataset_dirs: dict | None = None, reg_dataset_dirs: dict | None = None,
+                   max_train_steps: int | None = None, num_epochs: int | None = None,
+                   num_batches_per_epoch: int | None = None) -> dict[str, str]:
     """The header of a trained LoRA: sd-scripts' `ss_*` keys, modelspec and lorakit's resolved config as JSON.
 
     `cfg` is the `TrainConfig` (the only source of option values), `components` the `SDComponents` trained on;
@@ -126,7 +128,10 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_network_train_unet_only": cfg.network_train_unet_only,
         "ss_network_train_text_encoder_only": cfg.network_train_text_encoder_only,
         "ss_steps": steps,
-        "ss_max_train_steps": cfg.max_train_steps,
+        "ss_max_train_steps": max_train_steps if max_train_steps is not None else cfg.max_train_steps,
+        "ss_num_epochs": num_epochs,
+        "ss_num_batches_per_epoch": num_batches_per_epoch,
+        "ss_total_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps,
         "ss_epoch": epoch,
         "ss_num_train_images": num_train_images,
         "ss_num_reg_images": num_reg_images,
@@ -157,6 +162,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_training_finished_at": training_finished_at or _now(),
         "ss_tag_frequency": tag_frequency,
         "ss_dataset_dirs": dataset_dirs,
+        "ss_reg_dataset_dirs": reg_dataset_dirs,
         TRAINING_CONFIG_KEY: cfg.to_dict(),
     }))
     return meta

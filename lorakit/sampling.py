@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from .errors import ConfigError
 from .fileio import atomic_path
 from .prompts import PromptSpec, read_prompt_file
 
@@ -43,6 +44,23 @@ class SampleSettings:
     seed: int = 42
     negative_prompt: str = ""
     sampler: str = "ddim"
+    clip_skip: int = 1  # as the LoRA was trained: samples show what users will see in their UI
+
+
+def encode_clip_skip(comps, prompt: str, clip_skip: int) -> torch.Tensor:
+    """Text-encoder states of layer `-clip_skip`, then the final layer norm (sd-scripts' and A1111's clip skip).
+
+    Done here because diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which transformers ≥ 5's
+    flattened `CLIPTextModel` no longer has.
+    """
+    tok = comps.tokenizer
+    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids.to(comps.text_encoder.device)
+    te = comps.text_encoder
+    hidden = te(ids, output_hidden_states=True).hidden_states
+    if clip_skip > len(hidden) - 1:
+        raise ConfigError(f"`clip_skip` = {clip_skip} but the text encoder has {len(hidden) - 1} layers")
+    return getattr(te, "text_model", te).final_layer_norm(hidden[-clip_skip])
 
 
 def make_sampler(name: str, train_scheduler):
@@ -111,12 +129,16 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                                       negative_prompt=settings.negative_prompt)
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             with autocast:
-                out = pipe(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None, width=spec.width,
-                           height=spec.height, num_inference_steps=spec.num_inference_steps,
+                text = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None)
+                if settings.clip_skip > 1:
+                    text = dict(prompt_embeds=encode_clip_skip(components, spec.prompt, settings.clip_skip),
+                                negative_prompt_embeds=encode_clip_skip(components, spec.negative_prompt or "",
+                                                                        settings.clip_skip))
+                out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                            guidance_scale=spec.guidance_scale, generator=generator, output_type="pil")
             image = out.images[0]
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", png_parameters(spec, settings.sampler))
+            info.add_text("parameters", png_parameters(spec, settings.sampler, clip_skip=settings.clip_skip))
             info.add_text("prompt", spec.prompt)
             for k, v in (extra_text or {}).items():
                 info.add_text(k, str(v))

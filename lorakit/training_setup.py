@@ -174,20 +174,24 @@ class Run:
         if bad:
             raise TrainingError(f"{len(bad)} LoRA weights are NaN/inf (e.g. {bad[0]}); {path.name} was not written "
                                 f"and earlier files are intact. Lower the learning rate or use mixed_precision = no")
-        items = [ex.item for ex in self.dataset.examples]
-        train_items = [it for it in items if not it.subset.is_reg]
-        dirs = {}
-        for it in items:
-            d = dirs.setdefault(it.subset.image_dir.name, {"n_repeats": it.subset.num_repeats, "img_count": 0})
-            d["img_count"] += 1
-        freq = {}
-        for it in train_items:
-            freq.setdefault(it.subset.image_dir.name, []).append(it.caption)
+        # sd-scripts' dataset keys: image counts include the repeats; reg folders are listed apart; every folder's
+        # tags are counted (lower-cased)
+        dirs: dict[str, dict] = {}
+        reg_dirs: dict[str, dict] = {}
+        for sub in self.dataset.subsets:
+            count = self.dataset.report.used.get(str(sub.image_dir), 0)
+            (reg_dirs if sub.is_reg else dirs)[sub.image_dir.name] = {"n_repeats": sub.num_repeats, "img_count": count}
+        freq: dict[str, list[str]] = {}
+        for it in {ex.item.path: ex.item for ex in self.dataset.examples}.values():
+            freq.setdefault(it.subset.image_dir.name, []).append(it.caption.lower())
         metadata = build_metadata(
             self.cfg, self.components, steps=step, epoch=epoch, training_started_at=self.started_at,
-            resolution=self.dataset.resolution, num_train_images=len(train_items),
-            num_reg_images=len(items) - len(train_items),
-            tag_frequency={k: tag_frequency(v) for k, v in freq.items()}, dataset_dirs=dirs)
+            resolution=self.dataset.resolution,
+            num_train_images=sum(d["n_repeats"] * d["img_count"] for d in dirs.values()),
+            num_reg_images=sum(d["n_repeats"] * d["img_count"] for d in reg_dirs.values()),
+            tag_frequency={k: tag_frequency(v) for k, v in freq.items()}, dataset_dirs=dirs,
+            reg_dataset_dirs=reg_dirs, max_train_steps=self.max_steps, num_epochs=self.num_epochs,
+            num_batches_per_epoch=len(self.dataset))
         out = save_lora(path, self.network.state_dict(), metadata, save_precision=self.cfg.save_precision)
         self.saved.append(out)
         return out
@@ -321,7 +325,8 @@ def _prepare_samples(cfg, run: Run) -> None:
             seen.append(ex.item.caption)
     run.prompts = load_prompts(cfg.sample_prompts, seen[:2])
     w, h = run.dataset.resolution
-    run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler)
+    run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler,
+                                         clip_skip=cfg.clip_skip)
 
 
 def build_optimizer(cfg, run: Run):

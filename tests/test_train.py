@@ -88,13 +88,19 @@ def test_dreambooth_with_reg_images(tmp_path, tiny_sd1_dir):
     assert sum(bool(t.abs().sum() > 0) for t in ups) == len(ups)  # every module moved away from zero
     assert tensors[next(iter(tensors))].dtype == torch.float16  # save_precision default
     assert meta["ss_network_dim"] == "16" and float(meta["ss_network_alpha"]) == 8.0
-    assert meta["ss_steps"] == "6" and meta["ss_num_reg_images"] == "3" and meta["ss_num_train_images"] == "2"
+    # sd-scripts' counts: images × repeats (2 × 2 training draws; 3 × 1 reg images), and the run's shape: 4 training
+    # + 4 balanced reg draws = 4 batches of 2 an epoch, 6 steps = 2 epochs
+    assert meta["ss_steps"] == "6" and meta["ss_num_reg_images"] == "3" and meta["ss_num_train_images"] == "4"
+    assert (meta["ss_num_batches_per_epoch"], meta["ss_num_epochs"], meta["ss_total_batch_size"],
+            meta["ss_max_train_steps"]) == ("4", "2", "2", "6")
+    assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks dog": {"n_repeats": 2, "img_count": 2}}
+    assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 3}}
     assert float(meta["ss_prior_loss_weight"]) == 0.7
     import datetime
 
     started, finished = (datetime.datetime.fromisoformat(meta[f"ss_training_{k}_at"]) for k in ("started", "finished"))
     assert started.tzinfo is not None and finished.tzinfo is not None and started <= finished  # both in UTC
-    assert json.loads(meta["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2}}
+    assert json.loads(meta["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2}, "1_dog": {"dog": 3}}
     assert json.loads(meta["lorakit.training_config"])["train_data_dir"] == str(tmp_path / "train")
     # the config next to the LoRA reads back to the same config
     assert TrainConfig.from_toml(out / "sks.toml") == cfg
@@ -123,7 +129,7 @@ def test_dreambooth_with_reg_images(tmp_path, tiny_sd1_dir):
 
 
 @pytest.mark.slow
-def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir):
+def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir, monkeypatch):
     data = tmp_path / "captions"
     data.mkdir()
     sizes = [(96, 48), (48, 96), (64, 64), (100, 60)]
@@ -131,6 +137,12 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir):
         pattern(*size, seed=i).save(data / f"im{i}.png")
         (data / f"im{i}.txt").write_text(f"shape{i}, red, round, small")
     rec = Recorder()
+    import lorakit.sampling
+
+    encoded = []  # the samples are conditioned as the LoRA was trained (clip_skip), as the user's UI will
+    real_encode = lorakit.sampling.encode_clip_skip
+    monkeypatch.setattr(lorakit.sampling, "encode_clip_skip",
+                        lambda comps, prompt, k: encoded.append(k) or real_encode(comps, prompt, k))
     result = lorakit.train(
         pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(data), output_dir=str(tmp_path / "out"),
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, cache_latents=False,
@@ -146,6 +158,12 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir):
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
     assert tensors[next(iter(tensors))].dtype == torch.float32
     assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_enable_bucket"] == "True"
+    # the steps the epochs came to, as sd-scripts records them
+    assert (meta["ss_max_train_steps"], meta["ss_num_epochs"], meta["ss_num_batches_per_epoch"],
+            meta["ss_total_batch_size"]) == ("4", "2", "4", "2")
+    assert encoded and set(encoded) == {2}  # prompt and negative prompt of each sample, at layer -2
+    with Image.open(result.sample_paths[0]) as im:
+        assert im.info["parameters"].endswith("Clip skip: 2")
     lrs = [i.lr for i in rec.steps]
     assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4) and lrs[-1] < lrs[1]  # warm-up, cosine
     # the samples default to the dataset's first captions when no prompt file is given

@@ -77,6 +77,7 @@ class TrainDataset:
         self.report = report
         self.resolution = resolution  # (width, height) of the (first) dataset: sample size, metadata
         self.cached: dict[int, dict[str, torch.Tensor]] | None = None
+        self.subsets = list({id(ex.item.subset): ex.item.subset for ex in examples}.values())  # every folder drawn
         self.groups: dict[tuple, list[int]] = {}
         for i, ex in enumerate(examples):
             self.groups.setdefault((ex.group, ex.choice.bucket), []).extend([i] * ex.item.repeats)
@@ -122,8 +123,10 @@ class TrainDataset:
                     report.skip(item.path, str(e))
                     continue
                 examples.append(Example(item, choice, spec.batch_size, group))
-        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
-                   resolution=specs[0].resolution)
+        dataset = cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
+                      resolution=specs[0].resolution)
+        dataset.subsets = [sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1]
+        return dataset
 
     # ---------------------------------------------------------------- epochs and batches
     def batches(self, epoch: int) -> list[list[int]]:
