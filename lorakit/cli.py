@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"lorakit {argv[0] if argv else ''}: error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file where a folder is expected, permissions, a full disk: the path and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"lorakit {argv[0] if argv else ''}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -168,3 +168,18 @@ def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, c
     (tmp_path / "t.toml").write_text("max_token_length = 225\n")
     with pytest.raises(ConfigError, match="unknown option `max_token_length`"):
         TrainConfig.from_toml(tmp_path / "t.toml")
+
+
+def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
+    """A file where a folder is expected (or no permission, a full disk) is the user's to fix: no traceback."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "photos").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    code = main(["prepare", "repair", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "afile" / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(tmp_path / "afile") in err[0]
+    assert main(["prepare", "repair", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "n"),
+                 "--background", "notacolour"]) == 2
+    assert "`background` must be a colour name" in capsys.readouterr().err

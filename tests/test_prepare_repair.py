@@ -270,3 +270,38 @@ def test_a_rerun_replaces_prepares_own_output_and_never_a_users_folder(tmp_path,
     assert [s.image_dir.name for s in subsets_from_folder(train, is_reg=False, caption_extension=".txt",
                                                          report=LoadReport())] == ["3_sks dog"]
     assert not check_dataset(out, 64).other_problems
+
+
+def test_replace_output_never_reaches_the_input_and_a_refused_run_writes_nothing(tmp_path):
+    """An input inside the output (or the output inside the input) is refused before anything is deleted or
+    written; a folder of the user's that an action wrote into is not marked as prepare's (never replaced later)."""
+    import lorakit
+    from lorakit.errors import ConfigError
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "0.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    train = tmp_path / "train"
+    lorakit.prepare(action="dreambooth", input_dir=str(src), output_dir=str(train), identifier="sks",
+                    class_name="dog", repeats=2)
+    before = tree_hashes(train)
+    with pytest.raises(ConfigError, match="must be a new folder outside `input_dir`"):
+        lorakit.prepare(action="repair", input_dir=str(train / "2_sks dog"), output_dir=str(train),
+                        replace_output=True)
+    assert tree_hashes(train) == before  # the input survived
+    with pytest.raises(ConfigError, match="outside `input_dir`"):
+        lorakit.prepare(action="repair", input_dir=str(src), output_dir=str(src / "out"))
+    assert sorted(p.name for p in src.iterdir()) == ["0.png"]  # nothing written into the originals
+    with pytest.raises(ValueError):
+        lorakit.prepare(action="repair", input_dir=str(src), output_dir=str(tmp_path / "new"), background="nope")
+    assert not (tmp_path / "new").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    lorakit.prepare(action="dreambooth", input_dir=str(src), output_dir=str(mine), identifier="sks", class_name="dog",
+                    repeats=2)
+    with pytest.raises(DatasetError, match="was not written by `lorakit prepare`"):
+        lorakit.prepare(action="dreambooth", input_dir=str(src), output_dir=str(mine), identifier="sks",
+                        class_name="dog", repeats=2, replace_output=True)
+    assert (mine / "notes.txt").read_text() == "my notes"

@@ -117,9 +117,11 @@ class PrepareConfig(JobConfig):
 
     def check(self) -> None:
         check_extension("caption_extension", self.caption_extension)
-        if self.output_dir and self.input_dir and Path(self.output_dir).resolve() == Path(self.input_dir).resolve():
-            raise ConfigError("`output_dir` must be a new folder, not `input_dir`; lorakit never writes into your "
-                              "originals")
+        if self.output_dir and self.input_dir and self.action != "reg":
+            out, src = Path(self.output_dir).resolve(), Path(self.input_dir).resolve()
+            if out == src or src in out.parents or out in src.parents:
+                raise ConfigError(f"`output_dir` ({self.output_dir}) must be a new folder outside `input_dir` "
+                                  f"({self.input_dir}), and not holding it; lorakit never writes into your originals")
 
     def required_for_action(self) -> None:
         """Raise ConfigError naming the first option this action needs but did not get."""

@@ -26,7 +26,7 @@ from .captions import (
 from .check import check_dataset
 from .contact_sheet import contact_sheet
 from .layout import DreamBoothLayout, make_dreambooth_layout, steps_per_epoch, suggest_repeats
-from .output import claim_output
+from .output import OUTPUT_MARKER, claim_output, has_files, mark_output
 from .problems import KINDS
 from .reg import RegImages, generate_reg_images
 from .repair import RepairResult, repair_dataset
@@ -60,8 +60,17 @@ def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
     cfg = PrepareConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     cfg.required_for_action()
     action = cfg.action
-    if cfg.output_dir and action != "check" and not cfg.in_place:
-        claim_output(Path(cfg.output_dir), replace=cfg.replace_output)
+    out = Path(cfg.output_dir) if cfg.output_dir and action != "check" and not cfg.in_place else None
+    if out is not None:  # (input and output are apart: checked with the config)
+        claim_output(out, replace=cfg.replace_output)
+    ours = out is not None and (not has_files(out) or (out / OUTPUT_MARKER).is_file())
+    result = _run(cfg, action)
+    if ours and out.is_dir():
+        mark_output(out)  # a folder this run made: a later run with `replace_output` may replace it
+    return result
+
+
+def _run(cfg: PrepareConfig, action: str):
     if action == "check":
         tokenizer = load_tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
         result = check_dataset(cfg.input_dir, cfg.resolution, caption_extension=cfg.caption_extension,

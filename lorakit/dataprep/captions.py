@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..data.captions import split_tags
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes, write_text
 from .output import has_files
 from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key
@@ -171,7 +171,7 @@ def edit_captions(folder, *, output_dir=None, in_place: bool = False, trigger: s
 def add_trigger(folder, trigger: str, **kw) -> CaptionEdit:
     """Put `trigger` first in every caption (creating captions that are missing)."""
     if not trigger or not trigger.strip():
-        raise ValueError("`trigger` must be a non-empty word, e.g. 'sks'")
+        raise ConfigError("`trigger` must be a non-empty word, e.g. 'sks'")
     return edit_captions(folder, trigger=trigger, **kw)
 
 
@@ -210,6 +210,6 @@ def parse_mapping(items: Iterable[str]) -> dict[str, str]:
     for item in items:
         old, sep, new = item.partition("=")
         if not sep or not old.strip():
-            raise ValueError(f"`replace_tags` entries must look like `old tag=new tag`, got {item!r}")
+            raise ConfigError(f"`replace_tags` entries must look like `old tag=new tag`, got {item!r}")
         out[old.strip()] = new.strip()
     return out

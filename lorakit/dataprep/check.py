@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 from ..data.buckets import make_bucket_resolutions, select_bucket
+from ..errors import ConfigError
 from .hashing import colour_signature, dhash, near_duplicate_pairs
 from .probe import FORMAT_EXTENSIONS, HIGH_BIT_MODES, Probe, probe
 from .report import DatasetReport, ImageRecord, Problem
@@ -44,7 +45,7 @@ def check_dataset(
     workers: decoding threads (Pillow decodes without holding the GIL); default min(8, CPUs).
     """
     if resolution < 8:
-        raise ValueError(f"`resolution` must be ≥ 8, got {resolution}")
+        raise ConfigError(f"`resolution` must be ≥ 8, got {resolution}")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     start = time.perf_counter()

@@ -10,6 +10,7 @@ import io
 from PIL import Image, ImageCms, ImageColor, ImageOps
 
 from ..data.images import to_rgb
+from ..errors import ConfigError
 
 
 def parse_background(background: str | tuple[int, int, int]) -> tuple[int, int, int]:
@@ -19,7 +20,7 @@ def parse_background(background: str | tuple[int, int, int]) -> tuple[int, int, 
     try:
         return ImageColor.getrgb(background)[:3]
     except ValueError:
-        raise ValueError(f"`background` must be a colour name or #rrggbb, got {background!r}") from None
+        raise ConfigError(f"`background` must be a colour name or #rrggbb, got {background!r}") from None
 
 
 def cmyk_to_rgb(img: Image.Image) -> Image.Image:

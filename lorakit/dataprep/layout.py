@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes
 from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key
 
@@ -26,7 +26,7 @@ def suggest_repeats(n_images: int, target_steps: int = 1600, epochs: int = 10, b
                     with_reg: bool = False) -> int:
     """Repeats so that `epochs` epochs take about `target_steps` steps (at least 1)."""
     if n_images < 1:
-        raise ValueError("no images to lay out")
+        raise ConfigError("no images to lay out")
     per_epoch_needed = target_steps / max(1, epochs)
     return max(1, round(per_epoch_needed * max(1, batch_size) / (n_images * (2 if with_reg else 1))))
 
@@ -36,9 +36,9 @@ def folder_name(repeats: int, identifier: str, class_name: str) -> str:
     identifier, class_name = identifier.strip(), class_name.strip()
     for what, value in (("identifier", identifier), ("class_name", class_name)):
         if not value or "/" in value or "\\" in value:
-            raise ValueError(f"`{what}` must be a non-empty word without slashes, got {value!r}")
+            raise ConfigError(f"`{what}` must be a non-empty word without slashes, got {value!r}")
     if repeats < 1:
-        raise ValueError(f"`repeats` must be ≥ 1, got {repeats}")
+        raise ConfigError(f"`repeats` must be ≥ 1, got {repeats}")
     return f"{repeats}_{identifier} {class_name}"
 
 

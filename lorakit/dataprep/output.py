@@ -22,9 +22,9 @@ def has_files(folder: Path) -> bool:
 
 
 def claim_output(folder: Path, *, replace: bool) -> None:
-    """Make `folder` the output of this prepare run. With `replace`, a folder that an earlier prepare run wrote (it
-    holds the marker) is emptied first, with its `<name>_set_aside` folder; a non-empty folder that lorakit did not
-    write is never touched."""
+    """With `replace`, empty the folder an earlier prepare run wrote (it holds the marker), with its
+    `<name>_set_aside` folder; a non-empty folder that lorakit did not write is never touched. Nothing is created
+    here: the action creates its output, and `mark_output` marks it when the action is done."""
     aside = folder.parent / f"{folder.name}_set_aside"
     if replace and has_files(folder):
         if not (folder / OUTPUT_MARKER).is_file():
@@ -34,5 +34,3 @@ def claim_output(folder: Path, *, replace: bool) -> None:
         shutil.rmtree(folder)
         if (aside / OUTPUT_MARKER).is_file():
             shutil.rmtree(aside)
-    if not has_files(folder):
-        mark_output(folder)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..fileio import atomic_path, write_text
 from .sources import IMAGE_EXTENSIONS
 
@@ -38,9 +39,9 @@ def reg_folder(dst: str | os.PathLike, class_prompt: str, class_name: str | None
     """`dst/<repeats>_<class_name>`; without a class name the folder is named after the prompt."""
     name = (class_name or class_prompt).strip()
     if not name or "/" in name or "\\" in name:
-        raise ValueError(f"`class_name` must be a non-empty name without slashes, got {name!r}")
+        raise ConfigError(f"`class_name` must be a non-empty name without slashes, got {name!r}")
     if repeats < 1:
-        raise ValueError(f"`repeats` must be ≥ 1, got {repeats}")
+        raise ConfigError(f"`repeats` must be ≥ 1, got {repeats}")
     return Path(dst) / f"{repeats}_{name}"  # reg folders carry the class only, no identifier
 
 
@@ -70,9 +71,9 @@ def generate_reg_images(model, class_prompt: str, n: int, dst: str | os.PathLike
     width/height: default the model's native resolution. on_image(index, path) is called after each file.
     """
     if n < 0:
-        raise ValueError(f"`num_images` must be ≥ 0, got {n}")
+        raise ConfigError(f"`num_images` must be ≥ 0, got {n}")
     if not class_prompt or not class_prompt.strip():
-        raise ValueError("`class_prompt` must describe the class, e.g. 'a photo of a dog'")
+        raise ConfigError("`class_prompt` must describe the class, e.g. 'a photo of a dog'")
     folder = reg_folder(dst, class_prompt.strip(), class_name, repeats)
     existing, todo = _missing_indices(folder, n)
     result = RegImages(folder, n, existing)

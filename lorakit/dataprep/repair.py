@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from ..errors import DatasetError
+from ..errors import ConfigError, DatasetError
 from ..fileio import atomic_path, write_bytes, write_text
 from .check import check_dataset
 from .convert import parse_background, to_training_rgb
@@ -125,9 +125,9 @@ def repair_dataset(
     """
     for name, value in (("duplicates", duplicates), ("near_duplicates", near_duplicates), ("too_small", too_small)):
         if value not in POLICIES:
-            raise ValueError(f"`{name}` must be one of {', '.join(POLICIES)}, got {value!r}")
+            raise ConfigError(f"`{name}` must be one of {', '.join(POLICIES)}, got {value!r}")
     if max_side is not None and max_side < 8:
-        raise ValueError(f"`max_side` must be ≥ 8, got {max_side}")
+        raise ConfigError(f"`max_side` must be ≥ 8, got {max_side}")
     if not caption_extension.startswith("."):
         caption_extension = "." + caption_extension
     bg = parse_background(background)
