@@ -38,7 +38,9 @@ def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: boo
     if spec.type is bool:
         parser.add_argument(f"--{spec.name}", action=argparse.BooleanOptionalAction, **kw)
     elif spec.type is list:
-        parser.add_argument(f"--{spec.name}", nargs="*", metavar=spec.item_type.__name__.upper(), **kw)
+        # `--remove_tags a --remove_tags b` adds up, as `--remove_tags a b` does
+        parser.add_argument(f"--{spec.name}", nargs="*", action="extend", metavar=spec.item_type.__name__.upper(),
+                            **kw)
     else:
         metavar = "{" + ",".join(map(str, spec.choices)) + "}" if spec.choices else spec.type.__name__.upper()
         parser.add_argument(f"--{spec.name}", metavar=metavar, **kw)

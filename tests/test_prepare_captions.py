@@ -172,3 +172,23 @@ def test_auto_caption_with_a_local_blip_model(dataset, tmp_path):
     assert caption.startswith("zqx")
     generated = [w for tag in caption.split(",")[1:] for w in tag.split()]
     assert generated and set(generated) <= set(words)
+
+
+def test_a_shared_caption_is_edited_once_and_tag_lists_add_up(tmp_path, capsys):
+    """`a.png` and `a.jpg` share `a.txt`: `cat=dog, dog=wolf` must give "dog", not "wolf" (edited twice). Repeated
+    `--remove_tags` flags add up, an entry may list several tags, and a multi-tag trigger is added once."""
+    from lorakit.cli import main
+
+    d = tmp_path / "pair"
+    d.mkdir()
+    (d / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    (d / "a.jpg").write_bytes(encode(drawn_image(1, (64, 64)), "JPEG"))
+    (d / "a.txt").write_text("cat, red, long hair, blue eyes, smile\n")
+    assert main(["prepare", "captions", str(d), "--in_place", "--replace_tags", "cat=dog", "dog=wolf"]) == 0
+    assert read(d, "a.txt") == "dog, red, long hair, blue eyes, smile"
+    assert main(["prepare", "captions", str(d), "--in_place", "--remove_tags", "long hair", "--remove_tags",
+                 "blue eyes, smile"]) == 0
+    assert read(d, "a.txt") == "dog, red"
+    for _ in range(2):
+        assert main(["prepare", "captions", str(d), "--in_place", "--trigger", "sks, style"]) == 0
+    assert read(d, "a.txt") == "sks, style, dog, red"

@@ -86,3 +86,48 @@ def test_prepare_dreambooth_action(flat, tmp_path, capsys):
     assert "20 steps per epoch" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="`identifier` is required"):
         prepare(action="dreambooth", input_dir=str(flat), output_dir=str(tmp_path / "db2"), class_name="dog")
+
+
+def test_flattening_keeps_every_image_with_its_own_caption(tmp_path):
+    """Sub-folders are flattened into one DreamBooth folder: images that would share a name or a stem (and so a
+    caption file) get distinct names; none is lost or overwritten, each keeps its caption."""
+    import hashlib
+
+    from lorakit.dataprep import make_dreambooth_layout
+    from lorakit.dataprep.samples import drawn_image, encode
+
+    src = tmp_path / "src"
+    for rel, seed, caption in [("sub1/x.png", 0, "a cat"), ("sub2/x.jpg", 1, "a dog"), ("a/b_x.png", 2, None),
+                               ("a/x.png", 3, "a fox"), ("b/x.png", 4, "a cow")]:
+        path = src / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(drawn_image(seed, (64, 64)), "JPEG" if rel.endswith(".jpg") else "PNG"))
+        if caption:
+            path.with_suffix(".txt").write_text(caption)
+    layout = make_dreambooth_layout(src, tmp_path / "train", "sks", "dog", repeats=2)
+    out = tmp_path / "train" / "2_sks dog"
+    digest = {hashlib.sha256(p.read_bytes()).hexdigest(): p for p in src.rglob("*") if p.suffix in (".png", ".jpg")}
+    written = [p for p in out.iterdir() if p.suffix in (".png", ".jpg")]
+    assert layout.n_images == 5 and len(written) == 5
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in written} == set(digest)  # every image, once
+    for p in written:
+        original = digest[hashlib.sha256(p.read_bytes()).hexdigest()]
+        caption = original.with_suffix(".txt")
+        mine = p.with_suffix(".txt")
+        assert (mine.read_text() if mine.exists() else None) == (caption.read_text() if caption.exists() else None)
+
+
+def test_zip_members_named_with_dot_slash_or_backslashes(tmp_path):
+    import zipfile
+
+    from lorakit.dataprep import check_dataset, make_dreambooth_layout
+    from lorakit.dataprep.samples import drawn_image, encode
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("./top.png", encode(drawn_image(0, (64, 64)), "PNG"))
+        z.writestr("./top.txt", "a cat")
+        z.writestr("sub\\a.png", encode(drawn_image(1, (64, 64)), "PNG"))
+    assert sorted(r.path for r in check_dataset(archive, 64).records) == ["sub/a.png", "top.png"]
+    make_dreambooth_layout(archive, tmp_path / "train", "sks", "cat", repeats=1)
+    assert sorted(p.name for p in (tmp_path / "train" / "1_sks cat").iterdir()) == ["a.png", "top.png", "top.txt"]

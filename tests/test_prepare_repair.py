@@ -305,3 +305,18 @@ def test_replace_output_never_reaches_the_input_and_a_refused_run_writes_nothing
         lorakit.prepare(action="dreambooth", input_dir=str(src), output_dir=str(mine), identifier="sks",
                         class_name="dog", repeats=2, replace_output=True)
     assert (mine / "notes.txt").read_text() == "my notes"
+
+
+def test_names_that_would_share_a_caption_file_are_kept_apart(tmp_path):
+    """`café.png` becomes `cafe.png` with `ascii_names`, next to `cafe.jpg`: each must keep its own caption."""
+    src = tmp_path / "s"
+    src.mkdir()
+    (src / "café.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    (src / "café.txt").write_text("one")
+    (src / "cafe.jpg").write_bytes(encode(drawn_image(1, (64, 64)), "JPEG"))
+    (src / "cafe.txt").write_text("two")
+    repair_dataset(src, tmp_path / "r", resolution=64, ascii_names=True)
+    out = tmp_path / "r"
+    images = sorted(p for p in out.iterdir() if p.suffix in (".png", ".jpg"))
+    assert len(images) == 2 and len({p.stem for p in images}) == 2
+    assert sorted(p.with_suffix(".txt").read_text().strip() for p in images) == ["one", "two"]

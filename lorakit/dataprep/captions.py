@@ -31,9 +31,11 @@ def join_tags(tags: Iterable[str]) -> str:
 
 
 def with_trigger(caption: str, trigger: str) -> str:
-    """`trigger` as the first tag (moved there if it was elsewhere, added if missing)."""
-    tags = [t for t in split_tags(caption) if tag_key(t) != tag_key(trigger)]
-    return join_tags([trigger.strip()] + tags)
+    """`trigger` as the first tag(s) (moved there if elsewhere, added if missing); a trigger of several tags
+    (`sks, style`) is added once however often this runs."""
+    first = split_tags(trigger)
+    keys = {tag_key(t) for t in first}
+    return join_tags(first + [t for t in split_tags(caption) if tag_key(t) not in keys])
 
 
 def with_replaced(caption: str, mapping: dict[str, str]) -> str:
@@ -44,7 +46,8 @@ def with_replaced(caption: str, mapping: dict[str, str]) -> str:
 
 
 def without(caption: str, remove: Iterable[str]) -> str:
-    drop = {tag_key(t) for t in remove}
+    """The caption without the tags in `remove` (an entry may list several: `long hair, blue eyes`)."""
+    drop = {tag_key(t) for entry in remove for t in split_tags(entry)}
     return join_tags(t for t in split_tags(caption) if tag_key(t) not in drop)
 
 
@@ -123,11 +126,17 @@ def map_captions(folder: str | os.PathLike, fn: Callable[[str | None, str], str 
     with DatasetSource(folder) as src:
         files = src.files()
         captions = {stem_key(rel): rel for rel, _ in files if rel.lower().endswith(caption_extension)}
-        used = set()
+        used, edited = set(), set()
         for rel, _ in files:
             if not rel.lower().endswith(IMAGE_EXTENSIONS):
                 continue
             cap_rel = captions.get(stem_key(rel))
+            dest_rel = cap_rel or str(PurePosixPath(rel).with_suffix(caption_extension))
+            if dest_rel in edited:  # `a.png` and `a.jpg` share `a.txt`: it is edited once
+                if not in_place:
+                    write_bytes(out / rel, src.read(rel))
+                continue
+            edited.add(dest_rel)
             old = None
             if cap_rel is not None:
                 used.add(cap_rel)
@@ -138,7 +147,6 @@ def map_captions(folder: str | os.PathLike, fn: Callable[[str | None, str], str 
                     old = data.decode("cp1252", errors="replace")
                 old = ", ".join(line.strip().rstrip(",") for line in old.splitlines() if line.strip())
             new = fn(old, rel)
-            dest_rel = cap_rel or str(PurePosixPath(rel).with_suffix(caption_extension))
             if not in_place:
                 write_bytes(out / rel, src.read(rel))
             if new is None or new == old:

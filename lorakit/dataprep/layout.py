@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes
-from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key
+from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key, unique_name
 
 
 def steps_per_epoch(n_images: int, repeats: int, batch_size: int = 1, with_reg: bool = False) -> int:
@@ -88,11 +88,11 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
                                f"true` to replace an earlier prepare run's output)")
         taken: set[str] = set()
         for rel in images:
-            name = PurePosixPath(rel).name
-            if name.casefold() in taken:  # flat output: a/x.png and b/x.png must not overwrite each other
-                p = PurePosixPath(rel)
+            p = PurePosixPath(rel)
+            name = p.name
+            if p.stem.casefold() in taken and p.parent.parts:  # flat output: a/x.png and b/x.png both kept
                 name = f"{'_'.join(p.parent.parts)}_{p.name}"
-            taken.add(name.casefold())
+            name = unique_name(name, taken)  # and no two images share a stem, so each keeps its own caption
             write_bytes(folder / name, source.read(rel))
             cap = captions.get(stem_key(rel))
             if cap is not None:

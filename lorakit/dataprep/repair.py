@@ -24,7 +24,7 @@ from .check import check_dataset
 from .convert import parse_background, to_training_rgb
 from .output import has_files, mark_output
 from .report import DatasetReport, ImageRecord
-from .sources import DatasetSource, dreambooth_folder_tokens
+from .sources import DatasetSource, dreambooth_folder_tokens, unique_name
 
 POLICIES = ("keep", "drop", "move")
 UNREPAIRABLE = ("empty_file", "unreadable", "truncated")
@@ -158,7 +158,7 @@ def repair_dataset(
     names: dict[str, str] = {}
     for rec, action, _ in plans:  # output names decided up front, in order, so they never collide
         if action == "write":
-            names[rec.path] = _unique(_output_name(rec, ascii_names, max_side), taken)
+            names[rec.path] = unique_name(_output_name(rec, ascii_names, max_side), taken)
 
     dst.mkdir(parents=True, exist_ok=True)
     if any(action == "moved" for _, action, _ in plans):
@@ -211,15 +211,6 @@ def _output_name(rec: ImageRecord, ascii_names: bool, max_side: int | None) -> s
     rel = str(p.with_suffix(ext))
     if ascii_names:
         rel = "/".join(ascii_name(part) for part in rel.split("/"))
-    return rel
-
-
-def _unique(rel: str, taken: set[str]) -> str:
-    p, n = PurePosixPath(rel), 2
-    while rel.casefold() in taken:
-        rel = str(p.with_name(f"{p.stem}_{n}{p.suffix}"))
-        n += 1
-    taken.add(rel.casefold())
     return rel
 
 

@@ -33,6 +33,7 @@ class DatasetSource:
                 raise DatasetError(f"{self.path.name}: not a folder and not a .zip file; point `input_dir` at the "
                                    f"folder of images")
             self._zip = zipfile.ZipFile(self.path)
+        self._members: dict[str, str] = {}  # listed name -> the zip member's own name
 
     def files(self) -> list[tuple[str, int]]:
         """(relative path, size in bytes), sorted, hidden files skipped."""
@@ -41,7 +42,9 @@ class DatasetSource:
             for info in self._zip.infolist():
                 if info.is_dir():
                     continue
-                rel = str(PurePosixPath(info.filename))
+                # `./a.png` and Windows' `sub\\a.png` name the files `a.png` and `sub/a.png`; read by the real name
+                rel = str(PurePosixPath(info.filename.replace("\\", "/")))
+                self._members[rel] = info.filename
                 if rel.startswith("/") or ".." in rel.split("/"):
                     continue  # an unsafe member name is never read or recreated
                 if not _hidden(rel):
@@ -58,7 +61,7 @@ class DatasetSource:
 
     def read(self, rel: str) -> bytes:
         if self._zip is not None:
-            return self._zip.read(rel)
+            return self._zip.read(self._members.get(rel, rel))
         return (self.path / rel).read_bytes()
 
     def full_path(self, rel: str) -> Path | None:
@@ -90,3 +93,15 @@ def dreambooth_folder_tokens(rel: str) -> str | None:
     if sep and head.isdigit() and tail.strip():
         return tail.strip()
     return None
+
+
+def unique_name(rel: str, taken: set[str]) -> str:
+    """`rel`, or `rel` with `_2`, `_3`, ... before its extension, so that no two outputs share a *stem*: an image
+    and its caption file are named by the stem, so `x.png` and `x.jpg` side by side would share `x.txt`. `taken`
+    holds the case-folded stems already used (case-insensitive file systems) and is updated."""
+    p, n = PurePosixPath(rel), 2
+    while str(PurePosixPath(rel).with_suffix("")).casefold() in taken:
+        rel = str(p.with_name(f"{p.stem}_{n}{p.suffix}"))
+        n += 1
+    taken.add(str(PurePosixPath(rel).with_suffix("")).casefold())
+    return rel
