@@ -23,6 +23,8 @@ from .fileio import write_text
 
 TAGS = ["lora", "text-to-image", "stable-diffusion", "lorakit"]
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+CARD_MARKER = ("<!-- model card written by lorakit push, rewritten on each push: "
+               "delete this line to keep your edits -->")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_GALLERY = 8
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -165,7 +167,7 @@ def model_card(*, title: str, lora_file: str, base_model: str | None, instance_p
         f"image = pipe({(instance_prompt or 'your prompt')!r}).images[0]\n```\n\n"
         "## Training settings\n\n| setting | value |\n|---|---|\n" + rows + "\n"
     )
-    text = f"---\n{data.to_yaml()}\n---\n\n{body}"
+    text = f"---\n{data.to_yaml()}\n---\n\n{CARD_MARKER}\n{body}"
     ModelCard(text, ignore_metadata_errors=False)  # the Hub's own parser must accept it
     return text
 
@@ -213,7 +215,11 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
             settings.append((label, str(value)))
     card = model_card(title=cfg.repo_id.split("/")[-1], lora_file=main.name, base_model=base_model,
                       instance_prompt=instance_prompt, license=cfg.license, gallery=gallery, settings=settings)
-    readme = write_text(out / "README.md", card)
+    readme = out / "README.md"
+    if readme.is_file() and CARD_MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
+        print("note: README.md is yours (it has no lorakit marker): uploaded as it is, lorakit's card not written")
+    else:
+        write_text(readme, card)
     files.append((readme, "README.md"))
     return UploadPlan(cfg.repo_id, files, card, cfg.private, cfg.commit_message,
                       dict(base_model=base_model, instance_prompt=instance_prompt, lora=main.name), withheld)

@@ -183,3 +183,16 @@ def test_upper_case_extension_and_damaged_lora_header(tmp_path):
 
     with pytest.raises(LoraFormatError, match="lora.safetensors: not a readable .safetensors file"):
         hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(bad)))
+
+
+def test_a_readme_of_the_users_is_kept_and_lorakits_card_is_rewritten(tmp_path, capsys):
+    out = make_output(tmp_path / "output")
+    plan = hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(out)))
+    card = (out / "README.md").read_text()
+    assert hub.CARD_MARKER in card and card == plan.card  # lorakit's card: rewritten on the next push
+    hub.plan_upload(PushConfig(repo_id="me/other-name", output_dir=str(out)))
+    assert "# other-name" in (out / "README.md").read_text()
+    (out / "README.md").write_text("# My own notes\n")  # the user's card (marker line deleted)
+    hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(out)))
+    assert (out / "README.md").read_text() == "# My own notes\n"
+    assert "README.md is yours" in capsys.readouterr().out
