@@ -131,3 +131,15 @@ def test_zip_members_named_with_dot_slash_or_backslashes(tmp_path):
     assert sorted(r.path for r in check_dataset(archive, 64).records) == ["sub/a.png", "top.png"]
     make_dreambooth_layout(archive, tmp_path / "train", "sks", "cat", repeats=1)
     assert sorted(p.name for p in (tmp_path / "train" / "1_sks cat").iterdir()) == ["a.png", "top.png", "top.txt"]
+
+
+def test_a_second_layout_of_the_same_concept_with_other_repeats_is_refused(tmp_path):
+    """Another concept may join the folder (kohya trains several); the same concept again would double its draws."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    make_dreambooth_layout(src, tmp_path / "train", "sks", "dog", repeats=40)
+    with pytest.raises(DatasetError, match="already has `40_sks dog` for the same identifier and class"):
+        make_dreambooth_layout(src, tmp_path / "train", "sks", "dog", repeats=5)
+    make_dreambooth_layout(src, tmp_path / "train", "ohwx", "cat", repeats=5)
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["40_sks dog", "5_ohwx cat"]

@@ -83,6 +83,12 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
         if repeats is None:
             repeats = suggest_repeats(len(images), target_steps, epochs, batch_size, with_reg)
         folder = dst / folder_name(repeats, identifier, class_name)
+        same = [d for d in (dst.iterdir() if dst.is_dir() else []) if d.is_dir() and d != folder
+                and d.name.partition("_")[0].isdigit() and d.name.partition("_")[2] == folder.name.partition("_")[2]]
+        if same:  # another run with other repeats: the same images would be drawn twice over
+            raise DatasetError(f"{dst} already has `{same[0].name}` for the same identifier and class; choose a new "
+                               f"`output_dir` (or set `replace_output = true` to replace an earlier prepare run's "
+                               f"output)")
         if folder.exists() and any(folder.iterdir()):
             raise DatasetError(f"{folder} already has files; choose a new `output_dir` (or set `replace_output = "
                                f"true` to replace an earlier prepare run's output)")
