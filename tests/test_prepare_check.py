@@ -216,3 +216,29 @@ def test_empty_folder_and_unsupported_photo_formats(tmp_path):
     assert report.n_images == 0 and "No images found" in report.summary()
     assert [(p.kind, p.path) for p in report.other_problems] == [("not_image", "IMG_0001.HEIC")]
     assert "export it as JPEG" in report.other_problems[0].detail
+
+
+def test_check_reports_never_replace_a_file_check_did_not_write(tmp_path):
+    """Running check again replaces its own report and sheet; a picture or JSON of the user's is refused."""
+    import lorakit
+    from lorakit.dataprep.samples import drawn_image, encode
+    from lorakit.errors import ConfigError
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    (src / "a.png").write_bytes(encode(drawn_image(0, (64, 64)), "PNG"))
+    run = dict(action="check", input_dir=str(src), resolution=64, report_file=str(tmp_path / "r.json"),
+               contact_sheet_file=str(tmp_path / "sheet.png"))
+    lorakit.prepare(**run)
+    lorakit.prepare(**run)  # its own files: replaced
+    mine = tmp_path / "mypic.png"
+    mine.write_bytes(encode(drawn_image(1, (64, 64)), "PNG"))
+    before = mine.read_bytes()
+    with pytest.raises(ConfigError, match="`contact_sheet_file` .*mypic.png exists and is not a report"):
+        lorakit.prepare(**{**run, "contact_sheet_file": str(mine)})
+    (tmp_path / "notes.json").write_text('{"my": "notes"}')
+    with pytest.raises(ConfigError, match="`report_file` .*notes.json exists"):
+        lorakit.prepare(**{**run, "report_file": str(tmp_path / "notes.json")})
+    with pytest.raises(ConfigError, match="`contact_sheet_file` must end in .png"):
+        lorakit.prepare(**{**run, "contact_sheet_file": str(tmp_path / "sheet.jpg")})
+    assert mine.read_bytes() == before and (tmp_path / "notes.json").read_text() == '{"my": "notes"}'

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.prepare import PrepareConfig
-from ..errors import ModelLoadError
+from ..errors import ConfigError, ModelLoadError
 from .autocaption import auto_caption, blip_captioner
 from .captions import (
     CaptionEdit,
@@ -70,6 +70,47 @@ def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
     return result
 
 
+def _report_path(value: str, suffix: str, name: str, ours) -> Path:
+    """Where `check` writes a report: the right extension, and never over a file `check` did not write."""
+    path = Path(value)
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"`{name}` must end in {suffix}, got {value!r}")
+    if path.exists() and not (path.is_file() and ours(path)):
+        raise ConfigError(f"`{name}` {value} exists and is not a report of `prepare check`; choose a new file name")
+    return path
+
+
+def _is_report(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"source", "records", "summary"} <= data.keys()
+
+
+_SHEET_KEY = "lorakit"
+
+
+def _sheet_info():
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(_SHEET_KEY, "contact sheet of prepare check")
+    return info
+
+
+def _is_sheet(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.info.get(_SHEET_KEY) == "contact sheet of prepare check"
+    except Exception:  # noqa: BLE001 - not an image at all: not ours
+        return False
+
+
 def _run(cfg: PrepareConfig, action: str):
     if action == "check":
         tokenizer = load_tokenizer(cfg.tokenizer_model) if cfg.tokenizer_model else None
@@ -77,12 +118,12 @@ def _run(cfg: PrepareConfig, action: str):
                                tokenizer=tokenizer, huge_side=cfg.huge_side,
                                near_duplicate_distance=cfg.near_duplicate_distance)
         if cfg.report_file:
-            result.save(cfg.report_file)
+            result.save(_report_path(cfg.report_file, ".json", "report_file", _is_report))
         if cfg.contact_sheet_file:
             from ..fileio import atomic_path
 
-            with atomic_path(cfg.contact_sheet_file) as tmp:
-                contact_sheet(result).save(tmp, "PNG")
+            with atomic_path(_report_path(cfg.contact_sheet_file, ".png", "contact_sheet_file", _is_sheet)) as tmp:
+                contact_sheet(result).save(tmp, "PNG", pnginfo=_sheet_info())
     elif action == "repair":
         result = repair_dataset(cfg.input_dir, cfg.output_dir, resolution=cfg.resolution, background=cfg.background,
                                 max_side=cfg.max_side, duplicates=cfg.duplicates,
