@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .families import SD1, SD2, Family
+from .fileio import write_text
 
 # byte-level BPE alphabet of CLIP (as in openai/CLIP and transformers' CLIPTokenizer)
 
@@ -55,13 +56,13 @@ def write_clip_tokenizer(folder: str | Path, words: list[str] = (), model_max_le
             if cur not in vocab:
                 vocab.append(cur)
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + ("\n" if merges else ""))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
+    write_text(folder / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + ("\n" if merges else ""))
+    write_text(folder / "tokenizer_config.json", json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": model_max_length, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
         "do_lower_case": True}))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
+    write_text(folder / "special_tokens_map.json", json.dumps({
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>"}))
     return folder
@@ -127,6 +128,11 @@ def build_tiny_cli(cfg) -> None:
     (the same weights as a single-file LDM checkpoint)."""
     from .models import save_single_file
 
+    out = Path(cfg.output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        from .errors import ConfigError
+
+        raise ConfigError(f"`output_dir` {out} is not empty; `lorakit tiny` writes a new model into a new folder")
     comps = build_tiny(cfg.family, seed=cfg.seed, folder=cfg.output_dir)
     single = save_single_file(comps, Path(cfg.output_dir) / "model.safetensors")
     print(f"tiny {comps.family.name} model written to {cfg.output_dir} (diffusers folder) and {single}")

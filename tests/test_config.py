@@ -183,3 +183,11 @@ def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):
     assert main(["prepare", "repair", str(tmp_path / "photos"), "--output_dir", str(tmp_path / "n"),
                  "--background", "notacolour"]) == 2
     assert "`background` must be a colour name" in capsys.readouterr().err
+
+
+def test_tiny_never_writes_over_a_folder_with_files(tmp_path, capsys):
+    (tmp_path / "mymodel").mkdir()
+    (tmp_path / "mymodel" / "model.safetensors").write_text("precious")
+    assert main(["tiny", "--output_dir", str(tmp_path / "mymodel")]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "mymodel" / "model.safetensors").read_text() == "precious"
