@@ -95,6 +95,28 @@ def _seed_for(cfg: TrainConfig) -> int:
     return seed
 
 
+def optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm: float | None) -> bool:
+    """Unscale (fp16), clip the gradient norm, step, advance the LR schedule, clear the gradients. Returns whether
+    the weights were updated: with fp16, the grad scaler skips a step whose gradients overflowed (and lowers its
+    scale); the LR schedule then stays where it is, as accelerate does."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    stepped = True
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale
+    else:
+        optimizer.step()
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stepped
+
+
 def run_layout(cfg: TrainConfig, dataset) -> dict:
     """What a saved position means: the images (and repeats) drawn, batches per epoch, accumulation."""
     import hashlib
@@ -209,17 +231,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 if micro < accumulation and position < len(batches) - 1:
                     continue
                 # 10. optimizer step: unscale (fp16), clip the gradient norm, step, advance the LR schedule
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
                 step += 1
                 resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
                 info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
