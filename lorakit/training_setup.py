@@ -121,7 +121,7 @@ class Run:
         self.cfg, self.device, self.weight_dtype, self.autocast_dtype = cfg, device, weight_dtype, autocast_dtype
         self.components, self.dataset, self.network = components, dataset, network
         self.output_dir = Path(output_dir)
-        self.te_trained = not cfg.network_train_unet_only
+        self.te_trained = cfg.trains_text_encoder
         self.latent_scale = float(components.vae.config.scaling_factor)
         self.named_params = {f"{comp}.{n}": p for comp, m in network.modules.items() for n, p in m.named_parameters()
                              if p.requires_grad}
@@ -255,7 +255,7 @@ def prepare_run(cfg, components=None) -> Run:
     _attention(cfg, components.unet)
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
-        if not cfg.network_train_unet_only:
+        if cfg.trains_text_encoder:
             components.text_encoder.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -263,8 +263,8 @@ def prepare_run(cfg, components=None) -> Run:
     conv_dim, conv_alpha = cfg.resolved_conv
     torch.manual_seed(cfg.seed or 0)
     network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
-                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, unet=not cfg.network_train_text_encoder_only,
-                       text_encoder=not cfg.network_train_unet_only, dtype=torch.float32)
+                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, unet=cfg.trains_unet,
+                       text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
     if cfg.network_weights:
         from .formats import load_lora_file
 
@@ -274,7 +274,7 @@ def prepare_run(cfg, components=None) -> Run:
             print(f"network_weights: {len(unexpected)} modules not in this network were ignored", flush=True)
     network.trainable_parameters()
     components.unet.train()
-    components.text_encoder.train(not cfg.network_train_unet_only)
+    components.text_encoder.train(cfg.trains_text_encoder)
 
     run = Run(cfg, device, weight_dtype, autocast_dtype, components, dataset, network, output_dir)
     run.config_path = cfg.save_toml(output_dir / f"{cfg.output_name}.toml")

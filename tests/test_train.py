@@ -468,3 +468,19 @@ def test_an_fp16_step_skipped_for_overflow_leaves_the_lr_schedule(monkeypatch):
         stepped = optimizer_step(opt, sched, FakeScaler(overflow), [p], 1.0)
         assert stepped is not overflow and sched.last_epoch == (0 if overflow else 1)
         assert torch.equal(p.detach(), torch.ones(2)) is overflow and p.grad is None
+
+
+def test_text_encoder_lr_zero_trains_the_unet_only(tmp_path, tiny_sd1_dir):
+    """sd-scripts users switch the text encoder off with `text_encoder_lr = 0`: no text-encoder modules are made
+    (a zero-LR group would only cost time and add all-zero modules to the file)."""
+    d = tmp_path / "data" / "1_sks dog"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "0.png")
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=1, text_encoder_lr=0.0,
+                           sample_at_end=False)
+    tensors, meta = read_lora(result.lora_path)
+    assert tensors and all(k.startswith("lora_unet_") for k in tensors)
+    assert meta["ss_network_train_unet_only"] == "True"
+    with pytest.raises(ConfigError, match="nothing to train"):
+        TrainConfig(train_data_dir="x", unet_lr=0.0, text_encoder_lr=0.0)

@@ -185,6 +185,9 @@ class TrainConfig(JobConfig):
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ConfigError("`network_train_unet_only` and `network_train_text_encoder_only` cannot both be set: "
                               "choose one, or neither to train both")
+        if not (self.trains_unet or self.trains_text_encoder):
+            raise ConfigError("nothing to train: the U-Net and the text encoder are both off (`unet_lr`/"
+                              "`text_encoder_lr` 0, or `network_train_*_only`)")
         check_extension("caption_extension", self.caption_extension)
         if self.cache_latents and (self.color_aug or self.random_crop):
             what = "color_aug" if self.color_aug else "random_crop"
@@ -231,6 +234,17 @@ class TrainConfig(JobConfig):
         if conv_dim is not None and conv_alpha is None:
             conv_alpha = float(conv_dim)
         return conv_dim, conv_alpha
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether the text encoder gets a LoRA: not with `network_train_unet_only`, nor with `text_encoder_lr = 0`
+        (sd-scripts users switch it off that way; a zero-LR group would only cost time)."""
+        return not self.network_train_unet_only and self.resolved_text_encoder_lr != 0
+
+    @property
+    def trains_unet(self) -> bool:
+        """Whether the U-Net gets a LoRA: not with `network_train_text_encoder_only`, nor with `unet_lr = 0`."""
+        return not self.network_train_text_encoder_only and self.resolved_unet_lr != 0
 
     @property
     def resolved_unet_lr(self) -> float:
