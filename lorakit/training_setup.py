@@ -221,6 +221,23 @@ class Run:
         return save_image(grid, self.output_dir / "samples_grid.png")
 
 
+def check_earlier_run(cfg) -> None:
+    """Refuse to write over an earlier run in `output_dir` (its final LoRA of this name, or a saved state) unless
+    this run continues it (`resume`) or replaces it (`overwrite`): nothing trained is lost by re-running a command."""
+    from .train_state import find_state, saved_state_in
+
+    if cfg.overwrite or (cfg.resume and find_state(cfg.resume, cfg.output_dir) is not None):
+        return
+    ext = "safetensors" if cfg.save_model_as == "safetensors" else cfg.save_model_as
+    final = Path(cfg.output_dir) / f"{cfg.output_name}.{ext}"
+    state = saved_state_in(cfg.output_dir)
+    if final.is_file() or state is not None:
+        what = final.name if final.is_file() else f"the saved state {state.name}"
+        hint = "`resume = latest` to continue it, " if state is not None else ""
+        raise ConfigError(f"{cfg.output_dir} already holds an earlier run ({what}): set {hint}`overwrite = true` to "
+                          f"replace it, or choose another `output_dir` or `output_name`")
+
+
 def prepare_run(cfg, components=None) -> Run:
     """Load the model (unless `components` are given), build the dataset (and print/save its report), cache
     latents, add the LoRA."""
@@ -229,6 +246,7 @@ def prepare_run(cfg, components=None) -> Run:
 
     device = pick_device(cfg)
     weight_dtype, autocast_dtype = precision(cfg, device)
+    check_earlier_run(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed or 0)

@@ -128,7 +128,12 @@ def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_sta
     again = lorakit.train(resume="auto", **settings(tiny_sd1_dir, dataset, out))  # finished: nothing left to do
     assert "nothing left to train" in capsys.readouterr().out
     assert all(torch.equal(a[k], t) for k, t in load_file(str(again.lora_path)).items())
-    lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1})
+    from lorakit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"already holds an earlier run \(lora.safetensors\): set `resume = latest` "
+                                          r"to continue it, `overwrite = true` to replace it"):
+        lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1})
+    lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1, "overwrite": True})
     assert "holds a saved state (state-00000007) that this run does not continue" in capsys.readouterr().out
 
 

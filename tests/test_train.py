@@ -247,7 +247,7 @@ def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
     good = lorakit.train(max_train_steps=1, **common)
     before = good.lora_path.read_bytes()
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*no NaN weights were written"):
-        lorakit.train(max_train_steps=5, learning_rate=1e20, **common)
+        lorakit.train(max_train_steps=5, learning_rate=1e20, overwrite=True, **common)  # even when asked to
     assert good.lora_path.read_bytes() == before
 
 
@@ -433,7 +433,7 @@ def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, cap
     assert meta["ss_network_dim"] == "4"
     assert "b.png: empty file (0 bytes)" in (tmp_path / "out" / "dataset_report.txt").read_text()
     (d / "a.png").unlink()
-    assert main(["train", "--config", str(toml)]) == 2
+    assert main(["train", "--config", str(toml), "--overwrite"]) == 2
     assert "no usable training images" in capsys.readouterr().err
 
 
@@ -484,3 +484,23 @@ def test_text_encoder_lr_zero_trains_the_unet_only(tmp_path, tiny_sd1_dir):
     assert meta["ss_network_train_unet_only"] == "True"
     with pytest.raises(ConfigError, match="nothing to train"):
         TrainConfig(train_data_dir="x", unet_lr=0.0, text_encoder_lr=0.0)
+
+
+def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, tiny_sd1_dir):
+    """Re-running a command must not lose a trained LoRA: refused (before the model loads) unless the run resumes
+    or sets `overwrite`."""
+    import hashlib
+
+    d = tmp_path / "data" / "1_sks dog"
+    d.mkdir(parents=True)
+    pattern(64, 64).save(d / "0.png")
+    kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+              output_dir=str(tmp_path / "out"), output_name="mine", max_train_steps=1, sample_at_end=False)
+    first = lorakit.train(**kw, seed=1)
+    digest = hashlib.sha256(first.lora_path.read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match=r"already holds an earlier run \(mine.safetensors\): set `overwrite = true`"):
+        lorakit.train(**kw, seed=2)
+    assert hashlib.sha256(first.lora_path.read_bytes()).hexdigest() == digest
+    lorakit.train(**{**kw, "output_name": "other"}, seed=2)  # another name in the same folder is fine
+    second = lorakit.train(**kw, seed=2, overwrite=True)
+    assert hashlib.sha256(second.lora_path.read_bytes()).hexdigest() != digest

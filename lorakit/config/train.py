@@ -165,6 +165,9 @@ class TrainConfig(JobConfig):
     save_every_n_steps: int | None = option(None, "Also save a LoRA every N steps.", group="saving", min=1)
     save_state: bool = option(False, "Save optimizer/scheduler/RNG state with each save, so `resume` can continue "
                               "exactly (use on Colab).", group="saving")
+    overwrite: bool = option(False, "Replace an earlier run in output_dir (its LoRA of this output_name, saved "
+                             "states, samples). Without it, such a run is refused unless it resumes.",
+                             group="saving")
     resume: str | None = option(None, "Resume from a state folder written by save_state, `latest` (the newest in "
                                       "output_dir), or `auto` (the newest if there is one, else a new run: for "
                                       "notebooks run again after a disconnect).",

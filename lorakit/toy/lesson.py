@@ -104,8 +104,7 @@ def run_lesson(lesson: Lesson | str, config, seeds=range(20), classifier=None, *
 
     lesson = LESSONS[lesson] if isinstance(lesson, str) else lesson
     cfg = TrainConfig.from_toml(config) if isinstance(config, (str, Path)) else config
-    if overrides:
-        cfg = cfg.replace(**overrides)
+    cfg = cfg.replace(**{"overwrite": True, **overrides})  # a lesson trains its LoRA afresh each time
     start = time.perf_counter()
     result = train(cfg)
     train_seconds = time.perf_counter() - start
