@@ -27,6 +27,7 @@ from .errors import ConfigError, LorakitError
 
 DRIVE_MOUNT = "/content/drive"
 DRIVE_HOME = f"{DRIVE_MOUNT}/MyDrive"
+GPU_EXTRAS = ("bitsandbytes",)  # what the T4 presets need beyond lorakit's own dependencies (8-bit AdamW)
 
 
 def in_colab() -> bool:
@@ -129,8 +130,9 @@ def setup(use_drive: bool = False, drive_folder: str = "lorakit", *, quiet: bool
             os.chdir(root)
         _install_gpu_extras(quiet)
     else:
-        if _checkout_root(root) is not None:  # Jupyter starts a kernel in the notebook's folder
-            root = _checkout_root(root)
+        checkout = _checkout_root(root)
+        if checkout is not None:  # Jupyter starts a kernel in the notebook's folder
+            root = checkout
             os.chdir(root)  # the notebooks' relative paths (data_examples/, output/) mean the checkout's, as in README
         if use_drive and not quiet:
             print(f"Google Drive is only available on Colab; this is not Colab, so files stay in {root}")
@@ -151,7 +153,7 @@ def _checkout_root(folder: Path) -> Path | None:
 def gpu_extras_command(cuda: bool, installed: set[str]) -> list[str] | None:
     """The pip command for the GPU extras a T4 preset uses (bitsandbytes, for `AdamW8bit`), when a CUDA runtime
     lacks them; None when there is nothing to install. xformers is left out: it pins its own torch."""
-    missing = [name for name in ("bitsandbytes",) if name not in installed]
+    missing = [name for name in GPU_EXTRAS if name not in installed]
     return [sys.executable, "-m", "pip", "install", "-q", *missing] if cuda and missing else None
 
 
@@ -161,12 +163,12 @@ def _install_gpu_extras(quiet: bool) -> None:
 
     import torch
 
-    installed = {name for name in ("bitsandbytes",) if importlib.util.find_spec(name) is not None}
+    installed = {name for name in GPU_EXTRAS if importlib.util.find_spec(name) is not None}
     cmd = gpu_extras_command(torch.cuda.is_available(), installed)
     if cmd is None:
         return
     if not quiet:
-        print(f"installing {', '.join(cmd[5:])} (8-bit AdamW on the GPU)")
+        print(f"installing {', '.join(n for n in GPU_EXTRAS if n not in installed)} (8-bit AdamW on the GPU)")
     if subprocess.run(cmd).returncode != 0 and not quiet:
         print("could not install bitsandbytes: choose `optimizer_type = AdamW` instead of AdamW8bit")
 

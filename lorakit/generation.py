@@ -134,7 +134,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     `components`: an already loaded `SDComponents` to use instead of loading `pretrained_model_name_or_path`
     (left unchanged afterwards). Set `output_dir=""` to write no files.
     """
-    from .sampling import encode_clip_skip, make_sampler, png_parameters, save_png
+    from .sampling import make_sampler, png_parameters, prompt_inputs, save_png
 
     cfg = GenerateConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     for p in cfg.network_weights:
@@ -166,10 +166,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
             seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
                      for i in range(cfg.num_images)]
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            text = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None)
-            if cfg.clip_skip > 1:
-                text = dict(prompt_embeds=encode_clip_skip(comps, spec.prompt, cfg.clip_skip),
-                            negative_prompt_embeds=encode_clip_skip(comps, spec.negative_prompt or "", cfg.clip_skip))
+            text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip)
             out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                        guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
                        generator=generators, output_type="pil")

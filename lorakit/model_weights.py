@@ -325,8 +325,9 @@ class SingleFileWeights(ModelWeights):
         from .checkpoint import normalize_ldm_keys
 
         # older SD1 files spell the CLIP keys without `text_model.`: read them under the usual names
-        self._original = {k: v for k, v in normalize_ldm_keys({k: k for k in ldm_shapes}).items() if k != v}
-        ldm_shapes = {k: ldm_shapes[self._original.get(k, k)] for k in normalize_ldm_keys(dict(ldm_shapes))}
+        originals = normalize_ldm_keys({k: k for k in ldm_shapes})  # usual name -> the file's
+        self._original = {name: key for name, key in originals.items() if name != key}
+        ldm_shapes = {name: ldm_shapes[key] for name, key in originals.items()}
         self.ldm_shapes = ldm_shapes
         self.layout, self.family = layout_from_ldm_keys(ldm_shapes)
         self._where: dict[str, LdmKey] = {}

@@ -63,6 +63,15 @@ def encode_clip_skip(comps, prompt: str, clip_skip: int) -> torch.Tensor:
     return getattr(te, "text_model", te).final_layer_norm(hidden[-clip_skip])
 
 
+def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int) -> dict:
+    """The text arguments of a pipeline call: the prompts, or with `clip_skip` > 1 their embeddings from layer
+    `-clip_skip` (`encode_clip_skip`)."""
+    if clip_skip > 1:
+        return dict(prompt_embeds=encode_clip_skip(comps, prompt, clip_skip),
+                    negative_prompt_embeds=encode_clip_skip(comps, negative_prompt or "", clip_skip))
+    return dict(prompt=prompt, negative_prompt=negative_prompt or None)
+
+
 def make_sampler(name: str, train_scheduler):
     import diffusers
 
@@ -129,11 +138,7 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                                       negative_prompt=settings.negative_prompt)
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             with autocast:
-                text = dict(prompt=spec.prompt, negative_prompt=spec.negative_prompt or None)
-                if settings.clip_skip > 1:
-                    text = dict(prompt_embeds=encode_clip_skip(components, spec.prompt, settings.clip_skip),
-                                negative_prompt_embeds=encode_clip_skip(components, spec.negative_prompt or "",
-                                                                        settings.clip_skip))
+                text = prompt_inputs(components, spec.prompt, spec.negative_prompt, settings.clip_skip)
                 out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                            guidance_scale=spec.guidance_scale, generator=generator, output_type="pil")
             image = out.images[0]

@@ -88,17 +88,17 @@ def pick_device(cfg) -> torch.device:
         except RuntimeError:
             raise ConfigError(f"`device` must be cpu, cuda, cuda:N or mps (or unset: the best available), got "
                               f"{cfg.device!r}") from None
-        mps = getattr(torch.backends, "mps", None)
-        if (device.type == "cuda" and not torch.cuda.is_available()) or (
-                device.type == "mps" and not (mps is not None and mps.is_available())):
+        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not _has_mps()):
             raise ConfigError(f"`device` is {cfg.device} but this machine has no {device.type.upper()} device; "
                               f"leave `device` unset to use the best one available")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if _has_mps() else "cpu")
+
+
+def _has_mps() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def precision(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -125,9 +125,7 @@ class Run:
         self.latent_scale = float(components.vae.config.scaling_factor)
         self.named_params = {f"{comp}.{n}": p for comp, m in network.modules.items() for n, p in m.named_parameters()
                              if p.requires_grad}
-        ext = "safetensors" if cfg.save_model_as == "safetensors" else cfg.save_model_as
-        self.final_path = self.output_dir / f"{cfg.output_name}.{ext}"
-        self._ext = ext
+        self.final_path = final_lora_path(cfg)
         self.saved: list[Path] = []
         self.sample_paths: list[Path] = []
         self.sample_rounds: list[tuple[int, list]] = []
@@ -163,7 +161,7 @@ class Run:
         return float(optimizer.param_groups[-1]["lr"])
 
     def intermediate_name(self, tag: str) -> Path:
-        return self.output_dir / f"{self.cfg.output_name}-{tag}.{self._ext}"
+        return self.output_dir / f"{self.cfg.output_name}-{tag}.{self.cfg.save_model_as}"
 
     def save_lora(self, path: Path, *, step: int, epoch: int) -> Path:
         """Write the LoRA (kohya format, metadata with the config) — never with NaN/inf weights."""
@@ -221,6 +219,11 @@ class Run:
         return save_image(grid, self.output_dir / "samples_grid.png")
 
 
+def final_lora_path(cfg) -> Path:
+    """`<output_dir>/<output_name>.<save_model_as>`: the LoRA a run writes when it ends."""
+    return Path(cfg.output_dir) / f"{cfg.output_name}.{cfg.save_model_as}"
+
+
 def check_earlier_run(cfg) -> None:
     """Refuse to write over an earlier run in `output_dir` (its final LoRA of this name, or a saved state) unless
     this run continues it (`resume`) or replaces it (`overwrite`): nothing trained is lost by re-running a command."""
@@ -228,8 +231,7 @@ def check_earlier_run(cfg) -> None:
 
     if cfg.overwrite or (cfg.resume and find_state(cfg.resume, cfg.output_dir) is not None):
         return
-    ext = "safetensors" if cfg.save_model_as == "safetensors" else cfg.save_model_as
-    final = Path(cfg.output_dir) / f"{cfg.output_name}.{ext}"
+    final = final_lora_path(cfg)
     state = saved_state_in(cfg.output_dir)
     if final.is_file() or state is not None:
         what = final.name if final.is_file() else f"the saved state {state.name}"

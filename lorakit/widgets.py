@@ -249,7 +249,7 @@ class Form:
         (e.g. your dataset folder)."""
         target = initial_values(self.cls, name, self._values)
         current = self.raw()
-        changes = {k: target[k] for k, f in self.fields.items()
+        changes = {k: target[k] for k in self.fields
                    if k in target and current[k] == self._applied.get(k) and current[k] != target[k]}
         self.set(**changes)
         self._applied = {**self._applied, **{k: self.fields[k].get() for k in changes}}

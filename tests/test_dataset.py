@@ -28,6 +28,13 @@ def pattern(w: int, h: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
     return im.convert(mode) if mode != "RGB" else im
 
 
+def one_image_folders(root, *names) -> None:
+    """`root/<name>/0.png` for each name, each image different."""
+    for name in names:
+        (root / name).mkdir()
+        pattern(64, 64, ord(name)).save(root / name / "0.png")
+
+
 def cfg_for(tmp_path, **kw) -> TrainConfig:
     base = dict(output_dir=str(tmp_path / "out"), max_train_steps=1, resolution="64")
     base.update(kw)
@@ -296,9 +303,7 @@ def test_sd_scripts_metadata_json_subset(tmp_path):
 
 def test_dataset_toml_scopes_num_repeats_and_class_tokens_like_sd_scripts(tmp_path):
     """sd-scripts lets `num_repeats` and `class_tokens` be set at dataset or [general] level, inherited by subsets."""
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        pattern(64, 64, ord(name)).save(tmp_path / name / "0.png")
+    one_image_folders(tmp_path, "a", "b")
     toml = tmp_path / "ds.toml"
     toml.write_text("[general]\nclass_tokens = 'sks dog'\n[[datasets]]\nresolution = 64\nnum_repeats = 3\n"
                     "[[datasets.subsets]]\nimage_dir = 'a'\n"
@@ -363,9 +368,7 @@ def test_dataset_toml_image_dir_falls_back_to_the_working_directory(tmp_path, mo
 
 
 def test_dataset_toml_zero_repeats_skips_the_subset(tmp_path):
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        pattern(64, 64, ord(name)).save(tmp_path / name / "0.png")
+    one_image_folders(tmp_path, "a", "b")
     toml = tmp_path / "ds.toml"
     toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'a'\n"
                     "[[datasets.subsets]]\nimage_dir = 'b'\nnum_repeats = 0\n")

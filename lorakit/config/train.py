@@ -23,6 +23,16 @@ SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmsolver++", "dpmsingle", "unipc")
 
 
+def check_augmentations_uncached(cache_latents: bool, color_aug: bool, random_crop: bool, *, file: str = "",
+                                 where: str = "") -> None:
+    """`color_aug` and `random_crop` change the image every step: they need the VAE each step, not cached latents.
+    `file` and `where` name a dataset TOML and its table."""
+    if cache_latents and (color_aug or random_crop):
+        what = "color_aug" if color_aug else "random_crop"
+        raise ConfigError(f"{file + ': ' if file else ''}`{what}`{' in ' + where if where else ''} changes the image "
+                          f"every step, so latents cannot be cached: set `cache_latents = false`")
+
+
 @dataclass(repr=False)
 class TrainConfig(JobConfig):
     """Train a DreamBooth- or caption-LoRA; save it as kohya-format .safetensors with samples and loss history."""
@@ -192,10 +202,7 @@ class TrainConfig(JobConfig):
             raise ConfigError("nothing to train: the U-Net and the text encoder are both off (`unet_lr`/"
                               "`text_encoder_lr` 0, or `network_train_*_only`)")
         check_extension("caption_extension", self.caption_extension)
-        if self.cache_latents and (self.color_aug or self.random_crop):
-            what = "color_aug" if self.color_aug else "random_crop"
-            raise ConfigError(f"`{what}` changes the image every step, so latents cannot be cached: "
-                              f"set `cache_latents = false`")
+        check_augmentations_uncached(self.cache_latents, self.color_aug, self.random_crop)
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ConfigError("`cache_latents_to_disk` needs `cache_latents = true`")
         if self.min_bucket_reso > self.max_bucket_reso:

@@ -68,7 +68,7 @@ class TrainDataset:
     """Examples grouped into buckets; `batches(epoch)` gives the epoch's batches, `load(batch, ...)` their data."""
 
     def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: LoadReport,
-                 resolution: tuple[int, int] = (512, 512)):
+                 resolution: tuple[int, int] = (512, 512), subsets: list | None = None):
         if not examples:
             raise DatasetError("no usable training images (see the dataset report above for what was skipped)")
         self.examples = examples
@@ -77,7 +77,9 @@ class TrainDataset:
         self.report = report
         self.resolution = resolution  # (width, height) of the (first) dataset: sample size, metadata
         self.cached: dict[int, dict[str, torch.Tensor]] | None = None
-        self.subsets = list({id(ex.item.subset): ex.item.subset for ex in examples}.values())  # every folder drawn
+        # every folder scanned (for the metadata), also one none of whose images was drawn; default: those drawn
+        self.subsets = subsets if subsets is not None else list({id(ex.item.subset): ex.item.subset
+                                                                 for ex in examples}.values())
         self.groups: dict[tuple, list[int]] = {}
         for i, ex in enumerate(examples):
             self.groups.setdefault((ex.group, ex.choice.bucket), []).extend([i] * ex.item.repeats)
@@ -123,10 +125,9 @@ class TrainDataset:
                     report.skip(item.path, str(e))
                     continue
                 examples.append(Example(item, choice, spec.batch_size, group))
-        dataset = cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
-                      resolution=specs[0].resolution)
-        dataset.subsets = [sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1]
-        return dataset
+        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
+                   resolution=specs[0].resolution,
+                   subsets=[sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1])
 
     # ---------------------------------------------------------------- epochs and batches
     def batches(self, epoch: int) -> list[list[int]]:

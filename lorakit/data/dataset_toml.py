@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config.schema import check_extension, checked_value, parse_resolution, read_toml, scalar_spec
+from ..config.train import check_augmentations_uncached
 from ..errors import ConfigError
 from .folders import DatasetSpec, Subset
 
@@ -112,10 +113,8 @@ def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, in
                 raise ConfigError(f"{path.name}: {where} needs `image_dir` (or a `metadata_file`)")
             options = {k: lookup(k, *scopes) for k in SUBSET_KEYS}
             check_extension("caption_extension", options["caption_extension"], f" (in {where} of {path.name})")
-            if cfg.cache_latents and (options["color_aug"] or options["random_crop"]):
-                what = "color_aug" if options["color_aug"] else "random_crop"
-                raise ConfigError(f"{path.name}: `{what}` in {where} changes the image every step, so latents "
-                                  f"cannot be cached: set `cache_latents = false`")
+            check_augmentations_uncached(cfg.cache_latents, options["color_aug"], options["random_crop"],
+                                         file=path.name, where=where)
             meta_path = _find(path, meta, "metadata_file", where) if meta else None
             # without `image_dir`, the metadata file's keys are image paths (absolute, or beside the file)
             folder = _find(path, image_dir, "image_dir", where) if image_dir else meta_path.parent

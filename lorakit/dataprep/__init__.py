@@ -164,4 +164,3 @@ def _captions(cfg: PrepareConfig) -> CaptionEdit:
     if top:
         print("most common tags: " + ", ".join(f"{t} ({n})" for t, n in top))
     return result
-

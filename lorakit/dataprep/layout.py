@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes
-from .sources import IMAGE_EXTENSIONS, DatasetSource, stem_key, unique_name
+from .sources import IMAGE_EXTENSIONS, DatasetSource, dreambooth_name_tokens, stem_key, unique_name
 
 
 def steps_per_epoch(n_images: int, repeats: int, batch_size: int = 1, with_reg: bool = False) -> int:
@@ -83,8 +83,9 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
         if repeats is None:
             repeats = suggest_repeats(len(images), target_steps, epochs, batch_size, with_reg)
         folder = dst / folder_name(repeats, identifier, class_name)
+        tokens = dreambooth_name_tokens(folder.name)
         same = [d for d in (dst.iterdir() if dst.is_dir() else []) if d.is_dir() and d != folder
-                and d.name.partition("_")[0].isdigit() and d.name.partition("_")[2] == folder.name.partition("_")[2]]
+                and dreambooth_name_tokens(d.name) == tokens]
         if same:  # another run with other repeats: the same images would be drawn twice over
             raise DatasetError(f"{dst} already has `{same[0].name}` for the same identifier and class; choose a new "
                                f"`output_dir` (or set `replace_output = true` to replace an earlier prepare run's "

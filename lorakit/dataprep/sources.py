@@ -88,8 +88,12 @@ def stem_key(rel: str) -> tuple[str, str]:
 
 def dreambooth_folder_tokens(rel: str) -> str | None:
     """`10_sks dog/img.png` → `sks dog` (the caption sd-scripts uses when an image has no caption file)."""
-    parent = PurePosixPath(rel).parent.name
-    head, sep, tail = parent.partition("_")
+    return dreambooth_name_tokens(PurePosixPath(rel).parent.name)
+
+
+def dreambooth_name_tokens(name: str) -> str | None:
+    """`10_sks dog` → `sks dog`; None for a name that is not `<repeats>_<tokens>`."""
+    head, sep, tail = name.partition("_")
     if sep and head.isdigit() and tail.strip():
         return tail.strip()
     return None
