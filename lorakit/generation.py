@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
 from .config.jobs import GenerateConfig
+from .devices import pick_device
 from .errors import ConfigError
 from .host_memory import keep_freed_memory
 from .prompts import PromptSpec, parse_prompt_line, read_prompt_file
@@ -57,15 +58,7 @@ def _prompts(cfg: GenerateConfig, width: int, height: int) -> list[PromptSpec]:
         raise ConfigError("`prompt` is empty: give a prompt, or a prompt file in `from_file`")
     return [s.with_defaults(negative_prompt=cfg.negative_prompt, width=width, height=height,
                             num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                            seed=cfg.seed) for s in specs]
-
-
-def _best_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+                            seed=cfg.seed, sampler=cfg.scheduler) for s in specs]
 
 
 class _FusedLoras:
@@ -144,7 +137,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     if components is None:
         from .models import load_models_from_config
 
-        device = cfg.device or _best_device()
+        device = str(pick_device(cfg))
         comps = load_models_from_config(cfg, dtype=dtype, device=device)
     else:
         comps = components
@@ -153,7 +146,8 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
         raise ConfigError("`dtype = fp16` needs a GPU; use `float` (or `bf16`) on the CPU")
     size = comps.native_resolution
     specs = _prompts(cfg, cfg.width or size, cfg.height or size)
-    pipe = comps.pipeline(scheduler=make_sampler(cfg.scheduler, comps.noise_scheduler))
+    sampler = cfg.scheduler
+    pipe = comps.pipeline(scheduler=make_sampler(sampler, comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     loras = list(zip(cfg.network_weights, cfg.resolved_mul))
     apply = _FusedLoras if cfg.network_merge else _AdapterLoras
@@ -166,18 +160,19 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
             seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
                      for i in range(cfg.num_images)]
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            if spec.sampler != sampler:  # `--ss` in the prompt line
+                pipe.scheduler, sampler = make_sampler(spec.sampler, comps.noise_scheduler), spec.sampler
             text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip)
             out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                        guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
                        generator=generators, output_type="pil")
             for image, seed in zip(out.images, seeds):
-                image_spec = PromptSpec(spec.prompt, spec.negative_prompt, spec.width, spec.height,
-                                        spec.num_inference_steps, spec.guidance_scale, seed)
+                image_spec = replace(spec, seed=seed)
                 images.append(image)
                 per_image.append(image_spec)
                 if out_dir is not None:
                     info = PngImagePlugin.PngInfo()
-                    info.add_text("parameters", png_parameters(image_spec, cfg.scheduler, loras=loras,
+                    info.add_text("parameters", png_parameters(image_spec, image_spec.sampler, loras=loras,
                                                                model=cfg.pretrained_model_name_or_path,
                                                                clip_skip=cfg.clip_skip))
                     paths.append(save_png(image, out_dir / f"{start + len(paths):05d}-{seed}.png", info))

@@ -138,6 +138,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_batch_size_per_device": cfg.train_batch_size,
         "ss_gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "ss_gradient_checkpointing": cfg.gradient_checkpointing,
+        "ss_max_token_length": cfg.max_token_length,
         "ss_seed": cfg.seed,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_optimizer": cfg.resolved_optimizer + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),

@@ -2,7 +2,8 @@
 
     a photo of sks dog --n lowres, blurry --w 512 --h 512 --s 28 --l 7.5 --d 42
 
-`--n` negative prompt, `--w`/`--h` size (multiples of 8), `--s` steps, `--l` guidance (CFG) scale, `--d` seed.
+`--n` negative prompt, `--w`/`--h` size (multiples of 8), `--s` steps, `--l` guidance (CFG) scale, `--d` seed,
+`--ss` sampler (`euler_a`, `dpmsolver++`, … as `sample_sampler`).
 Options not given fall back to the caller's defaults (`None` here). A prompt file holds one prompt per line; empty
 lines and lines starting with `#` are skipped.
 """
@@ -24,6 +25,7 @@ _OPTIONS = {
     "s": ("num_inference_steps", int, "steps"),
     "l": ("guidance_scale", float, "guidance scale"),
     "d": ("seed", int, "seed"),
+    "ss": ("sampler", str, "sampler"),
 }
 # ` --x value`: an option starts at a space (or the line start) followed by `--` and one known letter and a space
 _SPLIT = re.compile(r"(?:^|\s)--([a-zA-Z]+)(?=\s|$)")
@@ -40,6 +42,7 @@ class PromptSpec:
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    sampler: str | None = None
 
     def with_defaults(self, **defaults) -> PromptSpec:
         """Fill the settings this line left unset from `defaults` (keys are the field names)."""
@@ -82,10 +85,21 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
             raise ConfigError(f"prompt option `--s` (steps) must be ≥ 1, got {value}{where}")
         if field == "seed" and value < 0:
             raise ConfigError(f"prompt option `--d` (seed) must be ≥ 0, got {value}{where}")
+        if field == "sampler":
+            value = _sampler_name(value, where)
         values[field] = value
     if not prompt:
         raise ConfigError(f"empty prompt{where}: a line must start with the prompt text")
     return PromptSpec(prompt=prompt, **values)
+
+
+def _sampler_name(name: str, where: str) -> str:
+    from .config.train import SAMPLER_ALIASES, SAMPLERS
+
+    name = SAMPLER_ALIASES.get(name.lower(), name.lower())
+    if name not in SAMPLERS:
+        raise ConfigError(f"prompt option `--ss` (sampler) must be one of {', '.join(SAMPLERS)}; got {name!r}{where}")
+    return name
 
 
 def parse_prompt_text(text: str, source: str = "") -> list[PromptSpec]:

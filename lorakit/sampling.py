@@ -1,4 +1,4 @@
-"""Sample images during training, from a prompt file in kohya's syntax (`--n --w --h --s --l --d`, see
+"""Sample images during training, from a prompt file in kohya's syntax (`--n --w --h --s --l --d --ss`, see
 `lorakit.prompts`), so users can watch the LoRA learn and pick the best checkpoint.
 
 Each sample is a PNG whose text chunks carry its parameters (A1111's `parameters` convention, read by most image
@@ -18,6 +18,7 @@ from PIL import Image, PngImagePlugin
 from .errors import ConfigError
 from .fileio import atomic_path
 from .prompts import PromptSpec, read_prompt_file
+from .text_encoding import WINDOW, encode_windows, token_windows, window_count
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -27,6 +28,9 @@ SAMPLERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm_2": ("KDPM2DiscreteScheduler", {}),
+    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -47,28 +51,26 @@ class SampleSettings:
     clip_skip: int = 1  # as the LoRA was trained: samples show what users will see in their UI
 
 
-def encode_clip_skip(comps, prompt: str, clip_skip: int) -> torch.Tensor:
-    """Text-encoder states of layer `-clip_skip`, then the final layer norm (sd-scripts' and A1111's clip skip).
+def prompt_embeddings(comps, texts: list[str], max_tokens: int, clip_skip: int) -> torch.Tensor:
+    """Text-encoder states [len(texts), 75·k + 2, d] of prompts cut to `max_tokens` (`lorakit.text_encoding`).
 
-    Done here because diffusers' own `clip_skip` reaches for `text_encoder.text_model`, which transformers ≥ 5's
-    flattened `CLIPTextModel` no longer has.
+    Done here, not by diffusers, for long prompts (diffusers cuts them at 77 positions) and for `clip_skip`
+    (diffusers' own reaches for `text_encoder.text_model`, which transformers ≥ 5's `CLIPTextModel` no longer has).
     """
-    tok = comps.tokenizer
-    ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(comps.text_encoder.device)
-    te = comps.text_encoder
-    hidden = te(ids, output_hidden_states=True).hidden_states
-    if clip_skip > len(hidden) - 1:
-        raise ConfigError(f"`clip_skip` = {clip_skip} but the text encoder has {len(hidden) - 1} layers")
-    return getattr(te, "text_model", te).final_layer_norm(hidden[-clip_skip])
+    ids = token_windows(comps.tokenizer, texts, max_tokens).to(comps.text_encoder.device)
+    with torch.no_grad():
+        return encode_windows(comps.text_encoder, ids, clip_skip)
 
 
 def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int) -> dict:
-    """The text arguments of a pipeline call: the prompts, or with `clip_skip` > 1 their embeddings from layer
-    `-clip_skip` (`encode_clip_skip`)."""
-    if clip_skip > 1:
-        return dict(prompt_embeds=encode_clip_skip(comps, prompt, clip_skip),
-                    negative_prompt_embeds=encode_clip_skip(comps, negative_prompt or "", clip_skip))
+    """The text arguments of a pipeline call: the prompts; or, for a prompt longer than 75 tokens or with
+    `clip_skip` > 1, the embeddings of prompt and negative prompt (as many 75-token windows as the longer needs,
+    as A1111 reads long prompts)."""
+    negative = negative_prompt or ""
+    windows = max(window_count(comps.tokenizer, prompt), window_count(comps.tokenizer, negative))
+    if clip_skip > 1 or windows > 1:
+        states = prompt_embeddings(comps, [prompt, negative], windows * WINDOW, clip_skip)
+        return dict(prompt_embeds=states[:1], negative_prompt_embeds=states[1:])
     return dict(prompt=prompt, negative_prompt=negative_prompt or None)
 
 
@@ -76,7 +78,11 @@ def make_sampler(name: str, train_scheduler):
     import diffusers
 
     cls_name, extra = SAMPLERS[name]
-    return getattr(diffusers, cls_name).from_config(train_scheduler.config, **extra)
+    try:
+        return getattr(diffusers, cls_name).from_config(train_scheduler.config, **extra)
+    except ImportError as e:  # diffusers' LMS scheduler needs scipy, which lorakit does not install
+        raise ConfigError(f"sampler `{name}`: {' '.join(str(e).split())}; or choose another sampler (e.g. "
+                          f"euler_a or dpmsolver++)") from None
 
 
 def load_prompts(path: str | None, fallback: list[str]) -> list[PromptSpec]:
@@ -94,8 +100,8 @@ def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None
 
 
 SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
-                  "euler_a": "Euler a", "heun": "Heun", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE",
-                  "unipc": "UniPC"}
+                  "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a",
+                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
 
 
 def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
@@ -118,7 +124,8 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                      *, autocast_dtype: torch.dtype | None = None, extra_text: dict | None = None,
                      ) -> tuple[list[Image.Image], list[Path]]:
     """Generate one image per prompt with the current (LoRA-applied) modules and save them as PNGs."""
-    pipe = components.pipeline(scheduler=make_sampler(settings.sampler, components.noise_scheduler))
+    sampler = settings.sampler
+    pipe = components.pipeline(scheduler=make_sampler(sampler, components.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     device = components.unet.device
     modules = (components.unet, components.text_encoder, components.vae)
@@ -135,7 +142,9 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
             spec = spec.with_defaults(width=settings.width, height=settings.height,
                                       num_inference_steps=settings.num_inference_steps,
                                       guidance_scale=settings.guidance_scale, seed=settings.seed,
-                                      negative_prompt=settings.negative_prompt)
+                                      negative_prompt=settings.negative_prompt, sampler=settings.sampler)
+            if spec.sampler != sampler:  # `--ss` in the prompt line
+                pipe.scheduler, sampler = make_sampler(spec.sampler, components.noise_scheduler), spec.sampler
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             with autocast:
                 text = prompt_inputs(components, spec.prompt, spec.negative_prompt, settings.clip_skip)
@@ -143,7 +152,7 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                            guidance_scale=spec.guidance_scale, generator=generator, output_type="pil")
             image = out.images[0]
             info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", png_parameters(spec, settings.sampler, clip_skip=settings.clip_skip))
+            info.add_text("parameters", png_parameters(spec, spec.sampler, clip_skip=settings.clip_skip))
             info.add_text("prompt", spec.prompt)
             for k, v in (extra_text or {}).items():
                 info.add_text(k, str(v))

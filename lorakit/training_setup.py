@@ -17,10 +17,12 @@ import torch
 from .data import TrainDataset
 from .data.captions import tag_frequency
 from .data.latents import encode
+from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
 from .optim import check_optimizer, make_optimizer, make_scheduler
+from .text_encoding import WINDOW, encode_windows, token_windows
 
 TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
 GRID_ROUNDS = 8  # sampling rounds shown in samples_grid.png (the latest ones)
@@ -81,26 +83,6 @@ class Callbacks:
 
 
 # ---------------------------------------------------------------------------------------------- device, precision
-def pick_device(cfg) -> torch.device:
-    if cfg.device:
-        try:
-            device = torch.device(cfg.device)
-        except RuntimeError:
-            raise ConfigError(f"`device` must be cpu, cuda, cuda:N or mps (or unset: the best available), got "
-                              f"{cfg.device!r}") from None
-        if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not _has_mps()):
-            raise ConfigError(f"`device` is {cfg.device} but this machine has no {device.type.upper()} device; "
-                              f"leave `device` unset to use the best one available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if _has_mps() else "cpu")
-
-
-def _has_mps() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
 def precision(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(dtype of the frozen base weights, autocast dtype or None). LoRA weights always stay fp32."""
     if cfg.mixed_precision == "fp16":
@@ -266,6 +248,7 @@ def prepare_run(cfg, components=None) -> Run:
     dataset = TrainDataset.from_config(cfg, native_resolution=components.native_resolution,
                                        vae_scale_factor=components.vae_scale_factor)
     report = dataset.report
+    note_long_captions(dataset, components.tokenizer, cfg.max_token_length or WINDOW)
     print(report.format(), flush=True)
 
     # ---- the base model is frozen; choose attention and checkpointing
@@ -334,8 +317,9 @@ def _attention(cfg, unet) -> None:
 
 
 def _prepare_samples(cfg, run: Run) -> None:
-    """Read the prompt file now (a bad line fails before training, not after an hour)."""
-    from .sampling import SampleSettings, load_prompts
+    """Read the prompt file and make its samplers now (a bad line, or a sampler missing a package, fails before
+    training, not after an hour)."""
+    from .sampling import SampleSettings, load_prompts, make_sampler
 
     if not (cfg.sample_prompts or cfg.sample_at_end):
         return
@@ -347,6 +331,8 @@ def _prepare_samples(cfg, run: Run) -> None:
     w, h = run.dataset.resolution
     run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler,
                                          clip_skip=cfg.clip_skip)
+    for name in dict.fromkeys([cfg.sample_sampler] + [p.sampler for p in run.prompts if p.sampler]):
+        make_sampler(name, run.components.noise_scheduler)
 
 
 def build_optimizer(cfg, run: Run):
@@ -363,6 +349,26 @@ def build_optimizer(cfg, run: Run):
     return optimizer, scheduler, scaler
 
 
+def note_long_captions(dataset, tokenizer, max_tokens: int) -> int:
+    """List in the dataset report each image whose caption (with prefix and suffix) is longer than the text
+    encoder reads (`max_tokens`), so a cut-off caption is never a surprise; returns how many."""
+    seen, long = set(), 0
+    for ex in dataset.examples:
+        item = ex.item
+        if item.path in seen:
+            continue
+        seen.add(item.path)
+        sub = item.subset
+        caption = " ".join(part for part in (sub.caption_prefix, item.caption, sub.caption_suffix) if part)
+        n = len(tokenizer.tokenize(caption))
+        if n > max_tokens:
+            long += 1
+            more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""
+            dataset.report.note(item.path, f"caption is {n} tokens: the text encoder reads the first {max_tokens}"
+                                           + more)
+    return long
+
+
 # ---------------------------------------------------------------------------------------------- per-step helpers
 def latents_of(batch, run: Run, gen: torch.Generator) -> torch.Tensor:
     """The batch's scaled latents (fp32): from the cache, or encoded by the VAE now (`cache_latents = false`)."""
@@ -373,24 +379,14 @@ def latents_of(batch, run: Run, gen: torch.Generator) -> torch.Tensor:
 
 
 def _token_ids(captions: list[str], run: Run) -> torch.Tensor:
-    tok = run.components.tokenizer
+    """Token ids [b, k, 77] of the captions, k windows of 75 tokens (`max_token_length`); cached per caption."""
     missing = [c for c in dict.fromkeys(captions) if c not in run._ids]
     if missing:
-        ids = tok(missing, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids = token_windows(run.components.tokenizer, missing, run.cfg.max_token_length or WINDOW)
         if len(run._ids) > TEXT_CACHE_LIMIT:
             run._ids.clear()
         run._ids.update(zip(missing, ids))
     return torch.stack([run._ids[c] for c in captions]).to(run.device)
-
-
-def _text_forward(te, ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    """Hidden states of the text encoder; with clip_skip k: layer -k, then the final layer norm (as sd-scripts)."""
-    if clip_skip <= 1:
-        return te(ids)[0]
-    out = te(ids, output_hidden_states=True)
-    final_norm = getattr(te, "text_model", te).final_layer_norm
-    return final_norm(out.hidden_states[-clip_skip])
 
 
 def encode_text(captions: list[str], run: Run) -> torch.Tensor:
@@ -398,11 +394,11 @@ def encode_text(captions: list[str], run: Run) -> torch.Tensor:
     training) its outputs are cached too, so repeated captions cost nothing."""
     te, clip_skip = run.components.text_encoder, run.cfg.clip_skip
     if run.te_trained:
-        return _text_forward(te, _token_ids(captions, run), clip_skip)
+        return encode_windows(te, _token_ids(captions, run), clip_skip)
     missing = [c for c in dict.fromkeys(captions) if c not in run._hidden]
     if missing:
         with torch.no_grad():
-            hidden = _text_forward(te, _token_ids(missing, run), clip_skip)
+            hidden = encode_windows(te, _token_ids(missing, run), clip_skip)
         if len(run._hidden) > TEXT_CACHE_LIMIT:
             run._hidden.clear()
         run._hidden.update(zip(missing, hidden))

@@ -157,7 +157,7 @@ def test_a_key_set_twice_across_toml_sections_is_an_error(tmp_path):
 
 def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, capsys):
     """A config brought from sd-scripts often sets data-loader and logging options: they are read with a note, while
-    an option that would change the result (max_token_length) is still refused by name."""
+    an option that would change the result and that lorakit does not have (multires noise) is refused by name."""
     (tmp_path / "t.toml").write_text("network_dim = 8\nmax_data_loader_n_workers = 0\nlogging_dir = 'logs'\n"
                                      "[extra]\nmem_eff_attn = true\n")
     cfg = TrainConfig.from_toml(tmp_path / "t.toml")
@@ -165,9 +165,12 @@ def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, c
     err = capsys.readouterr().err
     assert "note: `max_data_loader_n_workers` (in t.toml) is not used by lorakit: batches are loaded" in err
     assert "`logging_dir`" in err and "`mem_eff_attn`" in err
-    (tmp_path / "t.toml").write_text("max_token_length = 225\n")
-    with pytest.raises(ConfigError, match="unknown option `max_token_length`"):
+    (tmp_path / "t.toml").write_text("multires_noise_iterations = 6\n")
+    with pytest.raises(ConfigError, match="unknown option `multires_noise_iterations`"):
         TrainConfig.from_toml(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text("max_token_length = 225\nsample_sampler = 'k_euler_a'\n")
+    cfg = TrainConfig.from_toml(tmp_path / "t.toml")
+    assert (cfg.max_token_length, cfg.sample_sampler) == (225, "euler_a")
 
 
 def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):

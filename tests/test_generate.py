@@ -13,6 +13,7 @@ from lorakit.generation import generate, image_grid
 from lorakit.merging import merge
 from lorakit.model_weights import StateDictWeights
 from lorakit.models import load_models, save_single_file
+from lorakit.sampling import prompt_inputs
 from lorakit.tiny import build_tiny
 
 FAST = dict(num_inference_steps=3, guidance_scale=5.0, output_dir="", scheduler="ddim")
@@ -94,6 +95,20 @@ def test_png_parameters_prompt_file_and_grid(model, tmp_path):
     assert image_grid(result.images[:3], cols=3).size == (192, 64)
 
 
+def test_a_prompt_line_chooses_its_sampler(model, tmp_path):
+    d, comps, a, b = model
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --d 4 --ss k_euler_a\na cat --d 4\n")  # sd-scripts' `--ss`, with its k_ name
+    result = generate(components=comps, from_file=str(prompts), **{**FAST, "output_dir": str(tmp_path / "out")})
+    assert [s.sampler for s in result.specs] == ["euler_a", "ddim"]
+    texts = [Image.open(p).text["parameters"] for p in result.paths[:2]]
+    assert "Sampler: Euler a" in texts[0] and "Sampler: DDIM" in texts[1]
+    euler = generate(components=comps, prompt="a cat --d 4", **{**FAST, "scheduler": "euler_a"}).images[0]
+    ddim = generate(components=comps, prompt="a cat --d 4", **FAST).images[0]
+    assert np.array_equal(px(result.images[0]), px(euler)) and np.array_equal(px(result.images[1]), px(ddim))
+    assert not np.array_equal(px(euler), px(ddim))
+
+
 @pytest.mark.parametrize("scheduler", ["dpmsolver++", "unipc", "pndm"])
 def test_schedulers_by_name(model, scheduler):
     d, comps, a, b = model
@@ -112,6 +127,33 @@ def test_bad_input(model, tmp_path):
         generate(components=comps, **FAST)
     with pytest.raises(ConfigError, match="multiple of 8"):
         generate(components=comps, prompt="x", width=60, **FAST)
+
+
+def test_a_device_this_machine_lacks_is_a_clear_error(model, monkeypatch):
+    d, comps, a, b = model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="`device` is cuda but this machine has no CUDA device"):
+        generate(pretrained_model_name_or_path=str(d / "base.safetensors"), prompt="x", device="cuda", **FAST)
+    with pytest.raises(ConfigError, match="`device` must be cpu, cuda"):
+        generate(pretrained_model_name_or_path=str(d / "base.safetensors"), prompt="x", device="gpu", **FAST)
+
+
+def test_prompts_longer_than_75_tokens_are_read_to_the_end(model):
+    d, comps, a, b = model
+    long = ", ".join(f"tag{i}" for i in range(16))  # over 75 tokens with the tiny tokenizer
+    assert len(comps.tokenizer.tokenize(long)) > 75
+    red = generate(components=comps, prompt=long + ", red", seed=3, **FAST).images[0]
+    blue = generate(components=comps, prompt=long + ", blue", seed=3, **FAST).images[0]
+    again = generate(components=comps, prompt=long + ", red", seed=3, **FAST).images[0]
+    # cut at 77 positions (diffusers' own encoding) the two prompts would be the same: here the ends count
+    assert not np.array_equal(px(red), px(blue)) and np.array_equal(px(red), px(again))
+    text = prompt_inputs(comps, long, "", clip_skip=1)
+    assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == 152  # two windows each
+    assert prompt_inputs(comps, "a photo", None, clip_skip=1) == {"prompt": "a photo", "negative_prompt": None}
+    # a long negative prompt with a short prompt: both are read in the same number of windows
+    neg = generate(components=comps, prompt="a photo", negative_prompt=long + ", red", seed=3, **FAST).images[0]
+    neg2 = generate(components=comps, prompt="a photo", negative_prompt=long + ", blue", seed=3, **FAST).images[0]
+    assert not np.array_equal(px(neg), px(neg2))
 
 
 def test_clip_skip_uses_an_earlier_text_encoder_layer(model):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from lorakit.errors import ConfigError
@@ -24,8 +26,38 @@ def test_dashes_inside_words_are_prompt_text():
     assert spec.prompt == "a well-lit half--timbered house" and spec.num_inference_steps == 5
 
 
+def test_sampler_per_prompt_with_sd_scripts_names():
+    assert parse_prompt_line("a cat --ss euler_a --s 4").sampler == "euler_a"
+    assert parse_prompt_line("a cat --ss K_EULER_A").sampler == "euler_a"  # sd-scripts' k_ names are aliases
+    assert parse_prompt_line("a cat --ss dpm_2_a").sampler == "dpm_2_a"
+    with pytest.raises(ConfigError, match="`--ss` .*one of ddim"):
+        parse_prompt_line("a cat --ss euler_b")
+
+
+def test_every_sampler_name_builds_its_diffusers_scheduler():
+    from diffusers import DDPMScheduler
+
+    from lorakit.config.train import SAMPLER_ALIASES, SAMPLERS
+    from lorakit.sampling import SAMPLER_LABELS, make_sampler
+    from lorakit.sampling import SAMPLERS as BUILDERS
+
+    assert tuple(BUILDERS) == SAMPLERS and set(SAMPLER_LABELS) == set(SAMPLERS)
+    assert set(SAMPLER_ALIASES.values()) <= set(SAMPLERS)
+    train = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    needs_scipy = {"lms"}  # diffusers' LMS scheduler imports scipy, which lorakit does not install
+    built = {name: make_sampler(name, train) for name in SAMPLERS
+             if name not in needs_scipy or importlib.util.find_spec("scipy")}
+    if not importlib.util.find_spec("scipy"):
+        with pytest.raises(ConfigError, match="sampler `lms`: .*pip install scipy"):
+            make_sampler("lms", train)
+    assert type(built["dpm_2_a"]).__name__ == "KDPM2AncestralDiscreteScheduler"
+    assert built["dpmsolver"].config.algorithm_type == "dpmsolver"
+    assert all(s.config.num_train_timesteps == 1000 and s.config.beta_end == 0.012 for s in built.values())
+
+
 def test_round_trip_through_to_line():
-    spec = PromptSpec("x y", "bad", 64, 64, 3, 2.5, 7)
+    spec = PromptSpec("x y", "bad", 64, 64, 3, 2.5, 7, "euler")
     assert parse_prompt_line(spec.to_line()) == spec
 
 

@@ -140,9 +140,9 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir, monkey
     import lorakit.sampling
 
     encoded = []  # the samples are conditioned as the LoRA was trained (clip_skip), as the user's UI will
-    real_encode = lorakit.sampling.encode_clip_skip
-    monkeypatch.setattr(lorakit.sampling, "encode_clip_skip",
-                        lambda comps, prompt, k: encoded.append(k) or real_encode(comps, prompt, k))
+    real_encode = lorakit.sampling.prompt_embeddings
+    monkeypatch.setattr(lorakit.sampling, "prompt_embeddings", lambda comps, texts, n, k: encoded.extend(
+        [k] * len(texts)) or real_encode(comps, texts, n, k))
     result = lorakit.train(
         pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(data), output_dir=str(tmp_path / "out"),
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, cache_latents=False,
@@ -484,6 +484,34 @@ def test_text_encoder_lr_zero_trains_the_unet_only(tmp_path, tiny_sd1_dir):
     assert meta["ss_network_train_unet_only"] == "True"
     with pytest.raises(ConfigError, match="nothing to train"):
         TrainConfig(train_data_dir="x", unet_lr=0.0, text_encoder_lr=0.0)
+
+
+def test_max_token_length_reads_long_captions_in_windows(tmp_path, tiny_sd1_dir):
+    """sd-scripts' `max_token_length = 150 / 225`: the U-Net is conditioned on 152 / 227 text positions; without it
+    a longer caption is cut at 75 tokens, and the dataset report says so."""
+    from lorakit.models import load_models
+
+    d = tmp_path / "captions"
+    d.mkdir()
+    pattern(64, 64).save(d / "a.png")
+    (d / "a.txt").write_text(", ".join(f"tag{i}" for i in range(16)) + ", red")  # ~90 tokens
+    comps = load_models(str(tiny_sd1_dir))
+    widths = []
+    comps.unet.register_forward_pre_hook(lambda module, args: widths.append(args[2].shape[1]))
+    common = dict(components=comps, train_data_dir=str(d), max_train_steps=2, sample_at_end=False)
+    result = lorakit.train(output_dir=str(tmp_path / "long"), max_token_length=150, **common)
+    assert widths == [152, 152]
+    tensors, meta = read_lora(result.lora_path)
+    assert meta["ss_max_token_length"] == "150" and any(k.startswith("lora_te_") for k in tensors)
+    assert "tokens" not in result.report_path.read_text()
+    widths.clear()
+    result = lorakit.train(output_dir=str(tmp_path / "cut"), **common)
+    assert widths == [77, 77]
+    report = result.report_path.read_text()
+    assert "a.png: caption is" in report and "reads the first 75; max_token_length = 150 or 225" in report
+    assert "ss_max_token_length" not in read_lora(result.lora_path)[1]
+    with pytest.raises(ConfigError, match="max_token_length"):
+        TrainConfig(train_data_dir="x", max_token_length=100)
 
 
 def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, tiny_sd1_dir):

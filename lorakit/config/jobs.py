@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .schema import JobConfig, option
-from .train import SAMPLERS, SAVE_PRECISIONS
+from .train import SAMPLER_ALIASES, SAMPLERS, SAVE_PRECISIONS
 
 MERGE_MODES = ("concat", "svd", "sum")
 
@@ -98,7 +98,7 @@ class GenerateConfig(JobConfig):
                                 group="sampling", min=8)
     seed: int | None = option(42, "Random seed (same seed, same image).", group="sampling", min=0)
     num_images: int = option(1, "Images per prompt.", group="sampling", min=1)
-    scheduler: str = option("ddim", "Sampler.", group="sampling", choices=SAMPLERS)
+    scheduler: str = option("ddim", "Sampler.", group="sampling", choices=SAMPLERS, aliases=SAMPLER_ALIASES)
     from_file: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d).",
                                    group="sampling")
     output_dir: str = option("outputs", "Where PNGs are written.", group="basic")

@@ -36,6 +36,7 @@ def option(
     *,
     group: str = "general",
     choices: list | tuple | None = None,
+    aliases: dict | None = None,
     min: float | None = None,
     max: float | None = None,
     basic: bool = False,
@@ -46,10 +47,11 @@ def option(
     """Declare one config field.
 
     `basic` fields are shown first in forms; `secret` fields (tokens) are never saved or printed;
-    `min`/`max` are inclusive bounds checked by `validate()`.
+    `min`/`max` are inclusive bounds checked by `validate()`; `aliases` maps other accepted spellings of a choice
+    (sd-scripts' names) to the choice.
     """
-    meta = dict(help=help, group=group, choices=tuple(choices) if choices else None, min=min, max=max,
-                basic=basic, secret=secret, cli_only=cli_only)
+    meta = dict(help=help, group=group, choices=tuple(choices) if choices else None, aliases=aliases, min=min,
+                max=max, basic=basic, secret=secret, cli_only=cli_only)
     if isinstance(default, (list, dict, set)):
         default_factory, default = (lambda d=default: type(d)(d)), MISSING
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
@@ -71,6 +73,7 @@ class FieldSpec:
     max: float | None
     basic: bool
     secret: bool
+    aliases: dict | None = None  # other spellings of a choice -> the choice
 
 
 def _unwrap(tp) -> tuple[Any, Any, bool]:
@@ -131,9 +134,13 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
 
 
 def _canonical_choice(spec: FieldSpec, value):
-    """A choice written in another case (`adamw`, sd-scripts accepts it) as the schema spells it (`AdamW`)."""
+    """A choice written in another case (`adamw`, sd-scripts accepts it) or as one of its aliases (`k_euler_a`) as
+    the schema spells it (`AdamW`, `euler_a`)."""
     if spec.choices is None or not isinstance(value, str) or value in spec.choices:
         return value
+    aliases = {k.lower(): v for k, v in (spec.aliases or {}).items()}
+    if value.lower() in aliases:
+        return aliases[value.lower()]
     return next((c for c in spec.choices if isinstance(c, str) and c.lower() == value.lower()), value)
 
 
@@ -189,7 +196,7 @@ class JobConfig:
             m = f.metadata
             out.append(FieldSpec(f.name, base, item, optional, default, m.get("help", ""), m.get("group", "general"),
                                  m.get("choices"), m.get("min"), m.get("max"), m.get("basic", False),
-                                 m.get("secret", False)))
+                                 m.get("secret", False), m.get("aliases")))
         return out
 
     @classmethod

@@ -20,7 +20,10 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
-SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpmsolver++", "dpmsingle", "unipc")
+SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+            "dpmsingle", "unipc")
+SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
+                   "k_dpm_2_a": "dpm_2_a"}  # sd-scripts' other names
 
 
 def check_augmentations_uncached(cache_latents: bool, color_aug: bool, random_crop: bool, *, file: str = "",
@@ -86,6 +89,10 @@ class TrainConfig(JobConfig):
     caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
                                         group="data")
     caption_suffix: str | None = option(None, "Text put after every caption.", group="data")
+    max_token_length: int | None = option(
+        None, "Caption length the text encoder reads, in tokens: 150 or 225 read longer captions in 75-token "
+        "windows (sd-scripts). Unset: 75, the rest of a longer caption is cut off.", group="data",
+        choices=(75, 150, 225))
     color_aug: bool = option(False, "Random hue jitter (needs cache_latents = false).", group="data")
     flip_aug: bool = option(False, "Random horizontal flips (don't use for asymmetric subjects).", group="data")
     random_crop: bool = option(False, "Random instead of centre crop (needs cache_latents = false).", group="data")
@@ -186,11 +193,12 @@ class TrainConfig(JobConfig):
     training_comment: str | None = option(None, "A comment stored in the metadata.", group="saving")
 
     # ---- samples
-    sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d).",
+    sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss).",
                                         group="samples")
     sample_every_n_steps: int | None = option(None, "Generate samples every N steps.", group="samples", min=1)
     sample_every_n_epochs: int | None = option(None, "Generate samples every N epochs.", group="samples", min=1)
-    sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS)
+    sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS,
+                                 aliases=SAMPLER_ALIASES)
     sample_at_end: bool = option(True, "Generate samples and samples_grid.png when training ends (prompts from "
                                  "sample_prompts, else the dataset's first captions).", group="samples")
 
