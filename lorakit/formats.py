@@ -45,8 +45,9 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 COMPONENT_PREFIXES = {"text_encoder": "lora_te", "unet": "lora_unet"}
 _FOREIGN_HINTS = {
     "hada_w1": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", ".diff": "LyCORIS full-diff", "dora_scale": "DoRA",
-    "lora_A.weight": "diffusers/peft-format", "lora.down.weight": "old diffusers-format", ".oft_": "OFT",
+    ".oft_": "OFT",
 }
+_DIFFUSERS_MARKERS = ("lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
 
 
 def kohya_module_name(component: str, path: str) -> str:
@@ -146,6 +147,9 @@ def parse_kohya(tensors: dict[str, torch.Tensor], *, where: str = "LoRA") -> dic
 
 
 def _foreign_hint(keys: list[str]) -> str:
+    if any(marker in k for k in keys for marker in _DIFFUSERS_MARKERS):
+        return (" (they look like a diffusers/peft-format LoRA: `load_lora_file` reads such files with kohya keys, "
+                "`lorakit.diffusers_lora.diffusers_to_kohya` converts such a dict)")
     for marker, what in _FOREIGN_HINTS.items():
         if any(marker in k for k in keys):
             return f" (they look like a {what} file, which lorakit does not read)"
@@ -170,13 +174,14 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """Read a LoRA file: `.safetensors` (tensors + metadata) or a pickle `.ckpt`/`.pt` (tensors; no metadata).
 
     Pickles are read with `weights_only=True`: one that wants to run code raises `UnsafeCheckpointError` and
-    nothing in it is executed. Returns the raw kohya tensor dict (use `parse_kohya` to validate and group it).
+    nothing in it is executed. Returns the raw kohya tensor dict (use `parse_kohya` to validate and group it); a
+    file in one of diffusers' LoRA formats comes back with kohya keys (`lorakit.diffusers_lora`).
     """
     path = Path(path)
     if not path.is_file():
         raise LoraFormatError(f"LoRA file not found: {path}")
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        return _load_pickle(path), {}
+        return _as_kohya(_load_pickle(path), {}, path), {}
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -186,7 +191,14 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise LoraFormatError(f"{path.name}: not a readable safetensors file — truncated or corrupt? "
                               f"({str(e).splitlines()[0][:200]})") from None
-    return tensors, metadata
+    return _as_kohya(tensors, metadata, path), metadata
+
+
+def _as_kohya(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA saved in one of diffusers' formats, with its keys as kohya's (`lorakit.diffusers_lora`)."""
+    from .diffusers_lora import diffusers_to_kohya, is_diffusers_format
+
+    return diffusers_to_kohya(tensors, metadata, where=path.name) if is_diffusers_format(tensors) else tensors
 
 
 load_lora = load_lora_file  # the name `lorakit.load_lora` re-exports
