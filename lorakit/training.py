@@ -2,8 +2,8 @@
 
 `train(cfg)` is the whole job: set up (`lorakit.training_setup`), then the loop below — one function, top to bottom,
 one comment per diffusion step. The maths follow sd-scripts (docs/KOHYA_FORMAT.md §7): latents × scale, Gaussian
-noise (+ offset noise), uniform timesteps, DDPM forward noising, epsilon or v target, per-sample MSE × sample weight
-× min-SNR weight, mean.
+noise (+ offset and multires noise, `lorakit.noise`), uniform timesteps, DDPM forward noising (+ input
+perturbation), epsilon or v target, per-sample MSE × sample weight × timestep weight (min-SNR, debiased), mean.
 
 Outputs in `output_dir`: `<output_name>.safetensors` (kohya format), `<output_name>.toml` (the config),
 `loss_history.csv/.json`, `dataset_report.txt/.json`, `samples/*.png` and `samples_grid.png`, and with
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
+from .noise import input_noise, snr_weights, training_noise
 from .skip_gradients import frozen_skip_gradients
 from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
 from .training_setup import (
@@ -133,7 +134,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     params = list(named_params.values())
     optimizer, scheduler, scaler = build_optimizer(cfg, run)
     noise_scheduler = comps.noise_scheduler
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the min-SNR weights
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the SNR loss weights
     t_min, t_max = cfg.min_timestep, min(cfg.max_timestep, noise_scheduler.config.num_train_timesteps)
     v_target = comps.prediction_type == "v_prediction"
     accumulation = cfg.gradient_accumulation_steps
@@ -174,6 +175,8 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                                        loss_history=history, config_toml=cfg.to_toml(), layout=layout)
         write_history(run.output_dir, history)
 
+    if cfg.sample_at_first and step == 0:  # the starting point (a resumed run has it already)
+        run.sample(0, cbs)
     progress = run.progress_bar(initial=step, disable=cbs.shows_progress)
     started, steps_at_start = time.perf_counter(), step
     accumulated, micro = 0.0, 0
@@ -193,29 +196,33 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                     # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
                     latents = latents_of(batch, run, gen)
                     bsz = latents.shape[0]
-                    # 2. noise ~ N(0, I); offset noise adds a per-channel constant so the model can learn very dark or
-                    #    bright images (crosslabs.org/blog/diffusion-with-offset-noise)
-                    noise = torch.randn(latents.shape, generator=gen)
-                    if cfg.noise_offset:
-                        noise += cfg.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=gen)
-                    noise = noise.to(device, latents.dtype)
+                    # 2. noise ε ~ N(0, I), with sd-scripts' offset and multires options (lorakit.noise)
+                    noise = training_noise(latents, gen, offset=cfg.noise_offset,
+                                           offset_random_strength=cfg.noise_offset_random_strength,
+                                           adaptive_scale=cfg.adaptive_noise_scale,
+                                           multires_iterations=cfg.multires_noise_iterations,
+                                           multires_discount=cfg.multires_noise_discount)
                     # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
                     timesteps = torch.randint(t_min, t_max, (bsz,), generator=gen).to(device)
-                    # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (with input
+                    #    perturbation, ε + γ·ξ here while the target stays ε)
+                    noisy = noise_scheduler.add_noise(
+                        latents, input_noise(noise, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength),
+                        timesteps)
                     # 5. condition: caption -> text-encoder hidden states (with clip_skip)
                     hidden = encode_text(batch.captions, run)
                     # 6. predict with the LoRA-adapted U-Net
                     pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
                     # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
                     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
-                    # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × min-SNR weight
+                    # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × the timestep's
+                    #    weight (Min-SNR: min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR)
                     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = loss * batch.weights.to(device)
-                    if cfg.min_snr_gamma:
-                        # Min-SNR weighting (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v
+                    if cfg.min_snr_gamma or cfg.debiased_estimation_loss:
                         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                        loss = loss * torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1 if v_target else snr)
+                        loss = loss * snr_weights(snr, v_prediction=v_target, min_snr_gamma=cfg.min_snr_gamma,
+                                                  debiased=cfg.debiased_estimation_loss)
                     loss = loss.mean()
                 # 9. backward: gradients reach only the LoRA weights (the base model is frozen). The loss is read
                 #    (a GPU sync) only after the backward pass is queued, so the GPU is never idle waiting for it.

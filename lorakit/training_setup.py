@@ -321,7 +321,7 @@ def _prepare_samples(cfg, run: Run) -> None:
     training, not after an hour)."""
     from .sampling import SampleSettings, load_prompts, make_sampler
 
-    if not (cfg.sample_prompts or cfg.sample_at_end):
+    if not (cfg.sample_prompts or cfg.sample_at_end or cfg.sample_at_first):
         return
     seen = []
     for ex in run.dataset.examples:

@@ -157,7 +157,7 @@ def test_a_key_set_twice_across_toml_sections_is_an_error(tmp_path):
 
 def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, capsys):
     """A config brought from sd-scripts often sets data-loader and logging options: they are read with a note, while
-    an option that would change the result and that lorakit does not have (multires noise) is refused by name."""
+    a misspelt option is refused by name, with the closest option."""
     (tmp_path / "t.toml").write_text("network_dim = 8\nmax_data_loader_n_workers = 0\nlogging_dir = 'logs'\n"
                                      "[extra]\nmem_eff_attn = true\n")
     cfg = TrainConfig.from_toml(tmp_path / "t.toml")
@@ -165,12 +165,34 @@ def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, c
     err = capsys.readouterr().err
     assert "note: `max_data_loader_n_workers` (in t.toml) is not used by lorakit: batches are loaded" in err
     assert "`logging_dir`" in err and "`mem_eff_attn`" in err
-    (tmp_path / "t.toml").write_text("multires_noise_iterations = 6\n")
-    with pytest.raises(ConfigError, match="unknown option `multires_noise_iterations`"):
+    (tmp_path / "t.toml").write_text("multires_noise_iterations_typo = 6\n")
+    with pytest.raises(ConfigError, match="unknown option `multires_noise_iterations_typo`.*did you mean "
+                                          "`multires_noise_iterations`"):
         TrainConfig.from_toml(tmp_path / "t.toml")
-    (tmp_path / "t.toml").write_text("max_token_length = 225\nsample_sampler = 'k_euler_a'\n")
+    (tmp_path / "t.toml").write_text("max_token_length = 225\nsample_sampler = 'k_euler_a'\n"
+                                     "multires_noise_iterations = 6\n")
     cfg = TrainConfig.from_toml(tmp_path / "t.toml")
-    assert (cfg.max_token_length, cfg.sample_sampler) == (225, "euler_a")
+    assert (cfg.max_token_length, cfg.sample_sampler, cfg.multires_noise_iterations) == (225, "euler_a", 6)
+
+
+def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_on(tmp_path, capsys):
+    """GUI-made sd-scripts configs list every option: those lorakit lacks are fine at their "off" value."""
+    (tmp_path / "t.toml").write_text("zero_terminal_snr = false\nscale_weight_norms = 0\nloss_type = 'l2'\n"
+                                     "huggingface_token = ''\nnetwork_dim = 4\n")
+    assert TrainConfig.from_toml(tmp_path / "t.toml").network_dim == 4
+    err = capsys.readouterr().err
+    assert "4 sd-scripts option(s) (in t.toml) set to off are not in lorakit: zero_terminal_snr, " in err
+    for line, feature, off in [("scale_weight_norms = 1.0", "max-norm regularisation", "0"),
+                               ("zero_terminal_snr = true", "zero-terminal-SNR", "false"),
+                               ("loss_type = 'huber'", "Huber", '"l2"')]:
+        (tmp_path / "t.toml").write_text(line + "\n")
+        with pytest.raises(ConfigError, match=f"is set, but lorakit does not have (a )?{feature}.*set it "
+                                              f"to {off} \\(off\\)"):
+            TrainConfig.from_toml(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text("huggingface_token = 'hf_secret_value'\n")
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_toml(tmp_path / "t.toml")
+    assert "hf_secret_value" not in str(info.value) and "lorakit push" in str(info.value)
 
 
 def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):

@@ -514,6 +514,41 @@ def test_max_token_length_reads_long_captions_in_windows(tmp_path, tiny_sd1_dir)
         TrainConfig(train_data_dir="x", max_token_length=100)
 
 
+def test_sd_scripts_noise_options_change_training_and_stay_reproducible(tmp_path, tiny_sd1_dir):
+    data = one_image_data(tmp_path, "1_sks dog").parent
+    options = dict(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01,
+                   multires_noise_iterations=6, multires_noise_discount=0.3, ip_noise_gamma=0.1,
+                   ip_noise_gamma_random_strength=True, debiased_estimation_loss=True)
+
+    def run(name, **opts):
+        rec = Recorder()
+        result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                               output_dir=str(tmp_path / name), max_train_steps=3, sample_at_end=False,
+                               learning_rate=1e-3, callbacks=rec, **opts)
+        return read_lora(result.lora_path), [i.loss for i in rec.steps]
+
+    (a, meta), losses = run("a", **options)
+    (b, _), again = run("b", **options)
+    (plain, _), plain_losses = run("plain")
+    assert losses == again and all(torch.equal(a[k], b[k]) for k in a)  # reproducible with the seed
+    assert losses != plain_losses and any(not torch.equal(a[k], plain[k]) for k in a)
+    assert (meta["ss_multires_noise_iterations"], meta["ss_multires_noise_discount"], meta["ss_ip_noise_gamma"],
+            meta["ss_debiased_estimation"], meta["ss_adaptive_noise_scale"],
+            meta["ss_noise_offset_random_strength"]) == ("6", "0.3", "0.1", "True", "0.01", "True")
+    with pytest.raises(ConfigError, match="adaptive_noise_scale"):
+        TrainConfig(train_data_dir="x", adaptive_noise_scale=0.01)
+
+
+def test_sample_at_first_draws_the_starting_point(tmp_path, tiny_sd1_dir):
+    data = one_image_data(tmp_path, "1_sks dog").parent
+    rec = Recorder()
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                           output_dir=str(tmp_path / "out"), max_train_steps=2, sample_at_first=True,
+                           sample_at_end=False, callbacks=rec)
+    assert [step for step, *_ in rec.samples] == [0]
+    assert [p.name for p in result.sample_paths] == ["000000_00.png"] and result.samples_grid is not None
+
+
 def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, tiny_sd1_dir):
     """Re-running a command must not lose a trained LoRA: refused (before the model loads) unless the run resumes
     or sets `overwrite`."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import sys
 import types
@@ -177,6 +178,14 @@ def check_extension(name: str, value: str, where: str = "") -> None:
                           f"\".caption\"; got {value!r}{where}")
 
 
+def _off_spelling(offs: tuple) -> str:
+    """How to write an option's "off" value in TOML: `false`, `0`, `"l2"`, …"""
+    value = next((v for v in offs if v is not None), None)
+    if isinstance(value, bool):
+        return "false"
+    return json.dumps(value) if isinstance(value, (str, list)) else str(value)
+
+
 class JobConfig:
     """Mixin for job configs: construction from dicts/TOML/CLI, validation, export."""
 
@@ -234,17 +243,28 @@ class JobConfig:
         specs = cls.spec_map()
         aliases = getattr(cls, "aliases", {})
         ignored = getattr(cls, "ignored_options", {})
-        kwargs = {}
+        unsupported = getattr(cls, "unsupported_options", {})
+        kwargs, off = {}, []
         for key, value in data.items():
             key = aliases.get(key, key)
             if key in ignored and key not in specs:  # an sd-scripts option with nothing to do here
                 print(f"note: `{key}`{where} is not used by lorakit: {ignored[key]}", file=sys.stderr)
                 continue
+            if key in unsupported and key not in specs:  # an sd-scripts feature lorakit lacks: fine while it is off
+                offs, what = unsupported[key]
+                if value in offs:
+                    off.append(key)
+                    continue
+                raise ConfigError(f"`{key}`{where} is set, but lorakit does not have {what} (an sd-scripts "
+                                  f"option); remove it, or set it to {_off_spelling(offs)} (off)")
             if key not in specs:
                 close = difflib.get_close_matches(key, list(specs), n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else f"; valid options: `lorakit {cls.job} --help`"
                 raise ConfigError(f"unknown option `{key}` for `{cls.job}`{where}{hint}")
             kwargs[key] = cls.coerce(specs[key], value, where)
+        if off:
+            print(f"note: {len(off)} sd-scripts option(s){where} set to off are not in lorakit: "
+                  f"{', '.join(off)}", file=sys.stderr)
         missing = [s.name for s in specs.values() if s.default is MISSING and s.name not in kwargs]
         if missing:
             raise ConfigError(f"`{missing[0]}` is required for `{cls.job}`{where}")

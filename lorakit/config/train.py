@@ -53,6 +53,69 @@ class TrainConfig(JobConfig):
         "sdpa": "attention is PyTorch's SDPA by default",
         "lowram": "lorakit streams and frees model weights itself",
         "highvram": "lorakit places the models itself",
+        "no_half_vae": "the VAE always encodes in fp32",
+        "vae_batch_size": "lorakit encodes the latents itself",
+        "wandb_api_key": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "wandb_run_name": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "log_tracker_name": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "log_tracker_config": "the loss history is written to output_dir (loss_history.csv/.json)",
+        "log_config": "the config is saved as <output_name>.toml next to the LoRA",
+        "console_log_level": "lorakit prints its own progress", "console_log_file": "lorakit prints its own progress",
+        "console_log_simple": "lorakit prints its own progress",
+        "tokenizer_cache_dir": "the tokenizer comes with the model", "skip_cache_check": "lorakit checks its cache",
+        "ddp_timeout": "lorakit trains on one device", "ddp_gradient_as_bucket_view": "lorakit trains on one device",
+        "ddp_static_graph": "lorakit trains on one device",
+        "huber_c": "used only with sd-scripts' loss_type huber / smooth_l1",
+        "huber_schedule": "used only with sd-scripts' loss_type huber / smooth_l1",
+        "huber_scale": "used only with sd-scripts' loss_type huber / smooth_l1",
+    }
+    # sd-scripts options that would change training and that lorakit does not have: read when set to an "off" value
+    # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
+    unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "zero_terminal_snr": ((False,), "a zero-terminal-SNR noise schedule"),
+        "scale_v_pred_loss_like_noise_pred": ((False,), "v-prediction loss scaling"),
+        "v_pred_like_loss": ((None, 0), "the v-prediction-like loss"),
+        "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
+        "scale_weight_norms": ((None, 0), "max-norm regularisation of the LoRA weights"),
+        "dim_from_weights": ((False,), "the LoRA's rank taken from `network_weights`"),
+        "base_weights": ((None, "", []), "LoRAs merged into the model before training (use `lorakit merge`)"),
+        "base_weights_multiplier": ((None, []), "LoRAs merged into the model before training"),
+        "masked_loss": ((False,), "masked loss"),
+        "alpha_mask": ((False,), "alpha-channel loss masks"),
+        "weighted_captions": ((False,), "`(word:1.2)` weights in captions"),
+        "full_fp16": ((False,), "fp16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
+        "full_bf16": ((False,), "bf16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
+        "fp8_base": ((False,), "fp8 base weights"),
+        "stop_text_encoder_training": ((None, 0), "a step at which the text encoder stops training"),
+        "save_last_n_epochs": ((None, 0), "the deletion of older saves"),
+        "save_last_n_steps": ((None, 0), "the deletion of older saves"),
+        "save_last_n_epochs_state": ((None, 0), "the deletion of older saved states"),
+        "save_last_n_steps_state": ((None, 0), "the deletion of older saved states"),
+        "save_n_epoch_ratio": ((None, 0), "saves at a fraction of the epochs"),
+        "save_state_on_train_end": ((False,), "a state saved only at the end (set `save_state`)"),
+        "token_warmup_min": ((None, 1), "token warm-up"),
+        "token_warmup_step": ((None, 0), "token warm-up"),
+        "face_crop_aug_range": ((None, ""), "face-crop augmentation"),
+        "caption_separator": ((None, ","), "a tag separator other than a comma"),
+        "secondary_separator": ((None, ""), "a secondary tag separator"),
+        "enable_wildcard": ((False,), "caption wildcards"),
+        "lr_scheduler_type": ((None, ""), "a custom learning-rate scheduler class"),
+        "lr_scheduler_args": ((None, "", []), "learning-rate scheduler arguments"),
+        "lr_decay_steps": ((None, 0), "learning-rate decay steps"),
+        "lr_scheduler_timescale": ((None, 0), "a learning-rate timescale"),
+        "lr_scheduler_min_lr_ratio": ((None, 0), "a minimum learning-rate ratio"),
+        "cache_text_encoder_outputs": ((False,), "cached text-encoder outputs (SDXL)"),
+        "in_json": ((None, ""), "a fine-tuning metadata JSON (use a dataset TOML with `metadata_file`)"),
+        "dataset_repeats": ((None, 1), "fine-tuning dataset repeats (use `num_repeats` in a dataset TOML)"),
+        "debug_dataset": ((False,), "sd-scripts' dataset viewer (see `lorakit prepare check`)"),
+        "huggingface_repo_id": ((None, ""), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "huggingface_token": ((None, ""), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "huggingface_path_in_repo": ((None, ""), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "huggingface_repo_type": ((None, ""), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "huggingface_repo_visibility": ((None, ""), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "save_state_to_huggingface": ((False,), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "resume_from_huggingface": ((False,), "resuming from the Hub"),
+        "async_upload": ((False,), "sd-scripts' own Hub upload (use `lorakit push`)"),
     }
 
     # ---- model
@@ -160,6 +223,20 @@ class TrainConfig(JobConfig):
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
     noise_offset: float = option(0.0, "Offset noise (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05–0.1 "
                                  "helps very dark/bright images.", group="training", min=0.0, max=1.0)
+    noise_offset_random_strength: bool = option(False, "Draw the offset's strength from U(0, noise_offset) each "
+                                                "step.", group="training")
+    adaptive_noise_scale: float | None = option(None, "Add this many times each channel's mean |latent| to the "
+                                                "offset (needs noise_offset).", group="training")
+    multires_noise_iterations: int | None = option(None, "Multires (pyramid) noise levels; 6–10 is typical. Unset: "
+                                                   "off.", group="training", min=0)
+    multires_noise_discount: float = option(0.3, "Weight ratio between multires noise levels (0.1–0.3).",
+                                            group="training", min=0.0, max=1.0)
+    ip_noise_gamma: float | None = option(None, "Input perturbation noise (arxiv.org/abs/2301.11706); ~0.1.",
+                                          group="training", min=0.0)
+    ip_noise_gamma_random_strength: bool = option(False, "Draw the perturbation's strength from U(0, "
+                                                  "ip_noise_gamma) each step.", group="training")
+    debiased_estimation_loss: bool = option(False, "Weight the loss by 1/√SNR (debiased estimation).",
+                                            group="training")
     min_timestep: int = option(0, "Train on timesteps ≥ this (sd-scripts option; 0 = all).", group="training",
                                min=0, max=999)
     max_timestep: int = option(1000, "Train on timesteps < this (sd-scripts option; 1000 = all).",
@@ -201,6 +278,8 @@ class TrainConfig(JobConfig):
                                  aliases=SAMPLER_ALIASES)
     sample_at_end: bool = option(True, "Generate samples and samples_grid.png when training ends (prompts from "
                                  "sample_prompts, else the dataset's first captions).", group="samples")
+    sample_at_first: bool = option(False, "Also generate samples before the first step: the starting point to "
+                                   "compare the LoRA's samples with.", group="samples")
 
     def check(self) -> None:
         if self.network_train_unet_only and self.network_train_text_encoder_only:
@@ -220,6 +299,8 @@ class TrainConfig(JobConfig):
             raise ConfigError("set `max_train_steps` or `max_train_epochs`")
         if self.min_timestep >= self.max_timestep:
             raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
+        if self.adaptive_noise_scale and not self.noise_offset:
+            raise ConfigError("`adaptive_noise_scale` adds to the offset noise: it needs `noise_offset` > 0")
         parse_resolution(self.resolution)
         for arg in self.network_args:
             if "=" not in arg:

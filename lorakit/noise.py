@@ -1,0 +1,73 @@
+"""The noise of a training step and the loss weights that depend on the timestep — sd-scripts' options, as pure
+functions. Every random number comes from the step's generator, so a run stays reproducible and resumable.
+
+- offset noise (`noise_offset`, crosslabs.org/blog/diffusion-with-offset-noise): a per-sample, per-channel constant
+  added to the noise, so the model can learn very dark or bright images; `noise_offset_random_strength` draws its
+  strength from U(0, noise_offset) each step; `adaptive_noise_scale` adds that many times each channel's mean
+  |latent| to it.
+- multires ("pyramid") noise (`multires_noise_iterations`, `multires_noise_discount`): noise at ever coarser
+  random scales (each 2–4× smaller), upsampled and added with weight discountⁱ, then scaled back to unit variance.
+- input perturbation (`ip_noise_gamma`, Ning et al. 2023, arxiv.org/abs/2301.11706): the noisy input is made with
+  ε + γ·ξ while the target stays ε; `ip_noise_gamma_random_strength` draws γ from U(0, γ) each step.
+- loss weights per timestep: Min-SNR (Hang et al. 2023) min(SNR, γ)/SNR for ε (/(SNR + 1) for v), and debiased
+  estimation (`debiased_estimation_loss`) 1/√SNR for ε (1/(SNR + 1) for v), SNR capped at 1000.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def training_noise(latents: torch.Tensor, gen: torch.Generator, *, offset: float = 0.0,
+                   offset_random_strength: bool = False, adaptive_scale: float | None = None,
+                   multires_iterations: int | None = None, multires_discount: float = 0.3) -> torch.Tensor:
+    """ε for `latents` [b, c, h, w] (on the latents' device and dtype): N(0, I), then offset and multires noise."""
+    b, c = latents.shape[:2]
+    noise = torch.randn(latents.shape, generator=gen)
+    if offset:
+        strength = offset * float(torch.rand((), generator=gen)) if offset_random_strength else offset
+        scale = torch.full((b, c, 1, 1), strength)
+        if adaptive_scale:
+            mean = latents.detach().float().mean(dim=(2, 3), keepdim=True).abs().cpu()
+            scale = (scale + adaptive_scale * mean).clamp(min=0.0)
+        noise = noise + scale * torch.randn((b, c, 1, 1), generator=gen)
+    if multires_iterations:
+        noise = pyramid_noise(noise, gen, multires_iterations, multires_discount)
+    return noise.to(latents.device, latents.dtype)
+
+
+def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """`noise` plus noise drawn at sizes h/rⁱ × w/rⁱ (r ~ U(2, 4) each level, down to 1 pixel), bilinearly
+    upsampled and weighted discountⁱ, i = 0 … iterations − 1; scaled to unit standard deviation."""
+    b, c, h, w = noise.shape
+    out = noise.clone()
+    for i in range(iterations):
+        r = 2.0 + 2.0 * float(torch.rand((), generator=gen))
+        hn, wn = max(1, int(h / r**i)), max(1, int(w / r**i))
+        coarse = torch.randn((b, c, hn, wn), generator=gen)
+        out += F.interpolate(coarse, size=(h, w), mode="bilinear") * discount**i
+        if hn == 1 or wn == 1:
+            break
+    return out / out.std()
+
+
+def input_noise(noise: torch.Tensor, gen: torch.Generator, gamma: float | None,
+                random_strength: bool = False) -> torch.Tensor:
+    """The noise the noisy input is made with: ε, or with input perturbation ε + γ·ξ (ξ ~ N(0, I))."""
+    if not gamma:
+        return noise
+    strength = gamma * float(torch.rand((), generator=gen)) if random_strength else gamma
+    return noise + strength * torch.randn(noise.shape, generator=gen).to(noise.device, noise.dtype)
+
+
+def snr_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: float | None = None,
+                debiased: bool = False) -> torch.Tensor:
+    """Per-sample loss weights from the timesteps' SNR = ᾱ/(1 − ᾱ): Min-SNR and/or debiased estimation."""
+    weight = torch.ones_like(snr)
+    if min_snr_gamma:
+        weight = weight * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    if debiased:
+        capped = torch.clamp(snr, max=1000.0)  # SNR is infinite at t = 0
+        weight = weight / (capped + 1 if v_prediction else torch.sqrt(capped))
+    return weight

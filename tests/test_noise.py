@@ -1,0 +1,104 @@
+"""sd-scripts' noise options and timestep loss weights as pure functions, checked against their definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lorakit.noise import input_noise, pyramid_noise, snr_weights, training_noise
+
+SHAPE = (2, 4, 32, 32)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_plain_noise_is_the_generator_s_gaussian():
+    latents = torch.zeros(SHAPE)
+    torch.testing.assert_close(training_noise(latents, gen()), torch.randn(SHAPE, generator=gen()))
+
+
+def test_offset_noise_adds_a_constant_per_sample_and_channel():
+    latents = torch.zeros(SHAPE)
+    g = gen()
+    base, per_channel = torch.randn(SHAPE, generator=g), torch.randn((2, 4, 1, 1), generator=g)
+    torch.testing.assert_close(training_noise(latents, gen(), offset=0.1), base + 0.1 * per_channel)
+    # random strength: one draw of U(0, offset) between the noise and the per-channel constants
+    g = gen()
+    base, u, per_channel = torch.randn(SHAPE, generator=g), torch.rand((), generator=g), torch.randn((2, 4, 1, 1),
+                                                                                                    generator=g)
+    got = training_noise(latents, gen(), offset=0.1, offset_random_strength=True)
+    torch.testing.assert_close(got, base + 0.1 * float(u) * per_channel)
+
+
+def test_adaptive_noise_scale_grows_the_offset_with_each_channel_s_mean():
+    latents = torch.zeros(SHAPE)
+    latents[:, 1] = -2.0  # channel 1 has mean |latent| 2, the others 0
+    g = gen()
+    base, per_channel = torch.randn(SHAPE, generator=g), torch.randn((2, 4, 1, 1), generator=g)
+    got = training_noise(latents, gen(), offset=0.1, adaptive_scale=0.05)
+    scale = torch.full((2, 4, 1, 1), 0.1)
+    scale[:, 1] += 0.05 * 2.0
+    torch.testing.assert_close(got, base + scale * per_channel)
+    negative = training_noise(latents, gen(), offset=0.1, adaptive_scale=-1.0)  # clamped at 0: no offset left
+    torch.testing.assert_close(negative[:, 1], base[:, 1] + 0.0 * per_channel[:, 1])
+
+
+def _block_mean_variance(x: torch.Tensor, k: int = 8) -> float:
+    return float(torch.nn.functional.avg_pool2d(x, k).var())
+
+
+def test_pyramid_noise_has_unit_variance_and_much_more_low_frequency_power():
+    plain = torch.randn(SHAPE, generator=gen(1))
+    pyramid = pyramid_noise(plain, gen(2), iterations=6, discount=0.8)
+    assert float(pyramid.std()) == pytest.approx(1.0, abs=1e-5)
+    # 8x8 block means of white noise have variance ~1/64; the coarse levels raise it several times (8-19x over
+    # 20 seeds at discount 0.8)
+    assert _block_mean_variance(pyramid) > 4 * _block_mean_variance(plain)
+    assert not torch.equal(plain, pyramid) and torch.equal(plain, torch.randn(SHAPE, generator=gen(1)))  # not in place
+    # discount 0: only level 0 (a second full-size draw) is added, then the sum is rescaled
+    g = gen(3)
+    float(torch.rand((), generator=g))
+    fresh = torch.randn(SHAPE, generator=g)
+    expected = (plain + fresh) / (plain + fresh).std()
+    torch.testing.assert_close(pyramid_noise(plain, gen(3), iterations=4, discount=0.0), expected)
+    assert pyramid_noise(plain, gen(4), iterations=100, discount=0.5).shape == SHAPE  # stops at one pixel
+
+
+def test_multires_comes_after_the_offset_and_is_reproducible():
+    latents = torch.zeros(SHAPE)
+    a = training_noise(latents, gen(5), offset=0.1, multires_iterations=6, multires_discount=0.3)
+    b = training_noise(latents, gen(5), offset=0.1, multires_iterations=6, multires_discount=0.3)
+    assert torch.equal(a, b) and float(a.std()) == pytest.approx(1.0, abs=1e-5)
+    g = gen(5)
+    offset = torch.randn(SHAPE, generator=g) + 0.1 * torch.randn((2, 4, 1, 1), generator=g)
+    torch.testing.assert_close(a, pyramid_noise(offset, g, 6, 0.3))
+
+
+def test_input_perturbation_changes_the_input_noise_only():
+    noise = torch.randn(SHAPE, generator=gen(6))
+    assert input_noise(noise, gen(), None) is noise and input_noise(noise, gen(), 0.0) is noise
+    torch.testing.assert_close(input_noise(noise, gen(7), 0.1), noise + 0.1 * torch.randn(SHAPE, generator=gen(7)))
+    g = gen(8)
+    u = float(torch.rand((), generator=g))
+    expected = noise + 0.1 * u * torch.randn(SHAPE, generator=g)
+    torch.testing.assert_close(input_noise(noise, gen(8), 0.1, random_strength=True), expected)
+
+
+def test_snr_weights_follow_min_snr_and_debiased_estimation():
+    snr = torch.tensor([0.01, 1.0, 25.0, math.inf])
+    ones = snr_weights(snr, v_prediction=False)
+    assert torch.equal(ones, torch.ones(4))
+    eps = snr_weights(snr[:3], v_prediction=False, min_snr_gamma=5.0)
+    torch.testing.assert_close(eps, torch.tensor([1.0, 1.0, 5 / 25]))
+    v = snr_weights(snr[:3], v_prediction=True, min_snr_gamma=5.0)
+    torch.testing.assert_close(v, torch.tensor([0.01 / 1.01, 1 / 2, 5 / 26]))
+    deb = snr_weights(snr, v_prediction=False, debiased=True)
+    torch.testing.assert_close(deb, torch.tensor([10.0, 1.0, 0.2, 1 / math.sqrt(1000)]))  # SNR capped at 1000
+    deb_v = snr_weights(snr, v_prediction=True, debiased=True)
+    torch.testing.assert_close(deb_v, torch.tensor([1 / 1.01, 0.5, 1 / 26, 1 / 1001]))
+    both = snr_weights(snr[:3], v_prediction=False, min_snr_gamma=5.0, debiased=True)
+    torch.testing.assert_close(both, eps * deb[:3])
