@@ -58,8 +58,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
                step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "",
-               layout: dict | None = None) -> Path:
-    """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder."""
+               layout: dict | None = None, saved_with: str | None = None) -> Path:
+    """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder. `saved_with`: the
+    tag of the LoRA saved with it (`lorakit.save_rotation` deletes the two together)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"state-{step:08d}"
@@ -72,6 +73,8 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
                     "layout": layout, "format": 1}, tmp / "train_state.pt")
         if config_toml:
             write_text(tmp / "config.toml", config_toml)
+        if saved_with:
+            write_text(tmp / "saved_with.txt", saved_with + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

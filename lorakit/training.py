@@ -24,6 +24,7 @@ from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
 from .noise import input_noise, snr_weights, training_noise
+from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
 from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
 from .training_setup import (
@@ -172,8 +173,15 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         if cfg.save_state:
             run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                        scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
-                                       loss_history=history, config_toml=cfg.to_toml(), layout=layout)
+                                       loss_history=history, config_toml=cfg.to_toml(), layout=layout,
+                                       saved_with=tag)
         write_history(run.output_dir, history)
+        if cfg.save_last_n_epochs or cfg.save_last_n_steps or cfg.save_last_n_epochs_state or \
+                cfg.save_last_n_steps_state:
+            prune_saves(run.output_dir, cfg.output_name, cfg.save_model_as, step=step,
+                        last_n_epochs=cfg.save_last_n_epochs, last_n_steps=cfg.save_last_n_steps,
+                        last_n_epochs_state=cfg.save_last_n_epochs_state,
+                        last_n_steps_state=cfg.save_last_n_steps_state)
 
     if cfg.sample_at_first and step == 0:  # the starting point (a resumed run has it already)
         run.sample(0, cbs)
