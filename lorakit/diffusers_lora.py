@@ -4,10 +4,13 @@ them, and `merge` can write them out in kohya format for A1111, ComfyUI and sd-s
 Formats read (what diffusers' training examples and `save_lora_weights` write, `pytorch_lora_weights.safetensors`):
 - peft: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>.…`; the scale comes from the
   `lora_adapter_metadata` header (peft's `LoraConfig` per component: `lora_alpha`, `alpha_pattern`, `use_rslora`),
-  and without it is 1 (alpha = rank: what diffusers' training scripts train with). Also a peft adapter file
-  (`base_model.model.<module>…`) and keys without a component prefix (told apart by the module path).
+  and without it is 1 (alpha = rank: what diffusers' training scripts train with; a note says so). Keys without a
+  component prefix are told apart by the module path.
 - the older formats: `<module>.lora.down.weight` / `.lora.up.weight` (with optional `<module>.alpha`), the text
-  encoder's `….lora_linear_layer.down.weight`, and attention processors `…attn1.processor.to_q_lora.down.weight`.
+  encoder's `….lora_linear_layer.down.weight` and `…self_attn.to_q_lora.down.weight`, and attention processors
+  `…attn1.processor.to_q_lora.down.weight`.
+- a peft adapter (`adapter_model.safetensors`, keys `base_model.model.<module>…`) with the `adapter_config.json`
+  beside it, and a model's own `save_lora_adapter` file (its metadata unprefixed).
 
 `lora_A` is kohya's `lora_down`, `lora_B` its `lora_up`; module paths are the same diffusers / transformers paths
 kohya names are made of (`kohya_module_name`). DoRA and embedding LoRAs are refused by name.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 
 import torch
 
@@ -28,6 +32,10 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: peft LoraConf
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")  # also `lora_A.<adapter>.weight`
 _OLD = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 _PROCESSOR = re.compile(r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+# the text encoder's keys of the attention-processor era: `…self_attn.to_q_lora.down.weight` for `q_proj`
+_TEXT_PROCESSOR = re.compile(
+    r"^(?P<module>.+\.self_attn)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _PARTS = {"A": "down", "B": "up", "down": "down", "up": "up"}
 _PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
@@ -44,6 +52,8 @@ def _split(key: str) -> tuple[str, str] | None:
     if m := _PROCESSOR.match(key):
         proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
         return f"{m['module']}.{proj}", m["part"]
+    if m := _TEXT_PROCESSOR.match(key):
+        return f"{m['module']}.{_TEXT_PROJ[m['proj']]}", m["part"]
     for pattern in (_PEFT, _OLD):
         if m := pattern.match(key):
             return m["module"], _PARTS[m["part"]]
@@ -76,6 +86,8 @@ def _adapter_configs(metadata: dict | None, where: str) -> dict[str, dict]:
         flat = json.loads(raw)
     except json.JSONDecodeError:
         raise LoraFormatError(f"{where}: its `{METADATA_KEY}` header entry is not valid JSON") from None
+    if "lora_alpha" in flat or "r" in flat:  # one model's peft config, unprefixed (`save_lora_adapter`, peft)
+        return {"*": flat}
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         component, _, field = key.partition(".")
@@ -116,6 +128,9 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
             raise LoraFormatError(f"{where}: `{key}` is neither a kohya nor a diffusers LoRA key")
         module, part = split
         modules.setdefault(_component(module, where), {})[part] = value
+    if not configs and not alphas:
+        print(f"note: {where} holds no LoRA scale (peft's `lora_alpha`): read with scale 1 (alpha = rank), as "
+              f"diffusers' training scripts train", file=sys.stderr)
     out = {}
     for (component, path), parts in modules.items():
         if "down" not in parts or "up" not in parts:
@@ -125,7 +140,8 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
         down = parts["down"]
         rank = down.shape[0]
         explicit = alphas.get((component, path))
-        alpha = float(explicit) if explicit is not None else _alpha(path, rank, configs.get(component, {}))
+        config = configs.get(component) or configs.get("*", {})
+        alpha = float(explicit) if explicit is not None else _alpha(path, rank, config)
         out[name + SUFFIX_DOWN], out[name + SUFFIX_UP] = down, parts["up"]
         out[name + SUFFIX_ALPHA] = torch.tensor(alpha, dtype=down.dtype if down.is_floating_point() else None)
     return out

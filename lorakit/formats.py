@@ -196,9 +196,14 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def _as_kohya(tensors: dict[str, torch.Tensor], metadata: dict, path: Path) -> dict[str, torch.Tensor]:
     """A LoRA saved in one of diffusers' formats, with its keys as kohya's (`lorakit.diffusers_lora`)."""
-    from .diffusers_lora import diffusers_to_kohya, is_diffusers_format
+    from .diffusers_lora import METADATA_KEY, diffusers_to_kohya, is_diffusers_format
 
-    return diffusers_to_kohya(tensors, metadata, where=path.name) if is_diffusers_format(tensors) else tensors
+    if not is_diffusers_format(tensors):
+        return tensors
+    config = path.parent / "adapter_config.json"  # a peft adapter's scale lives beside its weights
+    if METADATA_KEY not in metadata and path.name.startswith("adapter_model") and config.is_file():
+        metadata = {**metadata, METADATA_KEY: config.read_text(encoding="utf-8")}
+    return diffusers_to_kohya(tensors, metadata, where=path.name)
 
 
 load_lora = load_lora_file  # the name `lorakit.load_lora` re-exports

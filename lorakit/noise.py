@@ -3,8 +3,8 @@ functions. Every random number comes from the step's generator, so a run stays r
 
 - offset noise (`noise_offset`, crosslabs.org/blog/diffusion-with-offset-noise): a per-sample, per-channel constant
   added to the noise, so the model can learn very dark or bright images; `noise_offset_random_strength` draws its
-  strength from U(0, noise_offset) each step; `adaptive_noise_scale` adds that many times each channel's mean
-  |latent| to it.
+  strength from U(0, noise_offset) each step; `adaptive_noise_scale` adds that many times each channel's
+  |mean latent| to it.
 - multires ("pyramid") noise (`multires_noise_iterations`, `multires_noise_discount`): noise at ever coarser
   random scales (each 2–4× smaller), upsampled and added with weight discountⁱ, then scaled back to unit variance.
 - input perturbation (`ip_noise_gamma`, Ning et al. 2023, arxiv.org/abs/2301.11706): the noisy input is made with

@@ -64,8 +64,8 @@ def prompt_embeddings(comps, texts: list[str], max_tokens: int, clip_skip: int) 
 
 def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int) -> dict:
     """The text arguments of a pipeline call: the prompts; or, for a prompt longer than 75 tokens or with
-    `clip_skip` > 1, the embeddings of prompt and negative prompt (as many 75-token windows as the longer needs,
-    as A1111 reads long prompts)."""
+    `clip_skip` > 1, the embeddings of prompt and negative prompt (as many 75-token windows as the longer needs:
+    a prompt is read to the end)."""
     negative = negative_prompt or ""
     windows = max(window_count(comps.tokenizer, prompt), window_count(comps.tokenizer, negative))
     if clip_skip > 1 or windows > 1:
@@ -101,7 +101,7 @@ def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None
 
 SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
                   "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a",
-                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
+                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE", "unipc": "UniPC"}
 
 
 def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,

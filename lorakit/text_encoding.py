@@ -5,7 +5,7 @@ into windows of 75 tokens; each window is encoded as its own sequence `<start> w
 are joined as sd-scripts joins them (`max_token_length` 150 / 225): the first window's start state, the 75 text
 positions of every window, the last window's final state — 75·k + 2 positions for k windows (77, 152, 227). With
 one window this is the usual 77-token encoding. Training captions (up to `max_token_length`) and prompts of
-samples and `generate` (as long as they are, like A1111's prompts) go through it.
+samples and `generate` (to their end) go through it.
 
 `clip_skip` k takes the states of the k-th layer from the end, then the final layer norm (sd-scripts and A1111).
 """

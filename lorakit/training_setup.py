@@ -399,7 +399,7 @@ def encode_text(captions: list[str], run: Run) -> torch.Tensor:
     if missing:
         with torch.no_grad():
             hidden = encode_windows(te, _token_ids(missing, run), clip_skip)
-        if len(run._hidden) > TEXT_CACHE_LIMIT:
+        if len(run._hidden) > TEXT_CACHE_LIMIT // ((run.cfg.max_token_length or WINDOW) // WINDOW):  # same memory
             run._hidden.clear()
         run._hidden.update(zip(missing, hidden))
     return torch.stack([run._hidden[c] for c in captions])

@@ -189,6 +189,9 @@ def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_o
         with pytest.raises(ConfigError, match=f"is set, but lorakit does not have (a )?{feature}.*set it "
                                               f"to {off} \\(off\\)"):
             TrainConfig.from_toml(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text("validation_split = 0.0\ntorch_compile = false\nmetadata_author = 'me'\n"
+                                     "caption_extention = '.caption'\n")  # sd-scripts' own misspelt alias
+    assert TrainConfig.from_toml(tmp_path / "t.toml").caption_extension == ".caption"
     (tmp_path / "t.toml").write_text("huggingface_token = 'hf_secret_value'\n")
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_toml(tmp_path / "t.toml")

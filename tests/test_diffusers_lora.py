@@ -94,6 +94,40 @@ def test_generate_and_merge_read_it_as_the_peft_model_runs(diffusers_file, tmp_p
     assert summary.te_modules + summary.unet_modules == len(original) and set(summary.ranks) == {2, 4}
 
 
+def _unet_deltas(comps) -> dict:
+    return {kohya_module_name("unet", n): m.get_delta_weight("default") for n, m in comps.unet.named_modules()
+            if hasattr(m, "get_delta_weight")}
+
+
+def test_a_model_s_own_adapter_file_and_a_peft_adapter_folder_keep_their_scale(tmp_path, capsys):
+    comps = build_tiny("sd1", seed=0)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_v"])
+    inject_adapter_in_model(config, comps.unet)
+    for name, p in comps.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape) * 0.1
+    expected = _unet_deltas(comps)
+    comps.unet.save_lora_adapter(tmp_path / "model")  # its metadata is the config, unprefixed
+    (saved,) = (tmp_path / "model").glob("*.safetensors")
+    # peft's save_pretrained layout: `base_model.model.` keys, the config in adapter_config.json beside them
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    save_file({f"base_model.model.{k}": v.contiguous() for k, v in get_peft_model_state_dict(comps.unet).items()},
+              str(peft_dir / "adapter_model.safetensors"))
+    config_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config_dict))
+    for path in (saved, peft_dir / "adapter_model.safetensors"):
+        weights = parse_kohya(load_lora_file(path)[0])
+        assert set(weights) == set(expected)
+        for name, delta in expected.items():  # scale 16 / 4 = 4, not 1
+            torch.testing.assert_close(weights[name].delta().reshape(delta.shape), delta, rtol=1e-5, atol=1e-6)
+    assert "holds no LoRA scale" not in capsys.readouterr().err
+    (peft_dir / "adapter_config.json").unlink()  # without it: scale 1, and a note says so
+    weights = parse_kohya(load_lora_file(peft_dir / "adapter_model.safetensors")[0])
+    assert all(w.scale == 1.0 for w in weights.values())
+    assert "holds no LoRA scale (peft's `lora_alpha`): read with scale 1" in capsys.readouterr().err
+
+
 def test_older_diffusers_formats_and_their_alphas(tmp_path):
     down, up = torch.randn(2, 8), torch.randn(8, 2)
     conv_down, conv_up = torch.randn(2, 8, 1, 1), torch.randn(8, 2, 1, 1)
@@ -106,6 +140,8 @@ def test_older_diffusers_formats_and_their_alphas(tmp_path):
         f"unet.{block}.transformer_blocks.0.attn2.processor.to_out_lora.up.weight": up,
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight": down,
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight": up,
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.down.weight": down,  # processor era
+        "text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight": up,
         f"{block}.proj_in.lora_A.weight": conv_down,  # peft keys without a component prefix
         f"{block}.proj_in.lora_B.weight": conv_up,
     }
@@ -114,7 +150,8 @@ def test_older_diffusers_formats_and_their_alphas(tmp_path):
     assert weights[name + "1_to_q"].alpha == 1.0 and weights[name + "2_to_out_0"].alpha == 2.0  # no alpha: rank
     assert torch.equal(weights["lora_te_text_model_encoder_layers_0_self_attn_q_proj"].down, down)
     assert weights["lora_unet_down_blocks_0_attentions_0_proj_in"].is_conv
-    assert len(weights) == 4
+    assert torch.equal(weights["lora_te_text_model_encoder_layers_0_self_attn_out_proj"].up, up)
+    assert len(weights) == 5
     torch.save(old, tmp_path / "pytorch_lora_weights.bin")  # diffusers' older pickle file, read safely
     assert set(parse_kohya(load_lora_file(tmp_path / "pytorch_lora_weights.bin")[0])) == set(weights)
 

@@ -57,6 +57,6 @@ def test_training_deletes_older_saves_and_still_resumes(tmp_path, tiny_sd1_dir):
     assert sorted(p.name for p in out.glob("dog-step*")) == [f"dog-step0000000{i}.safetensors" for i in (2, 3, 4)]
     assert sorted(p.name for p in out.glob("state-0*")) == [f"state-0000000{i}" for i in (2, 3, 4, 5)]
     result = lorakit.train(max_train_steps=7, resume="latest", **common)  # the kept state continues
-    assert result.steps == 7
+    assert result.steps == 7 and result.saved and all(p.is_file() for p in result.saved)
     # step 5 ended the first run (its final LoRA, no step save); at step 6, saves of steps ≥ 4 are kept
     assert sorted(p.name for p in out.glob("dog-step*")) == [f"dog-step0000000{i}.safetensors" for i in (4, 6)]

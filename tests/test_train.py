@@ -514,8 +514,18 @@ def test_max_token_length_reads_long_captions_in_windows(tmp_path, tiny_sd1_dir)
         TrainConfig(train_data_dir="x", max_token_length=100)
 
 
-def test_sd_scripts_noise_options_change_training_and_stay_reproducible(tmp_path, tiny_sd1_dir):
+def test_sd_scripts_noise_options_change_training_and_stay_reproducible(tmp_path, tiny_sd1_dir, monkeypatch):
+    import lorakit.training as loop
+
     data = one_image_data(tmp_path, "1_sks dog").parent
+    calls = {}  # what the loop passes to lorakit.noise: each option reaches its function
+
+    def spy(name):
+        real = getattr(loop, name)
+        return lambda *a, **kw: calls.setdefault(name, (a[2:], kw)) and real(*a, **kw)
+
+    for name in ("training_noise", "input_noise", "snr_weights"):
+        monkeypatch.setattr(loop, name, spy(name))
     options = dict(noise_offset=0.05, noise_offset_random_strength=True, adaptive_noise_scale=0.01,
                    multires_noise_iterations=6, multires_noise_discount=0.3, ip_noise_gamma=0.1,
                    ip_noise_gamma_random_strength=True, debiased_estimation_loss=True)
@@ -528,6 +538,10 @@ def test_sd_scripts_noise_options_change_training_and_stay_reproducible(tmp_path
         return read_lora(result.lora_path), [i.loss for i in rec.steps]
 
     (a, meta), losses = run("a", **options)
+    assert calls["training_noise"][1] == dict(offset=0.05, offset_random_strength=True, adaptive_scale=0.01,
+                                              multires_iterations=6, multires_discount=0.3)
+    assert calls["input_noise"][0] == (0.1, True)
+    assert calls["snr_weights"][1] == dict(v_prediction=False, min_snr_gamma=None, debiased=True)
     (b, _), again = run("b", **options)
     (plain, _), plain_losses = run("plain")
     assert losses == again and all(torch.equal(a[k], b[k]) for k in a)  # reproducible with the seed

@@ -68,7 +68,21 @@ class TrainConfig(JobConfig):
         "huber_c": "used only with sd-scripts' loss_type huber / smooth_l1",
         "huber_schedule": "used only with sd-scripts' loss_type huber / smooth_l1",
         "huber_scale": "used only with sd-scripts' loss_type huber / smooth_l1",
+        "metadata_title": "the LoRA's modelspec title is its output_name",
+        "metadata_author": "lorakit writes its own modelspec metadata",
+        "metadata_description": "lorakit writes its own modelspec metadata (see training_comment)",
+        "metadata_license": "lorakit writes its own modelspec metadata",
+        "metadata_tags": "lorakit writes its own modelspec metadata",
+        "validation_seed": "lorakit has no validation split", "dynamo_backend": "lorakit does not compile the model",
+        "cache_info": "lorakit checks its latent cache itself",
+        "deepspeed": "lorakit trains on one device", "zero_stage": "lorakit trains on one device",
+        "offload_optimizer_device": "lorakit trains on one device",
+        "offload_param_device": "lorakit trains on one device", "zero3_init_flag": "lorakit trains on one device",
+        "zero3_save_16bit_model": "lorakit trains on one device", "fp16_master_weights_and_gradients":
+            "lorakit trains on one device",
     }
+    # sd-scripts' other spellings of an option
+    aliases: ClassVar[dict[str, str]] = {"caption_extention": "caption_extension"}
     # sd-scripts options that would change training and that lorakit does not have: read when set to an "off" value
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
@@ -112,6 +126,18 @@ class TrainConfig(JobConfig):
         "save_state_to_huggingface": ((False,), "sd-scripts' own Hub upload (use `lorakit push`)"),
         "resume_from_huggingface": ((False,), "resuming from the Hub"),
         "async_upload": ((False,), "sd-scripts' own Hub upload (use `lorakit push`)"),
+        "validation_split": ((None, 0), "a validation split"),
+        "validate_every_n_steps": ((None, 0), "validation"),
+        "validate_every_n_epochs": ((None, 0), "validation"),
+        "max_validation_steps": ((None, 0), "validation"),
+        "torch_compile": ((False,), "a compiled model (torch.compile)"),
+        "resize_interpolation": ((None, ""), "a choice of resize interpolation"),
+        "initial_epoch": ((None, 0), "a starting epoch (use `resume`)"),
+        "initial_step": ((None, 0), "a starting step (use `resume`)"),
+        "skip_until_initial_step": ((False,), "skipping to a starting step (use `resume`)"),
+        "fp8_base_unet": ((False,), "fp8 base weights"),
+        "fused_backward_pass": ((False,), "a fused backward pass (Adafactor)"),
+        "dataset_class": ((None, ""), "a custom dataset class"),
     }
 
     # ---- model
@@ -221,7 +247,7 @@ class TrainConfig(JobConfig):
                                  "helps very dark/bright images.", group="training", min=0.0, max=1.0)
     noise_offset_random_strength: bool = option(False, "Draw the offset's strength from U(0, noise_offset) each "
                                                 "step.", group="training")
-    adaptive_noise_scale: float | None = option(None, "Add this many times each channel's mean |latent| to the "
+    adaptive_noise_scale: float | None = option(None, "Add this many times |mean latent| of each channel to the "
                                                 "offset (needs noise_offset).", group="training")
     multires_noise_iterations: int | None = option(None, "Multires (pyramid) noise levels; 6–10 is typical. Unset: "
                                                    "off.", group="training", min=0)
