@@ -31,11 +31,12 @@ from .formats import SUFFIX_ALPHA, SUFFIX_DOWN, SUFFIX_UP, kohya_module_name
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: peft LoraConfig per component, JSON
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")  # also `lora_A.<adapter>.weight`
 _OLD = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
-_PROCESSOR = re.compile(r"^(?P<module>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
-# the text encoder's keys of the attention-processor era: `…self_attn.to_q_lora.down.weight` for `q_proj`
-_TEXT_PROCESSOR = re.compile(
-    r"^(?P<module>.+\.self_attn)\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
-_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+# attention-processor keys: the U-Net's `…attn1.processor.to_q_lora.down.weight`, the text encoder's
+# `…self_attn.to_q_lora.down.weight`; each projection's module name in the U-Net and in CLIP
+_PROCESSOR = re.compile(
+    r"^(?P<module>.+?)(?:\.processor)?\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$")
+_PROJ_UNET = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_PROJ_TEXT = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 _PARTS = {"A": "down", "B": "up", "down": "down", "up": "up"}
 _PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.")
@@ -50,10 +51,8 @@ def is_diffusers_format(keys) -> bool:
 def _split(key: str) -> tuple[str, str] | None:
     """(module path with its component prefix, 'down'/'up') of a diffusers LoRA key, else None."""
     if m := _PROCESSOR.match(key):
-        proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
-        return f"{m['module']}.{proj}", m["part"]
-    if m := _TEXT_PROCESSOR.match(key):
-        return f"{m['module']}.{_TEXT_PROJ[m['proj']]}", m["part"]
+        names = _PROJ_TEXT if m["module"].endswith(".self_attn") else _PROJ_UNET
+        return f"{m['module']}.{names[m['proj']]}", m["part"]
     for pattern in (_PEFT, _OLD):
         if m := pattern.match(key):
             return m["module"], _PARTS[m["part"]]
@@ -114,7 +113,7 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
     """The kohya tensor dict (`lora_down`, `lora_up`, `alpha` per module) of a LoRA in a diffusers format."""
     configs = _adapter_configs(metadata, where)
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    alphas: dict[str, torch.Tensor] = {}
+    alphas: dict[tuple[str, str], torch.Tensor] = {}
     for key, value in tensors.items():
         if "lora_magnitude_vector" in key:
             raise LoraFormatError(f"{where}: a DoRA LoRA (`{key}`), which lorakit does not read")
@@ -143,5 +142,5 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
         config = configs.get(component) or configs.get("*", {})
         alpha = float(explicit) if explicit is not None else _alpha(path, rank, config)
         out[name + SUFFIX_DOWN], out[name + SUFFIX_UP] = down, parts["up"]
-        out[name + SUFFIX_ALPHA] = torch.tensor(alpha, dtype=down.dtype if down.is_floating_point() else None)
+        out[name + SUFFIX_ALPHA] = torch.tensor(alpha, dtype=down.dtype)
     return out

@@ -47,7 +47,6 @@ _FOREIGN_HINTS = {
     "hada_w1": "LyCORIS LoHa", "lokr_w1": "LyCORIS LoKr", ".diff": "LyCORIS full-diff", "dora_scale": "DoRA",
     ".oft_": "OFT",
 }
-_DIFFUSERS_MARKERS = ("lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
 
 
 def kohya_module_name(component: str, path: str) -> str:
@@ -147,7 +146,9 @@ def parse_kohya(tensors: dict[str, torch.Tensor], *, where: str = "LoRA") -> dic
 
 
 def _foreign_hint(keys: list[str]) -> str:
-    if any(marker in k for k in keys for marker in _DIFFUSERS_MARKERS):
+    from .diffusers_lora import is_diffusers_format
+
+    if is_diffusers_format(keys):
         return (" (they look like a diffusers/peft-format LoRA: `load_lora_file` reads such files with kohya keys, "
                 "`lorakit.diffusers_lora.diffusers_to_kohya` converts such a dict)")
     for marker, what in _FOREIGN_HINTS.items():

@@ -146,8 +146,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
         raise ConfigError("`dtype = fp16` needs a GPU; use `float` (or `bf16`) on the CPU")
     size = comps.native_resolution
     specs = _prompts(cfg, cfg.width or size, cfg.height or size)
-    sampler = cfg.scheduler
-    pipe = comps.pipeline(scheduler=make_sampler(sampler, comps.noise_scheduler))
+    pipe = comps.pipeline(scheduler=make_sampler(cfg.scheduler, comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     loras = list(zip(cfg.network_weights, cfg.resolved_mul))
     apply = _FusedLoras if cfg.network_merge else _AdapterLoras
@@ -160,8 +159,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
             seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
                      for i in range(cfg.num_images)]
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-            if spec.sampler != sampler:  # `--ss` in the prompt line
-                pipe.scheduler, sampler = make_sampler(spec.sampler, comps.noise_scheduler), spec.sampler
+            pipe.scheduler = make_sampler(spec.sampler, comps.noise_scheduler)  # this line's, with `--ss`
             text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip)
             out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                        guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,

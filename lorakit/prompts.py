@@ -94,12 +94,13 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
 
 
 def _sampler_name(name: str, where: str) -> str:
-    from .config.train import SAMPLER_ALIASES, SAMPLERS
+    """A `--ss` value as `sample_sampler` reads it (its choices, any case, sd-scripts' aliases)."""
+    from dataclasses import replace
 
-    name = SAMPLER_ALIASES.get(name.lower(), name.lower())
-    if name not in SAMPLERS:
-        raise ConfigError(f"prompt option `--ss` (sampler) must be one of {', '.join(SAMPLERS)}; got {name!r}{where}")
-    return name
+    from .config.schema import checked_value
+    from .config.train import TrainConfig
+
+    return checked_value(replace(TrainConfig.spec_map()["sample_sampler"], name="--ss"), name, where)
 
 
 def parse_prompt_text(text: str, source: str = "") -> list[PromptSpec]:

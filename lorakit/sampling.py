@@ -124,8 +124,7 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                      *, autocast_dtype: torch.dtype | None = None, extra_text: dict | None = None,
                      ) -> tuple[list[Image.Image], list[Path]]:
     """Generate one image per prompt with the current (LoRA-applied) modules and save them as PNGs."""
-    sampler = settings.sampler
-    pipe = components.pipeline(scheduler=make_sampler(sampler, components.noise_scheduler))
+    pipe = components.pipeline(scheduler=make_sampler(settings.sampler, components.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     device = components.unet.device
     modules = (components.unet, components.text_encoder, components.vae)
@@ -143,8 +142,7 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
                                       num_inference_steps=settings.num_inference_steps,
                                       guidance_scale=settings.guidance_scale, seed=settings.seed,
                                       negative_prompt=settings.negative_prompt, sampler=settings.sampler)
-            if spec.sampler != sampler:  # `--ss` in the prompt line
-                pipe.scheduler, sampler = make_sampler(spec.sampler, components.noise_scheduler), spec.sampler
+            pipe.scheduler = make_sampler(spec.sampler, components.noise_scheduler)  # this line's, with `--ss`
             generator = torch.Generator(device="cpu").manual_seed(spec.seed)
             with autocast:
                 text = prompt_inputs(components, spec.prompt, spec.negative_prompt, settings.clip_skip)

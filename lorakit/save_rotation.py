@@ -44,7 +44,9 @@ def prune_saves(output_dir: str | Path, output_name: str, extension: str, *, ste
                 last_n_epochs: int | None = None, last_n_steps: int | None = None,
                 last_n_epochs_state: int | None = None, last_n_steps_state: int | None = None) -> list[Path]:
     """Delete the intermediate LoRAs and saved states the rules leave out, after a save at optimizer step `step`.
-    The `_state` counts default to the LoRAs' ones. Returns what was deleted."""
+    The `_state` counts default to the LoRAs' ones; with none set nothing is looked at. Returns what was deleted."""
+    if not (last_n_epochs or last_n_steps or last_n_epochs_state or last_n_steps_state):
+        return []
     output_dir = Path(output_dir)
     prefix, suffix = f"{output_name}-", f".{extension}"
     loras = {p.name[len(prefix):-len(suffix)]: p for p in output_dir.glob(f"{glob.escape(prefix)}*{suffix}")

@@ -176,13 +176,11 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                                        loss_history=history, config_toml=cfg.to_toml(), layout=layout,
                                        saved_with=tag)
         write_history(run.output_dir, history)
-        if cfg.save_last_n_epochs or cfg.save_last_n_steps or cfg.save_last_n_epochs_state or \
-                cfg.save_last_n_steps_state:
-            deleted = prune_saves(run.output_dir, cfg.output_name, cfg.save_model_as, step=step,
-                                  last_n_epochs=cfg.save_last_n_epochs, last_n_steps=cfg.save_last_n_steps,
-                                  last_n_epochs_state=cfg.save_last_n_epochs_state,
-                                  last_n_steps_state=cfg.save_last_n_steps_state)
-            run.saved = [p for p in run.saved if p not in deleted]
+        deleted = prune_saves(run.output_dir, cfg.output_name, cfg.save_model_as, step=step,
+                              last_n_epochs=cfg.save_last_n_epochs, last_n_steps=cfg.save_last_n_steps,
+                              last_n_epochs_state=cfg.save_last_n_epochs_state,
+                              last_n_steps_state=cfg.save_last_n_steps_state)
+        run.saved = [p for p in run.saved if p not in deleted]
 
     if cfg.sample_at_first and step == 0:  # the starting point (a resumed run has it already)
         run.sample(0, cbs)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .data import TrainDataset
-from .data.captions import tag_frequency
+from .data.captions import process_caption, tag_frequency
 from .data.latents import encode
 from .devices import pick_device
 from .errors import ConfigError, TrainingError
@@ -349,24 +349,23 @@ def build_optimizer(cfg, run: Run):
     return optimizer, scheduler, scaler
 
 
-def note_long_captions(dataset, tokenizer, max_tokens: int) -> int:
+def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
     """List in the dataset report each image whose caption (with prefix and suffix) is longer than the text
-    encoder reads (`max_tokens`), so a cut-off caption is never a surprise; returns how many."""
-    seen, long = set(), 0
+    encoder reads (`max_tokens`), so a cut-off caption is never a surprise."""
+    seen = set()
     for ex in dataset.examples:
         item = ex.item
         if item.path in seen:
             continue
         seen.add(item.path)
         sub = item.subset
-        caption = " ".join(part for part in (sub.caption_prefix, item.caption, sub.caption_suffix) if part)
+        caption = process_caption(item.caption, keep_tokens_separator=sub.keep_tokens_separator,
+                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix)  # in full, as trained
         n = len(tokenizer.tokenize(caption))
         if n > max_tokens:
-            long += 1
             more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""
             dataset.report.note(item.path, f"caption is {n} tokens: the text encoder reads the first {max_tokens}"
                                            + more)
-    return long
 
 
 # ---------------------------------------------------------------------------------------------- per-step helpers
