@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from .config import JOB_CONFIGS, FieldSpec, JobConfig
+from .config.schema import toml_value
 from .errors import ConfigError, LorakitError
 
 # job name -> "module:function" taking the job's config object; imported only when the job runs
@@ -54,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cls in JOB_CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
                            description=(cls.__doc__ or "").strip() or None, allow_abbrev=False)
-        p.add_argument("--config", dest="_config", metavar="FILE.toml", default=None,
-                       help="Read options from a TOML file first.")
+        p.add_argument("--config", "--config_file", dest="_config", metavar="FILE.toml", default=None,
+                       help="Read options from a TOML file first (`--config_file`, as sd-scripts spells it, too).")
         p.add_argument("--dry_run", dest="_dry_run", action="store_true",
                        help="Validate and print the resolved config, then stop.")
         groups: dict[str, argparse._ArgumentGroup] = {}
@@ -75,12 +76,36 @@ def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
         parser.print_help()
         raise SystemExit(2)
     cls = JOB_CONFIGS[job]
-    if unknown:
-        raise ConfigError(_unknown_argument(cls, unknown[0]))
+    where = " (on the command line)"
+    foreign = _foreign_flags(cls, unknown)
+    for key, value in cls.resolve_foreign(foreign, where).items():
+        ns[key] = cls.coerce(cls.spec(key), value, where)  # an alias of an option: `--caption_extention .txt`
     config_path, dry_run = ns.pop("_config"), ns.pop("_dry_run")
     if config_path:
         return cls.from_toml(config_path, overrides=ns), dry_run
     return cls.from_dict(ns, where=""), dry_run
+
+
+def _foreign_flags(cls: type[JobConfig], unknown: list[str]) -> dict:
+    """The words argparse did not take, read as other tools' flags (`--network_module=networks.lora`,
+    `--max_data_loader_n_workers 0`, `--zero_terminal_snr`) when the job's tables know them (sd-scripts users paste
+    their command lines); anything else is an error naming the word, with the closest option."""
+    known = set(getattr(cls, "aliases", {})) | set(getattr(cls, "ignored_options", {})) | set(
+        getattr(cls, "unsupported_options", {}))
+    flags, i = {}, 0
+    while i < len(unknown):
+        arg = unknown[i]
+        name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in known:
+            raise ConfigError(_unknown_argument(cls, arg))
+        values = [text] if eq else []
+        while not eq and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
+            i += 1
+            values.append(unknown[i])
+        flags[name] = True if not values else [toml_value(v) for v in values] if len(values) > 1 else toml_value(
+            values[0])
+        i += 1
+    return flags
 
 
 def _unknown_argument(cls: type[JobConfig], arg: str) -> str:

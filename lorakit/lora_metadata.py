@@ -59,7 +59,7 @@ def _now() -> str:
 def lora_base_metadata(family, prediction_type: str, *, network_dim: int | None, network_alpha: float | None,
                        conv_dim: int | None = None, conv_alpha: float | None = None, resolution: int | tuple | None
                        = None, title: str | None = None, clip_skip: int | None = None, extra: dict | None = None,
-                       ) -> dict[str, str]:
+                       network_args: dict | None = None) -> dict[str, str]:
     """The metadata every lorakit LoRA carries: what it is for (family, network) and the modelspec block.
 
     `family` is a `lorakit.families.Family`; `resolution` an int or (width, height), default the family's.
@@ -71,6 +71,7 @@ def lora_base_metadata(family, prediction_type: str, *, network_dim: int | None,
     args = {}
     if conv_dim is not None:
         args = {"conv_dim": str(conv_dim), "conv_alpha": f"{conv_alpha if conv_alpha is not None else conv_dim:g}"}
+    args.update({k: f"{v:g}" for k, v in (network_args or {}).items()})  # e.g. LoRA+ ratios, as sd-scripts saves
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": network_dim,
@@ -107,6 +108,8 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
     the keyword arguments are what only the training run knows. With `cfg.no_metadata` only the keys readers
     need to identify the file are kept (as sd-scripts does).
     """
+    from .config.train import parse_network_args
+
     conv_dim, conv_alpha = cfg.resolved_conv
     if resolution is None:
         from .config.schema import parse_resolution
@@ -115,7 +118,8 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
     meta = lora_base_metadata(
         components.family, components.prediction_type, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
         conv_dim=conv_dim, conv_alpha=conv_alpha, resolution=resolution, title=cfg.output_name,
-        clip_skip=cfg.clip_skip)
+        clip_skip=cfg.clip_skip, network_args={k: v for k, v in parse_network_args(cfg.network_args).items()
+                                               if k.startswith("loraplus_")})
     if cfg.no_metadata:
         return {k: v for k, v in meta.items() if k in MINIMAL_KEYS}
     meta.update(stringify_metadata({

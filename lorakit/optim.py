@@ -92,6 +92,12 @@ def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict
     raise ConfigError(f"unknown `optimizer_type` {name!r}")
 
 
+def resolve_warmup_steps(value: int | float, total_steps: int) -> int:
+    """`lr_warmup_steps` as a number of steps: an integer is one already, a fraction (< 1) is that share of the
+    training steps, rounded down (sd-scripts)."""
+    return int(value * total_steps) if isinstance(value, float) and value < 1 else int(value)
+
+
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
                    num_cycles: int = 1, power: float = 1.0):
     """A LambdaLR-style schedule stepping once per optimizer step. `constant` with warm-up steps becomes

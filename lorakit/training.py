@@ -154,7 +154,12 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         state = load_state(folder)
         check_layout(state.layout, layout, state.folder)
         restore_params(named_params, state.params, state.folder)
-        optimizer.load_state_dict(state.optimizer)
+        try:
+            optimizer.load_state_dict(state.optimizer)
+        except ValueError as e:  # other parameter groups: LoRA+ switched on or off, or other parts trained
+            raise TrainingError(f"{state.folder}: the saved optimizer state does not fit this run ({e}); resume "
+                                f"with the options it was saved with (`network_args`, `network_train_*_only`)"
+                                ) from None
         scheduler.load_state_dict(state.scheduler)
         if scaler is not None and state.scaler:
             scaler.load_state_dict(state.scaler)

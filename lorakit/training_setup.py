@@ -21,7 +21,7 @@ from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
-from .optim import check_optimizer, make_optimizer, make_scheduler
+from .optim import check_optimizer, make_optimizer, make_scheduler, resolve_warmup_steps
 from .text_encoding import WINDOW, encode_windows, token_windows
 
 TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
@@ -139,8 +139,10 @@ class Run:
         return tqdm(total=self.max_steps, initial=initial, desc="training", unit="step", dynamic_ncols=True, **quiet)
 
     def lrs(self, optimizer) -> float:
-        """The current learning rate of the U-Net LoRA (of the text encoder's when only it trains)."""
-        return float(optimizer.param_groups[-1]["lr"])
+        """The current learning rate of the U-Net LoRA (of the text encoder's when only it trains; of the
+        down-projections with LoRA+)."""
+        main = [g for g in optimizer.param_groups if g.get("name") in ("unet", "text_encoder")]
+        return float((main or optimizer.param_groups)[-1]["lr"])
 
     def intermediate_name(self, tag: str) -> Path:
         return self.output_dir / f"{self.cfg.output_name}-{tag}.{self.cfg.save_model_as}"
@@ -336,13 +338,21 @@ def _prepare_samples(cfg, run: Run) -> None:
 
 
 def build_optimizer(cfg, run: Run):
-    """Optimizer with one param group per component (text encoder first, U-Net last), LR schedule, grad scaler."""
-    groups = {c: [p for n, p in run.named_params.items() if n.startswith(c + ".")] for c in ("text_encoder", "unet")}
+    """Optimizer with one param group per component (text encoder first, U-Net last) — with LoRA+, two: the
+    up-projections learn at `loraplus_*_lr_ratio` times the component's rate —, LR schedule, grad scaler."""
     lrs = {"text_encoder": cfg.resolved_text_encoder_lr, "unet": cfg.resolved_unet_lr}
-    param_groups = [{"params": ps, "lr": lrs[c]} for c, ps in groups.items() if ps]
+    param_groups = []
+    for comp in ("text_encoder", "unet"):
+        params = {n: p for n, p in run.named_params.items() if n.startswith(comp + ".")}
+        ratio = cfg.loraplus_ratio(comp)
+        up = [p for n, p in params.items() if ratio and ".lora_B." in n]  # peft's name of the up-projection
+        rest = [p for n, p in params.items() if not (ratio and ".lora_B." in n)]
+        param_groups += [{"params": ps, "lr": lr, "name": name} for ps, lr, name in (
+            (rest, lrs[comp], comp), (up, lrs[comp] * (ratio or 1), f"{comp} up (LoRA+)")) if ps]
     optimizer = make_optimizer(cfg.resolved_optimizer, param_groups, cfg.learning_rate, cfg.optimizer_args,
                                device=run.device)
-    scheduler = make_scheduler(cfg.lr_scheduler, optimizer, warmup_steps=cfg.lr_warmup_steps,
+    scheduler = make_scheduler(cfg.lr_scheduler, optimizer,
+                               warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
                                total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
                                power=cfg.lr_scheduler_power)
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lorakit.cli import main, parse_config
-from lorakit.config import JOB_CONFIGS, MergeConfig, TrainConfig, parse_resolution
+from lorakit.config import JOB_CONFIGS, GenerateConfig, MergeConfig, TrainConfig, parse_resolution
+from lorakit.config.schema import Number
 from lorakit.errors import ConfigError
 
 
@@ -14,7 +15,7 @@ def test_every_field_has_help_group_and_type():
         for spec in cls.specs():
             assert spec.help, f"{cls.job}.{spec.name} has no help"
             assert spec.group
-            assert spec.type in (bool, int, float, str, list)
+            assert spec.type in (bool, int, float, Number, str, list)
 
 
 def test_defaults_validate_and_roundtrip_through_toml(tmp_path):
@@ -196,6 +197,108 @@ def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_o
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_toml(tmp_path / "t.toml")
     assert "hf_secret_value" not in str(info.value) and "lorakit push" in str(info.value)
+
+
+def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(capsys):
+    """`train_network.py` flags lorakit has no use for are noted, those of features it lacks are fine while off and
+    refused by name when on, sd-scripts' alias is renamed; a misspelt flag is still an error with the closest
+    option, and a token's value is never printed."""
+    cfg, _ = parse_config(["train", "--network_dim", "8", "--max_data_loader_n_workers", "0", "--log_with=tensorboard",
+                           "--caption_extention", ".caption", "--loss_type", "l2", "--zero_terminal_snr", "false",
+                           "--scale_weight_norms=0", "--mem_eff_attn", "--network_args", "conv_dim=4", "conv_alpha=2"])
+    assert (cfg.network_dim, cfg.caption_extension, cfg.network_args) == (8, ".caption", ["conv_dim=4",
+                                                                                           "conv_alpha=2"])
+    err = capsys.readouterr().err
+    assert "note: `max_data_loader_n_workers` (on the command line) is not used by lorakit" in err
+    assert "`log_with`" in err and "`mem_eff_attn`" in err
+    assert "3 sd-scripts option(s) (on the command line) set to off are not in lorakit: loss_type, " in err
+    for argv, words in [(["--zero_terminal_snr"], "zero-terminal-SNR.*set it to false"),
+                        (["--scale_weight_norms", "1.0"], "max-norm regularisation.*set it to 0"),
+                        (["--loss_type=huber"], "Huber.*set it to \"l2\""),
+                        (["--learnin", "1"], "unknown option `--learnin` for `train`; did you mean `--learning_rate`"),
+                        (["--network_dim", "8", "oops"], "unexpected argument 'oops'")]:
+        with pytest.raises(ConfigError, match=words):
+            parse_config(["train", *argv])
+    with pytest.raises(ConfigError) as info:
+        parse_config(["train", "--huggingface_token", "hf_secret_value"])
+    assert "hf_secret_value" not in str(info.value) and "lorakit push" in str(info.value)
+    # other jobs have no sd-scripts tables: the same flag is an unknown option there
+    with pytest.raises(ConfigError, match="unknown option `--log_with` for `merge`"):
+        parse_config(["merge", "--models", "a.safetensors", "--log_with", "x"])
+
+
+def test_command_line_sd_scripts_flags_and_a_config_file_together(tmp_path, capsys):
+    (tmp_path / "t.toml").write_text("caption_extension = '.txt'\nnetwork_dim = 4\n")
+    cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--caption_extention", ".caption",
+                           "--lowram"])
+    assert (cfg.caption_extension, cfg.network_dim) == (".caption", 4)  # the command line wins, as for any flag
+    assert "`lowram` (on the command line)" in capsys.readouterr().err
+    cfg, _ = parse_config(["train", "--config_file", str(tmp_path / "t.toml")])  # sd-scripts' name of --config
+    assert cfg.network_dim == 4
+
+
+def test_lr_warmup_steps_is_a_count_or_a_fraction_of_the_training_steps(tmp_path):
+    """sd-scripts reads `lr_warmup_steps = 0.05` as 5% of the steps; an integer is a number of steps and stays an
+    integer through TOML, the command line and direct construction."""
+    from lorakit.optim import make_scheduler, resolve_warmup_steps
+
+    for value, expected in [(0, 0), (100, 100), (100.0, 100), ("20", 20), ("0.05", 0.05), (0.25, 0.25),
+                            ("1e-1", 0.1)]:
+        got = TrainConfig.from_dict({"lr_warmup_steps": value}).lr_warmup_steps
+        assert got == expected and type(got) is type(expected), (value, got)
+    assert type(TrainConfig(lr_warmup_steps=100.0).lr_warmup_steps) is int
+    for cfg in (TrainConfig(lr_warmup_steps=100), TrainConfig(lr_warmup_steps=0.05)):
+        again = TrainConfig.from_toml(cfg.save_toml(tmp_path / "t.toml"))
+        assert type(again.lr_warmup_steps) is type(cfg.lr_warmup_steps) and again.to_dict() == cfg.to_dict()
+    assert "lr_warmup_steps = 100\n" in TrainConfig(lr_warmup_steps=100).to_toml()
+    cfg, _ = parse_config(["train", "--lr_warmup_steps", "0.1"])
+    assert cfg.lr_warmup_steps == 0.1
+    for bad, words in [(1.5, "whole number of steps or a fraction < 1"), (-1, "≥ 0"), ("abc", "must be a number"),
+                       (True, "must be a number")]:
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig.from_dict({"lr_warmup_steps": bad})
+    assert [resolve_warmup_steps(v, 1600) for v in (0, 7, 0.05, 0.999)] == [0, 7, 80, 1598]
+    import torch
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler("constant", opt, warmup_steps=resolve_warmup_steps(0.25, 8), total_steps=8)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.0, 0.5, 1.0, 1.0]  # a quarter of 8 steps: 2 steps of warm-up
+
+
+def test_choice_aliases_apply_to_a_config_built_in_python():
+    """`TrainConfig(sample_sampler="k_euler_a")` is what a TOML with the same line gives."""
+    cfg = TrainConfig(sample_sampler="k_euler_a", optimizer_type="adamw8bit")
+    assert (cfg.sample_sampler, cfg.optimizer_type) == ("euler_a", "AdamW8bit")
+    assert cfg.replace(sample_sampler="K_LMS").sample_sampler == "lms"
+    assert GenerateConfig(prompt="x", scheduler="k_dpm_2_a").scheduler == "dpm_2_a"
+    with pytest.raises(ConfigError, match="`sample_sampler` must be one of"):
+        TrainConfig(sample_sampler="k_nope")
+
+
+def test_network_args_are_read_or_refused_by_name():
+    """Every sd-scripts `network_args` key either does what it does there or is refused by name: none is dropped
+    without a word (a per-block rank left out would train another network than the config says)."""
+    from lorakit.config.train import parse_network_args
+
+    assert parse_network_args(["conv_dim=8", "conv_alpha = 4", "loraplus_lr_ratio=16", "rank_dropout=0",
+                               "module_dropout=0.0", "use_tucker=False"]) == {
+        "conv_dim": 8, "conv_alpha": 4.0, "loraplus_lr_ratio": 16.0}
+    cfg = TrainConfig(network_args=["loraplus_lr_ratio=16", "loraplus_unet_lr_ratio=8"])
+    assert (cfg.loraplus_ratio("unet"), cfg.loraplus_ratio("text_encoder")) == (8.0, 16.0)
+    assert TrainConfig().loraplus_ratio("unet") is None
+    for arg, words in [("block_dims=2,4,4,4,8,8,8,8,12,12,12,12,16,16,16,16,12,12,12,12,8,8,8,8,4",
+                        "block_dims=.*does not have per-block ranks"),
+                       ("down_lr_weight=0.5", "per-block learning rates"), ("rank_dropout=0.1", "rank dropout"),
+                       ("algo=loha", "LyCORIS"), ("conv_dims=4", "unknown key 'conv_dims'; did you mean 'conv_dim'"),
+                       ("loraplus_lr_ratio=0", "must be a number > 0"), ("loraplus_lr_ratio=x", "> 0"),
+                       ("conv_alpha=-1", "must be a number ≥ 0"), ("conv_dim", "must be key=value")]:
+        with pytest.raises(ConfigError, match=words):
+            TrainConfig(network_args=[arg])
 
 
 def test_os_errors_are_one_line_naming_the_path(tmp_path, capsys):

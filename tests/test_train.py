@@ -354,7 +354,8 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
         with pytest.raises(error, match=message):
             lorakit.train(**base, **options)
     for arg, message in [("conv_dim=abc", "conv_dim='abc': must be an integer"),
-                         ("conv_alpha=x", "conv_alpha='x': must be a number"), ("conv_dim=0", "must be ≥ 1")]:
+                         ("conv_alpha=x", "conv_alpha='x': must be a number"),
+                         ("conv_dim=0", "must be an integer ≥ 1")]:
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**base, network_args=[arg])
 
@@ -581,3 +582,50 @@ def test_an_earlier_run_is_never_replaced_without_overwrite(tmp_path, tiny_sd1_d
     lorakit.train(**{**kw, "output_name": "other"}, seed=2)  # another name in the same folder is fine
     second = lorakit.train(**kw, seed=2, overwrite=True)
     assert hashlib.sha256(second.lora_path.read_bytes()).hexdigest() != digest
+
+
+def test_a_fractional_lr_warmup_is_that_share_of_the_training_steps(tmp_path, tiny_sd1_dir):
+    """`lr_warmup_steps = 0.5` of 4 steps warms up over 2 steps, as `lr_warmup_steps = 2` does."""
+    one_image_data(tmp_path)
+    runs = {}
+    for warmup in (0.5, 2):
+        lrs = runs[warmup] = []
+        record = SimpleNamespace(on_step=lambda info, lrs=lrs: lrs.append(info.lr))
+        lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                      output_dir=str(tmp_path / f"out{warmup}"), max_train_steps=4, learning_rate=1e-3,
+                      lr_warmup_steps=warmup, sample_at_end=False, callbacks=record)
+    assert runs[0.5] == runs[2]
+    assert runs[2][0] < runs[2][1] == runs[2][3] == pytest.approx(1e-3)
+
+
+def test_loraplus_up_projections_learn_at_the_ratio_of_the_rate(tmp_path, tiny_sd1_dir):
+    """LoRA+ (sd-scripts' `network_args` loraplus_*_lr_ratio): after one AdamW step from B = 0 (where A's gradient
+    is zero), each up-projection has moved by exactly ratio × as much as without LoRA+, per component; the
+    down-projections are the same, and the saved file records the ratios."""
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=1, learning_rate=1e-4, save_precision="float", sample_at_end=False)
+    plain = read_lora(lorakit.train(**base, output_dir=str(tmp_path / "plain")).lora_path)[0]
+    plus_result = lorakit.train(**base, output_dir=str(tmp_path / "plus"), network_args=[
+        "loraplus_lr_ratio=16", "loraplus_text_encoder_lr_ratio=2"])
+    plus, meta = read_lora(plus_result.lora_path)
+    assert plain.keys() == plus.keys()
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert ups and any(plain[k].abs().max() > 0 for k in ups)
+    for key in plain:
+        if key.endswith("lora_up.weight"):
+            ratio = 2.0 if key.startswith("lora_te_") else 16.0
+            torch.testing.assert_close(plus[key], ratio * plain[key], rtol=1e-5, atol=1e-9)
+        else:
+            torch.testing.assert_close(plus[key], plain[key])
+    assert json.loads(meta["ss_network_args"]) == {"loraplus_lr_ratio": "16", "loraplus_text_encoder_lr_ratio": "2"}
+    assert plus_result.loss_history[0]["lr"] == pytest.approx(1e-4)  # the history shows the U-Net's own rate
+
+
+def test_resuming_with_other_optimizer_groups_is_a_clear_error(tmp_path, tiny_sd1_dir):
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                output_dir=str(tmp_path / "out"), sample_at_end=False, save_state=True, save_every_n_steps=1)
+    lorakit.train(**base, max_train_steps=1)
+    with pytest.raises(TrainingError, match="saved optimizer state does not fit this run.*network_args"):
+        lorakit.train(**base, max_train_steps=2, resume="latest", network_args=["loraplus_lr_ratio=16"])

@@ -80,8 +80,12 @@ def test_typing_into_the_widgets_gives_typed_values():
     form.fields["conv_dim"].widget.value = " 8 "
     form.fields["network_args"].widget.value = "conv_dim=8, conv_alpha=4"
     form.fields["seed"].widget.value = ""
+    form.fields["lr_warmup_steps"].widget.value = "0.05"  # a fraction of the steps; "100" would be 100 steps
     cfg = form.value
     assert cfg.conv_dim == 8 and cfg.network_args == ["conv_dim=8", "conv_alpha=4"] and cfg.seed is None
+    assert cfg.lr_warmup_steps == 0.05
+    form.fields["lr_warmup_steps"].widget.value = "100"
+    assert form.value.lr_warmup_steps == 100 and type(form.value.lr_warmup_steps) is int
     assert form.error == ""
 
 

@@ -58,6 +58,11 @@ def option(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
+class Number:
+    """The schema type of an `int | float` option: an integer stays an integer (a count), any other number is a
+    float (a fraction), as in sd-scripts' `lr_warmup_steps = 100` or `lr_warmup_steps = 0.05`."""
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     """Everything a face (CLI, TOML, widget, metadata) needs to know about one field."""
@@ -84,6 +89,8 @@ def _unwrap(tp) -> tuple[Any, Any, bool]:
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
+        if set(args) == {int, float}:
+            return Number, None, optional
         if len(args) != 1:
             raise TypeError(f"unsupported annotation {tp}")
         tp = args[0]
@@ -96,7 +103,8 @@ def _unwrap(tp) -> tuple[Any, Any, bool]:
 def _type_name(spec: FieldSpec) -> str:
     if spec.type is list:
         return f"a list of {spec.item_type.__name__}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(spec.type, str(spec.type))
+    return {bool: "true/false", int: "an integer", float: "a number", Number: "a number", str: "a string"}.get(
+        spec.type, str(spec.type))
 
 
 def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
@@ -124,6 +132,14 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
                 return float(value)
             except ValueError:
                 pass
+    elif tp is Number:
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return int(value) if isinstance(value, float) and value.is_integer() else value
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -219,6 +235,16 @@ class JobConfig:
 
     # ---------- construction
     def __post_init__(self):
+        for spec in self.specs():  # `TrainConfig(optimizer_type="adamw", sample_sampler="k_euler_a")`, as in a TOML
+            if spec.choices is not None:
+                value = getattr(self, spec.name)
+                canonical = ([_canonical_choice(spec, v) for v in value] if isinstance(value, list)
+                             else _canonical_choice(spec, value))
+                if canonical != value:
+                    setattr(self, spec.name, canonical)
+            elif spec.type is Number and isinstance(getattr(self, spec.name), float) and getattr(
+                    self, spec.name).is_integer():  # 100.0 steps are 100 steps, not a fraction
+                setattr(self, spec.name, int(getattr(self, spec.name)))
         self.validate()
 
     @classmethod
@@ -238,33 +264,44 @@ class JobConfig:
         return _canonical_choice(spec, _coerce_scalar(spec, spec.type, value, where))
 
     @classmethod
-    def from_dict(cls, data: dict, *, where: str = ""):
-        """Build from a plain dict (TOML, JSON, widgets). Unknown keys are errors with a suggestion."""
+    def resolve_foreign(cls, data: dict, where: str = "") -> dict:
+        """`data` with other tools' option names dealt with, as the class's tables say: `aliases` (another spelling)
+        renamed, `ignored_options` (nothing to do here) left out with a note, `unsupported_options` (a feature
+        lorakit lacks) left out while set to an "off" value and refused by name otherwise. Other keys pass as they
+        are; the job's own options always win over the tables."""
         specs = cls.spec_map()
         aliases = getattr(cls, "aliases", {})
         ignored = getattr(cls, "ignored_options", {})
         unsupported = getattr(cls, "unsupported_options", {})
-        kwargs, off = {}, []
+        out, off = {}, []
         for key, value in data.items():
-            key = aliases.get(key, key)
-            if key in ignored and key not in specs:  # an sd-scripts option with nothing to do here
+            key = aliases.get(key, key) if key not in specs else key
+            if key in ignored and key not in specs:
                 print(f"note: `{key}`{where} is not used by lorakit: {ignored[key]}", file=sys.stderr)
-                continue
-            if key in unsupported and key not in specs:  # an sd-scripts feature lorakit lacks: fine while it is off
+            elif key in unsupported and key not in specs:
                 offs, what = unsupported[key]
-                if value in offs:
-                    off.append(key)
-                    continue
-                raise ConfigError(f"`{key}`{where} is set, but lorakit does not have {what} (an sd-scripts "
-                                  f"option); remove it, or set it to {_off_spelling(offs)} (off)")
+                if value not in offs:
+                    raise ConfigError(f"`{key}`{where} is set, but lorakit does not have {what} (an sd-scripts "
+                                      f"option); remove it, or set it to {_off_spelling(offs)} (off)")
+                off.append(key)
+            else:
+                out[key] = value
+        if off:
+            print(f"note: {len(off)} sd-scripts option(s){where} set to off are not in lorakit: "
+                  f"{', '.join(off)}", file=sys.stderr)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str = ""):
+        """Build from a plain dict (TOML, JSON, widgets). Unknown keys are errors with a suggestion."""
+        specs = cls.spec_map()
+        kwargs = {}
+        for key, value in cls.resolve_foreign(data, where).items():
             if key not in specs:
                 close = difflib.get_close_matches(key, list(specs), n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else f"; valid options: `lorakit {cls.job} --help`"
                 raise ConfigError(f"unknown option `{key}` for `{cls.job}`{where}{hint}")
             kwargs[key] = cls.coerce(specs[key], value, where)
-        if off:
-            print(f"note: {len(off)} sd-scripts option(s){where} set to off are not in lorakit: "
-                  f"{', '.join(off)}", file=sys.stderr)
         missing = [s.name for s in specs.values() if s.default is MISSING and s.name not in kwargs]
         if missing:
             raise ConfigError(f"`{missing[0]}` is required for `{cls.job}`{where}")
@@ -344,6 +381,14 @@ def read_toml(path: str | os.PathLike) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path.name}: invalid TOML ({e})") from None
+
+
+def toml_value(text: str):
+    """A command-line word as TOML reads a value (`0` → 0, `false` → False, `0.1` → 0.1), else the word itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, ValueError):
+        return text
 
 
 def parse_resolution(value: str | int | None) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ lorakit's defaults differ from sd-scripts' in a few deliberate places, each for 
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +25,53 @@ SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", 
             "dpmsingle", "unipc")
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                    "k_dpm_2_a": "dpm_2_a"}  # sd-scripts' other names
+
+
+# sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, what it must be)}
+NETWORK_ARGS = {"conv_dim": (int, "an integer ≥ 1"), "conv_alpha": (float, "a number ≥ 0"),
+                **dict.fromkeys(("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"),
+                                (float, "a number > 0"))}
+# those it does not have: refused by name unless off (0, false, none), as GUI-made configs write them
+UNSUPPORTED_NETWORK_ARGS = {
+    **dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), "per-block ranks"),
+    **dict.fromkeys(("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"),
+                    "per-block learning rates"),
+    "rank_dropout": "rank dropout (`network_dropout` is supported)",
+    "module_dropout": "module dropout (`network_dropout` is supported)",
+    **dict.fromkeys(("algo", "preset", "use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm",
+                     "factor", "decompose_both", "dora_wd", "bypass_mode", "constraint", "block_size"),
+                    "LyCORIS networks (lorakit trains LoRA, and LoCon with conv_dim)"),
+}
+_OFF_WORDS = ("", "0", "0.0", "false", "none")
+
+
+def parse_network_args(args: list[str], where: str = "") -> dict:
+    """`["conv_dim=8", "loraplus_lr_ratio=16"]` as `{"conv_dim": 8, "loraplus_lr_ratio": 16.0}`, each value
+    checked; an sd-scripts key lorakit lacks is refused by name (unless off), an unknown key with the closest one."""
+    out = {}
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"`network_args` entries must be key=value, got {arg!r}{where}")
+        key, text = (part.strip() for part in arg.split("=", 1))
+        if key in UNSUPPORTED_NETWORK_ARGS:
+            if text.lower() in _OFF_WORDS:
+                continue
+            raise ConfigError(f"`network_args` {key}={text}{where}: lorakit does not have "
+                              f"{UNSUPPORTED_NETWORK_ARGS[key]} (an sd-scripts option); remove it")
+        if key not in NETWORK_ARGS:
+            close = difflib.get_close_matches(key, list(NETWORK_ARGS), n=1)
+            raise ConfigError(f"`network_args` has an unknown key {key!r}{where}"
+                              + (f"; did you mean {close[0]!r}?" if close else "")
+                              + f" (lorakit reads {', '.join(NETWORK_ARGS)})")
+        kind, what = NETWORK_ARGS[key]
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < (1 if key == "conv_dim" else 0) or (key.startswith("loraplus") and value == 0):
+            raise ConfigError(f"`network_args` {key}={text!r}{where}: must be {what}")
+        out[key] = value
+    return out
 
 
 def check_augmentations_uncached(cache_latents: bool, color_aug: bool, random_crop: bool, *, file: str = "",
@@ -192,8 +240,9 @@ class TrainConfig(JobConfig):
                                   group="network", min=0.0, basic=True)
     network_dropout: float = option(0.0, "Dropout on each LoRA module's down-projection output (as sd-scripts).",
                                     group="network", min=0.0, max=0.99)
-    network_args: list[str] = option([], "Extra `key=value` network options (sd-scripts style), e.g. conv_dim=8.",
-                                     group="network")
+    network_args: list[str] = option([], "Extra `key=value` network options (sd-scripts style): conv_dim, "
+                                     "conv_alpha, and LoRA+ loraplus_lr_ratio (e.g. 16; also loraplus_unet_lr_ratio, "
+                                     "loraplus_text_encoder_lr_ratio).", group="network")
     conv_dim: int | None = option(None, "Rank for 3x3 convolutions (LoCon). Unset: no conv LoRA.", group="network",
                                   min=1, max=1024)
     conv_alpha: float | None = option(None, "Alpha for conv LoRA. Unset: same as conv_dim.", group="network",
@@ -227,7 +276,8 @@ class TrainConfig(JobConfig):
                                        group="training")
     use_8bit_adam: bool = option(False, "Alias of optimizer_type = AdamW8bit (sd-scripts).", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", group="training", choices=SCHEDULERS)
-    lr_warmup_steps: int = option(0, "Linear warm-up steps.", group="training", min=0)
+    lr_warmup_steps: int | float = option(0, "Linear warm-up: a number of steps, or a fraction (< 1) of the "
+                                          "training steps, e.g. 0.05.", group="training", min=0)
     lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts.", group="training", min=1)
     lr_scheduler_power: float = option(1.0, "Power for the polynomial schedule.", group="training", min=0.0)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
@@ -319,21 +369,14 @@ class TrainConfig(JobConfig):
             raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("`adaptive_noise_scale` adds to the offset noise: it needs `noise_offset` > 0")
+        if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps >= 1:
+            raise ConfigError(f"`lr_warmup_steps` must be a whole number of steps or a fraction < 1 of the training "
+                              f"steps, got {self.lr_warmup_steps}")
         parse_resolution(self.resolution)
-        for arg in self.network_args:
-            if "=" not in arg:
-                raise ConfigError(f"`network_args` entries must be key=value, got {arg!r}")
+        parse_network_args(self.network_args)
         for arg in self.optimizer_args:
             if "=" not in arg:
                 raise ConfigError(f"`optimizer_args` entries must be key=value, got {arg!r}")
-        args = dict(a.split("=", 1) for a in self.network_args)
-        for key, kind, what in (("conv_dim", int, "an integer"), ("conv_alpha", float, "a number")):
-            try:
-                value = kind(args[key]) if key in args else 1
-            except ValueError:
-                raise ConfigError(f"`network_args` {key}={args[key]!r}: must be {what}") from None
-            if value <= 0 and key == "conv_dim":
-                raise ConfigError(f"`network_args` conv_dim={args[key]!r}: must be ≥ 1")
 
     # ---- derived values (one place, used by train, metadata and the forms' summary)
     @property
@@ -343,14 +386,18 @@ class TrainConfig(JobConfig):
     @property
     def resolved_conv(self) -> tuple[int | None, float | None]:
         """(conv_dim, conv_alpha), also read from sd-scripts-style `network_args`."""
-        args = dict(a.split("=", 1) for a in self.network_args)
-        conv_dim = self.conv_dim if self.conv_dim is not None else (int(args["conv_dim"]) if "conv_dim" in args
-                                                                     else None)
-        conv_alpha = self.conv_alpha if self.conv_alpha is not None else (
-            float(args["conv_alpha"]) if "conv_alpha" in args else None)
+        args = parse_network_args(self.network_args)
+        conv_dim = self.conv_dim if self.conv_dim is not None else args.get("conv_dim")
+        conv_alpha = self.conv_alpha if self.conv_alpha is not None else args.get("conv_alpha")
         if conv_dim is not None and conv_alpha is None:
             conv_alpha = float(conv_dim)
         return conv_dim, conv_alpha
+
+    def loraplus_ratio(self, component: str) -> float | None:
+        """LoRA+ (`network_args` loraplus_*_lr_ratio): the up-projections of `component` ("unet" or "text_encoder")
+        learn at this multiple of its learning rate; None: as fast as the down-projections."""
+        args = parse_network_args(self.network_args)
+        return args.get(f"loraplus_{component}_lr_ratio") or args.get("loraplus_lr_ratio")
 
     @property
     def trains_text_encoder(self) -> bool:
