@@ -16,7 +16,10 @@ by `_LoraProduct`:
 `m` is the dropout mask (`network_dropout` p: each entry 0 or 1/(1-p); m = 1 without dropout). As in sd-scripts
 (`up(dropout(down(x)))`), dropout acts on the down-projection's output, where peft's own forward drops the
 adapter's input; any call with the dropout active takes sd-scripts' order (`_unfused_forward` where the fused
-product does not apply, e.g. a kxk LoCon conv).
+product does not apply, e.g. a kxk LoCon conv). sd-scripts' two other dropouts act in training mode too:
+rank dropout (`network_args` rank_dropout p) multiplies m by a mask that keeps or drops each rank channel for a
+whole sample (0 or 1/(1-p), the same for all of its tokens), and module dropout (module_dropout p) runs the base
+layer alone on a fraction p of the calls (`set_extra_dropout` sets them on a layer's adapter).
 
 The rank-r products are added in place (`addmm_`/`baddbmm_`) into the base product and into the input gradient, so a
 layer costs its base products plus six rank-r products (two forward, four backward) and no full-size elementwise
@@ -29,7 +32,7 @@ convolution is computed as the same products over channels ([out, in] @ [n, in, 
 CPU than the convolution kernels.
 
 Public API: `LoraLinear`, `LoraConv2d`, `CUSTOM_MODULES` ({nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}, for
-`LoraConfig._register_custom_module`).
+`LoraConfig._register_custom_module`), `set_extra_dropout(layer, adapter_name, rank=, module=)`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import torch
 from peft.tuners.lora import layer as peft_lora
 from torch import nn
 
-__all__ = ["CUSTOM_MODULES", "LoraConv2d", "LoraLinear"]
+__all__ = ["CUSTOM_MODULES", "LoraConv2d", "LoraLinear", "set_extra_dropout"]
 
 
 def _compute_dtype(x: torch.Tensor, *weights: torch.Tensor) -> torch.dtype | None:
@@ -59,14 +62,16 @@ class _LoraProduct(torch.autograd.Function):
     A and B (the base weight and bias are frozen)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype, dropout: float = 0.0):
+    def forward(ctx, x, weight, bias, down, up, scale: float, conv: bool, dtype: torch.dtype, dropout: float = 0.0,
+                rank_dropout: float = 0.0):
         if torch.is_autocast_enabled(x.device.type):  # the products run in `dtype`, not in autocast's choice
             with torch.autocast(x.device.type, enabled=False):
-                return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout)
-        return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout)
+                return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout,
+                                             rank_dropout)
+        return _LoraProduct._forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout, rank_dropout)
 
     @staticmethod
-    def _forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout):
+    def _forward(ctx, x, weight, bias, down, up, scale, conv, dtype, dropout, rank_dropout):
         ctx.conv, ctx.scale, ctx.dtype = conv, scale, dtype
         ctx.shapes = (x.shape, x.dtype, down.shape, down.dtype, up.shape, up.dtype)
         xc, w, a, b = _as(x, dtype), _as(weight, dtype), _as(down, dtype), _as(up, dtype)
@@ -75,7 +80,7 @@ class _LoraProduct(torch.autograd.Function):
         bias = None if bias is None else _as(bias, dtype)
         xs = xc.flatten(2) if conv else xc.reshape(-1, xc.shape[-1])  # conv [n, in, h·w]; linear [N, in]
         tokens = xs.shape[0] * xs.shape[2] if conv else xs.shape[0]
-        ctx.merged = merged = not dropout and _merge_weight(tokens, *w.shape, dtype)
+        ctx.merged = merged = not (dropout or rank_dropout) and _merge_weight(tokens, *w.shape, dtype)
         if merged:  # W' = W + s·B·A: the base product computes the adapter's output too
             w = torch.addmm(w, b, a, alpha=scale)
         # a 1x1 convolution is a product over channels: [out, in] @ [n, in, h·w]
@@ -83,6 +88,12 @@ class _LoraProduct(torch.autograd.Function):
         keep = None  # the dropout mask m, scaled: 0 or 1/(1-p)
         if dropout:
             keep = torch.empty_like(h).bernoulli_(1 - dropout).div_(1 - dropout)
+        if rank_dropout:  # [n, r] for each sample, over its tokens: [n, r, 1] (conv) or [n·tokens, r] rows
+            ranks = _rank_mask(x.shape[0], h.shape[1] if conv else h.shape[-1], rank_dropout, h)
+            ranks = ranks[:, :, None] if conv else ranks.view(ranks.shape[0], *[1] * (x.dim() - 2), -1).expand(
+                *x.shape[:-1], -1).reshape(-1, ranks.shape[1])
+            keep = ranks if keep is None else keep * ranks
+        if keep is not None:
             h = h * keep
         if conv:
             y = w @ xs
@@ -142,7 +153,12 @@ class _LoraProduct(torch.autograd.Function):
             grad_x = _as(grad_x.reshape(x_shape), x_dtype)
         grad_down = None if grad_down is None else _as(grad_down, down_dtype)
         grad_up = None if grad_up is None else _as(grad_up, up_dtype)
-        return (grad_x, None, None, grad_down, grad_up, None, None, None, None)
+        return (grad_x, None, None, grad_down, grad_up, None, None, None, None, None)
+
+
+def _rank_mask(samples: int, rank: int, p: float, like: torch.Tensor) -> torch.Tensor:
+    """sd-scripts' rank dropout: for each sample, each rank channel kept (1/(1-p)) or dropped (0)."""
+    return (torch.rand(samples, rank, device=like.device) > p).to(like.dtype).div_(1 - p)
 
 
 def _merge_weight(tokens: int, out_features: int, in_features: int, dtype: torch.dtype) -> bool:
@@ -168,6 +184,31 @@ def _dropout(layer: peft_lora.LoraLayer, name: str) -> float | None:
     return None
 
 
+def set_extra_dropout(layer: peft_lora.LoraLayer, adapter_name: str, *, rank: float = 0.0,
+                      module: float = 0.0) -> None:
+    """sd-scripts' rank dropout and module dropout (probabilities in [0, 1)) for one adapter of `layer`, in training
+    mode (see the module docstring)."""
+    for attr, p in (("lorakit_rank_dropout", rank), ("lorakit_module_dropout", module)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"a dropout probability must be in [0, 1), got {p}")
+        if not hasattr(layer, attr):
+            setattr(layer, attr, {})
+        getattr(layer, attr)[adapter_name] = float(p)
+
+
+def _extra_dropout(layer: peft_lora.LoraLayer, attr: str, name: str) -> float:
+    return getattr(layer, attr, {}).get(name, 0.0) if layer.training else 0.0
+
+
+def _module_dropped(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> bool:
+    """Module dropout: this training-mode call runs the base layer alone (probability p, one draw per call)."""
+    if not getattr(layer, "lorakit_module_dropout", None) or not layer.training:
+        return False
+    adapter = _plain_adapter(layer, args, kwargs)
+    p = _extra_dropout(layer, "lorakit_module_dropout", adapter[0]) if adapter else 0.0
+    return bool(p) and torch.rand(1).item() < p
+
+
 def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> tuple[str, float] | None:
     """(name, dropout p) of the layer's one active, plain adapter (enabled, not merged, no DoRA or other variant, a
     dropout the layers here run), else None."""
@@ -185,8 +226,8 @@ def _plain_adapter(layer: peft_lora.LoraLayer, args: tuple, kwargs: dict) -> tup
 
 def _fused_plan(layer: peft_lora.LoraLayer, base: nn.Module, x: torch.Tensor, args: tuple,
                 kwargs: dict) -> tuple | None:
-    """(A, B, scale, compute dtype, dropout p) when the fused step can run this call — gradients on, the one plain
-    adapter trains (A, B or both), the base layer is frozen — else None."""
+    """(A, B, scale, compute dtype, dropout p, rank dropout p) when the fused step can run this call — gradients on,
+    the one plain adapter trains (A, B or both), the base layer is frozen — else None."""
     adapter = _plain_adapter(layer, args, kwargs) if torch.is_grad_enabled() else None
     if adapter is None:
         return None
@@ -195,19 +236,24 @@ def _fused_plan(layer: peft_lora.LoraLayer, base: nn.Module, x: torch.Tensor, ar
     if not (down.requires_grad or up.requires_grad) or any(w.requires_grad for w in base.parameters(recurse=False)):
         return None
     dtype = _compute_dtype(x, base.weight, down, up)
-    return None if dtype is None else (down, up, layer.scaling[name], dtype, p)
+    rank_p = _extra_dropout(layer, "lorakit_rank_dropout", name)
+    return None if dtype is None else (down, up, layer.scaling[name], dtype, p, rank_p)
 
 
 def _unfused_forward(layer: peft_lora.LoraLayer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """A call the fused product does not run: with the dropout active (training mode), sd-scripts' order
-    `base(x) + s·B(dropout(A(x)))` (one plain adapter); otherwise peft's forward."""
+    """A call the fused product does not run: with a dropout active (training mode), sd-scripts' order
+    `base(x) + s·B(rank_mask ⊙ dropout(A(x)))` (one plain adapter); otherwise peft's forward."""
     adapter = _plain_adapter(layer, args, kwargs) if layer.training else None  # eval mode (inference): no dropout
-    if adapter is None or not adapter[1]:
+    rank_p = _extra_dropout(layer, "lorakit_rank_dropout", adapter[0]) if adapter else 0.0
+    if adapter is None or not (adapter[1] or rank_p):
         return super(type(layer), layer).forward(x, *args, **kwargs)
     name, p = adapter
     down, up = layer.lora_A[name], layer.lora_B[name]
     result = layer.get_base_layer()(x)
     h = torch.nn.functional.dropout(down(x.to(down.weight.dtype)), p, training=True)
+    if rank_p:  # [n, r] → [n, r, 1, 1] for a conv's [n, r, h, w]; [n, 1, …, r] for a Linear's [n, …, r]
+        ranks = _rank_mask(h.shape[0], h.shape[1] if h.dim() == 4 else h.shape[-1], rank_p, h)
+        h = h * (ranks[:, :, None, None] if h.dim() == 4 else ranks.view(h.shape[0], *[1] * (h.dim() - 2), -1))
     return result + (up(h) * layer.scaling[name]).to(result.dtype)
 
 
@@ -216,11 +262,12 @@ class LoraLinear(peft_lora.Linear):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
+        if _module_dropped(self, args, kwargs):
+            return base(x, *args, **kwargs)
         plan = _fused_plan(self, base, x, args, kwargs) if type(base) is nn.Linear else None
         if plan is None:
             return _unfused_forward(self, x, args, kwargs)
-        down, up, scale, dtype, dropout = plan
-        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, False, dtype, dropout)
+        return _LoraProduct.apply(x, base.weight, base.bias, *plan[:3], False, *plan[3:])
 
 
 def _pointwise(conv: nn.Module) -> bool:
@@ -234,11 +281,12 @@ class LoraConv2d(peft_lora.Conv2d):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
+        if _module_dropped(self, args, kwargs):
+            return base(x, *args, **kwargs)
         plan = _fused_plan(self, base, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
         if plan is None or plan[0].shape[2:] != (1, 1):  # a kxk down-projection (LoCon) is not a 1x1 product
             return _unfused_forward(self, x, args, kwargs)
-        down, up, scale, dtype, dropout = plan
-        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, True, dtype, dropout)
+        return _LoraProduct.apply(x, base.weight, base.bias, *plan[:3], True, *plan[3:])
 
 
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

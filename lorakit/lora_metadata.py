@@ -108,8 +108,6 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
     the keyword arguments are what only the training run knows. With `cfg.no_metadata` only the keys readers
     need to identify the file are kept (as sd-scripts does).
     """
-    from .config.train import parse_network_args
-
     conv_dim, conv_alpha = cfg.resolved_conv
     if resolution is None:
         from .config.schema import parse_resolution
@@ -118,8 +116,8 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
     meta = lora_base_metadata(
         components.family, components.prediction_type, network_dim=cfg.network_dim, network_alpha=cfg.network_alpha,
         conv_dim=conv_dim, conv_alpha=conv_alpha, resolution=resolution, title=cfg.output_name,
-        clip_skip=cfg.clip_skip, network_args={k: v for k, v in parse_network_args(cfg.network_args).items()
-                                               if k.startswith("loraplus_")})
+        clip_skip=cfg.clip_skip, network_args={k: v for k, v in cfg.network_options.items()
+                                               if k not in ("conv_dim", "conv_alpha")})  # those come resolved
     if cfg.no_metadata:
         return {k: v for k, v in meta.items() if k in MINIMAL_KEYS}
     meta.update(stringify_metadata({

@@ -10,12 +10,13 @@ LoCon adds the resnet/down/upsampler layers, kxk convs at `conv_dim`/`conv_alpha
 
 Scale is `alpha / rank` (not rsLoRA), times the network's multiplier. Dropout (`network_dropout`) is sd-scripts':
 on the down-projection's output, `up(dropout(down(x)))` (lorakit's layers run it so; peft's own forward would drop
-the adapter's input), in training mode only.
+the adapter's input), in training mode only; so are sd-scripts' rank dropout and module dropout (`network_args`).
 
 Public API:
 - `lora_targets(components, conv=False) -> {kohya_name: LoraTarget(component, path, kind)}`
-- `add_lora(components, *, dim, alpha, conv_dim=None, conv_alpha=None, dropout=0.0, unet=True, text_encoder=True,
-  adapter_name="default", dtype=None) -> LoraNetwork` — a fresh, trainable LoRA (up = 0: output unchanged).
+- `add_lora(components, *, dim, alpha, conv_dim=None, conv_alpha=None, dropout=0.0, rank_dropout=0.0,
+  module_dropout=0.0, unet=True, text_encoder=True, adapter_name="default", dtype=None) -> LoraNetwork` — a fresh,
+  trainable LoRA (up = 0: output unchanged).
 - `apply_lora_file(components, path, *, multiplier=1.0, adapter_name=None, ...) -> LoraNetwork` and
   `apply_lora_weights(components, weights, metadata=None, ...)` — a LoRA from a file/in-memory state, ranks and
   alphas per module as stored; refuses files for another family or with keys that match no layer, before
@@ -42,7 +43,7 @@ from torch import nn
 
 from .errors import LoraFormatError
 from .formats import FAMILY_WORDS, LoraWeights, component_of, detect_family, load_lora_file, parse_kohya, to_kohya
-from .lora_layers import CUSTOM_MODULES
+from .lora_layers import CUSTOM_MODULES, set_extra_dropout
 from .lora_math import LoraFactors
 from .lora_targets import (
     COMPONENTS,
@@ -352,7 +353,8 @@ def _finish(modules, adapter_name, plan, multiplier, trainable, dtype) -> LoraNe
 
 
 def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None = None,
-             conv_alpha: float | None = None, dropout: float = 0.0, unet: bool = True, text_encoder: bool = True,
+             conv_alpha: float | None = None, dropout: float = 0.0, rank_dropout: float = 0.0,
+             module_dropout: float = 0.0, unet: bool = True, text_encoder: bool = True,
              adapter_name: str = "default", dtype: torch.dtype | None = None) -> LoraNetwork:
     """Add a fresh, trainable LoRA (down kaiming-uniform, up zero: outputs unchanged) to the model.
 
@@ -361,13 +363,15 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     which components get modules (`network_train_unet_only` → text_encoder=False); the base weights of both
     components are frozen (`requires_grad=False`), only the adapter trains. `dtype`: the adapter's
     weight dtype (default: the base layer's; use torch.float32 to train fp32 adapters on an fp16 model).
+    `dropout`, `rank_dropout`, `module_dropout`: sd-scripts' three dropouts, in training mode only.
     """
     if dim < 1:
         raise ValueError(f"`network_dim` must be ≥ 1, got {dim}")
     if conv_dim is not None and conv_dim < 1:
         raise ValueError(f"`conv_dim` must be ≥ 1, got {conv_dim}")
-    if not (0.0 <= dropout < 1.0):
-        raise ValueError(f"`network_dropout` must be in [0, 1), got {dropout}")
+    for name, p in (("network_dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+        if not (0.0 <= p < 1.0):
+            raise ValueError(f"`{name}` must be in [0, 1), got {p}")
     if not (unet or text_encoder):
         raise ValueError("a LoRA needs the U-Net or the text encoder (or both): both were switched off")
     all_modules = component_modules(components)
@@ -383,7 +387,11 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     if not plan:
         raise LoraFormatError("found no layers to put a LoRA on: is this a Stable Diffusion text encoder/U-Net?")
     _inject(modules, adapter_name, plan, dropout)
-    return _finish(modules, adapter_name, plan, 1.0, True, dtype)
+    net = _finish(modules, adapter_name, plan, 1.0, True, dtype)
+    if rank_dropout or module_dropout:
+        for layer in net.layers.values():
+            set_extra_dropout(layer, adapter_name, rank=rank_dropout, module=module_dropout)
+    return net
 
 
 def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,

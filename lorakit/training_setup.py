@@ -266,10 +266,12 @@ def prepare_run(cfg, components=None) -> Run:
 
     # ---- the LoRA (fp32 even on an fp16 model; seeded init of the down weights)
     conv_dim, conv_alpha = cfg.resolved_conv
+    args = cfg.network_options
     torch.manual_seed(cfg.seed or 0)
     network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
-                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, unet=cfg.trains_unet,
-                       text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
+                       conv_alpha=conv_alpha, dropout=cfg.network_dropout,
+                       rank_dropout=args.get("rank_dropout", 0.0), module_dropout=args.get("module_dropout", 0.0),
+                       unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
     if cfg.network_weights:
         from .formats import load_lora_file
 

@@ -285,15 +285,16 @@ def test_network_args_are_read_or_refused_by_name():
     without a word (a per-block rank left out would train another network than the config says)."""
     from lorakit.config.train import parse_network_args
 
-    assert parse_network_args(["conv_dim=8", "conv_alpha = 4", "loraplus_lr_ratio=16", "rank_dropout=0",
-                               "module_dropout=0.0", "use_tucker=False"]) == {
-        "conv_dim": 8, "conv_alpha": 4.0, "loraplus_lr_ratio": 16.0}
+    assert parse_network_args(["conv_dim=8", "conv_alpha = 4", "loraplus_lr_ratio=16", "rank_dropout=0.1",
+                               "module_dropout=0", "use_tucker=False", "block_dims=0"]) == {
+        "conv_dim": 8, "conv_alpha": 4.0, "loraplus_lr_ratio": 16.0, "rank_dropout": 0.1, "module_dropout": 0.0}
     cfg = TrainConfig(network_args=["loraplus_lr_ratio=16", "loraplus_unet_lr_ratio=8"])
     assert (cfg.loraplus_ratio("unet"), cfg.loraplus_ratio("text_encoder")) == (8.0, 16.0)
     assert TrainConfig().loraplus_ratio("unet") is None
     for arg, words in [("block_dims=2,4,4,4,8,8,8,8,12,12,12,12,16,16,16,16,12,12,12,12,8,8,8,8,4",
                         "block_dims=.*does not have per-block ranks"),
-                       ("down_lr_weight=0.5", "per-block learning rates"), ("rank_dropout=0.1", "rank dropout"),
+                       ("down_lr_weight=0.5", "per-block learning rates"),
+                       ("rank_dropout=1", "rank_dropout='1': must be a number in \\[0, 1\\)"),
                        ("algo=loha", "LyCORIS"), ("conv_dims=4", "unknown key 'conv_dims'; did you mean 'conv_dim'"),
                        ("loraplus_lr_ratio=0", "must be a number > 0"), ("loraplus_lr_ratio=x", "> 0"),
                        ("conv_alpha=-1", "must be a number ≥ 0"), ("conv_dim", "must be key=value")]:

@@ -330,14 +330,15 @@ def test_fused_dropout_gradients_match_a_reference(case):
     assert_same(got, (y.detach(), xr.grad, down.grad, up.grad), rtol=1e-5, atol=1e-5)
 
 
-def test_dropout_masks_repeat_under_gradient_checkpointing(tiny_sd1_dir, one_thread):
-    """With dropout, gradient checkpointing recomputes the forward with the same masks: the LoRA gradients equal
-    those of the same step (same seed) without checkpointing."""
+@pytest.mark.parametrize("dropouts", [dict(dropout=0.5), dict(rank_dropout=0.3, module_dropout=0.2)])
+def test_dropout_masks_repeat_under_gradient_checkpointing(tiny_sd1_dir, one_thread, dropouts):
+    """With dropout (each of sd-scripts' three kinds), gradient checkpointing recomputes the forward with the same
+    masks: the LoRA gradients equal those of the same step (same seed) without checkpointing."""
     from lorakit.models import load_models
     from lorakit.network import add_lora
 
     comps = load_models(str(tiny_sd1_dir), dtype=torch.float32)
-    net = add_lora(comps, dim=4, alpha=2, text_encoder=False, dropout=0.5)
+    net = add_lora(comps, dim=4, alpha=2, text_encoder=False, **dropouts)
     torch.manual_seed(0)
     for p in net.trainable_parameters()["unet"]:
         nn.init.normal_(p, std=0.1)
@@ -351,9 +352,105 @@ def test_dropout_masks_repeat_under_gradient_checkpointing(tiny_sd1_dir, one_thr
         unet.enable_gradient_checkpointing() if checkpointing else unet.disable_gradient_checkpointing()
         torch.manual_seed(seed)
         unet(x, torch.tensor([300]), text).sample.square().mean().backward()
-        grads.append({n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad})
+        # a module dropped for the whole step has no gradient at all: zeros here, compared like the others
+        grads.append({n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                      for n, p in unet.named_parameters() if p.requires_grad})
         unet.zero_grad(set_to_none=True)
     plain, checkpointed, other_masks = grads
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert any(not torch.allclose(other_masks[n], plain[n]) for n in plain)  # the masks do change the gradients
+    if "module_dropout" in dropouts:  # some modules were dropped in one step and not in the other
+        assert any(bool(plain[n].any()) != bool(other_masks[n].any()) for n in plain)
+
+
+def per_sample_rows(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """`_as_rows(t)` as [samples, rows of one sample, features]."""
+    rows = _as_rows(t)
+    return rows.reshape(samples, -1, rows.shape[-1])
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_rank_dropout_keeps_or_drops_each_rank_for_a_whole_sample(case):
+    """sd-scripts' rank dropout: each of a sample's rank channels of A(x) is dropped or scaled by 1/(1-p) for all of
+    its tokens (pixels) alike, fused or not; in eval mode it does nothing."""
+    from lorakit.lora_layers import set_extra_dropout
+
+    make, shape, fused = DROPOUT_CASES[case]
+    ours, ref = pair(make())
+    set_extra_dropout(ours, "default", rank=0.5)
+    x = torch.randn(shape)
+    down, up, base = ours.lora_A["default"], ours.lora_B["default"], ours.get_base_layer()
+    with torch.no_grad():
+        kept = _as_rows(down(x))
+        delta = _as_rows(base(x))
+    torch.manual_seed(3)
+    y = ours(x)
+    assert ("LoraProduct" in type(y.grad_fn).__name__) is fused
+    b = up.weight.detach().reshape(up.weight.shape[0], -1)
+    dropped = torch.linalg.lstsq(b, (_as_rows(y.detach()) - delta).t() / ours.scaling["default"]).solution.t()
+    n = shape[0]
+    dropped, kept = dropped.reshape(n, -1, 4), kept.reshape(n, -1, 4)
+    tol = 1e-4 * kept.abs().max()
+    off = dropped.abs().amax(1) < tol  # [sample, rank]: the whole channel is zero
+    on = (dropped - 2 * kept).abs().amax(1) < tol  # the whole channel kept, × 1/(1-p)
+    assert (off ^ on).all(), (off, on)
+    assert off.any() and on.any()
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("case", ["linear", "1x1 conv"])
+def test_fused_rank_dropout_gradients_match_a_reference(case):
+    """With `network_dropout` and rank dropout together, output and gradients of the fused step equal a plain
+    autograd computation of base(x) + s/(1-q)·B(r ⊙ m ⊙ A(x)) with the same masks."""
+    from lorakit.lora_layers import set_extra_dropout
+
+    make, shape, _ = DROPOUT_CASES[case]
+    ours, _ = pair(make(), dropout=0.3)
+    set_extra_dropout(ours, "default", rank=0.25)
+    x = torch.randn(shape)
+    torch.manual_seed(7)
+    got = forward_backward(ours, x)
+
+    down, up = (ours.lora_A["default"].weight.detach().clone().requires_grad_(True),
+                ours.lora_B["default"].weight.detach().clone().requires_grad_(True))
+    xr = x.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    conv = x.dim() == 4
+    h = torch.nn.functional.conv2d(xr, down) if conv else xr @ down.t()
+    keep = torch.empty_like(h).bernoulli_(0.7).div_(0.7)
+    ranks = (torch.rand(shape[0], 4) > 0.25).float() / 0.75
+    keep = keep * (ranks[:, :, None, None] if conv else ranks[:, None, :])
+    lora = torch.nn.functional.conv2d(h * keep, up) if conv else (h * keep) @ up.t()
+    y = ours.get_base_layer()(xr) + ours.scaling["default"] * lora
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    assert_same(got, (y.detach(), xr.grad, down.grad, up.grad), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_module_dropout_runs_the_base_layer_alone_on_some_calls(case):
+    """sd-scripts' module dropout: in training mode a call either runs the base layer alone (and the adapter gets
+    no gradient from it) or the whole adapter; about a fraction p of the calls are dropped; never in eval mode."""
+    from lorakit.lora_layers import set_extra_dropout
+
+    make, shape, _ = DROPOUT_CASES[case]
+    ours, ref = pair(make())
+    set_extra_dropout(ours, "default", module=0.4)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        base_only, full = ours.get_base_layer()(x), ref(x)
+    torch.manual_seed(0)
+    dropped = 0
+    for _ in range(50):
+        y = ours(x)
+        if torch.equal(y.detach(), base_only):
+            dropped += 1
+            assert y.grad_fn is None or ours.lora_A["default"].weight.grad is None
+        else:
+            torch.testing.assert_close(y.detach(), full, rtol=1e-5, atol=1e-5)
+    assert 10 <= dropped <= 30
+    ours.eval()
+    with torch.no_grad():
+        assert all(torch.allclose(ours(x), full, atol=1e-5) for _ in range(10))

@@ -239,6 +239,22 @@ def test_network_dropout_with_locon_trains(tmp_path, tiny_sd1_dir):
     assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in ups)
 
 
+def test_rank_and_module_dropout_change_training_reproducibly(tmp_path, tiny_sd1_dir):
+    """sd-scripts' `network_args` rank_dropout / module_dropout: a run with them ends elsewhere than one without,
+    the same again with the same seed, and the file records them as sd-scripts does."""
+    one_image_data(tmp_path, "1_sks toy")
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=3, learning_rate=1e-3, save_precision="float", sample_at_end=False)
+    args = ["conv_dim=4", "rank_dropout=0.3", "module_dropout=0.2"]
+    plain = read_lora(lorakit.train(**base, output_dir=str(tmp_path / "a"), network_args=["conv_dim=4"]).lora_path)[0]
+    first, meta = read_lora(lorakit.train(**base, output_dir=str(tmp_path / "b"), network_args=args).lora_path)
+    again = read_lora(lorakit.train(**base, output_dir=str(tmp_path / "c"), network_args=args).lora_path)[0]
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.allclose(first[k], plain[k]) for k in first)
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "4", "rank_dropout": "0.3",
+                                                   "module_dropout": "0.2"}
+
+
 # ---------------------------------------------------------------------------------------------- safety
 def test_nan_loss_stops_and_keeps_the_good_file(tmp_path, tiny_sd1_dir):
     one_image_data(tmp_path)

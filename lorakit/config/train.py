@@ -30,14 +30,13 @@ SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "
 # sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, what it must be)}
 NETWORK_ARGS = {"conv_dim": (int, "an integer ≥ 1"), "conv_alpha": (float, "a number ≥ 0"),
                 **dict.fromkeys(("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"),
-                                (float, "a number > 0"))}
+                                (float, "a number > 0")),
+                **dict.fromkeys(("rank_dropout", "module_dropout"), (float, "a number in [0, 1)"))}
 # those it does not have: refused by name unless off (0, false, none), as GUI-made configs write them
 UNSUPPORTED_NETWORK_ARGS = {
     **dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), "per-block ranks"),
     **dict.fromkeys(("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold"),
                     "per-block learning rates"),
-    "rank_dropout": "rank dropout (`network_dropout` is supported)",
-    "module_dropout": "module dropout (`network_dropout` is supported)",
     **dict.fromkeys(("algo", "preset", "use_tucker", "use_cp", "use_scalar", "rank_dropout_scale", "train_norm",
                      "factor", "decompose_both", "dora_wd", "bypass_mode", "constraint", "block_size"),
                     "LyCORIS networks (lorakit trains LoRA, and LoCon with conv_dim)"),
@@ -68,7 +67,8 @@ def parse_network_args(args: list[str], where: str = "") -> dict:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < (1 if key == "conv_dim" else 0) or (key.startswith("loraplus") and value == 0):
+        if (value is None or value < (1 if key == "conv_dim" else 0) or (key.startswith("loraplus") and value == 0)
+                or (key.endswith("_dropout") and value >= 1)):
             raise ConfigError(f"`network_args` {key}={text!r}{where}: must be {what}")
         out[key] = value
     return out
@@ -241,8 +241,9 @@ class TrainConfig(JobConfig):
     network_dropout: float = option(0.0, "Dropout on each LoRA module's down-projection output (as sd-scripts).",
                                     group="network", min=0.0, max=0.99)
     network_args: list[str] = option([], "Extra `key=value` network options (sd-scripts style): conv_dim, "
-                                     "conv_alpha, and LoRA+ loraplus_lr_ratio (e.g. 16; also loraplus_unet_lr_ratio, "
-                                     "loraplus_text_encoder_lr_ratio).", group="network")
+                                     "conv_alpha, rank_dropout, module_dropout, and LoRA+ loraplus_lr_ratio (e.g. 16; "
+                                     "also loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio).",
+                                     group="network")
     conv_dim: int | None = option(None, "Rank for 3x3 convolutions (LoCon). Unset: no conv LoRA.", group="network",
                                   min=1, max=1024)
     conv_alpha: float | None = option(None, "Alpha for conv LoRA. Unset: same as conv_dim.", group="network",
@@ -384,9 +385,14 @@ class TrainConfig(JobConfig):
         return "AdamW8bit" if self.use_8bit_adam else self.optimizer_type
 
     @property
+    def network_options(self) -> dict:
+        """`network_args` as typed values: `{"conv_dim": 8, "loraplus_lr_ratio": 16.0, ...}` (only those given)."""
+        return parse_network_args(self.network_args)
+
+    @property
     def resolved_conv(self) -> tuple[int | None, float | None]:
         """(conv_dim, conv_alpha), also read from sd-scripts-style `network_args`."""
-        args = parse_network_args(self.network_args)
+        args = self.network_options
         conv_dim = self.conv_dim if self.conv_dim is not None else args.get("conv_dim")
         conv_alpha = self.conv_alpha if self.conv_alpha is not None else args.get("conv_alpha")
         if conv_dim is not None and conv_alpha is None:
@@ -396,7 +402,7 @@ class TrainConfig(JobConfig):
     def loraplus_ratio(self, component: str) -> float | None:
         """LoRA+ (`network_args` loraplus_*_lr_ratio): the up-projections of `component` ("unet" or "text_encoder")
         learn at this multiple of its learning rate; None: as fast as the down-projections."""
-        args = parse_network_args(self.network_args)
+        args = self.network_options
         return args.get(f"loraplus_{component}_lr_ratio") or args.get("loraplus_lr_ratio")
 
     @property
