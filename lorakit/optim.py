@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules by their sd-scripts names.
 
-`make_optimizer(name, param_groups, lr, args)` — AdamW (torch's fused kernel on CPU and CUDA), AdamW8bit
-(bitsandbytes, CUDA only), Lion (lion-pytorch), Prodigy (prodigyopt; learning rates around 1.0, it adapts them),
-Adafactor (transformers; fixed LR), SGD.
+`make_optimizer(name, param_groups, lr, args)` — AdamW (torch's fused kernel on CPU and CUDA), Lion (lion-pytorch),
+Prodigy (prodigyopt; learning rates around 1.0, it adapts them), Adafactor (transformers; fixed LR), SGD,
+SGDNesterov (momentum 0.9 unless set), and bitsandbytes' 8-bit and paged optimizers (CUDA only: `BNB_OPTIMIZERS`).
 `make_scheduler(...)` — diffusers' `get_scheduler` (constant, linear, cosine, cosine_with_restarts, polynomial,
 constant_with_warmup), with warm-up.
 Optional packages are imported only when chosen, and their absence is a `TrainingError` that says what to install.
@@ -27,6 +27,13 @@ def parse_optimizer_args(args: list[str]) -> dict:
         except (ValueError, SyntaxError):
             out[key.strip()] = raw.strip()
     return out
+
+
+# sd-scripts' names of bitsandbytes optimizers -> the class in `bitsandbytes.optim` (SGDNesterov8bit: SGD8bit with
+# nesterov=True)
+BNB_OPTIMIZERS = {"AdamW8bit": "AdamW8bit", "PagedAdamW8bit": "PagedAdamW8bit", "PagedAdamW": "PagedAdamW",
+                  "PagedAdamW32bit": "PagedAdamW32bit", "Lion8bit": "Lion8bit", "PagedLion8bit": "PagedLion8bit",
+                  "SGDNesterov8bit": "SGD8bit"}
 
 
 def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[str] | None = None,
@@ -58,16 +65,20 @@ def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict
         return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
     if name == "SGD":
         return torch.optim.SGD(param_groups, lr=lr, **kwargs)
-    if name == "AdamW8bit":
+    if name in ("SGDNesterov", "SGDNesterov8bit"):  # sd-scripts: Nesterov momentum, 0.9 unless set
+        kwargs = {"momentum": 0.9, "nesterov": True, **kwargs}
+        if name == "SGDNesterov":
+            return torch.optim.SGD(param_groups, lr=lr, **kwargs)
+    if name in BNB_OPTIMIZERS:
         if torch.device(device).type != "cuda":
-            raise TrainingError("`optimizer_type = AdamW8bit` needs a CUDA GPU (bitsandbytes has no CPU kernels); "
-                                "use AdamW on this machine — for a LoRA the 8-bit states save only ~0.1 GB anyway")
+            raise TrainingError(f"`optimizer_type = {name}` needs a CUDA GPU (bitsandbytes has no CPU kernels); "
+                                f"use AdamW on this machine — for a LoRA the 8-bit states save only ~0.1 GB anyway")
         try:
             import bitsandbytes as bnb
         except ImportError as e:
-            raise TrainingError(f"`optimizer_type = AdamW8bit` needs bitsandbytes: `pip install bitsandbytes` "
+            raise TrainingError(f"`optimizer_type = {name}` needs bitsandbytes: `pip install bitsandbytes` "
                                 f"({e})") from None
-        return bnb.optim.AdamW8bit(param_groups, lr=lr, **kwargs)
+        return getattr(bnb.optim, BNB_OPTIMIZERS[name])(param_groups, lr=lr, **kwargs)
     if name == "Lion":
         try:
             from lion_pytorch import Lion

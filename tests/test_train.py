@@ -377,7 +377,8 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
 
 
 @pytest.mark.parametrize("name,lr,args", [("AdamW", 0.1, ["weight_decay=0.0"]), ("Lion", 0.05, []),
-                                          ("Prodigy", 1.0, []), ("Adafactor", 0.1, []), ("SGD", 0.1, ["momentum=0.9"])])
+                                          ("Prodigy", 1.0, []), ("Adafactor", 0.1, []), ("SGD", 0.1, ["momentum=0.9"]),
+                                          ("SGDNesterov", 0.05, [])])
 def test_optimizers_minimise_a_quadratic(name, lr, args):
     from lorakit.optim import make_optimizer, make_scheduler
 
@@ -393,6 +394,48 @@ def test_optimizers_minimise_a_quadratic(name, lr, args):
         sched.step()
         opt.zero_grad()
     assert (w.detach() ** 2).sum().item() < 0.5 * start
+
+
+def test_sgd_nesterov_is_sd_scripts_nesterov_momentum():
+    from lorakit.optim import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = make_optimizer("SGDNesterov", [{"params": params}], 0.1, [])
+    assert type(opt) is torch.optim.SGD and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    assert make_optimizer("SGDNesterov", [{"params": params}], 0.1, ["momentum=0.5"]).defaults["momentum"] == 0.5
+
+
+def test_bitsandbytes_optimizers_by_their_sd_scripts_names(monkeypatch):
+    """Each 8-bit / paged name builds its bitsandbytes class (a stand-in module here: bitsandbytes needs CUDA), with
+    the groups, rate and `optimizer_args`; without a CUDA device each is one clear line."""
+    import sys
+    import types
+
+    from lorakit.optim import BNB_OPTIMIZERS, make_optimizer
+
+    made = []
+
+    def stand_in(cls_name):
+        def build(groups, lr, **kwargs):
+            made.append((cls_name, lr, kwargs))
+            return SimpleNamespace(param_groups=groups)
+        return build
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = SimpleNamespace(**{c: stand_in(c) for c in set(BNB_OPTIMIZERS.values())})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    for name in BNB_OPTIMIZERS:
+        assert name in TrainConfig.spec("optimizer_type").choices
+        make_optimizer(name, params, 1e-4, ["weight_decay=0.1"], device="cuda")
+        with pytest.raises(TrainingError, match=f"`optimizer_type = {name}` needs a CUDA GPU"):
+            make_optimizer(name, params, 1e-4, [], device="cpu")
+    assert [m[0] for m in made] == list(BNB_OPTIMIZERS.values())
+    assert all(lr == 1e-4 and kwargs["weight_decay"] == 0.1 for _, lr, kwargs in made)
+    assert made[-1] == ("SGD8bit", 1e-4, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1})
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(TrainingError, match="`optimizer_type = PagedAdamW8bit` needs bitsandbytes"):
+        make_optimizer("PagedAdamW8bit", params, 1e-4, [], device="cuda")
 
 
 def test_adamw_is_fused_and_updates_as_torch_adamw():
