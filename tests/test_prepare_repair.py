@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import time
 import zipfile
 
 import numpy as np
@@ -236,12 +238,12 @@ def test_cli_repair(tmp_path, capsys):
 
 def test_a_rerun_replaces_prepares_own_output_and_never_a_users_folder(tmp_path, capsys):
     """A notebook's Run-all runs prepare again over its earlier output: `replace_output` replaces what prepare
-    wrote (stale files included) and refuses a folder of the user's."""
+    wrote (files of an older input included) and refuses a folder of the user's."""
     import lorakit
 
     src = tmp_path / "photos"
     src.mkdir()
-    for i in range(2):
+    for i in range(3):
         (src / f"{i}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
     out, train = tmp_path / "repaired", tmp_path / "train"
     run = dict(action="repair", input_dir=str(src), output_dir=str(out), resolution=64)
@@ -249,7 +251,7 @@ def test_a_rerun_replaces_prepares_own_output_and_never_a_users_folder(tmp_path,
     layout = dict(action="dreambooth", input_dir=str(out), output_dir=str(train), identifier="sks",
                   class_name="dog", repeats=3)
     lorakit.prepare(**layout)
-    (out / "stale.png").write_bytes(encode(drawn_image(9, (64, 64)), "PNG"))  # from an older input
+    (src / "2.png").unlink()  # the input changed: 2.png in both outputs is now stale
     with pytest.raises(DatasetError, match="not empty.*replace_output"):
         lorakit.prepare(**run)
     with pytest.raises(DatasetError, match="already has files.*replace_output"):
@@ -270,6 +272,68 @@ def test_a_rerun_replaces_prepares_own_output_and_never_a_users_folder(tmp_path,
     assert [s.image_dir.name for s in subsets_from_folder(train, is_reg=False, caption_extension=".txt",
                                                          report=LoadReport())] == ["3_sks dog"]
     assert not check_dataset(out, 64).other_problems
+
+
+def test_replace_output_never_deletes_a_file_added_or_edited_since(tmp_path):
+    """A caption corrected by hand in prepare's output, or a file put there, is not prepare's to delete: the re-run
+    is refused naming it, and goes ahead once it is moved out."""
+    import lorakit
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i in range(2):
+        (src / f"{i}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
+    out = tmp_path / "repaired"
+    run = dict(action="repair", input_dir=str(src), output_dir=str(out), resolution=64, default_caption="a dog")
+    lorakit.prepare(**run)
+    caption = out / "0.txt"
+    time.sleep(0.01)
+    caption.write_text("a dog, sitting, hand-corrected\n")
+    with pytest.raises(DatasetError, match="would delete 1 file.*changed since: 0.txt; move them out"):
+        lorakit.prepare(**run, replace_output=True)
+    assert caption.read_text() == "a dog, sitting, hand-corrected\n"
+    (out / "sub").mkdir()
+    (out / "sub" / "notes.md").write_text("mine")
+    with pytest.raises(DatasetError, match="would delete 2 file.*0.txt, sub/notes.md"):
+        lorakit.prepare(**run, replace_output=True)
+    caption.rename(tmp_path / "0.txt")
+    shutil.rmtree(out / "sub")
+    lorakit.prepare(**run, replace_output=True)
+    assert (out / "0.txt").read_text() == "a dog\n"
+
+
+def test_replace_output_replaces_the_set_aside_folder_too_unless_edited(tmp_path):
+    import lorakit
+
+    src = tmp_path / "photos"
+    write_problem_dataset(src)
+    run = dict(action="repair", input_dir=str(src), output_dir=str(tmp_path / "clean"), **FULL)
+    lorakit.prepare(**run)
+    aside = tmp_path / "clean_set_aside"
+    moved = sorted(p for p in aside.rglob("*.png"))
+    assert moved  # near-duplicates and too-small images set aside, listed in the folder's marker
+    lorakit.prepare(**run, replace_output=True)
+    assert sorted(p for p in aside.rglob("*.png")) == moved
+    time.sleep(0.01)
+    moved[0].write_bytes(b"edited")
+    with pytest.raises(DatasetError, match=f"would delete 1 file.*clean_set_aside.*{moved[0].name}"):
+        lorakit.prepare(**run, replace_output=True)
+    assert moved[0].read_bytes() == b"edited"
+
+
+def test_a_marker_of_an_earlier_lorakit_lists_no_files(tmp_path):
+    """Outputs marked before markers listed their files are replaced as they were then (the whole folder)."""
+    from lorakit.dataprep.output import OUTPUT_MARKER, changed_since_marked, claim_output, mark_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"x")
+    mark_output(out)
+    assert changed_since_marked(out) == []
+    (out / OUTPUT_MARKER).write_text("written by lorakit prepare; `replace_output = true` may replace it\n")
+    assert changed_since_marked(out) is None
+    claim_output(out, replace=True)
+    assert not out.exists()
 
 
 def test_replace_output_never_reaches_the_input_and_a_refused_run_writes_nothing(tmp_path):

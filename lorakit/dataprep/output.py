@@ -1,8 +1,10 @@
-"""The folders `prepare` writes: each carries a marker file, so that a re-run (`replace_output`) may replace what an
-earlier run wrote, and never a folder of the user's."""
+"""The folders `prepare` writes: each carries a marker file listing what the run wrote (size and modification time
+of every file), so that a re-run (`replace_output`) may replace what an earlier run wrote — and never a folder of
+the user's, nor a file the user added to it or edited since (a hand-corrected caption)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,8 +14,21 @@ from ..fileio import write_text
 OUTPUT_MARKER = ".lorakit-prepare"
 
 
+def _files(folder: Path) -> dict[str, list[int]]:
+    """`{relative path: [size, mtime_ns]}` of every file under `folder` but the marker."""
+    out = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != OUTPUT_MARKER:
+            stat = path.stat()
+            out[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
 def mark_output(folder: Path) -> None:
-    write_text(folder / OUTPUT_MARKER, "written by lorakit prepare; `replace_output = true` may replace it\n")
+    """Mark `folder` as prepare's output, listing the files it holds now (call when the action is done)."""
+    write_text(folder / OUTPUT_MARKER, json.dumps({
+        "written_by": "lorakit prepare", "note": "`replace_output = true` may replace these files",
+        "files": _files(folder)}, indent=1) + "\n")
 
 
 def has_files(folder: Path) -> bool:
@@ -21,16 +36,35 @@ def has_files(folder: Path) -> bool:
     return folder.is_dir() and any(p.name != OUTPUT_MARKER for p in folder.iterdir())
 
 
+def changed_since_marked(folder: Path) -> list[str] | None:
+    """The files of a marked `folder` that its prepare run did not write as they are now (added or edited since),
+    [] when there are none; None for a marker that lists no files (written by an earlier lorakit)."""
+    try:
+        written = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return [name for name, stat in _files(folder).items() if written.get(name) != stat]
+
+
 def claim_output(folder: Path, *, replace: bool) -> None:
     """With `replace`, empty the folder an earlier prepare run wrote (it holds the marker), with its
-    `<name>_set_aside` folder; a non-empty folder that lorakit did not write is never touched. Nothing is created
-    here: the action creates its output, and `mark_output` marks it when the action is done."""
+    `<name>_set_aside` folder; a non-empty folder that lorakit did not write is never touched, nor one holding files
+    added or edited since that run. Nothing is created here: the action creates its output, and `mark_output`
+    marks it when the action is done."""
     aside = folder.parent / f"{folder.name}_set_aside"
     if replace and has_files(folder):
         if not (folder / OUTPUT_MARKER).is_file():
             raise DatasetError(f"`output_dir` {folder} is not empty and was not written by `lorakit prepare`: "
                                f"`replace_output` only replaces prepare's own outputs; choose a new folder")
+        marked_aside = (aside / OUTPUT_MARKER).is_file()
+        for place in (folder, aside) if marked_aside else (folder,):
+            changed = changed_since_marked(place)
+            if changed:
+                shown = ", ".join(changed[:5]) + (f" (and {len(changed) - 5} more)" if len(changed) > 5 else "")
+                raise DatasetError(f"`replace_output` would delete {len(changed)} file(s) in {place} that the "
+                                   f"earlier prepare run did not write or that changed since: {shown}; move them "
+                                   f"out first (or choose a new `output_dir`)")
         print(f"replacing the earlier output in {folder}")
         shutil.rmtree(folder)
-        if (aside / OUTPUT_MARKER).is_file():
+        if marked_aside:
             shutil.rmtree(aside)

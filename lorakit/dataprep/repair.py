@@ -181,6 +181,8 @@ def repair_dataset(
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
             actions = list(pool.map(run, plans))
+    if aside.is_dir():
+        mark_output(aside)  # again, now listing the files set aside
     counts: dict[str, int] = {}
     for a in actions:
         counts[a.action] = counts.get(a.action, 0) + 1
