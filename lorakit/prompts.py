@@ -5,13 +5,18 @@
 `--n` negative prompt, `--w`/`--h` size (multiples of 8), `--s` steps, `--l` guidance (CFG) scale, `--d` seed,
 `--ss` sampler (`euler_a`, `dpmsolver++`, … as `sample_sampler`).
 Options not given fall back to the caller's defaults (`None` here). A prompt file holds one prompt per line; empty
-lines and lines starting with `#` are skipped.
+lines and lines starting with `#` are skipped. sd-scripts' other prompt files are read too: `.toml` (a `[prompt]`
+table of defaults and `[[prompt.subset]]` tables, one per prompt) and `.json` (a list of prompt lines or of tables),
+with sd-scripts' keys `prompt`, `negative_prompt`, `width`, `height`, `sample_steps`, `scale`, `seed`,
+`sample_sampler`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,6 +32,11 @@ _OPTIONS = {
     "d": ("seed", int, "seed"),
     "ss": ("sampler", str, "sampler"),
 }
+# sd-scripts' keys in .toml / .json prompt files -> PromptSpec fields
+_TABLE_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
+               "sample_steps": "num_inference_steps", "scale": "guidance_scale", "guidance_scale": "guidance_scale",
+               "seed": "seed", "sample_sampler": "sampler"}
+_LETTERS = {field: letter for letter, (field, _, _) in _OPTIONS.items()}
 # ` --x value`: an option starts at a space (or the line start) followed by `--` and one known letter and a space
 _SPLIT = re.compile(r"(?:^|\s)--([a-zA-Z]+)(?=\s|$)")
 
@@ -79,18 +89,75 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
         except ValueError:
             raise ConfigError(f"prompt option `--{letter}` ({desc}) must be {conv.__name__}, got {raw!r}{where}") \
                 from None
-        if field in ("width", "height") and (value < 8 or value % 8):
-            raise ConfigError(f"prompt option `--{letter}` ({desc}) must be a multiple of 8, got {value}{where}")
-        if field == "num_inference_steps" and value < 1:
-            raise ConfigError(f"prompt option `--s` (steps) must be ≥ 1, got {value}{where}")
-        if field == "seed" and value < 0:
-            raise ConfigError(f"prompt option `--d` (seed) must be ≥ 0, got {value}{where}")
-        if field == "sampler":
-            value = _sampler_name(value, where)
-        values[field] = value
+        values[field] = _checked(field, value, f"prompt option `--{letter}` ({desc})", where)
     if not prompt:
         raise ConfigError(f"empty prompt{where}: a line must start with the prompt text")
     return PromptSpec(prompt=prompt, **values)
+
+
+def _checked(field: str, value, name: str, where: str):
+    """A prompt setting's value, range-checked (sizes multiples of 8, steps ≥ 1, seed ≥ 0, a known sampler)."""
+    if field in ("width", "height") and (value < 8 or value % 8):
+        raise ConfigError(f"{name} must be a multiple of 8, got {value}{where}")
+    if field == "num_inference_steps" and value < 1:
+        raise ConfigError(f"{name} must be ≥ 1, got {value}{where}")
+    if field == "seed" and value < 0:
+        raise ConfigError(f"{name} must be ≥ 0, got {value}{where}")
+    return _sampler_name(value, where) if field == "sampler" else value
+
+
+def prompt_from_table(table: dict, where: str = "") -> PromptSpec:
+    """One prompt of an sd-scripts .toml / .json prompt file (`{"prompt": ..., "width": 512, "scale": 7, ...}`)."""
+    unknown = [k for k in table if k not in _TABLE_KEYS and k != "enum"]
+    if unknown:
+        raise ConfigError(f"unknown prompt key `{unknown[0]}`{where}; known: {', '.join(_TABLE_KEYS)}")
+    values = {}
+    for key, value in table.items():
+        if key == "enum":  # sd-scripts' own numbering of the prompts
+            continue
+        field = _TABLE_KEYS[key]
+        kind = str if field in ("prompt", "negative_prompt", "sampler") else _OPTIONS[_LETTERS[field]][1]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if type(value) is not kind:
+            raise ConfigError(f"prompt key `{key}` must be {'a string' if kind is str else kind.__name__}, got "
+                              f"{value!r}{where}")
+        values[field] = value if field in ("prompt", "negative_prompt") else _checked(
+            field, value, f"prompt key `{key}`", where)
+    if not str(values.get("prompt", "")).strip():
+        raise ConfigError(f"a prompt{where} has no `prompt` text")
+    values["prompt"] = values["prompt"].strip()
+    return PromptSpec(**values)
+
+
+def _tables_of(path: Path) -> list:
+    """The entries of an sd-scripts .toml or .json prompt file: tables, or (JSON) prompt lines."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"prompt file {path.name}: invalid JSON ({e})") from None
+        if not isinstance(data, list):
+            raise ConfigError(f"prompt file {path.name} must hold a list of prompts (lines or tables)")
+        return data
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"prompt file {path.name}: invalid TOML ({e})") from None
+    table = data.get("prompt")
+    if not isinstance(table, dict):
+        raise ConfigError(f"prompt file {path.name} has no [prompt] table (sd-scripts' layout: [prompt] with "
+                          f"defaults, then one [[prompt.subset]] per prompt)")
+    defaults = {k: v for k, v in table.items() if k != "subset"}
+    subsets = table.get("subset", [])
+    return [{**defaults, **sub} for sub in subsets] if subsets else [defaults]
 
 
 def _sampler_name(name: str, where: str) -> str:
@@ -114,11 +181,22 @@ def parse_prompt_text(text: str, source: str = "") -> list[PromptSpec]:
 
 
 def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
-    """Read a kohya prompt file (.txt, one prompt per line)."""
+    """Read a kohya prompt file: one prompt per line (.txt and any other name), or sd-scripts' .toml / .json."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt file not found: {path}")
-    specs = parse_prompt_text(path.read_text(encoding="utf-8"), source=path.name)
+    if path.suffix.lower() in (".toml", ".json"):
+        specs = []
+        for number, entry in enumerate(_tables_of(path), start=1):
+            where = f" (prompt {number} of {path.name})"
+            if isinstance(entry, str):
+                specs.append(parse_prompt_line(entry, where))
+            elif isinstance(entry, dict):
+                specs.append(prompt_from_table(entry, where))
+            else:
+                raise ConfigError(f"prompt {number} of {path.name} must be a prompt line or a table, got {entry!r}")
+    else:
+        specs = parse_prompt_text(path.read_text(encoding="utf-8"), source=path.name)
     if not specs:
-        raise ConfigError(f"prompt file {path} has no prompts (only blank or `#` lines)")
+        raise ConfigError(f"prompt file {path} has no prompts")
     return specs

@@ -94,3 +94,43 @@ def test_file_skips_comments_and_names_the_bad_line(tmp_path):
 
 def test_option_letters_are_case_insensitive_like_sd_scripts():
     assert parse_prompt_line("a cat --W 64 --H 48 --D 3") == PromptSpec("a cat", width=64, height=48, seed=3)
+
+
+def test_sd_scripts_toml_prompt_file(tmp_path):
+    """sd-scripts' .toml layout: `[prompt]` defaults, one `[[prompt.subset]]` per prompt overriding them."""
+    path = tmp_path / "prompts.toml"
+    path.write_text('[prompt]\nnegative_prompt = "lowres"\nwidth = 512\nheight = 512\nscale = 7\nsample_steps = 28\n'
+                    '\n[[prompt.subset]]\nprompt = "a photo of sks dog"\n\n[[prompt.subset]]\n'
+                    'prompt = "sks dog on a beach"\nwidth = 768\nseed = 3\nsample_sampler = "k_euler_a"\n')
+    assert read_prompt_file(path) == [
+        PromptSpec("a photo of sks dog", negative_prompt="lowres", width=512, height=512, num_inference_steps=28,
+                   guidance_scale=7.0),
+        PromptSpec("sks dog on a beach", negative_prompt="lowres", width=768, height=512, num_inference_steps=28,
+                   guidance_scale=7.0, seed=3, sampler="euler_a")]
+
+
+def test_sd_scripts_json_prompt_file(tmp_path):
+    """sd-scripts' .json: a list of prompt lines (kohya syntax) or of tables with its keys."""
+    path = tmp_path / "prompts.json"
+    path.write_text('["a red circle --w 64 --d 1", {"prompt": "a blue square", "guidance_scale": 5.5, "seed": 2, '
+                    '"enum": 1}]')
+    assert read_prompt_file(path) == [PromptSpec("a red circle", width=64, seed=1),
+                                      PromptSpec("a blue square", guidance_scale=5.5, seed=2)]
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("p.toml", '[prompt]\nwidth = 500\n[[prompt.subset]]\nprompt = "x"\n', "`width` must be a multiple of 8.*prompt 1"),
+    ("p.toml", '[[prompts.subset]]\nprompt = "x"\n', "has no \\[prompt\\] table"),
+    ("p.toml", '[prompt]\nwidth = 512\n', "prompt 1 of p.toml\\) has no `prompt` text"),
+    ("p.toml", 'prompt = [1\n', "invalid TOML"),
+    ("p.json", '[{"prompt": "x", "controlnet_image": "c.png"}]', "unknown prompt key `controlnet_image`"),
+    ("p.json", '[{"prompt": "x", "seed": "one"}]', "`seed` must be int, got 'one'"),
+    ("p.json", '[{"prompt": "x", "sample_sampler": "nope"}]', "must be one of"),
+    ("p.json", '{"prompt": "x"}', "must hold a list"),
+    ("p.json", '[3]', "prompt 1 of p.json must be a prompt line or a table"),
+    ("p.json", '[]', "has no prompts"),
+])
+def test_bad_toml_and_json_prompt_files_name_the_problem(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_prompt_file(tmp_path / name)

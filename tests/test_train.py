@@ -688,3 +688,18 @@ def test_resuming_with_other_optimizer_groups_is_a_clear_error(tmp_path, tiny_sd
     lorakit.train(**base, max_train_steps=1)
     with pytest.raises(TrainingError, match="saved optimizer state does not fit this run.*network_args"):
         lorakit.train(**base, max_train_steps=2, resume="latest", network_args=["loraplus_lr_ratio=16"])
+
+
+def test_samples_from_an_sd_scripts_toml_prompt_file(tmp_path, tiny_sd1_dir):
+    one_image_data(tmp_path)
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text('[prompt]\nsample_steps = 2\nwidth = 48\nheight = 32\n\n[[prompt.subset]]\nprompt = "a red '
+                       'circle"\n\n[[prompt.subset]]\nprompt = "a blue square"\nwidth = 32\nseed = 5\n')
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=1, sample_prompts=str(prompts))
+    sizes = []
+    for path in result.sample_paths:
+        with Image.open(path) as im:
+            sizes.append(im.size)
+            assert "a red circle" in im.info["parameters"] or "a blue square" in im.info["parameters"]
+    assert sizes == [(48, 32), (32, 32)]

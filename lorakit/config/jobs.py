@@ -99,7 +99,8 @@ class GenerateConfig(JobConfig):
     seed: int | None = option(42, "Random seed (same seed, same image).", group="sampling", min=0)
     num_images: int = option(1, "Images per prompt.", group="sampling", min=1)
     scheduler: str = option("ddim", "Sampler.", group="sampling", choices=SAMPLERS, aliases=SAMPLER_ALIASES)
-    from_file: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss).",
+    from_file: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss); "
+                                   "or sd-scripts' .toml / .json prompt file.",
                                    group="sampling")
     output_dir: str = option("outputs", "Where PNGs are written.", group="basic")
     clip_skip: int = option(1, "Text encoder layer from the end.", group="model", min=1, max=12)

@@ -340,8 +340,8 @@ class TrainConfig(JobConfig):
     training_comment: str | None = option(None, "A comment stored in the metadata.", group="saving")
 
     # ---- samples
-    sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss).",
-                                        group="samples")
+    sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss); "
+                                        "or sd-scripts' .toml / .json prompt file.", group="samples")
     sample_every_n_steps: int | None = option(None, "Generate samples every N steps.", group="samples", min=1)
     sample_every_n_epochs: int | None = option(None, "Generate samples every N epochs.", group="samples", min=1)
     sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS,
