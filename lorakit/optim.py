@@ -4,7 +4,7 @@
 Prodigy (prodigyopt; learning rates around 1.0, it adapts them), Adafactor (transformers; fixed LR), SGD,
 SGDNesterov (momentum 0.9 unless set), and bitsandbytes' 8-bit and paged optimizers (CUDA only: `BNB_OPTIMIZERS`).
 `make_scheduler(...)` — diffusers' `get_scheduler` (constant, linear, cosine, cosine_with_restarts, polynomial,
-constant_with_warmup), with warm-up.
+constant_with_warmup) and transformers' cosine_with_min_lr, inverse_sqrt and warmup_stable_decay, with warm-up.
 Optional packages are imported only when chosen, and their absence is a `TrainingError` that says what to install.
 """
 
@@ -104,18 +104,34 @@ def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict
 
 
 def resolve_warmup_steps(value: int | float, total_steps: int) -> int:
-    """`lr_warmup_steps` as a number of steps: an integer is one already, a fraction (< 1) is that share of the
-    training steps, rounded down (sd-scripts)."""
+    """`lr_warmup_steps` (or `lr_decay_steps`) as a number of steps: an integer is one already, a fraction (< 1) is
+    that share of the training steps, rounded down (sd-scripts)."""
     return int(value * total_steps) if isinstance(value, float) and value < 1 else int(value)
 
 
 def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
-                   num_cycles: int = 1, power: float = 1.0):
+                   num_cycles: int = 1, power: float = 1.0, decay_steps: int = 0, timescale: int | None = None,
+                   min_lr_ratio: float | None = None):
     """A LambdaLR-style schedule stepping once per optimizer step. `constant` with warm-up steps becomes
-    `constant_with_warmup` (what users mean)."""
+    `constant_with_warmup` (what users mean). As in sd-scripts: `cosine_with_min_lr` falls to `min_lr_ratio` × the
+    rate over `num_cycles` half-waves; `inverse_sqrt` decays as 1/√(step/timescale) after the warm-up;
+    `warmup_stable_decay` warms up, holds, then decays over the last `decay_steps` to `min_lr_ratio` × the rate."""
     from diffusers.optimization import get_scheduler
+    from transformers import optimization as hf
 
     if name == "constant" and warmup_steps > 0:
         name = "constant_with_warmup"
+    if name == "cosine_with_min_lr":
+        return hf.get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup_steps, total_steps, num_cycles=num_cycles / 2, min_lr_rate=min_lr_ratio or 0.0)
+    if name == "inverse_sqrt":
+        return hf.get_inverse_sqrt_schedule(optimizer, warmup_steps, timescale=timescale)
+    if name == "warmup_stable_decay":
+        stable = total_steps - warmup_steps - decay_steps
+        if decay_steps < 1 or stable < 0:
+            raise ConfigError(f"`lr_scheduler = warmup_stable_decay` needs `lr_decay_steps` ≥ 1 and warm-up + decay "
+                              f"within the {total_steps} training steps; got {warmup_steps} + {decay_steps}")
+        return hf.get_wsd_schedule(optimizer, warmup_steps, decay_steps, num_stable_steps=stable,
+                                   num_cycles=num_cycles / 2, min_lr_ratio=min_lr_ratio or 0.0)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
                          num_cycles=num_cycles, power=power)

@@ -356,7 +356,9 @@ def build_optimizer(cfg, run: Run):
     scheduler = make_scheduler(cfg.lr_scheduler, optimizer,
                                warmup_steps=resolve_warmup_steps(cfg.lr_warmup_steps, run.max_steps),
                                total_steps=run.max_steps, num_cycles=cfg.lr_scheduler_num_cycles,
-                               power=cfg.lr_scheduler_power)
+                               power=cfg.lr_scheduler_power,
+                               decay_steps=resolve_warmup_steps(cfg.lr_decay_steps, run.max_steps),
+                               timescale=cfg.lr_scheduler_timescale, min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
     scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
     return optimizer, scheduler, scaler
 

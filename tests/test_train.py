@@ -480,6 +480,52 @@ def test_schedules_warm_up():
     assert lrs == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
 
 
+def schedule(name: str, steps: int, **kwargs) -> list[float]:
+    """The learning rates (base 1.0) of `steps` optimizer steps under `make_scheduler(name, ...)`."""
+    from lorakit.optim import make_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(name, opt, **kwargs)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_sd_scripts_newer_schedules():
+    """cosine_with_min_lr ends at min_lr_ratio × the rate; warmup_stable_decay warms up (from that floor), holds,
+    then decays over lr_decay_steps to the floor; inverse_sqrt falls as 1/√(step/timescale) after the warm-up."""
+    import math
+
+    lrs = schedule("cosine_with_min_lr", 11, warmup_steps=0, total_steps=10, min_lr_ratio=0.2)
+    assert lrs[0] == 1.0 and lrs[5] == pytest.approx(0.2 + 0.8 * 0.5) and lrs[10] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    lrs = schedule("warmup_stable_decay", 11, warmup_steps=2, total_steps=10, decay_steps=4, min_lr_ratio=0.1)
+    assert lrs[:2] == pytest.approx([0.1, 0.55]) and lrs[2:6] == pytest.approx([1.0] * 4)  # warm-up from the floor
+    assert 0.1 < lrs[7] < 1.0 and lrs[10] == pytest.approx(0.1)
+    lrs = schedule("inverse_sqrt", 20, warmup_steps=4, total_steps=20, timescale=4)
+    assert lrs[4] == pytest.approx(1.0) and lrs[16] == pytest.approx(1 / math.sqrt((16 + 4 - 4) / 4))
+    with pytest.raises(ConfigError, match="warmup_stable_decay.*within the 10 training steps"):
+        schedule("warmup_stable_decay", 1, warmup_steps=5, total_steps=10, decay_steps=6)
+    with pytest.raises(ConfigError, match="needs `lr_decay_steps`"):
+        TrainConfig(lr_scheduler="warmup_stable_decay")
+    with pytest.raises(ConfigError, match="`lr_decay_steps` must be a whole number"):
+        TrainConfig(lr_decay_steps=2.5)
+
+
+def test_a_schedule_s_options_reach_the_run(tmp_path, tiny_sd1_dir):
+    """`lr_decay_steps` as a fraction and `lr_scheduler_min_lr_ratio` from the config shape the run's rates."""
+    one_image_data(tmp_path)
+    lrs = []
+    lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                  output_dir=str(tmp_path / "out"), max_train_steps=4, learning_rate=1e-3, sample_at_end=False,
+                  lr_scheduler="warmup_stable_decay", lr_decay_steps=0.5, lr_scheduler_min_lr_ratio=0.25,
+                  callbacks=SimpleNamespace(on_step=lambda info: lrs.append(info.lr)))
+    assert lrs == pytest.approx([1e-3, 1e-3, 0.625e-3, 0.25e-3])  # rates after steps 1-4: hold, then half a cosine
+
+
 def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, capsys):
     from lorakit.cli import main
 

@@ -19,7 +19,8 @@ from .schema import JobConfig, check_extension, option, parse_resolution
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD", "SGDNesterov", "PagedAdamW8bit",
               "PagedAdamW", "PagedAdamW32bit", "Lion8bit", "PagedLion8bit", "SGDNesterov8bit")  # the last six: CUDA
-SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+              "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay")
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -151,9 +152,6 @@ class TrainConfig(JobConfig):
         "enable_wildcard": ((False,), "caption wildcards"),
         "lr_scheduler_type": ((None, ""), "a custom learning-rate scheduler class"),
         "lr_scheduler_args": ((None, "", []), "learning-rate scheduler arguments"),
-        "lr_decay_steps": ((None, 0), "learning-rate decay steps"),
-        "lr_scheduler_timescale": ((None, 0), "a learning-rate timescale"),
-        "lr_scheduler_min_lr_ratio": ((None, 0), "a minimum learning-rate ratio"),
         "cache_text_encoder_outputs": ((False,), "cached text-encoder outputs (SDXL)"),
         "in_json": ((None, ""), "a fine-tuning metadata JSON (use a dataset TOML with `metadata_file`)"),
         "dataset_repeats": ((None, 1), "fine-tuning dataset repeats (use `num_repeats` in a dataset TOML)"),
@@ -280,8 +278,16 @@ class TrainConfig(JobConfig):
     lr_scheduler: str = option("constant", "Learning-rate schedule.", group="training", choices=SCHEDULERS)
     lr_warmup_steps: int | float = option(0, "Linear warm-up: a number of steps, or a fraction (< 1) of the "
                                           "training steps, e.g. 0.05.", group="training", min=0)
-    lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts.", group="training", min=1)
+    lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts; half-waves for cosine_with_min_lr "
+                                          "and warmup_stable_decay's decay.", group="training", min=1)
     lr_scheduler_power: float = option(1.0, "Power for the polynomial schedule.", group="training", min=0.0)
+    lr_scheduler_min_lr_ratio: float | None = option(
+        None, "Lowest learning rate of cosine_with_min_lr / warmup_stable_decay, as a fraction of the rate (unset: 0).",
+        group="training", min=0.0, max=1.0)
+    lr_decay_steps: int | float = option(0, "warmup_stable_decay's decay: a number of steps, or a fraction (< 1) of "
+                                         "the training steps.", group="training", min=0)
+    lr_scheduler_timescale: int | None = option(None, "inverse_sqrt's timescale in steps (unset: the warm-up steps, "
+                                                "or 10,000).", group="training", min=1)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
     noise_offset: float = option(0.0, "Offset noise (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05–0.1 "
                                  "helps very dark/bright images.", group="training", min=0.0, max=1.0)
@@ -371,9 +377,13 @@ class TrainConfig(JobConfig):
             raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("`adaptive_noise_scale` adds to the offset noise: it needs `noise_offset` > 0")
-        if isinstance(self.lr_warmup_steps, float) and self.lr_warmup_steps >= 1:
-            raise ConfigError(f"`lr_warmup_steps` must be a whole number of steps or a fraction < 1 of the training "
-                              f"steps, got {self.lr_warmup_steps}")
+        for name in ("lr_warmup_steps", "lr_decay_steps"):
+            if isinstance(getattr(self, name), float) and getattr(self, name) >= 1:
+                raise ConfigError(f"`{name}` must be a whole number of steps or a fraction < 1 of the training "
+                                  f"steps, got {getattr(self, name)}")
+        if self.lr_scheduler == "warmup_stable_decay" and not self.lr_decay_steps:
+            raise ConfigError("`lr_scheduler = warmup_stable_decay` needs `lr_decay_steps` (steps, or a fraction of "
+                              "the training steps, e.g. 0.2)")
         parse_resolution(self.resolution)
         parse_network_args(self.network_args)
         for arg in self.optimizer_args:
