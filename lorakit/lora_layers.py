@@ -267,7 +267,8 @@ class LoraLinear(peft_lora.Linear):
         plan = _fused_plan(self, base, x, args, kwargs) if type(base) is nn.Linear else None
         if plan is None:
             return _unfused_forward(self, x, args, kwargs)
-        return _LoraProduct.apply(x, base.weight, base.bias, *plan[:3], False, *plan[3:])
+        down, up, scale, dtype, dropout, rank_dropout = plan
+        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, False, dtype, dropout, rank_dropout)
 
 
 def _pointwise(conv: nn.Module) -> bool:
@@ -286,7 +287,8 @@ class LoraConv2d(peft_lora.Conv2d):
         plan = _fused_plan(self, base, x, args, kwargs) if x.dim() == 4 and _pointwise(base) else None
         if plan is None or plan[0].shape[2:] != (1, 1):  # a kxk down-projection (LoCon) is not a 1x1 product
             return _unfused_forward(self, x, args, kwargs)
-        return _LoraProduct.apply(x, base.weight, base.bias, *plan[:3], True, *plan[3:])
+        down, up, scale, dtype, dropout, rank_dropout = plan
+        return _LoraProduct.apply(x, base.weight, base.bias, down, up, scale, True, dtype, dropout, rank_dropout)
 
 
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv2d}

@@ -235,16 +235,15 @@ class JobConfig:
 
     # ---------- construction
     def __post_init__(self):
-        for spec in self.specs():  # `TrainConfig(optimizer_type="adamw", sample_sampler="k_euler_a")`, as in a TOML
-            if spec.choices is not None:
-                value = getattr(self, spec.name)
+        for spec in self.specs():  # values given in Python read as a TOML's would
+            value = getattr(self, spec.name)
+            if spec.choices is not None:  # `optimizer_type="adamw"`, `sample_sampler="k_euler_a"`
                 canonical = ([_canonical_choice(spec, v) for v in value] if isinstance(value, list)
                              else _canonical_choice(spec, value))
                 if canonical != value:
                     setattr(self, spec.name, canonical)
-            elif spec.type is Number and isinstance(getattr(self, spec.name), float) and getattr(
-                    self, spec.name).is_integer():  # 100.0 steps are 100 steps, not a fraction
-                setattr(self, spec.name, int(getattr(self, spec.name)))
+            elif spec.type is Number and isinstance(value, float) and value.is_integer():
+                setattr(self, spec.name, int(value))  # 100.0 warm-up steps are 100 steps, not a fraction
         self.validate()
 
     @classmethod

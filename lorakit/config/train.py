@@ -29,11 +29,14 @@ SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "
                    "k_dpm_2_a": "dpm_2_a"}  # sd-scripts' other names
 
 
-# sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, what it must be)}
-NETWORK_ARGS = {"conv_dim": (int, "an integer ≥ 1"), "conv_alpha": (float, "a number ≥ 0"),
-                **dict.fromkeys(("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"),
-                                (float, "a number > 0")),
-                **dict.fromkeys(("rank_dropout", "module_dropout"), (float, "a number in [0, 1)"))}
+# sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, valid, what it must be)}
+NETWORK_ARGS = {
+    "conv_dim": (int, lambda v: v >= 1, "an integer ≥ 1"),
+    "conv_alpha": (float, lambda v: v >= 0, "a number ≥ 0"),
+    **dict.fromkeys(("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"),
+                    (float, lambda v: v > 0, "a number > 0")),
+    **dict.fromkeys(("rank_dropout", "module_dropout"), (float, lambda v: 0 <= v < 1, "a number in [0, 1)")),
+}
 # those it does not have: refused by name unless off (0, false, none), as GUI-made configs write them
 UNSUPPORTED_NETWORK_ARGS = {
     **dict.fromkeys(("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas"), "per-block ranks"),
@@ -64,13 +67,12 @@ def parse_network_args(args: list[str], where: str = "") -> dict:
             raise ConfigError(f"`network_args` has an unknown key {key!r}{where}"
                               + (f"; did you mean {close[0]!r}?" if close else "")
                               + f" (lorakit reads {', '.join(NETWORK_ARGS)})")
-        kind, what = NETWORK_ARGS[key]
+        kind, valid, what = NETWORK_ARGS[key]
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if (value is None or value < (1 if key == "conv_dim" else 0) or (key.startswith("loraplus") and value == 0)
-                or (key.endswith("_dropout") and value >= 1)):
+        if value is None or not valid(value):
             raise ConfigError(f"`network_args` {key}={text!r}{where}: must be {what}")
         out[key] = value
     return out
