@@ -148,6 +148,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_ip_noise_gamma": cfg.ip_noise_gamma,
         "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
         "ss_debiased_estimation": cfg.debiased_estimation_loss,
+        "ss_zero_terminal_snr": cfg.zero_terminal_snr,
         "ss_seed": cfg.seed,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_optimizer": cfg.resolved_optimizer + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),

@@ -61,12 +61,24 @@ def input_noise(noise: torch.Tensor, gen: torch.Generator, gamma: float | None,
     return noise + strength * torch.randn(noise.shape, generator=gen).to(noise.device, noise.dtype)
 
 
+def training_schedule(noise_scheduler, zero_terminal_snr: bool = False):
+    """The noise schedule training draws x_t from: the model's own, or with `zero_terminal_snr` the same betas
+    rescaled so that the last timestep is pure noise (diffusers' `rescale_betas_zero_snr`, Lin et al. 2023,
+    Algorithm 1). The model's scheduler (used for sampling) is left as it is."""
+    if not zero_terminal_snr:
+        return noise_scheduler
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+
+
 def snr_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: float | None = None,
                 debiased: bool = False) -> torch.Tensor:
     """Per-sample loss weights from the timesteps' SNR = ᾱ/(1 − ᾱ): Min-SNR and/or debiased estimation."""
     weight = torch.ones_like(snr)
-    if min_snr_gamma:
-        weight = weight * torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    if min_snr_gamma:  # for ε at SNR 0 (a zero-terminal-SNR schedule's last step): min(SNR, γ)/SNR → 1
+        weight = weight * (torch.clamp(snr, max=min_snr_gamma) / (snr + 1) if v_prediction else torch.where(
+            snr > 0, torch.clamp(snr, max=min_snr_gamma) / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0))
     if debiased:
         capped = torch.clamp(snr, max=1000.0)  # SNR is infinite at t = 0
         weight = weight / (capped + 1 if v_prediction else torch.sqrt(capped))

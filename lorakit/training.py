@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
-from .noise import input_noise, snr_weights, training_noise
+from .noise import input_noise, snr_weights, training_noise, training_schedule
 from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
 from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
@@ -134,7 +134,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     named_params = run.named_params  # {"unet.<path>": Parameter, ...}: the LoRA weights being trained
     params = list(named_params.values())
     optimizer, scheduler, scaler = build_optimizer(cfg, run)
-    noise_scheduler = comps.noise_scheduler
+    noise_scheduler = training_schedule(comps.noise_scheduler, cfg.zero_terminal_snr)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the SNR loss weights
     t_min, t_max = cfg.min_timestep, min(cfg.max_timestep, noise_scheduler.config.num_train_timesteps)
     v_target = comps.prediction_type == "v_prediction"

@@ -102,3 +102,29 @@ def test_snr_weights_follow_min_snr_and_debiased_estimation():
     torch.testing.assert_close(deb_v, torch.tensor([1 / 1.01, 0.5, 1 / 26, 1 / 1001]))
     both = snr_weights(snr[:3], v_prediction=False, min_snr_gamma=5.0, debiased=True)
     torch.testing.assert_close(both, eps * deb[:3])
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise():
+    """Lin et al. 2023: the rescaled schedule has ᾱ_T = 0 (x_T is pure noise), keeps ᾱ_1 and stays decreasing; the
+    model's own scheduler (sampling) is not changed; Min-SNR's ε weight at SNR 0 is its limit 1, not 0/0."""
+    from diffusers import DDPMScheduler
+
+    from lorakit.noise import training_schedule
+
+    model = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          prediction_type="v_prediction")
+    assert training_schedule(model) is model
+    zero = training_schedule(model, zero_terminal_snr=True)
+    a, b = zero.alphas_cumprod, model.alphas_cumprod
+    assert a[-1] == 0 and b[-1] > 0.004 and math.isclose(a[0], b[0], rel_tol=1e-6)
+    assert (a[1:] < a[:-1]).all() and zero.config.prediction_type == "v_prediction"
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 999])
+    torch.testing.assert_close(zero.add_noise(x0, eps, t), eps)
+    torch.testing.assert_close(zero.get_velocity(x0, eps, t), -x0)
+    snr = a / (1 - a)
+    for v in (False, True):
+        w = snr_weights(snr[[0, 500, 999]], v_prediction=v, min_snr_gamma=5.0)
+        assert torch.isfinite(w).all()
+    assert snr_weights(snr[[999]], v_prediction=False, min_snr_gamma=5.0).item() == 1.0
+    assert snr_weights(snr[[999]], v_prediction=True, min_snr_gamma=5.0).item() == 0.0

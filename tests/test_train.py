@@ -749,3 +749,30 @@ def test_samples_from_an_sd_scripts_toml_prompt_file(tmp_path, tiny_sd1_dir):
             sizes.append(im.size)
             assert "a red circle" in im.info["parameters"] or "a blue square" in im.info["parameters"]
     assert sizes == [(48, 32), (32, 32)]
+
+
+def test_zero_terminal_snr_trains_on_the_rescaled_schedule(tmp_path, tiny_sd2_dir, tiny_sd1_dir, monkeypatch):
+    """`zero_terminal_snr` (sd-scripts' option, for v-prediction models): the loop draws x_t from the rescaled
+    schedule, which changes the trained weights; the model's scheduler (samples) is left as it was; the file
+    records the option. With ε-prediction and debiased estimation (an infinite weight) it is refused up front."""
+    import lorakit.noise
+
+    one_image_data(tmp_path)
+    schedules = []
+    real = lorakit.noise.training_schedule
+    monkeypatch.setattr("lorakit.training.training_schedule",
+                        lambda sched, zts=False: schedules.append(real(sched, zts)) or schedules[-1])
+    base = dict(pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=2, learning_rate=1e-3, save_precision="float", sample_at_end=False,
+                min_snr_gamma=5.0, max_timestep=1000, min_timestep=990)  # the last timesteps, where it differs most
+    plain = read_lora(lorakit.train(**base, output_dir=str(tmp_path / "a")).lora_path)[0]
+    result = lorakit.train(**base, output_dir=str(tmp_path / "b"), zero_terminal_snr=True)
+    zts, meta = read_lora(result.lora_path)
+    assert schedules[0].alphas_cumprod[-1] > 0 and schedules[1].alphas_cumprod[-1] == 0
+    assert any(not torch.allclose(zts[k], plain[k]) for k in zts)
+    assert all(torch.isfinite(t).all() for t in zts.values())
+    assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_min_snr_gamma"] == "5.0"
+    with pytest.raises(ConfigError, match="needs a v-prediction model"):
+        lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                      output_dir=str(tmp_path / "c"), max_train_steps=1, zero_terminal_snr=True,
+                      debiased_estimation_loss=True)

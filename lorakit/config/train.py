@@ -129,7 +129,6 @@ class TrainConfig(JobConfig):
     # sd-scripts options that would change training and that lorakit does not have: read when set to an "off" value
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "zero_terminal_snr": ((False,), "a zero-terminal-SNR noise schedule"),
         "scale_v_pred_loss_like_noise_pred": ((False,), "v-prediction loss scaling"),
         "v_pred_like_loss": ((None, 0), "the v-prediction-like loss"),
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
@@ -307,6 +306,8 @@ class TrainConfig(JobConfig):
                                                   "ip_noise_gamma) each step.", group="training")
     debiased_estimation_loss: bool = option(False, "Weight the loss by 1/√SNR (debiased estimation).",
                                             group="training")
+    zero_terminal_snr: bool = option(False, "Train on the noise schedule rescaled to zero SNR at the last timestep "
+                                     "(arxiv.org/abs/2305.08891; for v-prediction models).", group="training")
     min_timestep: int = option(0, "Train on timesteps ≥ this (sd-scripts option; 0 = all).", group="training",
                                min=0, max=999)
     max_timestep: int = option(1000, "Train on timesteps < this (sd-scripts option; 1000 = all).",
