@@ -149,6 +149,8 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_ip_noise_gamma_random_strength": cfg.ip_noise_gamma_random_strength,
         "ss_debiased_estimation": cfg.debiased_estimation_loss,
         "ss_zero_terminal_snr": cfg.zero_terminal_snr,
+        "ss_scale_v_pred_loss_like_noise_pred": cfg.scale_v_pred_loss_like_noise_pred,
+        "ss_v_pred_like_loss": cfg.v_pred_like_loss,
         "ss_seed": cfg.seed,
         "ss_mixed_precision": cfg.mixed_precision,
         "ss_optimizer": cfg.resolved_optimizer + (f"({','.join(cfg.optimizer_args)})" if cfg.optimizer_args else ""),

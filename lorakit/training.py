@@ -228,13 +228,17 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                     # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
                     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
                     # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × the timestep's
-                    #    weight (Min-SNR: min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR)
+                    #    weight (Min-SNR: min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR;
+                    #    sd-scripts' v-prediction scalings: lorakit.noise.snr_weights)
                     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = loss * batch.weights.to(device)
-                    if cfg.min_snr_gamma or cfg.debiased_estimation_loss:
+                    if (cfg.min_snr_gamma or cfg.debiased_estimation_loss or cfg.scale_v_pred_loss_like_noise_pred
+                            or cfg.v_pred_like_loss):
                         snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
                         loss = loss * snr_weights(snr, v_prediction=v_target, min_snr_gamma=cfg.min_snr_gamma,
-                                                  debiased=cfg.debiased_estimation_loss)
+                                                  debiased=cfg.debiased_estimation_loss,
+                                                  scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
+                                                  v_pred_like=cfg.v_pred_like_loss)
                     loss = loss.mean()
                 # 9. backward: gradients reach only the LoRA weights (the base model is frozen). The loss is read
                 #    (a GPU sync) only after the backward pass is queued, so the GPU is never idle waiting for it.

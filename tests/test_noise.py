@@ -128,3 +128,15 @@ def test_zero_terminal_snr_schedule_ends_in_pure_noise():
         assert torch.isfinite(w).all()
     assert snr_weights(snr[[999]], v_prediction=False, min_snr_gamma=5.0).item() == 1.0
     assert snr_weights(snr[[999]], v_prediction=True, min_snr_gamma=5.0).item() == 0.0
+
+
+def test_v_prediction_loss_scalings_as_sd_scripts():
+    """scale_v_pred_loss_like_noise_pred: × SNR/(SNR + 1); v_pred_like_loss λ: × (1 + λ(SNR + 1)/SNR); the SNR capped at
+    1000; both multiply with Min-SNR's weight."""
+    snr = torch.tensor([0.25, 1.0, 4.0, math.inf])
+    scale = torch.tensor([0.2, 0.5, 0.8, 1000 / 1001])
+    torch.testing.assert_close(snr_weights(snr, v_prediction=True, scale_v_like_noise=True), scale)
+    torch.testing.assert_close(snr_weights(snr, v_prediction=False, v_pred_like=0.1), 1 + 0.1 / scale)
+    both = snr_weights(snr[:3], v_prediction=True, min_snr_gamma=2.0, scale_v_like_noise=True, v_pred_like=0.1)
+    min_snr = snr_weights(snr[:3], v_prediction=True, min_snr_gamma=2.0)
+    torch.testing.assert_close(both, min_snr * scale[:3] * (1 + 0.1 / scale[:3]))

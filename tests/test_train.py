@@ -776,3 +776,27 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule(tmp_path, tiny_sd2_di
         lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                       output_dir=str(tmp_path / "c"), max_train_steps=1, zero_terminal_snr=True,
                       debiased_estimation_loss=True)
+
+
+def test_v_prediction_loss_options_reach_the_loss(tmp_path, tiny_sd2_dir):
+    """sd-scripts' scale_v_pred_loss_like_noise_pred and v_pred_like_loss weight each step's loss: the same draws
+    (seed) give the loss of a plain run times the weight of its timestep; the file records them."""
+    from lorakit.noise import training_schedule
+
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=1, learning_rate=1e-3, sample_at_end=False, min_timestep=400, max_timestep=401)
+    plain = lorakit.train(**base, output_dir=str(tmp_path / "a"))
+    scaled = lorakit.train(**base, output_dir=str(tmp_path / "b"), scale_v_pred_loss_like_noise_pred=True,
+                           v_pred_like_loss=0.5)
+    from lorakit.models import load_models
+
+    a = training_schedule(load_models(str(tiny_sd2_dir)).noise_scheduler).alphas_cumprod[400].item()
+    snr = a / (1 - a)
+    scale = snr / (snr + 1)
+    assert scaled.loss_history[0]["loss"] == pytest.approx(plain.loss_history[0]["loss"] * scale * (1 + 0.5 / scale),
+                                                          rel=1e-5)
+    meta = read_lora(scaled.lora_path)[1]
+    assert meta["ss_scale_v_pred_loss_like_noise_pred"] == "True" and meta["ss_v_pred_like_loss"] == "0.5"
+    with pytest.raises(ConfigError, match="`v_pred_like_loss` cannot be used with `zero_terminal_snr`"):
+        TrainConfig(v_pred_like_loss=0.1, zero_terminal_snr=True)

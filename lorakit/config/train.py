@@ -129,8 +129,6 @@ class TrainConfig(JobConfig):
     # sd-scripts options that would change training and that lorakit does not have: read when set to an "off" value
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "scale_v_pred_loss_like_noise_pred": ((False,), "v-prediction loss scaling"),
-        "v_pred_like_loss": ((None, 0), "the v-prediction-like loss"),
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
         "scale_weight_norms": ((None, 0), "max-norm regularisation of the LoRA weights"),
         "dim_from_weights": ((False,), "the LoRA's rank taken from `network_weights`"),
@@ -306,6 +304,11 @@ class TrainConfig(JobConfig):
                                                   "ip_noise_gamma) each step.", group="training")
     debiased_estimation_loss: bool = option(False, "Weight the loss by 1/√SNR (debiased estimation).",
                                             group="training")
+    scale_v_pred_loss_like_noise_pred: bool = option(
+        False, "Scale the v-prediction loss by SNR/(SNR + 1), like an ε-prediction loss (v-prediction models).",
+        group="training")
+    v_pred_like_loss: float | None = option(None, "Add this much of a v-prediction-like loss (sd-scripts; e.g. 0.1).",
+                                            group="training", min=0.0)
     zero_terminal_snr: bool = option(False, "Train on the noise schedule rescaled to zero SNR at the last timestep "
                                      "(arxiv.org/abs/2305.08891; for v-prediction models).", group="training")
     min_timestep: int = option(0, "Train on timesteps ≥ this (sd-scripts option; 0 = all).", group="training",
@@ -378,6 +381,9 @@ class TrainConfig(JobConfig):
             raise ConfigError("set `max_train_steps` or `max_train_epochs`")
         if self.min_timestep >= self.max_timestep:
             raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
+        if self.zero_terminal_snr and self.v_pred_like_loss:
+            raise ConfigError("`v_pred_like_loss` cannot be used with `zero_terminal_snr`: its weight (SNR + 1)/SNR is "
+                              "infinite at the last timestep (SNR 0)")
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("`adaptive_noise_scale` adds to the offset noise: it needs `noise_offset` > 0")
         for name in ("lr_warmup_steps", "lr_decay_steps"):
