@@ -69,6 +69,12 @@ def as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1) if w.ndim != 2 else w
 
 
+def max_norm_factor(norm: float, max_norm: float) -> float:
+    """sd-scripts' `scale_weight_norms`: the factor that brings a module's ‖ΔW‖ to at most `max_norm` (1 when it is
+    within it); the up and the down weights are each multiplied by its square root."""
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
 def lora_delta(up: torch.Tensor, down: torch.Tensor, alpha: float | None = None, *,
                shape: Sequence[int] | None = None, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.Tensor:

@@ -157,6 +157,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_lr_scheduler": cfg.lr_scheduler,
         "ss_lr_warmup_steps": cfg.lr_warmup_steps,
         "ss_max_grad_norm": cfg.max_grad_norm,
+        "ss_scale_weight_norms": cfg.scale_weight_norms,
         "ss_noise_offset": cfg.noise_offset,
         "ss_min_snr_gamma": cfg.min_snr_gamma,
         "ss_prior_loss_weight": cfg.prior_loss_weight,

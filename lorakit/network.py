@@ -44,7 +44,7 @@ from torch import nn
 from .errors import LoraFormatError
 from .formats import FAMILY_WORDS, LoraWeights, component_of, detect_family, load_lora_file, parse_kohya, to_kohya
 from .lora_layers import CUSTOM_MODULES, set_extra_dropout
-from .lora_math import LoraFactors
+from .lora_math import LoraFactors, lora_delta, max_norm_factor
 from .lora_targets import (
     COMPONENTS,
     LoraTarget,
@@ -187,6 +187,24 @@ class LoraNetwork:
         for module in self.modules.values():
             getattr(module, _FROZEN, set()).discard(self.adapter_name)
         return groups
+
+    @torch.no_grad()
+    def apply_max_norm(self, max_norm: float) -> tuple[int, float, float]:
+        """Max-norm regularisation (sd-scripts' `scale_weight_norms`): scale each module whose ‖ΔW‖ (scale·up@down,
+        Frobenius) exceeds `max_norm` back to it, up and down alike. Returns (modules scaled, mean and largest norm
+        after scaling)."""
+        norms, scaled = [], 0
+        a = self.adapter_name
+        for layer in self.layers.values():
+            down, up = layer.lora_A[a].weight, layer.lora_B[a].weight
+            norm = lora_delta(up, down, float(layer.lora_alpha[a]), device=down.device).norm().item()
+            factor = max_norm_factor(norm, max_norm)
+            if factor < 1:
+                scaled += 1
+                down.mul_(factor ** 0.5)
+                up.mul_(factor ** 0.5)
+            norms.append(norm * factor)
+        return scaled, sum(norms) / len(norms), max(norms)
 
     def weights(self) -> dict[str, LoraWeights]:
         """The adapter as `{kohya_name: LoraWeights}` (fp32 copies on the CPU; conv modules 4-D, Linear 2-D)."""

@@ -255,11 +255,14 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                     continue
                 # 10. optimizer step: unscale (fp16), clip the gradient norm, step, advance the LR schedule
                 optimizer_step(optimizer, scheduler, scaler, params, cfg.max_grad_norm)
+                #     with `scale_weight_norms`, modules whose ΔW grew past the norm are scaled back
+                scaled = run.network.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
                 step += 1
                 resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
                 info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
                                 total_steps=run.max_steps,
-                                it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9))
+                                it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9),
+                                keys_scaled=scaled and scaled[0], max_key_norm=scaled and scaled[2])
                 accumulated, micro = 0.0, 0
                 history.append(info.record())
                 progress.update(1)

@@ -39,9 +39,14 @@ class StepInfo:
     lr: float
     total_steps: int
     it_per_s: float
+    keys_scaled: int | None = None  # with `scale_weight_norms`: modules scaled back this step, and the largest norm
+    max_key_norm: float | None = None
 
     def record(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr}
+        out = {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr}
+        if self.keys_scaled is not None:
+            out.update(keys_scaled=self.keys_scaled, max_key_norm=self.max_key_norm)
+        return out
 
 
 class Callbacks:
@@ -424,7 +429,8 @@ def encode_text(captions: list[str], run: Run) -> torch.Tensor:
 def write_history(output_dir: Path, history: list[dict]) -> Path:
     """loss_history.csv and loss_history.json (atomic); returns the CSV path."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr"])
+    extra = [k for k in ("keys_scaled", "max_key_norm") if any(k in r for r in history)]
+    writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr", *extra])
     writer.writeheader()
     writer.writerows(history)
     path = write_text(output_dir / "loss_history.csv", buf.getvalue())

@@ -178,12 +178,12 @@ def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, c
 
 def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_on(tmp_path, capsys):
     """GUI-made sd-scripts configs list every option: those lorakit lacks are fine at their "off" value."""
-    (tmp_path / "t.toml").write_text("masked_loss = false\nscale_weight_norms = 0\nloss_type = 'l2'\n"
+    (tmp_path / "t.toml").write_text("masked_loss = false\nweighted_captions = false\nloss_type = 'l2'\n"
                                      "huggingface_token = ''\nnetwork_dim = 4\n")
     assert TrainConfig.from_toml(tmp_path / "t.toml").network_dim == 4
     err = capsys.readouterr().err
     assert "4 sd-scripts option(s) (in t.toml) set to off are not in lorakit: masked_loss, " in err
-    for line, feature, off in [("scale_weight_norms = 1.0", "max-norm regularisation", "0"),
+    for line, feature, off in [("stop_text_encoder_training = 100", "a step at which the text encoder stops", "0"),
                                ("masked_loss = true", "masked loss", "false"),
                                ("loss_type = 'huber'", "Huber", '"l2"')]:
         (tmp_path / "t.toml").write_text(line + "\n")
@@ -205,7 +205,8 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
     option, and a token's value is never printed."""
     cfg, _ = parse_config(["train", "--network_dim", "8", "--max_data_loader_n_workers", "0", "--log_with=tensorboard",
                            "--caption_extention", ".caption", "--loss_type", "l2", "--masked_loss", "false",
-                           "--scale_weight_norms=0", "--mem_eff_attn", "--network_args", "conv_dim=4", "conv_alpha=2"])
+                           "--stop_text_encoder_training=0", "--mem_eff_attn", "--network_args", "conv_dim=4",
+                           "conv_alpha=2"])
     assert (cfg.network_dim, cfg.caption_extension, cfg.network_args) == (8, ".caption", ["conv_dim=4",
                                                                                            "conv_alpha=2"])
     err = capsys.readouterr().err
@@ -213,7 +214,7 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
     assert "`log_with`" in err and "`mem_eff_attn`" in err
     assert "3 sd-scripts option(s) (on the command line) set to off are not in lorakit: loss_type, " in err
     for argv, words in [(["--masked_loss"], "masked loss.*set it to false"),
-                        (["--scale_weight_norms", "1.0"], "max-norm regularisation.*set it to 0"),
+                        (["--stop_text_encoder_training", "100"], "text encoder stops training.*set it to 0"),
                         (["--loss_type=huber"], "Huber.*set it to \"l2\""),
                         (["--learnin", "1"], "unknown option `--learnin` for `train`; did you mean `--learning_rate`"),
                         (["--network_dim", "8", "oops"], "unexpected argument 'oops'")]:

@@ -352,3 +352,30 @@ def test_fp32_adapter_on_a_half_precision_model(tiny_sd1_dir):
     used = [net.layers[n].lora_A[net.adapter_name].weight for n in ("lora_unet_down_blocks_0_resnets_0_conv1",
                                                                     "lora_te_text_model_encoder_layers_0_mlp_fc1")]
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in used)
+
+
+def test_max_norm_scales_only_the_modules_above_it(model_dir):
+    """sd-scripts' `scale_weight_norms`: a module whose ‖scale·up@down‖ exceeds the norm ends exactly at it, with
+    the same direction (up and down each × √factor); the modules within it are untouched; LoCon convs included."""
+    from lorakit.lora_math import lora_delta, max_norm_factor
+
+    assert max_norm_factor(0.5, 1.0) == 1.0 and max_norm_factor(4.0, 1.0) == 0.25
+    comps = load_models(str(model_dir))
+    net = add_lora(comps, dim=4, alpha=2, conv_dim=2, conv_alpha=1)
+    randomize(net)
+    before = net.weights()
+    norms = {k: lora_delta(w.up, w.down, w.alpha).norm().item() for k, w in before.items()}
+    limit = sorted(norms.values())[len(norms) // 2]  # about half of the modules are above it
+    scaled, mean, largest = net.apply_max_norm(limit)
+    after = net.weights()
+    above = [k for k, n in norms.items() if n > limit]
+    assert scaled == len(above) and 0 < scaled < len(norms) and largest == pytest.approx(limit)
+    assert mean == pytest.approx(sum(min(n, limit) for n in norms.values()) / len(norms))
+    assert any(after[k].down.dim() == 4 and after[k].down.shape[-1] == 3 for k in above)  # a 3x3 LoCon module
+    for k, w in after.items():
+        delta, old = lora_delta(w.up, w.down, w.alpha), lora_delta(before[k].up, before[k].down, before[k].alpha)
+        if k in above:
+            assert delta.norm().item() == pytest.approx(limit, rel=1e-5)
+            torch.testing.assert_close(delta, old * (limit / norms[k]), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(w.up, before[k].up) and torch.equal(w.down, before[k].down)

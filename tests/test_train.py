@@ -800,3 +800,27 @@ def test_v_prediction_loss_options_reach_the_loss(tmp_path, tiny_sd2_dir):
     assert meta["ss_scale_v_pred_loss_like_noise_pred"] == "True" and meta["ss_v_pred_like_loss"] == "0.5"
     with pytest.raises(ConfigError, match="`v_pred_like_loss` cannot be used with `zero_terminal_snr`"):
         TrainConfig(v_pred_like_loss=0.1, zero_terminal_snr=True)
+
+
+def test_scale_weight_norms_keeps_every_module_within_the_norm(tmp_path, tiny_sd1_dir):
+    """Trained fast, modules outgrow a small norm; with `scale_weight_norms` every module of the saved file is within
+    it, the history counts the modules scaled back each step (CSV too), and the file records the option."""
+    from lorakit.formats import parse_kohya
+    from lorakit.lora_math import lora_delta
+
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=3, learning_rate=1e-2, save_precision="float", sample_at_end=False)
+
+    def norms(result):
+        weights = parse_kohya(read_lora(result.lora_path)[0])
+        return [lora_delta(w.up, w.down, w.alpha).norm().item() for w in weights.values()]
+
+    free = max(norms(lorakit.train(**base, output_dir=str(tmp_path / "a"))))
+    limit = free / 4
+    result = lorakit.train(**base, output_dir=str(tmp_path / "b"), scale_weight_norms=limit)
+    assert max(norms(result)) <= limit * (1 + 1e-5)
+    assert all(r["keys_scaled"] > 0 and r["max_key_norm"] == pytest.approx(limit) for r in result.loss_history[1:])
+    with open(tmp_path / "b" / "loss_history.csv") as f:
+        assert next(csv.reader(f)) == ["step", "epoch", "loss", "lr", "keys_scaled", "max_key_norm"]
+    assert float(read_lora(result.lora_path)[1]["ss_scale_weight_norms"]) == pytest.approx(limit)

@@ -130,7 +130,6 @@ class TrainConfig(JobConfig):
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
-        "scale_weight_norms": ((None, 0), "max-norm regularisation of the LoRA weights"),
         "dim_from_weights": ((False,), "the LoRA's rank taken from `network_weights`"),
         "base_weights": ((None, "", []), "LoRAs merged into the model before training (use `lorakit merge`)"),
         "base_weights_multiplier": ((None, []), "LoRAs merged into the model before training"),
@@ -288,6 +287,9 @@ class TrainConfig(JobConfig):
     lr_scheduler_timescale: int | None = option(None, "inverse_sqrt's timescale in steps (unset: the warm-up steps, "
                                                 "or 10,000).", group="training", min=1)
     max_grad_norm: float = option(1.0, "Gradient clipping norm (0 disables).", group="training", min=0.0)
+    scale_weight_norms: float | None = option(
+        None, "Max-norm regularisation: after each step, scale down each LoRA module whose ‖ΔW‖ exceeds this "
+        "(sd-scripts; 1 is typical). Unset or 0: off.", group="training", min=0.0)
     noise_offset: float = option(0.0, "Offset noise (crosslabs.org/blog/diffusion-with-offset-noise); ~0.05–0.1 "
                                  "helps very dark/bright images.", group="training", min=0.0, max=1.0)
     noise_offset_random_strength: bool = option(False, "Draw the offset's strength from U(0, noise_offset) each "
