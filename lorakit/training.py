@@ -278,7 +278,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
             # end of an epoch (not the last): samples and saves by epoch; the state points at the next epoch
             if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
                 run.sample(step, cbs)
-            if cfg.save_every_n_epochs and (epoch + 1) % cfg.save_every_n_epochs == 0:
+            if run.save_every_n_epochs and (epoch + 1) % run.save_every_n_epochs == 0:
                 checkpoint(f"{epoch + 1:06d}", *resume_point)
     except KeyboardInterrupt:
         # stopped by the user (Ctrl-C, the notebook's stop button): keep what was learned, then stop
@@ -294,7 +294,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     final_epoch = resume_point[0] + (1 if resume_point[1] else 0)  # epochs begun
     lora_path = run.save_lora(run.final_path, step=step, epoch=final_epoch)
     cbs.on_save(step=step, path=lora_path)
-    if cfg.save_state:
+    if cfg.save_state or cfg.save_state_on_train_end:
         run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, step=step, epoch=resume_point[0], batches_done=resume_point[1],
                                    loss_history=history, config_toml=cfg.to_toml(), layout=layout)

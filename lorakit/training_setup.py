@@ -126,6 +126,9 @@ class Run:
         self.steps_per_epoch = spe
         self.max_steps = cfg.max_train_epochs * spe if cfg.max_train_epochs else cfg.max_train_steps
         self.num_epochs = math.ceil(self.max_steps / spe)
+        # epoch saves: every N epochs, or (sd-scripts' save_n_epoch_ratio) about that many saves in all
+        self.save_every_n_epochs = cfg.save_every_n_epochs or (
+            max(1, self.num_epochs // cfg.save_n_epoch_ratio) if cfg.save_n_epoch_ratio else None)
         self.prompts = []
         self.sample_settings = None
 

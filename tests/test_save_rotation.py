@@ -60,3 +60,21 @@ def test_training_deletes_older_saves_and_still_resumes(tmp_path, tiny_sd1_dir):
     assert result.steps == 7 and result.saved and all(p.is_file() for p in result.saved)
     # step 5 ended the first run (its final LoRA, no step save); at step 6, saves of steps ≥ 4 are kept
     assert sorted(p.name for p in out.glob("dog-step*")) == [f"dog-step0000000{i}.safetensors" for i in (4, 6)]
+
+
+def test_save_state_on_train_end_and_save_n_epoch_ratio(tmp_path, tiny_sd1_dir):
+    """sd-scripts' save_state_on_train_end: one state, at the end (none with the intermediate saves), from which a
+    later run resumes; save_n_epoch_ratio = 2 over 4 epochs saves at epochs 2 and 4 (the last is the final LoRA)."""
+    from PIL import Image
+
+    data = tmp_path / "data" / "1_sks dog"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "a.png")
+    common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data.parent),
+                  output_dir=str(tmp_path / "out"), output_name="dog", sample_at_end=False)
+    lorakit.train(max_train_epochs=4, save_n_epoch_ratio=2, save_state_on_train_end=True, **common)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("dog-*")) == ["dog-000002.safetensors"]
+    assert sorted(p.name for p in out.glob("state-0*")) == ["state-00000004"]
+    result = lorakit.train(max_train_epochs=5, resume="latest", **common)
+    assert result.steps == 5 and result.loss_history[0]["step"] == 1 and len(result.loss_history) == 5

@@ -140,8 +140,6 @@ class TrainConfig(JobConfig):
         "full_bf16": ((False,), "bf16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "fp8_base": ((False,), "fp8 base weights"),
         "stop_text_encoder_training": ((None, 0), "a step at which the text encoder stops training"),
-        "save_n_epoch_ratio": ((None, 0), "saves at a fraction of the epochs"),
-        "save_state_on_train_end": ((False,), "a state saved only at the end (set `save_state`)"),
         "token_warmup_min": ((None, 1), "token warm-up"),
         "token_warmup_step": ((None, 0), "token warm-up"),
         "face_crop_aug_range": ((None, ""), "face-crop augmentation"),
@@ -333,6 +331,8 @@ class TrainConfig(JobConfig):
     save_precision: str = option("fp16", "Precision of the saved LoRA.", group="saving", choices=SAVE_PRECISIONS)
     save_every_n_epochs: int | None = option(None, "Also save a LoRA every N epochs.", group="saving", min=1)
     save_every_n_steps: int | None = option(None, "Also save a LoRA every N steps.", group="saving", min=1)
+    save_n_epoch_ratio: int | None = option(None, "Save about this many LoRAs over the run, at even epochs (instead "
+                                            "of save_every_n_epochs).", group="saving", min=1)
     save_last_n_epochs: int | None = option(None, "Keep only the LoRAs of the last N epoch saves (older ones are "
                                             "deleted; 0: keep all).", group="saving", min=0)
     save_last_n_steps: int | None = option(None, "Keep only the step saves of the last N steps (older ones are "
@@ -343,6 +343,8 @@ class TrainConfig(JobConfig):
                                                  "save_last_n_steps.", group="saving", min=0)
     save_state: bool = option(False, "Save optimizer/scheduler/RNG state with each save, so `resume` can continue "
                               "exactly (use on Colab).", group="saving")
+    save_state_on_train_end: bool = option(False, "Save the state once, when training ends (so a later run can "
+                                           "resume to train on), without a state at each save.", group="saving")
     overwrite: bool = option(False, "Replace an earlier run in output_dir (its LoRA of this output_name, saved "
                              "states, samples). Without it, such a run is refused unless it resumes.",
                              group="saving")
