@@ -232,11 +232,54 @@ def check_earlier_run(cfg) -> None:
                           f"replace it, or choose another `output_dir` or `output_name`")
 
 
+def build_network(cfg, components):
+    """The LoRA to train and the config that describes it: a fresh one (`network_dim`/`network_alpha`, LoCon's
+    `conv_dim`), optionally starting from `network_weights`; with `dim_from_weights`, that file's own modules, ranks
+    and alphas (the returned config then names its most common rank and alpha, for the metadata and the saved
+    config)."""
+    from collections import Counter
+
+    from .lora_layers import set_extra_dropout
+    from .network import add_lora, apply_lora_file
+
+    args = cfg.network_options
+    dropouts = dict(rank=args.get("rank_dropout", 0.0), module=args.get("module_dropout", 0.0))
+    if cfg.dim_from_weights:
+        network = apply_lora_file(components, cfg.network_weights, adapter_name="default", trainable=True,
+                                  dropout=cfg.network_dropout, unet=cfg.trains_unet,
+                                  text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
+        for layer in network.layers.values():
+            set_extra_dropout(layer, "default", **dropouts)
+        kinds = {"conv": Counter(), "linear": Counter()}
+        for w in network.weights().values():
+            kinds["conv" if w.down.dim() == 4 and w.down.shape[-1] > 1 else "linear"][(w.rank, w.alpha)] += 1
+        (dim, alpha), _ = (kinds["linear"] or Counter({(cfg.network_dim, cfg.network_alpha): 1})).most_common(1)[0]
+        conv = kinds["conv"].most_common(1)[0][0] if kinds["conv"] else (None, None)
+        print(f"dim_from_weights: {len(network.layers)} modules from {Path(cfg.network_weights).name}, rank {dim}, "
+              f"alpha {alpha:g}" + (f", conv rank {conv[0]}, alpha {conv[1]:g}" if conv[0] else ""), flush=True)
+        network_args = [a for a in cfg.network_args if a.split("=", 1)[0].strip() not in ("conv_dim", "conv_alpha")]
+        return network, cfg.replace(network_dim=dim, network_alpha=alpha, conv_dim=conv[0], conv_alpha=conv[1],
+                                    network_args=network_args)
+    conv_dim, conv_alpha = cfg.resolved_conv
+    torch.manual_seed(cfg.seed or 0)
+    network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
+                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, rank_dropout=dropouts["rank"],
+                       module_dropout=dropouts["module"], unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder,
+                       dtype=torch.float32)
+    if cfg.network_weights:
+        from .formats import load_lora_file
+
+        tensors, _ = load_lora_file(cfg.network_weights)
+        unexpected = network.load_state_dict(tensors, strict=False)
+        if unexpected:
+            print(f"network_weights: {len(unexpected)} modules not in this network were ignored", flush=True)
+    return network, cfg
+
+
 def prepare_run(cfg, components=None) -> Run:
     """Load the model (unless `components` are given), build the dataset (and print/save its report), cache
     latents, add the LoRA."""
     from .models import load_models
-    from .network import add_lora
 
     device = pick_device(cfg)
     weight_dtype, autocast_dtype = precision(cfg, device)
@@ -276,20 +319,7 @@ def prepare_run(cfg, components=None) -> Run:
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- the LoRA (fp32 even on an fp16 model; seeded init of the down weights)
-    conv_dim, conv_alpha = cfg.resolved_conv
-    args = cfg.network_options
-    torch.manual_seed(cfg.seed or 0)
-    network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
-                       conv_alpha=conv_alpha, dropout=cfg.network_dropout,
-                       rank_dropout=args.get("rank_dropout", 0.0), module_dropout=args.get("module_dropout", 0.0),
-                       unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
-    if cfg.network_weights:
-        from .formats import load_lora_file
-
-        tensors, _ = load_lora_file(cfg.network_weights)
-        unexpected = network.load_state_dict(tensors, strict=False)
-        if unexpected:
-            print(f"network_weights: {len(unexpected)} modules not in this network were ignored", flush=True)
+    network, cfg = build_network(cfg, components)
     network.trainable_parameters()
     components.unet.train()
     components.text_encoder.train(cfg.trains_text_encoder)

@@ -824,3 +824,26 @@ def test_scale_weight_norms_keeps_every_module_within_the_norm(tmp_path, tiny_sd
     with open(tmp_path / "b" / "loss_history.csv") as f:
         assert next(csv.reader(f)) == ["step", "epoch", "loss", "lr", "keys_scaled", "max_key_norm"]
     assert float(read_lora(result.lora_path)[1]["ss_scale_weight_norms"]) == pytest.approx(limit)
+
+
+def test_dim_from_weights_continues_a_lora_with_its_own_ranks(tmp_path, tiny_sd1_dir):
+    """sd-scripts' dim_from_weights: training goes on from `network_weights` with its modules, ranks and alphas
+    (here rank 4 / alpha 2 and LoCon rank 2, not the config's 16 / 8), and the file and config say so."""
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=2, learning_rate=1e-3, save_precision="float", sample_at_end=False)
+    first = lorakit.train(**base, output_dir=str(tmp_path / "a"), network_dim=4, network_alpha=2,
+                          network_args=["conv_dim=2", "conv_alpha=1"])
+    start, _ = read_lora(first.lora_path)
+    result = lorakit.train(**base, output_dir=str(tmp_path / "b"), network_weights=str(first.lora_path),
+                           dim_from_weights=True)
+    tensors, meta = read_lora(result.lora_path)
+    assert tensors.keys() == start.keys()
+    assert all(tensors[k].shape == start[k].shape for k in start)
+    assert any(not torch.equal(tensors[k], start[k]) for k in start if k.endswith("lora_up.weight"))
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2")
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
+    saved = TrainConfig.from_toml(tmp_path / "b" / "lora.toml")
+    assert (saved.network_dim, saved.conv_dim, saved.dim_from_weights) == (4, 2, True)
+    with pytest.raises(ConfigError, match="set `network_weights` too"):
+        TrainConfig(dim_from_weights=True)
