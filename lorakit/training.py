@@ -34,6 +34,7 @@ from .training_setup import (
     encode_text,
     latents_of,
     prepare_run,
+    restore_weights,
     write_history,
 )
 
@@ -79,8 +80,9 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
         with keep_freed_memory(run.device.type == "cpu"), frozen_skip_gradients(run.components.unet):
             return _train_loop(cfg, run, Callbacks(callbacks))
     finally:
-        if components is not None:
+        if components is not None:  # the caller's model, given back as it was
             run.network.remove()
+            restore_weights(run.components, run.base_originals)
 
 
 def _seed_for(cfg: TrainConfig) -> int:

@@ -119,6 +119,7 @@ class Run:
         self.state_dir: Path | None = None
         self.config_path: Path | None = None
         self.report_path: Path | None = None
+        self.base_originals: dict[str, torch.Tensor] = {}  # weights base_weights changed in a caller's model
         self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         self._ids: dict[str, torch.Tensor] = {}
         self._hidden: dict[str, torch.Tensor] = {}
@@ -288,6 +289,7 @@ def prepare_run(cfg, components=None) -> Run:
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device)
+    given = components is not None
     if components is None:
         components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2,
                                  v_parameterization=cfg.v_parameterization, vae=cfg.vae, dtype=weight_dtype,
@@ -318,8 +320,60 @@ def prepare_run(cfg, components=None) -> Run:
             components.text_encoder.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # ---- the LoRA (fp32 even on an fp16 model; seeded init of the down weights)
-    network, cfg = build_network(cfg, components)
+    # ---- LoRAs merged into the model first (sd-scripts' base_weights), then the LoRA to train (fp32 even on an
+    #      fp16 model; seeded init of the down weights). A model the caller passed in is given back as it was if
+    #      the set-up fails from here on (when training ends, `train` gives it back).
+    originals = merge_base_weights(cfg, components, keep_original=given)
+    network = None
+    try:
+        network, cfg = build_network(cfg, components)
+        run = _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset, report, network,
+                            output_dir)
+    except BaseException:
+        if given:
+            if network is not None:
+                network.remove()
+            restore_weights(components, originals)
+        raise
+    run.base_originals = originals
+    return run
+
+
+def merge_base_weights(cfg, components, *, keep_original: bool) -> dict[str, torch.Tensor]:
+    """sd-scripts' `base_weights`: merge these LoRA files (each at its `base_weights_multiplier`, default 1) into the
+    model before the LoRA to train is added; that LoRA learns on top of them and does not contain them. Returns the
+    original values of the weights changed when `keep_original` (for `restore_weights`), else {}."""
+    if not cfg.base_weights:
+        return {}
+    from .merging import deltas_by_param, load_loras, merge_into_components
+    from .model_weights import StateDictWeights
+
+    loras = load_loras(cfg.base_weights)
+    ratios = [*cfg.base_weights_multiplier, *[1.0] * (len(loras) - len(cfg.base_weights_multiplier))]
+    weights = StateDictWeights.from_components(components)
+    plan = deltas_by_param(loras, ratios, weights.shapes(), components.family.name)
+    originals = {name: weights.get(name).detach().clone() for name in plan} if keep_original else {}
+    merge_into_components(components, plan)
+    print(f"base_weights: merged {', '.join(f'{Path(p).name} × {r:g}' for p, r in zip(cfg.base_weights, ratios))} "
+          f"into the model ({len(plan)} weights)", flush=True)
+    return originals
+
+
+def restore_weights(components, originals: dict[str, torch.Tensor]) -> None:
+    """Put back the weights `merge_base_weights` changed."""
+    if not originals:
+        return
+    from .model_weights import StateDictWeights
+
+    weights = StateDictWeights.from_components(components)
+    with torch.no_grad():
+        for name, value in originals.items():
+            weights.get(name).copy_(value)
+
+
+def _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset, report, network,
+                  output_dir) -> Run:
+    """The run around the network: outputs, sample prompts, latents."""
     network.trainable_parameters()
     components.unet.train()
     components.text_encoder.train(cfg.trains_text_encoder)

@@ -847,3 +847,35 @@ def test_dim_from_weights_continues_a_lora_with_its_own_ranks(tmp_path, tiny_sd1
     assert (saved.network_dim, saved.conv_dim, saved.dim_from_weights) == (4, 2, True)
     with pytest.raises(ConfigError, match="set `network_weights` too"):
         TrainConfig(dim_from_weights=True)
+
+
+def test_base_weights_are_merged_before_training_and_a_given_model_comes_back(tmp_path, tiny_sd1_dir):
+    """sd-scripts' base_weights: the model trains with those LoRAs merged in (at their multipliers), so the new
+    LoRA's first loss is that of the merged model; a model passed in is given back with its own weights, also
+    when the set-up fails."""
+    from lorakit.merging import merge
+    from lorakit.models import load_models
+
+    one_image_data(tmp_path)
+    base = dict(train_data_dir=str(tmp_path / "data"), max_train_steps=1, learning_rate=1e-3, sample_at_end=False,
+                save_precision="float", network_dim=4, network_alpha=4)
+    style = lorakit.train(**{**base, "learning_rate": 0.05, "max_train_steps": 3},
+                          pretrained_model_name_or_path=str(tiny_sd1_dir), output_dir=str(tmp_path / "s")).lora_path
+    merged = tmp_path / "merged"
+    merge(sd_model=str(tiny_sd1_dir), models=[str(style)], ratios=[0.7], save_to=str(merged))
+    on_merged = lorakit.train(**base, pretrained_model_name_or_path=str(merged), output_dir=str(tmp_path / "a"))
+    comps = load_models(str(tiny_sd1_dir))
+    own = {k: v.clone() for k, v in comps.unet.state_dict().items()}
+    stacked = lorakit.train(**base, pretrained_model_name_or_path=str(tiny_sd1_dir), output_dir=str(tmp_path / "b"),
+                            base_weights=[str(style)], base_weights_multiplier=[0.7], components=comps)
+    assert stacked.loss_history[0]["loss"] == pytest.approx(on_merged.loss_history[0]["loss"], rel=1e-4)
+    plain = lorakit.train(**base, pretrained_model_name_or_path=str(tiny_sd1_dir), output_dir=str(tmp_path / "c"))
+    assert plain.loss_history[0]["loss"] != pytest.approx(stacked.loss_history[0]["loss"], rel=1e-3)
+    assert all(torch.equal(v, own[k]) for k, v in comps.unet.state_dict().items())  # given back as it was
+    with pytest.raises(ConfigError):  # the set-up fails after the merge: the model still comes back
+        lorakit.train(**base, pretrained_model_name_or_path=str(tiny_sd1_dir), output_dir=str(tmp_path / "d"),
+                      base_weights=[str(style)], components=comps, sample_prompts=str(tmp_path / "missing.txt"))
+    assert all(torch.equal(v, own[k]) for k, v in comps.unet.state_dict().items())
+    assert not any("lora" in k for k in comps.unet.state_dict())
+    with pytest.raises(ConfigError, match="2 values for 1 `base_weights`"):
+        TrainConfig(base_weights=["a.safetensors"], base_weights_multiplier=[0.5, 0.5])

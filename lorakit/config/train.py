@@ -130,8 +130,6 @@ class TrainConfig(JobConfig):
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
-        "base_weights": ((None, "", []), "LoRAs merged into the model before training (use `lorakit merge`)"),
-        "base_weights_multiplier": ((None, []), "LoRAs merged into the model before training"),
         "masked_loss": ((False,), "masked loss"),
         "alpha_mask": ((False,), "alpha-channel loss masks"),
         "weighted_captions": ((False,), "`(word:1.2)` weights in captions"),
@@ -243,6 +241,10 @@ class TrainConfig(JobConfig):
     conv_alpha: float | None = option(None, "Alpha for conv LoRA. Unset: same as conv_dim.", group="network",
                                       min=0.0)
     network_weights: str | None = option(None, "Start from an existing LoRA file.", group="network")
+    base_weights: list[str] = option([], "LoRA files merged into the model before training: the new LoRA learns on "
+                                     "top of them (and does not contain them).", group="network")
+    base_weights_multiplier: list[float] = option([], "The strength of each of base_weights (default 1).",
+                                                  group="network")
     dim_from_weights: bool = option(False, "Take the modules, ranks and alphas from `network_weights` instead of "
                                     "network_dim / network_alpha / conv_dim.", group="network")
     network_train_unet_only: bool = option(False, "Train only the U-Net LoRA.", group="network")
@@ -377,6 +379,9 @@ class TrainConfig(JobConfig):
                               "`text_encoder_lr` 0, or `network_train_*_only`)")
         check_extension("caption_extension", self.caption_extension)
         check_augmentations_uncached(self.cache_latents, self.color_aug, self.random_crop)
+        if len(self.base_weights_multiplier) > len(self.base_weights):
+            raise ConfigError(f"`base_weights_multiplier` has {len(self.base_weights_multiplier)} values for "
+                              f"{len(self.base_weights)} `base_weights` files")
         if self.dim_from_weights and not self.network_weights:
             raise ConfigError("`dim_from_weights` takes the ranks from `network_weights`: set `network_weights` too")
         if self.cache_latents_to_disk and not self.cache_latents:
