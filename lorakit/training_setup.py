@@ -259,8 +259,12 @@ def build_network(cfg, components):
         print(f"dim_from_weights: {len(network.layers)} modules from {Path(cfg.network_weights).name}, rank {dim}, "
               f"alpha {alpha:g}" + (f", conv rank {conv[0]}, alpha {conv[1]:g}" if conv[0] else ""), flush=True)
         network_args = [a for a in cfg.network_args if a.split("=", 1)[0].strip() not in ("conv_dim", "conv_alpha")]
+        parts = {t.component for t in network.targets.values()}  # a file without text-encoder modules trains none
         return network, cfg.replace(network_dim=dim, network_alpha=alpha, conv_dim=conv[0], conv_alpha=conv[1],
-                                    network_args=network_args)
+                                    network_args=network_args,
+                                    network_train_unet_only=cfg.network_train_unet_only or parts == {"unet"},
+                                    network_train_text_encoder_only=cfg.network_train_text_encoder_only
+                                    or parts == {"text_encoder"})
     conv_dim, conv_alpha = cfg.resolved_conv
     torch.manual_seed(cfg.seed or 0)
     network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,

@@ -845,6 +845,11 @@ def test_dim_from_weights_continues_a_lora_with_its_own_ranks(tmp_path, tiny_sd1
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1"}
     saved = TrainConfig.from_toml(tmp_path / "b" / "lora.toml")
     assert (saved.network_dim, saved.conv_dim, saved.dim_from_weights) == (4, 2, True)
+    unet_only = lorakit.train(**base, output_dir=str(tmp_path / "c"), network_dim=4, network_train_unet_only=True)
+    again = lorakit.train(**base, output_dir=str(tmp_path / "d"), network_weights=str(unet_only.lora_path),
+                          dim_from_weights=True)  # a file without text-encoder modules trains none
+    tensors, meta = read_lora(again.lora_path)
+    assert meta["ss_network_train_unet_only"] == "True" and all(k.startswith("lora_unet_") for k in tensors)
     with pytest.raises(ConfigError, match="set `network_weights` too"):
         TrainConfig(dim_from_weights=True)
 
