@@ -447,6 +447,13 @@ def test_sd_scripts_caption_options():
         seen.add(len(out) - 2)
     assert min(seen) < 3 < max(seen)  # tags were dropped, by chance, about half of them
     assert process_caption(caption, keep_tokens_separator="|||") == "sks, dog, grass, sunny, park, ball, tree, sky"
+    # a second marker: the tags after it stay at the end (and no marker reaches the text encoder)
+    ends = "sks ||| red, small, round ||| best quality, sharp"
+    for _ in range(20):
+        out = split_tags(process_caption(ends, shuffle=True, keep_tokens_separator="|||", rng=rng))
+        assert out[0] == "sks" and out[-2:] == ["best quality", "sharp"] and sorted(out[1:4]) == ["red", "round",
+                                                                                                   "small"]
+    assert process_caption(ends, keep_tokens_separator="|||") == "sks, red, small, round, best quality, sharp"
     # with the options off, the rng is used exactly as before (runs stay reproducible across versions)
     a, b = random.Random(1), random.Random(1)
     process_caption("a, b, c", shuffle=True, keep_tokens=1, rng=a)

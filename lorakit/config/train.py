@@ -197,8 +197,8 @@ class TrainConfig(JobConfig):
     caption_tag_dropout_rate: float = option(0.0, "Probability of leaving out each tag (after `keep_tokens`) when "
                                              "an image is drawn.", group="data", min=0.0, max=1.0)
     keep_tokens_separator: str = option("", "Tags before this marker in a caption (e.g. `|||`) stay in place; "
-                                        "those after it are shuffled and dropped (instead of `keep_tokens`).",
-                                        group="data")
+                                        "those after it are shuffled and dropped (instead of `keep_tokens`), up to a "
+                                        "second marker, after which tags stay at the end.", group="data")
     caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
                                         group="data")
     caption_suffix: str | None = option(None, "Text put after every caption.", group="data")

@@ -6,7 +6,8 @@
   good unconditional prediction, which classifier-free guidance needs); `caption_dropout_every_n_epochs`: every
   Nth epoch with empty captions;
 - `caption_tag_dropout_rate`: each tag after the fixed ones is left out with this probability;
-- `keep_tokens_separator` (e.g. `|||`): the tags before it stay in place, instead of the first `keep_tokens`;
+- `keep_tokens_separator` (e.g. `|||`): the tags before it stay in place, instead of the first `keep_tokens`; with
+  a second marker, the tags after that one stay at the end (`sks, dog ||| red, small ||| best quality`);
 - `caption_prefix` / `caption_suffix`: text put around every caption.
 """
 
@@ -51,8 +52,12 @@ def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0
         if keep_tokens_separator and keep_tokens_separator in caption:  # the marker is not for the text encoder
             return ", ".join(split_tags(caption.replace(keep_tokens_separator, ",")))
         return caption
+    fixed_end: list[str] = []
     if keep_tokens_separator and keep_tokens_separator in caption:
         fixed_part, flex_part = caption.split(keep_tokens_separator, 1)
+        if keep_tokens_separator in flex_part:  # a second marker: the tags after it stay at the end
+            flex_part, end_part = flex_part.split(keep_tokens_separator, 1)
+            fixed_end = split_tags(end_part.replace(keep_tokens_separator, ","))
         fixed, rest = split_tags(fixed_part), split_tags(flex_part)
     else:
         tags = split_tags(caption)
@@ -61,7 +66,7 @@ def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0
         rng.shuffle(rest)
     if tag_dropout_rate > 0.0:
         rest = [t for t in rest if rng.random() >= tag_dropout_rate]
-    return ", ".join(fixed + rest)
+    return ", ".join(fixed + rest + fixed_end)
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:
