@@ -473,7 +473,8 @@ def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
         seen.add(item.path)
         sub = item.subset
         caption = process_caption(item.caption, keep_tokens_separator=sub.keep_tokens_separator,
-                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix)  # in full, as trained
+                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix, separator=sub.caption_separator,
+                                  secondary_separator=sub.secondary_separator)  # in full, as trained
         n = len(tokenizer.tokenize(caption))
         if n > max_tokens:
             more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""

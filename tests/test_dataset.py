@@ -485,3 +485,41 @@ def test_metadata_file_subset_without_image_dir_reads_absolute_keys(tmp_path):
     toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nnum_repeats = 2\n")
     with pytest.raises(ConfigError, match="needs `image_dir` \\(or a `metadata_file`\\)"):
         TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+
+
+def test_caption_separator_and_secondary_separator():
+    """sd-scripts' caption_separator splits the tags (joined with ", " after shuffling); tags joined by the
+    secondary_separator move and drop as one, and it becomes the caption_separator in what is trained on."""
+    rng = random.Random(0)
+    orders = set()
+    for _ in range(50):
+        out = process_caption("sks; red; small; round", shuffle=True, keep_tokens=1, rng=rng, separator=";")
+        tags = out.split(", ")
+        assert tags[0] == "sks" and sorted(tags[1:]) == ["red", "round", "small"]
+        orders.add(out)
+    assert len(orders) > 1
+    dropped_pair = False
+    for _ in range(50):
+        out = process_caption("sks, red;;;round, small, blue", shuffle=True, keep_tokens=1, rng=rng,
+                              tag_dropout_rate=0.3, secondary_separator=";;;")
+        assert ";;;" not in out
+        assert ("red" in out) == ("round" in out) == ("red,round" in out)  # together in place, or dropped together
+        dropped_pair = dropped_pair or "red" not in out
+    assert dropped_pair
+    assert process_caption("sks, red;;;round", secondary_separator=";;;") == "sks, red,round"
+    with pytest.raises(ConfigError, match="`caption_separator` must be a visible separator"):
+        TrainConfig(caption_separator=" ")
+
+
+def test_caption_separator_reaches_the_batches_from_a_dataset_toml(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    pattern(64, 64).save(d / "0.png")
+    (d / "0.txt").write_text("sks|red|small|round|blue|green")
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{d.as_posix()}'\n"
+                    "caption_separator = '|'\nshuffle_caption = true\nkeep_tokens = 1\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    captions = {ds.load(ds.batches(epoch)[0], epoch, 0).captions[0] for epoch in range(6)}
+    assert all(c.startswith("sks, ") and sorted(c.split(", ")[1:]) == ["blue", "green", "red", "round", "small"]
+               for c in captions) and len(captions) > 1

@@ -140,8 +140,6 @@ class TrainConfig(JobConfig):
         "token_warmup_min": ((None, 1), "token warm-up"),
         "token_warmup_step": ((None, 0), "token warm-up"),
         "face_crop_aug_range": ((None, ""), "face-crop augmentation"),
-        "caption_separator": ((None, ","), "a tag separator other than a comma"),
-        "secondary_separator": ((None, ""), "a secondary tag separator"),
         "enable_wildcard": ((False,), "caption wildcards"),
         "lr_scheduler_type": ((None, ""), "a custom learning-rate scheduler class"),
         "lr_scheduler_args": ((None, "", []), "learning-rate scheduler arguments"),
@@ -199,6 +197,10 @@ class TrainConfig(JobConfig):
     keep_tokens_separator: str = option("", "Tags before this marker in a caption (e.g. `|||`) stay in place; "
                                         "those after it are shuffled and dropped (instead of `keep_tokens`), up to a "
                                         "second marker, after which tags stay at the end.", group="data")
+    caption_separator: str = option(",", "What separates the tags of a caption (for shuffling, keep_tokens and tag "
+                                    "dropout).", group="data")
+    secondary_separator: str = option("", "Tags joined by this marker (e.g. `;;;`) move and drop as one tag; it "
+                                      "becomes caption_separator in the caption trained on.", group="data")
     caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
                                         group="data")
     caption_suffix: str | None = option(None, "Text put after every caption.", group="data")
@@ -378,6 +380,8 @@ class TrainConfig(JobConfig):
             raise ConfigError("nothing to train: the U-Net and the text encoder are both off (`unet_lr`/"
                               "`text_encoder_lr` 0, or `network_train_*_only`)")
         check_extension("caption_extension", self.caption_extension)
+        if not self.caption_separator.strip():
+            raise ConfigError("`caption_separator` must be a visible separator such as \",\" or \";\"")
         check_augmentations_uncached(self.cache_latents, self.color_aug, self.random_crop)
         if len(self.base_weights_multiplier) > len(self.base_weights):
             raise ConfigError(f"`base_weights_multiplier` has {len(self.base_weights_multiplier)} values for "

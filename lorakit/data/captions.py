@@ -8,7 +8,9 @@
 - `caption_tag_dropout_rate`: each tag after the fixed ones is left out with this probability;
 - `keep_tokens_separator` (e.g. `|||`): the tags before it stay in place, instead of the first `keep_tokens`; with
   a second marker, the tags after that one stay at the end (`sks, dog ||| red, small ||| best quality`);
-- `caption_prefix` / `caption_suffix`: text put around every caption.
+- `caption_prefix` / `caption_suffix`: text put around every caption;
+- `caption_separator` (default `,`) splits the tags; `secondary_separator` (e.g. `;;;`) joins tags that move and
+  drop as one, and becomes `caption_separator` in the caption trained on.
 """
 
 from __future__ import annotations
@@ -35,38 +37,41 @@ def read_caption_file(path: Path) -> tuple[str, str | None]:
     return (lines[0] if lines else ""), note
 
 
-def split_tags(caption: str) -> list[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
+def split_tags(caption: str, separator: str = ",") -> list[str]:
+    return [t.strip() for t in caption.split(separator or ",") if t.strip()]
 
 
 def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0, dropout_rate: float = 0.0,
                     rng: random.Random | None = None, tag_dropout_rate: float = 0.0, keep_tokens_separator: str = "",
-                    prefix: str | None = None, suffix: str | None = None, drop: bool = False) -> str:
+                    prefix: str | None = None, suffix: str | None = None, drop: bool = False,
+                    separator: str = ",", secondary_separator: str = "") -> str:
     """One caption as sd-scripts trains it (pure given `rng`): prefix and suffix added; the whole caption dropped
-    (`drop`, or with `dropout_rate`); else the tags after the fixed ones (the first `keep_tokens`, or those before
-    `keep_tokens_separator`) shuffled and each dropped with `tag_dropout_rate`."""
+    (`drop`, or with `dropout_rate`); else the tags (split at `separator`) after the fixed ones (the first
+    `keep_tokens`, or those before `keep_tokens_separator`) shuffled and each dropped with `tag_dropout_rate`,
+    joined with ", "; last, `secondary_separator` (tags joined by it move and drop as one) becomes `separator`."""
     caption = " ".join(part for part in (prefix, caption, suffix) if part)
     if drop or (dropout_rate > 0.0 and rng is not None and rng.random() < dropout_rate):
         return ""
     if rng is None or not (shuffle or tag_dropout_rate > 0.0):
         if keep_tokens_separator and keep_tokens_separator in caption:  # the marker is not for the text encoder
-            return ", ".join(split_tags(caption.replace(keep_tokens_separator, ",")))
-        return caption
+            caption = ", ".join(split_tags(caption.replace(keep_tokens_separator, separator), separator))
+        return caption.replace(secondary_separator, separator) if secondary_separator else caption
     fixed_end: list[str] = []
     if keep_tokens_separator and keep_tokens_separator in caption:
         fixed_part, flex_part = caption.split(keep_tokens_separator, 1)
         if keep_tokens_separator in flex_part:  # a second marker: the tags after it stay at the end
             flex_part, end_part = flex_part.split(keep_tokens_separator, 1)
-            fixed_end = split_tags(end_part.replace(keep_tokens_separator, ","))
-        fixed, rest = split_tags(fixed_part), split_tags(flex_part)
+            fixed_end = split_tags(end_part.replace(keep_tokens_separator, separator), separator)
+        fixed, rest = split_tags(fixed_part, separator), split_tags(flex_part, separator)
     else:
-        tags = split_tags(caption)
+        tags = split_tags(caption, separator)
         fixed, rest = tags[:keep_tokens], tags[keep_tokens:]
     if shuffle:
         rng.shuffle(rest)
     if tag_dropout_rate > 0.0:
         rest = [t for t in rest if rng.random() >= tag_dropout_rate]
-    return ", ".join(fixed + rest + fixed_end)
+    caption = ", ".join(fixed + rest + fixed_end)
+    return caption.replace(secondary_separator, separator) if secondary_separator else caption
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:

@@ -47,6 +47,8 @@ class Subset:
     caption_dropout_every_n_epochs: int | None = None
     caption_tag_dropout_rate: float = 0.0
     keep_tokens_separator: str = ""
+    caption_separator: str = ","
+    secondary_separator: str = ""
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     flip_aug: bool = False
