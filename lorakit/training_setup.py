@@ -426,10 +426,14 @@ def _prepare_samples(cfg, run: Run) -> None:
 
     if not (cfg.sample_prompts or cfg.sample_at_end or cfg.sample_at_first):
         return
-    seen = []
+    seen = []  # without a prompt file: the first two captions, as trained (prefix, suffix; the first wildcards)
     for ex in run.dataset.examples:
-        if not ex.item.subset.is_reg and ex.item.caption and ex.item.caption not in seen:
-            seen.append(ex.item.caption)
+        sub = ex.item.subset
+        caption = process_caption(ex.item.caption, keep_tokens_separator=sub.keep_tokens_separator,
+                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix, separator=sub.caption_separator,
+                                  secondary_separator=sub.secondary_separator, wildcards=sub.enable_wildcard)
+        if not sub.is_reg and caption and caption not in seen:
+            seen.append(caption)
     run.prompts = load_prompts(cfg.sample_prompts, seen[:2])
     w, h = run.dataset.resolution
     run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler,
@@ -474,7 +478,8 @@ def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
         sub = item.subset
         caption = process_caption(item.caption, keep_tokens_separator=sub.keep_tokens_separator,
                                   prefix=sub.caption_prefix, suffix=sub.caption_suffix, separator=sub.caption_separator,
-                                  secondary_separator=sub.secondary_separator)  # in full, as trained
+                                  secondary_separator=sub.secondary_separator,
+                                  wildcards=sub.enable_wildcard)  # in full, as trained (the first choices)
         n = len(tokenizer.tokenize(caption))
         if n > max_tokens:
             more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""

@@ -523,3 +523,25 @@ def test_caption_separator_reaches_the_batches_from_a_dataset_toml(tmp_path):
     captions = {ds.load(ds.batches(epoch)[0], epoch, 0).captions[0] for epoch in range(6)}
     assert all(c.startswith("sks, ") and sorted(c.split(", ")[1:]) == ["blue", "green", "red", "round", "small"]
                for c in captions) and len(captions) > 1
+
+
+def test_enable_wildcard_draws_a_line_and_a_choice(tmp_path):
+    """sd-scripts' enable_wildcard: each line of a caption file is an alternative and `{a|b}` picks one (`{{` `}}`
+    stay braces); the prefix goes on every line. Without it, only the first line is read (and the report says so)."""
+    from lorakit.data.captions import expand_wildcards
+
+    rng = random.Random(0)
+    drawn = {expand_wildcards("a {red|blue} shape\nan {old|new} {{logo}}", rng) for _ in range(200)}
+    assert drawn == {"a red shape", "a blue shape", "an old {logo}", "an new {logo}"}
+    assert process_caption("{red|blue} dog\nblue cat", prefix="sks", wildcards=True) == "sks red dog"  # no rng
+    d = tmp_path / "imgs"
+    d.mkdir()
+    pattern(64, 64).save(d / "0.png")
+    (d / "0.txt").write_text("a {red|blue} circle\na green square\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d), enable_wildcard=True, caption_prefix="sks"),
+                                  native_resolution=64)
+    captions = {ds.load(ds.batches(epoch)[0], epoch, 0).captions[0] for epoch in range(30)}
+    assert captions == {"sks a red circle", "sks a blue circle", "sks a green square"}
+    plain = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
+    assert plain.examples[0].item.caption == "a {red|blue} circle"
+    assert "2 lines; only the first is used" in plain.report.format()

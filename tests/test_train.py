@@ -884,3 +884,15 @@ def test_base_weights_are_merged_before_training_and_a_given_model_comes_back(tm
     assert not any("lora" in k for k in comps.unet.state_dict())
     with pytest.raises(ConfigError, match="2 values for 1 `base_weights`"):
         TrainConfig(base_weights=["a.safetensors"], base_weights_multiplier=[0.5, 0.5])
+
+
+def test_samples_without_a_prompt_file_use_the_captions_as_trained(tmp_path, tiny_sd1_dir):
+    """The fallback sample prompts are the first captions as the text encoder saw them: with the caption prefix,
+    without the keep_tokens_separator marker."""
+    d = one_image_data(tmp_path)
+    (d / "a.txt").write_text("red ||| round, small")
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=1, caption_prefix="sks",
+                           keep_tokens_separator="|||")
+    with Image.open(result.sample_paths[0]) as im:
+        assert im.info["parameters"].startswith("sks red, round, small\n")

@@ -140,7 +140,6 @@ class TrainConfig(JobConfig):
         "token_warmup_min": ((None, 1), "token warm-up"),
         "token_warmup_step": ((None, 0), "token warm-up"),
         "face_crop_aug_range": ((None, ""), "face-crop augmentation"),
-        "enable_wildcard": ((False,), "caption wildcards"),
         "lr_scheduler_type": ((None, ""), "a custom learning-rate scheduler class"),
         "lr_scheduler_args": ((None, "", []), "learning-rate scheduler arguments"),
         "cache_text_encoder_outputs": ((False,), "cached text-encoder outputs (SDXL)"),
@@ -201,6 +200,8 @@ class TrainConfig(JobConfig):
                                     "dropout).", group="data")
     secondary_separator: str = option("", "Tags joined by this marker (e.g. `;;;`) move and drop as one tag; it "
                                       "becomes caption_separator in the caption trained on.", group="data")
+    enable_wildcard: bool = option(False, "Caption wildcards: `{red|blue}` picks one each time, and each line of a "
+                                   "caption file is an alternative (else only the first line is read).", group="data")
     caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
                                         group="data")
     caption_suffix: str | None = option(None, "Text put after every caption.", group="data")

@@ -9,6 +9,7 @@
 - `keep_tokens_separator` (e.g. `|||`): the tags before it stay in place, instead of the first `keep_tokens`; with
   a second marker, the tags after that one stay at the end (`sks, dog ||| red, small ||| best quality`);
 - `caption_prefix` / `caption_suffix`: text put around every caption;
+- `enable_wildcard`: a caption file's lines are alternatives (one drawn each time) and `{a|b|c}` picks one;
 - `caption_separator` (default `,`) splits the tags; `secondary_separator` (e.g. `;;;`) joins tags that move and
   drop as one, and becomes `caption_separator` in the caption trained on.
 """
@@ -16,11 +17,13 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 
-def read_caption_file(path: Path) -> tuple[str, str | None]:
-    """Return (caption, note). The caption is the first non-empty line, stripped (as sd-scripts reads it).
+def read_caption_file(path: Path, all_lines: bool = False) -> tuple[str, str | None]:
+    """Return (caption, note). The caption is the first non-empty line, stripped (as sd-scripts reads it); with
+    `all_lines` (`enable_wildcard`), every non-empty line, joined by newlines: each draw picks one.
 
     `note` says what was unusual (not UTF-8, several lines), for the dataset report; None when nothing was.
     """
@@ -32,9 +35,22 @@ def read_caption_file(path: Path) -> tuple[str, str | None]:
         text = data.decode("cp1252", errors="replace")
         note = "caption file is not UTF-8; read as Windows-1252"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if all_lines:
+        return "\n".join(lines), note
     if len(lines) > 1:
         note = (note + "; " if note else "") + f"caption file has {len(lines)} lines; only the first is used"
     return (lines[0] if lines else ""), note
+
+
+def expand_wildcards(caption: str, rng: random.Random) -> str:
+    """sd-scripts' `enable_wildcard`: one of the caption's lines, at random, with each `{a|b|c}` replaced by one of
+    its choices (`{{` and `}}` are literal braces)."""
+    lines = caption.split("\n")
+    line = lines[rng.randrange(len(lines))] if len(lines) > 1 else lines[0]
+    opening, closing = "\x00", "\x01"  # stand-ins for the escaped braces while choices are made
+    line = line.replace("{{", opening).replace("}}", closing)
+    line = re.sub(r"\{([^}]+)\}", lambda m: rng.choice(m.group(1).split("|")), line)
+    return line.replace(opening, "{").replace(closing, "}")
 
 
 def split_tags(caption: str, separator: str = ",") -> list[str]:
@@ -44,14 +60,18 @@ def split_tags(caption: str, separator: str = ",") -> list[str]:
 def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0, dropout_rate: float = 0.0,
                     rng: random.Random | None = None, tag_dropout_rate: float = 0.0, keep_tokens_separator: str = "",
                     prefix: str | None = None, suffix: str | None = None, drop: bool = False,
-                    separator: str = ",", secondary_separator: str = "") -> str:
+                    separator: str = ",", secondary_separator: str = "", wildcards: bool = False) -> str:
     """One caption as sd-scripts trains it (pure given `rng`): prefix and suffix added; the whole caption dropped
     (`drop`, or with `dropout_rate`); else the tags (split at `separator`) after the fixed ones (the first
     `keep_tokens`, or those before `keep_tokens_separator`) shuffled and each dropped with `tag_dropout_rate`,
-    joined with ", "; last, `secondary_separator` (tags joined by it move and drop as one) becomes `separator`."""
-    caption = " ".join(part for part in (prefix, caption, suffix) if part)
+    joined with ", "; last, `secondary_separator` (tags joined by it move and drop as one) becomes `separator`.
+    With `wildcards`, one line of the caption and one choice of each `{a|b}` are drawn first (`expand_wildcards`;
+    without `rng`, the first line and the first choices)."""
     if drop or (dropout_rate > 0.0 and rng is not None and rng.random() < dropout_rate):
         return ""
+    if wildcards:  # before the prefix and suffix, which every line gets
+        caption = expand_wildcards(caption, rng or _FirstChoice())
+    caption = " ".join(part for part in (prefix, caption, suffix) if part)
     if rng is None or not (shuffle or tag_dropout_rate > 0.0):
         if keep_tokens_separator and keep_tokens_separator in caption:  # the marker is not for the text encoder
             caption = ", ".join(split_tags(caption.replace(keep_tokens_separator, separator), separator))
@@ -72,6 +92,16 @@ def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0
         rest = [t for t in rest if rng.random() >= tag_dropout_rate]
     caption = ", ".join(fixed + rest + fixed_end)
     return caption.replace(secondary_separator, separator) if secondary_separator else caption
+
+
+class _FirstChoice(random.Random):
+    """An `rng` stand-in that always draws the first option (a caption shown in full, e.g. in reports)."""
+
+    def randrange(self, *args, **kwargs) -> int:
+        return 0
+
+    def choice(self, seq):
+        return seq[0]
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:

@@ -49,6 +49,7 @@ class Subset:
     keep_tokens_separator: str = ""
     caption_separator: str = ","
     secondary_separator: str = ""
+    enable_wildcard: bool = False
     caption_prefix: str | None = None
     caption_suffix: str | None = None
     flip_aug: bool = False
@@ -169,7 +170,7 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
 def _caption_for(image: Path, subset: Subset, report: LoadReport) -> str | None:
     cap_file = image.with_suffix(subset.caption_extension)
     if cap_file.is_file():
-        caption, note = read_caption_file(cap_file)
+        caption, note = read_caption_file(cap_file, all_lines=subset.enable_wildcard)
         if note:
             report.note(cap_file, note)
         if caption:
