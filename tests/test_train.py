@@ -647,7 +647,8 @@ def test_sd_scripts_noise_options_change_training_and_stay_reproducible(tmp_path
     assert calls["training_noise"][1] == dict(offset=0.05, offset_random_strength=True, adaptive_scale=0.01,
                                               multires_iterations=6, multires_discount=0.3)
     assert calls["input_noise"][0] == (0.1, True)
-    assert calls["snr_weights"][1] == dict(v_prediction=False, min_snr_gamma=None, debiased=True)
+    assert calls["snr_weights"][1] == dict(v_prediction=False, min_snr_gamma=None, debiased=True,
+                                           scale_v_like_noise=False, v_pred_like=None)
     (b, _), again = run("b", **options)
     (plain, _), plain_losses = run("plain")
     assert losses == again and all(torch.equal(a[k], b[k]) for k in a)  # reproducible with the seed
