@@ -351,7 +351,8 @@ def remove_lora(components, adapter_name: str | None = None) -> None:
         _remove_adapter(module, adapter_name)
 
 
-def _finish(modules, adapter_name, plan, multiplier, trainable, dtype) -> LoraNetwork:
+def _finish(modules, adapter_name, plan, multiplier, trainable, dtype, rank_dropout: float = 0.0,
+            module_dropout: float = 0.0) -> LoraNetwork:
     targets = {name: t for name, (t, _, _) in plan.items()}
     used = {t.component for t in targets.values()}
     modules = {c: m for c, m in modules.items() if c in used}
@@ -365,6 +366,9 @@ def _finish(modules, adapter_name, plan, multiplier, trainable, dtype) -> LoraNe
         for layer in net.layers.values():
             layer.lora_A[adapter_name].to(dtype)
             layer.lora_B[adapter_name].to(dtype)
+    if rank_dropout or module_dropout:
+        for layer in net.layers.values():
+            set_extra_dropout(layer, adapter_name, rank=rank_dropout, module=module_dropout)
     for module in modules.values():
         _sync(module)
     return net
@@ -405,16 +409,13 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     if not plan:
         raise LoraFormatError("found no layers to put a LoRA on: is this a Stable Diffusion text encoder/U-Net?")
     _inject(modules, adapter_name, plan, dropout)
-    net = _finish(modules, adapter_name, plan, 1.0, True, dtype)
-    if rank_dropout or module_dropout:
-        for layer in net.layers.values():
-            set_extra_dropout(layer, adapter_name, rank=rank_dropout, module=module_dropout)
-    return net
+    return _finish(modules, adapter_name, plan, 1.0, True, dtype, rank_dropout, module_dropout)
 
 
 def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
                        adapter_name: str | None = None, unet: bool = True, text_encoder: bool = True,
-                       trainable: bool = False, dropout: float = 0.0, dtype: torch.dtype | None = None,
+                       trainable: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
+                       module_dropout: float = 0.0, dtype: torch.dtype | None = None,
                        where: str = "LoRA") -> LoraNetwork:
     """Apply an in-memory LoRA (`{name: LoraWeights}` or a kohya tensor dict) with its own ranks and alphas.
 
@@ -459,7 +460,7 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     _check_adapter_name(adapter_name, modules)
     plan = {name: (targets[name], w.rank, w.alpha) for name, w in weights.items()}
     _inject(modules, adapter_name, plan, dropout)
-    net = _finish(modules, adapter_name, plan, multiplier, trainable, dtype)
+    net = _finish(modules, adapter_name, plan, multiplier, trainable, dtype, rank_dropout, module_dropout)
     net.load_state_dict(weights)
     return net
 

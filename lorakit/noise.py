@@ -79,17 +79,16 @@ def snr_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: float |
     Min-SNR; `scale_v_like_noise` (s = SNR/(SNR + 1), the v-loss on the ε-loss's scale); `v_pred_like` λ (adds λ
     times the loss over s: 1 + λ/s); debiased estimation. The SNR is capped at 1000 where sd-scripts caps it."""
     weight = torch.ones_like(snr)
+    capped = torch.clamp(snr, max=1000.0)  # SNR is infinite at t = 0
     if min_snr_gamma:  # for ε at SNR 0 (a zero-terminal-SNR schedule's last step): min(SNR, γ)/SNR → 1
         weight = weight * (torch.clamp(snr, max=min_snr_gamma) / (snr + 1) if v_prediction else torch.where(
             snr > 0, torch.clamp(snr, max=min_snr_gamma) / snr.clamp(min=torch.finfo(snr.dtype).tiny), 1.0))
     if scale_v_like_noise or v_pred_like:
-        capped = torch.clamp(snr, max=1000.0)
         scale = capped / (capped + 1)
         if scale_v_like_noise:
             weight = weight * scale
         if v_pred_like:
             weight = weight * (1 + v_pred_like / scale)
     if debiased:
-        capped = torch.clamp(snr, max=1000.0)  # SNR is infinite at t = 0
         weight = weight / (capped + 1 if v_prediction else torch.sqrt(capped))
     return weight

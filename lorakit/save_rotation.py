@@ -15,9 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .train_state import LATEST
-
-SAVED_WITH = "saved_with.txt"  # in a state folder: the tag of the LoRA save it was written with
+from .train_state import LATEST, SAVED_WITH
 
 
 def _epoch_number(tag: str) -> int | None:

@@ -26,6 +26,7 @@ from .errors import TrainingError
 from .fileio import safe_torch_load, save_safetensors, torch_save, write_text
 
 LATEST = "state-latest.txt"
+SAVED_WITH = "saved_with.txt"  # in a state folder: the tag of the LoRA save it was written with
 
 
 @dataclass
@@ -74,7 +75,7 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
         if config_toml:
             write_text(tmp / "config.toml", config_toml)
         if saved_with:
-            write_text(tmp / "saved_with.txt", saved_with + "\n")
+            write_text(tmp / SAVED_WITH, saved_with + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -240,20 +240,20 @@ def build_network(cfg, components):
     config)."""
     from collections import Counter
 
-    from .lora_layers import set_extra_dropout
     from .network import add_lora, apply_lora_file
 
     args = cfg.network_options
-    dropouts = dict(rank=args.get("rank_dropout", 0.0), module=args.get("module_dropout", 0.0))
+    dropouts = dict(dropout=cfg.network_dropout, rank_dropout=args.get("rank_dropout", 0.0),
+                    module_dropout=args.get("module_dropout", 0.0))
     if cfg.dim_from_weights:
         network = apply_lora_file(components, cfg.network_weights, adapter_name="default", trainable=True,
-                                  dropout=cfg.network_dropout, unet=cfg.trains_unet,
-                                  text_encoder=cfg.trains_text_encoder, dtype=torch.float32)
-        for layer in network.layers.values():
-            set_extra_dropout(layer, "default", **dropouts)
+                                  unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder, dtype=torch.float32,
+                                  **dropouts)
         kinds = {"conv": Counter(), "linear": Counter()}
-        for w in network.weights().values():
-            kinds["conv" if w.down.dim() == 4 and w.down.shape[-1] > 1 else "linear"][(w.rank, w.alpha)] += 1
+        for layer in network.layers.values():
+            down = layer.lora_A["default"].weight
+            kind = "conv" if down.dim() == 4 and down.shape[-1] > 1 else "linear"
+            kinds[kind][(layer.r["default"], float(layer.lora_alpha["default"]))] += 1
         (dim, alpha), _ = (kinds["linear"] or Counter({(cfg.network_dim, cfg.network_alpha): 1})).most_common(1)[0]
         conv = kinds["conv"].most_common(1)[0][0] if kinds["conv"] else (None, None)
         print(f"dim_from_weights: {len(network.layers)} modules from {Path(cfg.network_weights).name}, rank {dim}, "
@@ -268,9 +268,8 @@ def build_network(cfg, components):
     conv_dim, conv_alpha = cfg.resolved_conv
     torch.manual_seed(cfg.seed or 0)
     network = add_lora(components, dim=cfg.network_dim, alpha=cfg.network_alpha, conv_dim=conv_dim,
-                       conv_alpha=conv_alpha, dropout=cfg.network_dropout, rank_dropout=dropouts["rank"],
-                       module_dropout=dropouts["module"], unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder,
-                       dtype=torch.float32)
+                       conv_alpha=conv_alpha, unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder,
+                       dtype=torch.float32, **dropouts)
     if cfg.network_weights:
         from .formats import load_lora_file
 
@@ -426,20 +425,25 @@ def _prepare_samples(cfg, run: Run) -> None:
 
     if not (cfg.sample_prompts or cfg.sample_at_end or cfg.sample_at_first):
         return
-    seen = []  # without a prompt file: the first two captions, as trained (prefix, suffix; the first wildcards)
-    for ex in run.dataset.examples:
-        sub = ex.item.subset
-        caption = process_caption(ex.item.caption, keep_tokens_separator=sub.keep_tokens_separator,
-                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix, separator=sub.caption_separator,
-                                  secondary_separator=sub.secondary_separator, wildcards=sub.enable_wildcard)
-        if not sub.is_reg and caption and caption not in seen:
-            seen.append(caption)
-    run.prompts = load_prompts(cfg.sample_prompts, seen[:2])
+    run.prompts = load_prompts(cfg.sample_prompts, [] if cfg.sample_prompts else _first_captions(run.dataset, 2))
     w, h = run.dataset.resolution
     run.sample_settings = SampleSettings(width=w, height=h, seed=cfg.seed or 0, sampler=cfg.sample_sampler,
                                          clip_skip=cfg.clip_skip)
     for name in dict.fromkeys([cfg.sample_sampler] + [p.sampler for p in run.prompts if p.sampler]):
         make_sampler(name, run.components.noise_scheduler)
+
+
+def _first_captions(dataset, n: int) -> list[str]:
+    """The first `n` different captions of the training (not regularisation) images, as trained: prefix, suffix, no
+    marker, the first wildcard choices."""
+    captions = []
+    for ex in dataset.examples:
+        caption = process_caption(ex.item.caption, **ex.item.subset.caption_text_options())
+        if not ex.item.subset.is_reg and caption and caption not in captions:
+            captions.append(caption)
+            if len(captions) == n:
+                break
+    return captions
 
 
 def build_optimizer(cfg, run: Run):
@@ -475,11 +479,7 @@ def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
         if item.path in seen:
             continue
         seen.add(item.path)
-        sub = item.subset
-        caption = process_caption(item.caption, keep_tokens_separator=sub.keep_tokens_separator,
-                                  prefix=sub.caption_prefix, suffix=sub.caption_suffix, separator=sub.caption_separator,
-                                  secondary_separator=sub.secondary_separator,
-                                  wildcards=sub.enable_wildcard)  # in full, as trained (the first choices)
+        caption = process_caption(item.caption, **item.subset.caption_text_options())  # as trained, first choices
         n = len(tokenizer.tokenize(caption))
         if n > max_tokens:
             more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""

@@ -181,9 +181,7 @@ class TrainDataset:
             captions.append(process_caption(
                 ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
                 dropout_rate=sub.caption_dropout_rate, rng=rng, tag_dropout_rate=sub.caption_tag_dropout_rate,
-                keep_tokens_separator=sub.keep_tokens_separator, prefix=sub.caption_prefix, suffix=sub.caption_suffix,
-                drop=bool(every) and (epoch + 1) % every == 0, separator=sub.caption_separator,
-                secondary_separator=sub.secondary_separator, wildcards=sub.enable_wildcard))
+                drop=bool(every) and (epoch + 1) % every == 0, **sub.caption_text_options()))
             weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             is_reg.append(sub.is_reg)
         return Batch(captions=captions, weights=torch.tensor(weights),

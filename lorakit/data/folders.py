@@ -57,6 +57,14 @@ class Subset:
     random_crop: bool = False
     metadata_file: Path | None = None
 
+    def caption_text_options(self) -> dict:
+        """The `process_caption` arguments that shape this subset's captions as text (the marker, prefix and
+        suffix, separators, wildcards): with them alone, a caption comes out as the text encoder reads it, less the
+        random augmentations."""
+        return dict(keep_tokens_separator=self.keep_tokens_separator, prefix=self.caption_prefix,
+                    suffix=self.caption_suffix, separator=self.caption_separator,
+                    secondary_separator=self.secondary_separator, wildcards=self.enable_wildcard)
+
 
 @dataclass
 class DatasetSpec:
