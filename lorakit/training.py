@@ -3,7 +3,8 @@
 `train(cfg)` is the whole job: set up (`lorakit.training_setup`), then the loop below — one function, top to bottom,
 one comment per diffusion step. The maths follow sd-scripts (docs/KOHYA_FORMAT.md §7): latents × scale, Gaussian
 noise (+ offset and multires noise, `lorakit.noise`), uniform timesteps, DDPM forward noising (+ input
-perturbation), epsilon or v target, per-sample MSE × sample weight × timestep weight (min-SNR, debiased), mean.
+perturbation), epsilon or v target, per-sample MSE (× loss mask) × sample weight × timestep weight (min-SNR,
+debiased), mean.
 
 Outputs in `output_dir`: `<output_name>.safetensors` (kohya format), `<output_name>.toml` (the config),
 `loss_history.csv/.json`, `dataset_report.txt/.json`, `samples/*.png` and `samples_grid.png`, and with
@@ -173,15 +174,19 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
             run.log(f"the saved state is at step {step} of {run.max_steps}: nothing left to train (raise "
                     f"`max_train_steps` to train on, or set `resume = none` to train again from scratch)")
 
+    def save_full_state(epoch: int, batches_done: int, saved_with: str | None = None) -> None:
+        """Everything `resume` needs to continue after `batches_done` batches of `epoch`."""
+        run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
+                                   scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
+                                   loss_history=history, config_toml=cfg.to_toml(), layout=layout,
+                                   saved_with=saved_with)
+
     def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
         """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""
         path = run.save_lora(run.intermediate_name(tag), step=step, epoch=epoch)
         cbs.on_save(step=step, path=path)
         if cfg.save_state:
-            run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
-                                       scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
-                                       loss_history=history, config_toml=cfg.to_toml(), layout=layout,
-                                       saved_with=tag)
+            save_full_state(epoch, batches_done, saved_with=tag)
         write_history(run.output_dir, history)
         deleted = prune_saves(run.output_dir, cfg.output_name, cfg.save_model_as, step=step,
                               last_n_epochs=cfg.save_last_n_epochs, last_n_steps=cfg.save_last_n_steps,
@@ -229,18 +234,19 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                     pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
                     # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
                     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
-                    # 8. loss: per-sample MSE × sample weight (reg images: prior_loss_weight) × the timestep's
-                    #    weight (Min-SNR: min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR;
-                    #    sd-scripts' v-prediction scalings: lorakit.noise.snr_weights)
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                    loss = loss * batch.weights.to(device)
-                    if (cfg.min_snr_gamma or cfg.debiased_estimation_loss or cfg.scale_v_pred_loss_like_noise_pred
-                            or cfg.v_pred_like_loss):
-                        snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                        loss = loss * snr_weights(snr, v_prediction=v_target, min_snr_gamma=cfg.min_snr_gamma,
-                                                  debiased=cfg.debiased_estimation_loss,
-                                                  scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
-                                                  v_pred_like=cfg.v_pred_like_loss)
+                    # 8. loss: per-sample MSE (each latent pixel's error × its loss mask with masked_loss /
+                    #    alpha_mask) × sample weight (reg images: prior_loss_weight) × the timestep's weight (Min-SNR:
+                    #    min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts'
+                    #    v-prediction scalings: lorakit.noise.snr_weights)
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+                    if batch.masks is not None:
+                        loss = loss * batch.masks.to(device)
+                    loss = loss.mean(dim=(1, 2, 3))
+                    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+                    loss = loss * batch.weights.to(device) * snr_weights(
+                        snr, v_prediction=v_target, min_snr_gamma=cfg.min_snr_gamma,
+                        debiased=cfg.debiased_estimation_loss, scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
+                        v_pred_like=cfg.v_pred_like_loss)  # all ones without these options
                     loss = loss.mean()
                 # 9. backward: gradients reach only the LoRA weights (the base model is frozen). The loss is read
                 #    (a GPU sync) only after the backward pass is queued, so the GPU is never idle waiting for it.
@@ -297,9 +303,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     lora_path = run.save_lora(run.final_path, step=step, epoch=final_epoch)
     cbs.on_save(step=step, path=lora_path)
     if cfg.save_state or cfg.save_state_on_train_end:
-        run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
-                                   scaler=scaler, step=step, epoch=resume_point[0], batches_done=resume_point[1],
-                                   loss_history=history, config_toml=cfg.to_toml(), layout=layout)
+        save_full_state(*resume_point)
     csv_path = write_history(run.output_dir, history)
     if cfg.sample_at_end:
         run.sample(step, cbs)

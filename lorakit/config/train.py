@@ -130,8 +130,6 @@ class TrainConfig(JobConfig):
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
-        "masked_loss": ((False,), "masked loss"),
-        "alpha_mask": ((False,), "alpha-channel loss masks"),
         "weighted_captions": ((False,), "`(word:1.2)` weights in captions"),
         "full_fp16": ((False,), "fp16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "full_bf16": ((False,), "bf16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
@@ -212,6 +210,14 @@ class TrainConfig(JobConfig):
     color_aug: bool = option(False, "Random hue jitter (needs cache_latents = false).", group="data")
     flip_aug: bool = option(False, "Random horizontal flips (don't use for asymmetric subjects).", group="data")
     random_crop: bool = option(False, "Random instead of centre crop (needs cache_latents = false).", group="data")
+    alpha_mask: bool = option(False, "Learn only where the images are opaque: each image's transparency weights its "
+                              "loss (transparent parts are ignored; images without transparency count whole).",
+                              group="data")
+    masked_loss: bool = option(False, "Weight each image's loss by its mask image from `conditioning_data_dir` "
+                               "(white: learned, black: ignored, grey in between).", group="data")
+    conditioning_data_dir: str | None = option(
+        None, "Mask images for masked_loss, named as the training images (any image extension); for DreamBooth "
+        "folders, in sub-folders of the same names (or all in this folder).", group="data")
     resolution: str | None = option(None, "Training size \"N\" or \"W,H\". Unset: the model's native size.",
                                     group="data", basic=True)
     enable_bucket: bool = option(False, "Aspect-ratio bucketing: train each image near its own aspect ratio.",
@@ -384,6 +390,15 @@ class TrainConfig(JobConfig):
         if not self.caption_separator.strip():
             raise ConfigError("`caption_separator` must be a visible separator such as \",\" or \";\"")
         check_augmentations_uncached(self.cache_latents, self.color_aug, self.random_crop)
+        if self.conditioning_data_dir and not self.masked_loss:
+            raise ConfigError("`conditioning_data_dir` holds the mask images of `masked_loss`: set "
+                              "`masked_loss = true` to train with them")
+        if self.conditioning_data_dir and self.dataset_config:
+            raise ConfigError("with `dataset_config`, set `conditioning_data_dir` in each [[datasets.subsets]] that "
+                              "has mask images")
+        if self.masked_loss and not (self.conditioning_data_dir or self.alpha_mask or self.dataset_config):
+            raise ConfigError("`masked_loss` reads a mask image per training image: set `conditioning_data_dir` to "
+                              "their folder (or `alpha_mask = true` to use the images' transparency)")
         if len(self.base_weights_multiplier) > len(self.base_weights):
             raise ConfigError(f"`base_weights_multiplier` has {len(self.base_weights_multiplier)} values for "
                               f"{len(self.base_weights)} `base_weights` files")

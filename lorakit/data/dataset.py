@@ -12,7 +12,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from ..config.schema import parse_resolution
@@ -20,8 +22,16 @@ from ..errors import ConfigError, DatasetError
 from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
 from .captions import process_caption
 from .dataset_toml import SUBSET_OPTIONS, load_dataset_config
-from .folders import DatasetSpec, ImageItem, LoadReport, balance_reg_images, scan_subset, subsets_from_folder
-from .images import image_to_tensor, load_rgb
+from .folders import (
+    DatasetSpec,
+    ImageItem,
+    LoadReport,
+    Subset,
+    balance_reg_images,
+    scan_subset,
+    subsets_from_folder,
+)
+from .images import image_to_tensor, load_alpha, load_mask, load_rgb
 from .latents import cache_file, cache_key, encode, image_sha, read_cached, vae_fingerprint, write_cached
 
 
@@ -42,6 +52,7 @@ class Batch:
     latents: torch.Tensor | None = None  # [B, 4, h, w], scaled, when cached
     pixels: torch.Tensor | None = None  # [B, 3, H, W] in [-1, 1], when encoded every step
     is_reg: list[bool] | None = None
+    masks: torch.Tensor | None = None  # [B, 1, h, w] loss weights per latent pixel (masked_loss, alpha_mask)
 
 
 def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
@@ -68,7 +79,7 @@ class TrainDataset:
     """Examples grouped into buckets; `batches(epoch)` gives the epoch's batches, `load(batch, ...)` their data."""
 
     def __init__(self, examples: list[Example], *, seed: int, prior_loss_weight: float, report: LoadReport,
-                 resolution: tuple[int, int] = (512, 512), subsets: list | None = None):
+                 resolution: tuple[int, int] = (512, 512), subsets: list | None = None, vae_scale_factor: int = 8):
         if not examples:
             raise DatasetError("no usable training images (see the dataset report above for what was skipped)")
         self.examples = examples
@@ -77,6 +88,8 @@ class TrainDataset:
         self.report = report
         self.resolution = resolution  # (width, height) of the (first) dataset: sample size, metadata
         self.cached: dict[int, dict[str, torch.Tensor]] | None = None
+        self.vae_scale_factor = vae_scale_factor  # pixels per latent pixel (the loss masks' downsampling)
+        self._masks: dict[tuple[int, bool], torch.Tensor] = {}  # (example, flipped) -> mask, without random crops
         # every folder scanned (for the metadata), also one none of whose images was drawn; default: those drawn
         self.subsets = subsets if subsets is not None else list({id(ex.item.subset): ex.item.subset
                                                                  for ex in examples}.values())
@@ -93,9 +106,14 @@ class TrainDataset:
             opts = _subset_options(cfg)
             specs[0].subsets = subsets_from_folder(cfg.train_data_dir, is_reg=False, report=report,
                                                    caption_extension=cfg.caption_extension, **opts)
+            if cfg.conditioning_data_dir:
+                _assign_mask_folders(specs[0].subsets, Path(cfg.train_data_dir), Path(cfg.conditioning_data_dir))
             if cfg.reg_data_dir:
                 specs[0].subsets += subsets_from_folder(cfg.reg_data_dir, is_reg=True, report=report,
                                                         caption_extension=cfg.caption_extension, **opts)
+        elif cfg.masked_loss and not any(sub.mask_dir or sub.alpha_mask for spec in specs for sub in spec.subsets):
+            raise ConfigError(f"`masked_loss` is on, but no subset of {Path(cfg.dataset_config).name} has a "
+                              f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
         examples = []
         for group, spec in enumerate(specs):
             _check_sizes(spec, vae_scale_factor)
@@ -126,7 +144,7 @@ class TrainDataset:
                     continue
                 examples.append(Example(item, choice, spec.batch_size, group))
         return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
-                   resolution=specs[0].resolution,
+                   resolution=specs[0].resolution, vae_scale_factor=vae_scale_factor,
                    subsets=[sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1])
 
     # ---------------------------------------------------------------- epochs and batches
@@ -164,12 +182,13 @@ class TrainDataset:
 
     def load(self, indices: list[int], epoch: int, position: int) -> Batch:
         """The data of one batch. `position` is the batch's index within the epoch (seeds its augmentations)."""
-        captions, weights, latents, pixels, is_reg = [], [], [], [], []
+        captions, weights, latents, pixels, is_reg, masks = [], [], [], [], [], []
         for slot, i in enumerate(indices):
             ex = self.examples[i]
             sub = ex.item.subset
             rng = self._rng(epoch, position, slot)
             flip = sub.flip_aug and rng.random() < 0.5
+            offset = None
             if self.cached is not None:
                 entry = self.cached[i]
                 latents.append(entry["flipped"] if flip else entry["latent"])
@@ -177,6 +196,7 @@ class TrainDataset:
                 offset = (rng.random(), rng.random()) if sub.random_crop else None
                 hue = rng.uniform(-8 / 180, 8 / 180) if sub.color_aug else None
                 pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, hue_shift=hue))
+            masks.append(self.mask(i, flip=flip, crop_offset=offset) if ex.item.masked else None)
             every = sub.caption_dropout_every_n_epochs
             captions.append(process_caption(
                 ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
@@ -184,9 +204,22 @@ class TrainDataset:
                 drop=bool(every) and (epoch + 1) % every == 0, **sub.caption_text_options()))
             weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             is_reg.append(sub.is_reg)
+        if any(m is not None for m in masks):  # an image without a mask (e.g. a reg image) counts whole
+            size = next(m for m in masks if m is not None).shape
+            masks = torch.stack([torch.ones(size) if m is None else m for m in masks])
         return Batch(captions=captions, weights=torch.tensor(weights),
                      latents=torch.stack(latents) if latents else None,
-                     pixels=torch.stack(pixels) if pixels else None, is_reg=is_reg)
+                     pixels=torch.stack(pixels) if pixels else None, is_reg=is_reg,
+                     masks=masks if isinstance(masks, torch.Tensor) else None)
+
+    def mask(self, i: int, *, flip: bool = False, crop_offset: tuple[float, float] | None = None) -> torch.Tensor:
+        """Example i's loss mask [1, h, w] at latent resolution (`prepare_mask`); kept once made, unless cropped at
+        random."""
+        if crop_offset is not None:
+            return prepare_mask(self.examples[i], self.vae_scale_factor, flip=flip, crop_offset=crop_offset)
+        if (i, flip) not in self._masks:
+            self._masks[i, flip] = prepare_mask(self.examples[i], self.vae_scale_factor, flip=flip)
+        return self._masks[i, flip]
 
     # ---------------------------------------------------------------- latent cache
     def cache_latents(self, vae, scale: float, *, to_disk: bool = False, batch_size: int = 4, progress=None) -> dict:
@@ -243,6 +276,32 @@ def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float,
         h = h.point(lambda x: (x + shift) % 256)
         im = Image.merge("HSV", (h, s, v)).convert("RGB")
     return image_to_tensor(im)
+
+
+def prepare_mask(ex: Example, scale_factor: int, *, flip: bool = False,
+                 crop_offset: tuple[float, float] | None = None) -> torch.Tensor:
+    """The loss mask of an example [1, H/f, W/f] in [0, 1]: its mask image (masked_loss) or its transparency
+    (alpha_mask), resized, cropped and flipped as its pixels are (`prepare_pixels`), then averaged over each latent
+    pixel's f×f patch (sd-scripts' area interpolation to the latent size)."""
+    item = ex.item
+    im = load_mask(item.mask_path) if item.mask_path is not None else load_alpha(item.path)
+    if im.size != ex.choice.resized:
+        im = im.resize(ex.choice.resized, Image.Resampling.BILINEAR)
+    im = im.crop(crop_box(ex.choice.resized, ex.choice.bucket, random_offset=crop_offset))
+    if flip:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mask = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None, None]
+    return F.avg_pool2d(mask, scale_factor)[0]
+
+
+def _assign_mask_folders(subsets: list[Subset], train_dir: Path, mask_dir: Path) -> None:
+    """`conditioning_data_dir` for `train_data_dir`: a DreamBooth folder's masks are in the mask folder's
+    sub-folder of the same name, or else in the mask folder itself."""
+    if not mask_dir.is_dir():
+        raise ConfigError(f"`conditioning_data_dir` (the mask images) is not a folder: {mask_dir}")
+    for sub in subsets:
+        own = mask_dir / sub.image_dir.name
+        sub.mask_dir = own if sub.image_dir != train_dir and own.is_dir() else mask_dir
 
 
 def _check_sizes(spec: DatasetSpec, vae_scale_factor: int) -> None:

@@ -17,10 +17,11 @@
       class_tokens = "dog"
 
 A value is looked up subset → dataset → `[general]` → the train config (CLI/TOML) → default, with sd-scripts'
-scopes: `image_dir`, `is_reg` and `metadata_file` belong to a subset; `num_repeats`, `class_tokens` and the caption
-and augmentation options may be set at any level; the resolution, bucketing and batch options at dataset or
-`[general]` level. Every value is type- and range-checked as the train option of the same name is. A relative
-`image_dir` (or `metadata_file`) is looked up beside the TOML file, then in the working directory (sd-scripts' rule).
+scopes: `image_dir`, `is_reg`, `metadata_file` and `conditioning_data_dir` (mask images, with `masked_loss`) belong
+to a subset; `num_repeats`, `class_tokens`, `alpha_mask` and the caption and augmentation options may be set at any
+level; the resolution, bucketing and batch options at dataset or `[general]` level. Every value is type- and
+range-checked as the train option of the same name is. A relative `image_dir` (or `metadata_file`,
+`conditioning_data_dir`) is looked up beside the TOML file, then in the working directory (sd-scripts' rule).
 Unknown keys are errors that name the key.
 """
 
@@ -37,7 +38,7 @@ from .folders import DatasetSpec, Subset
 SUBSET_OPTIONS = {"shuffle_caption", "caption_extension", "keep_tokens", "caption_dropout_rate", "color_aug",
                   "flip_aug", "random_crop", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
                   "keep_tokens_separator", "caption_separator", "secondary_separator", "enable_wildcard",
-                  "caption_prefix", "caption_suffix"}
+                  "caption_prefix", "caption_suffix", "alpha_mask"}
 # subset values that are not train options, and may also be set at dataset or [general] level
 SUBSET_ASCENDABLE = {"num_repeats": scalar_spec("num_repeats", int, 1, min=0),
                      "class_tokens": scalar_spec("class_tokens", str)}
@@ -45,7 +46,8 @@ SUBSET_KEYS = SUBSET_OPTIONS | set(SUBSET_ASCENDABLE)
 DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso",
                 "bucket_reso_steps", "bucket_no_upscale"}
 SUBSET_ONLY = {"image_dir": scalar_spec("image_dir", str), "is_reg": scalar_spec("is_reg", bool, False),
-               "metadata_file": scalar_spec("metadata_file", str)}
+               "metadata_file": scalar_spec("metadata_file", str),
+               "conditioning_data_dir": scalar_spec("conditioning_data_dir", str)}
 # where the train config spells a value differently
 CONFIG_NAMES = {"batch_size": "train_batch_size"}
 
@@ -119,7 +121,12 @@ def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, in
             meta_path = _find(path, meta, "metadata_file", where) if meta else None
             # without `image_dir`, the metadata file's keys are image paths (absolute, or beside the file)
             folder = _find(path, image_dir, "image_dir", where) if image_dir else meta_path.parent
+            masks = lookup("conditioning_data_dir", scopes[0])
+            if masks and not cfg.masked_loss:
+                raise ConfigError(f"{path.name}: `conditioning_data_dir` in {where} holds the mask images of "
+                                  f"`masked_loss`: set `masked_loss = true` to train with them")
             subsets.append(Subset(image_dir=folder, is_reg=lookup("is_reg", scopes[0]), metadata_file=meta_path,
+                                  mask_dir=_find(path, masks, "conditioning_data_dir", where) if masks else None,
                                   **options))
         if not subsets:
             raise ConfigError(f"{path.name}: {ds_where} has no [[datasets.subsets]]")

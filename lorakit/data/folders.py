@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .captions import read_caption_file
-from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, is_image_file, load_rgb
+from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, has_transparency, is_image_file, load_rgb
 
 DREAMBOOTH_FOLDER = re.compile(r"^(\d+)_(.*)$")
 CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
@@ -56,6 +56,8 @@ class Subset:
     color_aug: bool = False
     random_crop: bool = False
     metadata_file: Path | None = None
+    alpha_mask: bool = False  # the images' transparency weights their loss
+    mask_dir: Path | None = None  # masked_loss: a mask image per image, of the same stem (`conditioning_data_dir`)
 
     def caption_text_options(self) -> dict:
         """The `process_caption` arguments that shape this subset's captions as text (the marker, prefix and
@@ -87,6 +89,12 @@ class ImageItem:
     subset: Subset
     size: tuple[int, int]  # (width, height), upright
     repeats: int = 1
+    mask_path: Path | None = None  # its mask image (masked_loss)
+
+    @property
+    def masked(self) -> bool:
+        """Whether its loss is weighted by a mask (its mask image, or its transparency with alpha_mask)."""
+        return self.mask_path is not None or self.subset.alpha_mask
 
 
 @dataclass
@@ -251,7 +259,8 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
     else:
         listed = {}
         candidates = sorted(p for p in subset.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
-    items = []
+    items, transparent = [], 0
+    masks = MaskFolder(subset.mask_dir) if subset.mask_dir is not None else None
     for path in candidates:
         if subset.metadata_file is not None and not path.is_file():
             report.skip(path, f"listed in {subset.metadata_file.name} but missing")
@@ -265,6 +274,9 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
         except ImageProblem as e:
             report.skip(path, str(e))
             continue
+        if subset.alpha_mask:
+            transparent += has_transparency(path)
+            notes = [n + "; its transparency is its loss mask" if n.startswith("transparent") else n for n in notes]
         for n in notes:
             report.note(path, n)
         caption = listed.get(path) if subset.metadata_file is not None else _caption_for(path, subset, report)
@@ -274,13 +286,64 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
             else:
                 report.note(path, f"no caption (no {subset.caption_extension} file): trained with an empty caption")
                 caption = ""
-        items.append(ImageItem(path=path, caption=caption, subset=subset, size=size, repeats=subset.num_repeats))
+        items.append(ImageItem(path=path, caption=caption, subset=subset, size=size, repeats=subset.num_repeats,
+                               mask_path=masks.find(path, size) if masks else None))
     report.used[str(subset.image_dir)] = len(items)
+    if masks:
+        masks.check(report)
+    if subset.alpha_mask and items and not transparent:
+        report.note(subset.image_dir, "alpha_mask is on, but no image here has transparency: their whole images "
+                                      "are learned")
     if subset.metadata_file is None:
         _note_unread_captions(subset, candidates, report)
     if not items:
         report.note(subset.image_dir, "no usable images in this folder")
     return items
+
+
+class MaskFolder:
+    """The mask images of one subset (`masked_loss`): each training image's is the image of the same file stem in
+    the folder (any image extension). A missing, unreadable or differently shaped mask refuses the dataset, naming
+    the files: a run asked to learn only the masked parts must not learn whole images unnoticed."""
+
+    def __init__(self, folder: Path):
+        if not folder.is_dir():
+            raise DatasetError(f"mask folder (`conditioning_data_dir`) not found: {folder}")
+        self.folder = folder
+        self.by_stem: dict[str, Path] = {}
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and is_image_file(p):
+                self.by_stem.setdefault(p.stem, p)
+        self.missing: list[Path] = []
+        self.used: set[Path] = set()
+
+    def find(self, image: Path, size: tuple[int, int]) -> Path | None:
+        """The mask of `image` (whose upright size is `size`), checked to be readable and of the image's shape."""
+        mask = self.by_stem.get(image.stem)
+        if mask is None:
+            self.missing.append(image)
+            return None
+        try:
+            mask_size = load_rgb(mask).size
+        except ImageProblem as e:
+            raise DatasetError(f"mask image {mask}: {e}") from None
+        # the same size, or the same shape at another scale (resized with the image): within one pixel
+        if abs(mask_size[0] * size[1] - mask_size[1] * size[0]) > max(mask_size[0], size[0]):
+            raise DatasetError(f"mask image {mask} is {mask_size[0]}x{mask_size[1]} but its image {image} is "
+                               f"{size[0]}x{size[1]}: a mask must have its image's size (or aspect ratio)")
+        self.used.add(mask)
+        return mask
+
+    def check(self, report: LoadReport) -> None:
+        if self.missing:
+            names = ", ".join(p.name for p in self.missing[:5]) + (" ..." if len(self.missing) > 5 else "")
+            raise DatasetError(f"masked_loss: {len(self.missing)} image(s) of {self.missing[0].parent} have no mask "
+                               f"image in {self.folder} ({names}); a mask has its image's file name (any image "
+                               f"extension)")
+        unused = [p for p in self.by_stem.values() if p not in self.used]
+        if unused:
+            report.note(self.folder, f"{len(unused)} mask image(s) with no training image of that name: unused "
+                                     f"({', '.join(p.name for p in unused[:5])})")
 
 
 def _note_unread_captions(subset: Subset, files: list[Path], report: LoadReport) -> None:

@@ -39,18 +39,41 @@ def _reason(e: Exception) -> str:
 
 def load_rgb(path: Path) -> Image.Image:
     """Decode fully to 8-bit RGB, upright. Raises ImageProblem for corrupt/truncated files."""
-    path = Path(path)
+    return to_rgb(_open_upright(Path(path)))  # a truncated file fails here, not later in the middle of a batch
+
+
+def _open_upright(path: Path) -> Image.Image:
+    """The decoded image the right way up (its mode unchanged); ImageProblem when it cannot be read."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                im.load()  # a truncated file fails here, not later in the middle of a batch
-                im = ImageOps.exif_transpose(im)
-                return to_rgb(im)
+                im.load()
+                return ImageOps.exif_transpose(im)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageProblem(_reason(e)) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageProblem(f"corrupt or truncated ({e})") from None
+
+
+def load_alpha(path: Path) -> Image.Image:
+    """The image's transparency as an 8-bit "L" image, upright (255: opaque); all 255 for an image without any."""
+    im = _open_upright(Path(path))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return im.getchannel("A")
+    return Image.new("L", im.size, 255)
+
+
+def load_mask(path: Path) -> Image.Image:
+    """A mask image as an 8-bit "L" image, upright: its red channel (sd-scripts' rule; a grey mask's grey)."""
+    return to_rgb(_open_upright(Path(path))).getchannel("R")
+
+
+def has_transparency(path: Path) -> bool:
+    """Whether the image has any pixel that is not fully opaque."""
+    return load_alpha(path).getextrema()[0] < 255
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
