@@ -52,6 +52,7 @@ class LiveView:
         self.total, self.title, self.redraw_s, self.max_columns = total_steps, title, redraw_s, max_columns
         self.steps: list[int] = []
         self.losses: list[float] = []
+        self.validation: tuple[list[int], list[float]] = ([], [])  # (steps, validation losses) where measured
         self.samples: dict[int, dict[str, Image.Image]] = {}  # step -> prompt -> image
         self.prompts: list[str] = []
         self.saved: list[Path] = []
@@ -97,7 +98,7 @@ class LiveView:
         if not force and now - self._last_draw < self.redraw_s:
             return False
         self._last_draw = now
-        fig = plots.loss_figure(self.steps, self.losses, title=self.title)
+        fig = plots.loss_figure(self.steps, self.losses, title=self.title, validation=self.validation)
         self.loss_image.value = plots.figure_png(fig)
         if not self.loss_box.children:
             self.loss_box.children = (self.loss_image,)
@@ -122,6 +123,9 @@ class LiveView:
         if loss is not None:
             self.steps.append(int(step))
             self.losses.append(float(loss))
+        if _get(info, "val_loss") is not None:
+            self.validation[0].append(int(step))
+            self.validation[1].append(float(_get(info, "val_loss")))
         if self.widget is not None:
             self.progress.max = max(int(self.total or step), int(step))
             self.progress.value = int(step)
@@ -130,6 +134,7 @@ class LiveView:
             rate = _get(info, "it_per_s")
             left = (self.total - int(step)) / rate if rate and self.total and self.total > int(step) else None
             self.status.value = (f"step {step}/{self.total or '?'} · loss {float(loss or 0):.4f}"
+                                 + (f" · validation {self.validation[1][-1]:.4f}" if self.validation[1] else "")
                                  + (f" · {rate:.2f} steps/s" if rate else "")
                                  + (f" · ETA {int(left) // 60}:{int(left) % 60:02d}" if left is not None else ""))
 
@@ -170,8 +175,10 @@ class LiveView:
         if output_dir is not None:
             out = Path(output_dir)
             if self.losses:
-                self.files["loss_plot"] = plots.save_loss_plot(list(zip(self.steps, self.losses)),
-                                                               out / f"{output_name}_loss.png", title=self.title)
+                val = dict(zip(*self.validation))
+                rows = [{"step": s, "loss": v, "val_loss": val.get(s)} for s, v in zip(self.steps, self.losses)]
+                self.files["loss_plot"] = plots.save_loss_plot(rows, out / f"{output_name}_loss.png",
+                                                               title=self.title)
             grid = None if (out / "samples_grid.png").is_file() else self.grid()
             if grid is not None:
                 self.files["sample_grid"] = plots.save_image(grid, out / f"{output_name}_samples.png")

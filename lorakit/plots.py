@@ -37,8 +37,9 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def read_loss_history(source) -> tuple[list[int], list[float]]:
-    """(steps, losses) from a CSV/JSON file written by training, a list of dicts/pairs, or a dict of lists."""
+def _history_rows(source) -> list:
+    """The rows of a loss history: a CSV/JSON file written by training, a list of dicts/pairs, or a dict of lists
+    (as rows of dicts)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.suffix == ".csv":
@@ -47,13 +48,18 @@ def read_loss_history(source) -> tuple[list[int], list[float]]:
         else:
             source = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(source, dict) and "loss" in source and isinstance(source["loss"], list):
-        losses = [float(v) for v in source["loss"]]
-        steps = [int(s) for s in source.get("step", range(1, len(losses) + 1))]
-        return steps, losses
+        steps = source.get("step", range(1, len(source["loss"]) + 1))
+        vals = source.get("val_loss") or [None] * len(source["loss"])
+        return [{"step": s, "loss": v, "val_loss": vv} for s, v, vv in zip(steps, source["loss"], vals)]
     if isinstance(source, dict):
         source = source.get("history", source.get("steps", []))
+    return list(source)
+
+
+def read_loss_history(source) -> tuple[list[int], list[float]]:
+    """(steps, losses) from a CSV/JSON file written by training, a list of dicts/pairs, or a dict of lists."""
     steps, losses = [], []
-    for i, row in enumerate(source, start=1):
+    for i, row in enumerate(_history_rows(source), start=1):
         if isinstance(row, dict):
             steps.append(int(float(row.get("step", i))))
             losses.append(float(row["loss"]))
@@ -63,9 +69,21 @@ def read_loss_history(source) -> tuple[list[int], list[float]]:
     return steps, losses
 
 
+def read_validation_history(source) -> tuple[list[int], list[float]]:
+    """(steps, validation losses) of the rows where the validation loss was measured (`val_loss`)."""
+    steps, losses = [], []
+    for i, row in enumerate(_history_rows(source), start=1):
+        if isinstance(row, dict) and row.get("val_loss") not in (None, ""):
+            steps.append(int(float(row.get("step", i))))
+            losses.append(float(row["val_loss"]))
+    return steps, losses
+
+
 def loss_figure(steps: Sequence[int], losses: Sequence[float], *, smoothing: float = 0.9,
-                title: str = "training loss", size: tuple[float, float] = (6.0, 3.2)):
-    """A matplotlib Figure: the raw loss (thin, faint) and its smoothed curve (bold)."""
+                title: str = "training loss", size: tuple[float, float] = (6.0, 3.2),
+                validation: tuple[Sequence[int], Sequence[float]] | None = None):
+    """A matplotlib Figure: the raw loss (thin, faint) and its smoothed curve (bold); with `validation` (steps,
+    losses), the validation loss as points joined by a line."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=100)
@@ -73,6 +91,9 @@ def loss_figure(steps: Sequence[int], losses: Sequence[float], *, smoothing: flo
     if len(losses):
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
         ax.plot(steps, smooth(losses, smoothing), color="tab:blue", linewidth=2.0, label=f"smoothed ({smoothing})")
+        if validation is not None and len(validation[1]):
+            ax.plot(*validation, color="tab:orange", marker="o", markersize=4, linewidth=1.5,
+                    label="validation loss")
         ax.legend(loc="upper right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "waiting for the first step…", ha="center", va="center", transform=ax.transAxes)
@@ -95,9 +116,11 @@ def figure_png(fig) -> bytes:
 
 
 def save_loss_plot(history, dest: str | os.PathLike, *, smoothing: float = 0.9, title: str = "training loss") -> Path:
-    """Save the loss curve of `history` (see `read_loss_history`) as a PNG at `dest`."""
+    """Save the loss curve of `history` (see `read_loss_history`), with its validation loss if measured, as a PNG
+    at `dest`."""
     steps, losses = read_loss_history(history)
-    return save_bytes(figure_png(loss_figure(steps, losses, smoothing=smoothing, title=title)), dest)
+    return save_bytes(figure_png(loss_figure(steps, losses, smoothing=smoothing, title=title,
+                                             validation=read_validation_history(history))), dest)
 
 
 # ------------------------------------------------------------------------------------------------------ image grids

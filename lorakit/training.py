@@ -1,14 +1,15 @@
 """`lorakit train`: train a LoRA on a Stable Diffusion model (DreamBooth folders or captioned images).
 
-`train(cfg)` is the whole job: set up (`lorakit.training_setup`), then the loop below — one function, top to bottom,
-one comment per diffusion step. The maths follow sd-scripts (docs/KOHYA_FORMAT.md §7): latents × scale, Gaussian
-noise (+ offset and multires noise, `lorakit.noise`), uniform timesteps, DDPM forward noising (+ input
-perturbation), epsilon or v target, per-sample MSE (× loss mask) × sample weight × timestep weight (min-SNR,
-debiased), mean.
+`train(cfg)` is the whole job: set up (`lorakit.training_setup`), then the loop below, top to bottom; its per-batch
+loss is `denoising_loss`, one comment per diffusion step. The maths follow sd-scripts (docs/KOHYA_FORMAT.md §7):
+latents × scale, Gaussian noise (+ offset and multires noise, `lorakit.noise`), uniform timesteps, DDPM forward
+noising (+ input perturbation), epsilon or v target, per-sample MSE (× loss mask) × sample weight × timestep weight
+(min-SNR, debiased), mean. With `validation_split`, `validation_loss` measures the same loss on held-out images.
 
 Outputs in `output_dir`: `<output_name>.safetensors` (kohya format), `<output_name>.toml` (the config),
-`loss_history.csv/.json`, `dataset_report.txt/.json`, `samples/*.png` and `samples_grid.png`, and with
-`save_state` the `state-<step>/` folders that `resume` continues from.
+`loss_history.csv/.json` (with `val_loss` where the validation loss was measured), `dataset_report.txt/.json`,
+`samples/*.png` and `samples_grid.png`, and with `save_state` the `state-<step>/` folders that `resume` continues
+from.
 """
 
 from __future__ import annotations
@@ -131,16 +132,111 @@ def run_layout(cfg: TrainConfig, dataset) -> dict:
             "batches per epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
+@dataclass
+class Diffusion:
+    """The training noise schedule and what the loss reads from it (built once per run)."""
+
+    noise_scheduler: object  # DDPM schedule (zero-terminal-SNR rescaled with `zero_terminal_snr`)
+    alphas_cumprod: torch.Tensor  # ᾱ_t on the training device, for the SNR loss weights
+    t_min: int
+    t_max: int
+    v_target: bool  # v-prediction model
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, run) -> Diffusion:
+        schedule = training_schedule(run.components.noise_scheduler, cfg.zero_terminal_snr)
+        return cls(schedule, schedule.alphas_cumprod.to(run.device), cfg.min_timestep,
+                   min(cfg.max_timestep, schedule.config.num_train_timesteps),
+                   run.components.prediction_type == "v_prediction")
+
+
+def denoising_loss(batch, run, diffusion: Diffusion, gen: torch.Generator, timestep: int | None = None) -> torch.Tensor:
+    """Steps 1-8 of a training step: the batch's mean weighted denoising loss, its random numbers from `gen`.
+    `timestep`: every sample at this timestep (the validation loss) instead of uniformly drawn ones."""
+    cfg, comps, device = run.cfg, run.components, run.device
+    with run.autocast():
+        # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
+        latents = latents_of(batch, run, gen)
+        bsz = latents.shape[0]
+        # 2. noise ε ~ N(0, I), with sd-scripts' offset and multires options (lorakit.noise)
+        noise = training_noise(latents, gen, offset=cfg.noise_offset,
+                               offset_random_strength=cfg.noise_offset_random_strength,
+                               adaptive_scale=cfg.adaptive_noise_scale,
+                               multires_iterations=cfg.multires_noise_iterations,
+                               multires_discount=cfg.multires_noise_discount)
+        # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
+        timesteps = (torch.randint(diffusion.t_min, diffusion.t_max, (bsz,), generator=gen) if timestep is None
+                     else torch.full((bsz,), timestep)).to(device)
+        # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (with input perturbation,
+        #    ε + γ·ξ here while the target stays ε)
+        noisy = diffusion.noise_scheduler.add_noise(
+            latents, input_noise(noise, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength), timesteps)
+        # 5. condition: caption -> text-encoder hidden states (with clip_skip)
+        hidden = encode_text(batch.captions, run)
+        # 6. predict with the LoRA-adapted U-Net
+        pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
+        # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+        target = diffusion.noise_scheduler.get_velocity(latents, noise, timesteps) if diffusion.v_target else noise
+        # 8. loss: per-sample MSE (each latent pixel's error × its loss mask with masked_loss / alpha_mask) ×
+        #    sample weight (reg images: prior_loss_weight) × the timestep's weight (Min-SNR: min(SNR, γ)/SNR for
+        #    ε, /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts' v-prediction scalings:
+        #    lorakit.noise.snr_weights)
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if batch.masks is not None:
+            loss = loss * batch.masks.to(device)
+        loss = loss.mean(dim=(1, 2, 3))
+        ac = diffusion.alphas_cumprod[timesteps]
+        loss = loss * batch.weights.to(device) * snr_weights(
+            ac / (1 - ac), v_prediction=diffusion.v_target, min_snr_gamma=cfg.min_snr_gamma,
+            debiased=cfg.debiased_estimation_loss, scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
+            v_pred_like=cfg.v_pred_like_loss)  # all ones without these options
+        return loss.mean()
+
+
+VALIDATION_TIMESTEPS = 4  # sd-scripts' validation: 200, 400, 600, 800 of 1000
+
+
+@torch.no_grad()
+def validation_loss(run, diffusion: Diffusion) -> float:
+    """The mean loss on the held-out images (`validation_split`), as sd-scripts measures it: each batch without
+    augmentations, at four timesteps spread evenly over the trained range, its noise from the validation seed —
+    the same inputs every time, so two validations differ only by what the LoRA learned in between. Dropout is
+    off meanwhile, and the training's random numbers are untouched."""
+    cfg, val = run.cfg, run.dataset.validation
+    seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
+    timesteps = torch.linspace(diffusion.t_min, diffusion.t_max, VALIDATION_TIMESTEPS + 2)[1:-1].long().tolist()
+    modules = (run.components.unet, run.components.text_encoder)
+    was_training = [m.training for m in modules]
+    losses = []
+    try:
+        for m in modules:
+            m.eval()
+        for position, indices in enumerate(val.batches(0)[:cfg.max_validation_steps or None]):
+            batch = val.load(indices, 0, position, augment=False)
+            for t in timesteps:
+                gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + position * 1_009 + t)
+                losses.append(denoising_loss(batch, run, diffusion, gen, timestep=t).item())
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+    return sum(losses) / len(losses)
+
+
+def _validates(cfg: TrainConfig, step: int, max_steps: int, epoch: int, epoch_done: bool) -> bool:
+    """Whether to measure the validation loss after `step`: every `validate_every_n_steps`, at the end of every
+    `validate_every_n_epochs`-th epoch (unset: every epoch), and after the last step."""
+    n_steps, n_epochs = cfg.validate_every_n_steps, cfg.validate_every_n_epochs
+    return (step == max_steps or bool(n_steps and step % n_steps == 0)
+            or (epoch_done and (n_epochs is None or bool(n_epochs and (epoch + 1) % n_epochs == 0))))
+
+
 def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     """The loop: from the prepared run to the saved LoRA."""
-    comps, dataset, device = run.components, run.dataset, run.device
+    dataset = run.dataset
     named_params = run.named_params  # {"unet.<path>": Parameter, ...}: the LoRA weights being trained
     params = list(named_params.values())
     optimizer, scheduler, scaler = build_optimizer(cfg, run)
-    noise_scheduler = training_schedule(comps.noise_scheduler, cfg.zero_terminal_snr)
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)  # for the SNR loss weights
-    t_min, t_max = cfg.min_timestep, min(cfg.max_timestep, noise_scheduler.config.num_train_timesteps)
-    v_target = comps.prediction_type == "v_prediction"
+    diffusion = Diffusion.of(cfg, run)
     accumulation = cfg.gradient_accumulation_steps
     seed = cfg.seed or 0
 
@@ -198,7 +294,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.sample(0, cbs)
     progress = run.progress_bar(initial=step, disable=cbs.shows_progress)
     started, steps_at_start = time.perf_counter(), step
-    accumulated, micro = 0.0, 0
+    accumulated, micro, last_val = 0.0, 0, ""
     resume_point = (start_epoch, skip_batches)  # (epoch, batches done in it) after the latest optimizer step
     try:
         for epoch in range(start_epoch, run.num_epochs):
@@ -211,43 +307,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 batch = dataset.load(indices, epoch, position)
                 # the random numbers of this batch depend only on (seed, epoch, position): resumable exactly
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 100_003 + position)
-                with run.autocast():
-                    # 1. encode: images -> latents (cached, or through the VAE now), × the latent scale (0.18215)
-                    latents = latents_of(batch, run, gen)
-                    bsz = latents.shape[0]
-                    # 2. noise ε ~ N(0, I), with sd-scripts' offset and multires options (lorakit.noise)
-                    noise = training_noise(latents, gen, offset=cfg.noise_offset,
-                                           offset_random_strength=cfg.noise_offset_random_strength,
-                                           adaptive_scale=cfg.adaptive_noise_scale,
-                                           multires_iterations=cfg.multires_noise_iterations,
-                                           multires_discount=cfg.multires_noise_discount)
-                    # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
-                    timesteps = torch.randint(t_min, t_max, (bsz,), generator=gen).to(device)
-                    # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (with input
-                    #    perturbation, ε + γ·ξ here while the target stays ε)
-                    noisy = noise_scheduler.add_noise(
-                        latents, input_noise(noise, gen, cfg.ip_noise_gamma, cfg.ip_noise_gamma_random_strength),
-                        timesteps)
-                    # 5. condition: caption -> text-encoder hidden states (with clip_skip)
-                    hidden = encode_text(batch.captions, run)
-                    # 6. predict with the LoRA-adapted U-Net
-                    pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
-                    # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_target else noise
-                    # 8. loss: per-sample MSE (each latent pixel's error × its loss mask with masked_loss /
-                    #    alpha_mask) × sample weight (reg images: prior_loss_weight) × the timestep's weight (Min-SNR:
-                    #    min(SNR, γ)/SNR for ε, /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts'
-                    #    v-prediction scalings: lorakit.noise.snr_weights)
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-                    if batch.masks is not None:
-                        loss = loss * batch.masks.to(device)
-                    loss = loss.mean(dim=(1, 2, 3))
-                    snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                    loss = loss * batch.weights.to(device) * snr_weights(
-                        snr, v_prediction=v_target, min_snr_gamma=cfg.min_snr_gamma,
-                        debiased=cfg.debiased_estimation_loss, scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
-                        v_pred_like=cfg.v_pred_like_loss)  # all ones without these options
-                    loss = loss.mean()
+                loss = denoising_loss(batch, run, diffusion, gen)  # steps 1-8
                 # 9. backward: gradients reach only the LoRA weights (the base model is frozen). The loss is read
                 #    (a GPU sync) only after the backward pass is queued, so the GPU is never idle waiting for it.
                 (scaler.scale(loss / accumulation) if scaler else loss / accumulation).backward()
@@ -267,14 +327,21 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 scaled = run.network.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
                 step += 1
                 resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
+                # 11. with `validation_split`: the loss on the held-out images (no gradients)
+                val_loss = validation_loss(run, diffusion) if dataset.validation is not None and _validates(
+                    cfg, step, run.max_steps, epoch, epoch_done=resume_point[1] == 0) else None
                 info = StepInfo(step=step, epoch=epoch + 1, loss=accumulated / micro, lr=run.lrs(optimizer),
                                 total_steps=run.max_steps,
                                 it_per_s=(step - steps_at_start) / max(time.perf_counter() - started, 1e-9),
-                                keys_scaled=scaled and scaled[0], max_key_norm=scaled and scaled[2])
+                                keys_scaled=scaled and scaled[0], max_key_norm=scaled and scaled[2],
+                                val_loss=val_loss)
                 accumulated, micro = 0.0, 0
                 history.append(info.record())
                 progress.update(1)
-                progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}", refresh=False)
+                if val_loss is not None:
+                    last_val = f"{val_loss:.4f}"
+                progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
+                                     **({"val": last_val} if last_val else {}), refresh=False)
                 cbs.on_step(info)
                 if step < run.max_steps:
                     if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:

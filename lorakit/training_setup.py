@@ -41,11 +41,14 @@ class StepInfo:
     it_per_s: float
     keys_scaled: int | None = None  # with `scale_weight_norms`: modules scaled back this step, and the largest norm
     max_key_norm: float | None = None
+    val_loss: float | None = None  # with `validation_split`: the loss on the held-out images, when measured
 
     def record(self) -> dict:
         out = {"step": self.step, "epoch": self.epoch, "loss": self.loss, "lr": self.lr}
         if self.keys_scaled is not None:
             out.update(keys_scaled=self.keys_scaled, max_key_norm=self.max_key_norm)
+        if self.val_loss is not None:
+            out["val_loss"] = self.val_loss
         return out
 
 
@@ -391,14 +394,21 @@ def _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset
     if cfg.cache_latents:
         from tqdm.auto import tqdm
 
-        with (tqdm(total=len(dataset.examples), desc="caching latents", unit="img") as bar,
+        held_out = dataset.validation.examples if dataset.validation is not None else []
+        with (tqdm(total=len(dataset.examples) + len(held_out), desc="caching latents", unit="img") as bar,
               keep_freed_memory(device.type == "cpu")):
             stats = dataset.cache_latents(components.vae, run.latent_scale, to_disk=cfg.cache_latents_to_disk,
                                           progress=bar.update)
+            if held_out:
+                val_stats = dataset.validation.cache_latents(components.vae, run.latent_scale,
+                                                             to_disk=cfg.cache_latents_to_disk, progress=bar.update)
+                stats = {k: stats[k] + val_stats[k] for k in stats}
         if stats["from_disk"]:
             run.log(f"latents: {stats['from_disk']} read from the disk cache, {stats['encoded']} encoded")
     n_reg = sum(1 for ex in dataset.examples if ex.item.subset.is_reg)
+    n_val = len(dataset.validation.examples) if dataset.validation is not None else 0
     run.log(f"{len(dataset.examples) - n_reg} training images" + (f" + {n_reg} regularisation" if n_reg else "")
+            + (f" ({n_val} more held out for the validation loss)" if n_val else "")
             + f", {len(dataset)} batches per epoch, {run.num_epochs} epochs, {run.max_steps} steps on {device}"
             + f"; buckets {dataset.bucket_counts()}")
     return run
@@ -526,7 +536,7 @@ def encode_text(captions: list[str], run: Run) -> torch.Tensor:
 def write_history(output_dir: Path, history: list[dict]) -> Path:
     """loss_history.csv and loss_history.json (atomic); returns the CSV path."""
     buf = io.StringIO()
-    extra = [k for k in ("keys_scaled", "max_key_norm") if any(k in r for r in history)]
+    extra = [k for k in ("val_loss", "keys_scaled", "max_key_norm") if any(k in r for r in history)]
     writer = csv.DictWriter(buf, fieldnames=["step", "epoch", "loss", "lr", *extra])
     writer.writeheader()
     writer.writerows(history)

@@ -122,7 +122,7 @@ class TrainConfig(JobConfig):
         "log_config": "the config is saved as <output_name>.toml next to the LoRA",
         "tokenizer_cache_dir": "the tokenizer comes with the model",
         "skip_cache_check": "lorakit checks its cache", "cache_info": "lorakit checks its latent cache itself",
-        "validation_seed": "lorakit has no validation split", "dynamo_backend": "lorakit does not compile the model",
+        "dynamo_backend": "lorakit does not compile the model",
     }
     # sd-scripts' other spellings of an option
     aliases: ClassVar[dict[str, str]] = {"caption_extention": "caption_extension"}
@@ -150,9 +150,6 @@ class TrainConfig(JobConfig):
         **dict.fromkeys(("save_state_to_huggingface", "async_upload"),
                         ((False,), "sd-scripts' own Hub upload (use `lorakit push`)")),
         "resume_from_huggingface": ((False,), "resuming from the Hub"),
-        "validation_split": ((None, 0), "a validation split"),
-        **dict.fromkeys(("validate_every_n_steps", "validate_every_n_epochs", "max_validation_steps"),
-                        ((None, 0), "validation")),
         "torch_compile": ((False,), "a compiled model (torch.compile)"),
         "resize_interpolation": ((None, ""), "a choice of resize interpolation"),
         "initial_epoch": ((None, 0), "a starting epoch (use `resume`)"),
@@ -230,6 +227,19 @@ class TrainConfig(JobConfig):
     cache_latents_to_disk: bool = option(False, "Keep cached latents on disk next to the images, reused across "
                                          "runs (invalidated when the image or settings change).", group="data")
     prior_loss_weight: float = option(1.0, "Loss weight of regularisation images.", group="data", min=0.0)
+    validation_split: float = option(
+        0.0, "Hold out this fraction of each training folder's images (not of the regularisation images) to measure "
+        "a validation loss: the loss on images the LoRA does not learn from, which rises again when it overfits.",
+        group="data", min=0.0, max=0.9)
+    validation_seed: int | None = option(None, "Seed of the validation split and of the validation noise. Unset: "
+                                         "`seed`.", group="data", min=0)
+    validate_every_n_steps: int | None = option(None, "Also measure the validation loss every N steps (0 or unset: "
+                                                "only by epoch).", group="data", min=0)
+    validate_every_n_epochs: int | None = option(None, "Measure the validation loss every N epochs. Unset: every "
+                                                 "epoch (and at the end); 0: only by steps and at the end.",
+                                                 group="data", min=0)
+    max_validation_steps: int | None = option(None, "Measure on at most this many validation batches (0 or unset: "
+                                              "all).", group="data", min=0)
     train_batch_size: int = option(1, "Images per step.", group="training", min=1, basic=True)
 
     # ---- network
@@ -404,6 +414,10 @@ class TrainConfig(JobConfig):
                               f"{len(self.base_weights)} `base_weights` files")
         if self.dim_from_weights and not self.network_weights:
             raise ConfigError("`dim_from_weights` takes the ranks from `network_weights`: set `network_weights` too")
+        if not (self.validation_split or self.dataset_config) and (
+                self.validate_every_n_steps or self.validate_every_n_epochs or self.max_validation_steps):
+            raise ConfigError("the validation options measure the loss on held-out images: set `validation_split` "
+                              "(e.g. 0.1) to hold some out")
         if self.cache_latents_to_disk and not self.cache_latents:
             raise ConfigError("`cache_latents_to_disk` needs `cache_latents = true`")
         if self.min_bucket_reso > self.max_bucket_reso:

@@ -7,6 +7,7 @@ previous ones — which is what makes `resume` give the same weights as an unint
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class TrainDataset:
         self.cached: dict[int, dict[str, torch.Tensor]] | None = None
         self.vae_scale_factor = vae_scale_factor  # pixels per latent pixel (the loss masks' downsampling)
         self._masks: dict[tuple[int, bool], torch.Tensor] = {}  # (example, flipped) -> mask, without random crops
+        self.validation: TrainDataset | None = None  # the images held out by `validation_split`
         # every folder scanned (for the metadata), also one none of whose images was drawn; default: those drawn
         self.subsets = subsets if subsets is not None else list({id(ex.item.subset): ex.item.subset
                                                                  for ex in examples}.values())
@@ -114,15 +116,21 @@ class TrainDataset:
         elif cfg.masked_loss and not any(sub.mask_dir or sub.alpha_mask for spec in specs for sub in spec.subsets):
             raise ConfigError(f"`masked_loss` is on, but no subset of {Path(cfg.dataset_config).name} has a "
                               f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
-        examples = []
+        examples, held_out = [], []
         for group, spec in enumerate(specs):
             _check_sizes(spec, vae_scale_factor)
-            train_items, reg_items = [], []
+            train_items, reg_items, val_items = [], [], []
             for subset in spec.subsets:
                 if subset.num_repeats < 1:
                     report.skip(subset.image_dir, "num_repeats is 0: the folder is never drawn")
                     continue
-                (reg_items if subset.is_reg else train_items).extend(scan_subset(subset, report))
+                items = scan_subset(subset, report)
+                if subset.is_reg:
+                    reg_items.extend(items)
+                    continue
+                kept, held = split_validation(items, subset, cfg.seed or 0, report)
+                train_items.extend(kept)
+                val_items.extend(held)
             if reg_items and not train_items:
                 raise DatasetError("only regularisation images were found; add training images")
             if spec.subsets and any(s.is_reg for s in spec.subsets) and not reg_items:
@@ -132,7 +140,7 @@ class TrainDataset:
                                              spec.bucket_reso_steps)
                      if spec.enable_bucket and not spec.bucket_no_upscale else None)
             max_area = spec.resolution[0] * spec.resolution[1]
-            for item in items:
+            for item, into in [(it, examples) for it in items] + [(it, held_out) for it in val_items]:
                 try:
                     if spec.enable_bucket:
                         choice = select_bucket(item.size, table, max_area=max_area, steps=spec.bucket_reso_steps,
@@ -142,10 +150,13 @@ class TrainDataset:
                 except ValueError as e:
                     report.skip(item.path, str(e))
                     continue
-                examples.append(Example(item, choice, spec.batch_size, group))
-        return cls(examples, seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
-                   resolution=specs[0].resolution, vae_scale_factor=vae_scale_factor,
-                   subsets=[sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1])
+                into.append(Example(item, choice, spec.batch_size, group))
+        common = dict(seed=cfg.seed or 0, prior_loss_weight=cfg.prior_loss_weight, report=report,
+                      resolution=specs[0].resolution, vae_scale_factor=vae_scale_factor)
+        dataset = cls(examples, subsets=[sub for spec in specs for sub in spec.subsets if sub.num_repeats >= 1],
+                      **common)
+        dataset.validation = cls(held_out, **common) if held_out else None
+        return dataset
 
     # ---------------------------------------------------------------- epochs and batches
     def batches(self, epoch: int) -> list[list[int]]:
@@ -180,28 +191,30 @@ class TrainDataset:
     def _rng(self, epoch: int, position: int, slot: int) -> random.Random:
         return random.Random(f"{self.seed}/{epoch}/{position}/{slot}")  # str seeds hash stably (sha512)
 
-    def load(self, indices: list[int], epoch: int, position: int) -> Batch:
-        """The data of one batch. `position` is the batch's index within the epoch (seeds its augmentations)."""
+    def load(self, indices: list[int], epoch: int, position: int, augment: bool = True) -> Batch:
+        """The data of one batch. `position` is the batch's index within the epoch (seeds its augmentations).
+        `augment = False` (validation): no flips, crops, colour jitter or caption shuffles and dropout."""
         captions, weights, latents, pixels, is_reg, masks = [], [], [], [], [], []
         for slot, i in enumerate(indices):
             ex = self.examples[i]
             sub = ex.item.subset
             rng = self._rng(epoch, position, slot)
-            flip = sub.flip_aug and rng.random() < 0.5
+            flip = augment and sub.flip_aug and rng.random() < 0.5
             offset = None
             if self.cached is not None:
                 entry = self.cached[i]
                 latents.append(entry["flipped"] if flip else entry["latent"])
             else:
-                offset = (rng.random(), rng.random()) if sub.random_crop else None
-                hue = rng.uniform(-8 / 180, 8 / 180) if sub.color_aug else None
+                offset = (rng.random(), rng.random()) if augment and sub.random_crop else None
+                hue = rng.uniform(-8 / 180, 8 / 180) if augment and sub.color_aug else None
                 pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, hue_shift=hue))
             masks.append(self.mask(i, flip=flip, crop_offset=offset) if ex.item.masked else None)
             every = sub.caption_dropout_every_n_epochs
             captions.append(process_caption(
-                ex.item.caption, shuffle=sub.shuffle_caption, keep_tokens=sub.keep_tokens,
-                dropout_rate=sub.caption_dropout_rate, rng=rng, tag_dropout_rate=sub.caption_tag_dropout_rate,
-                drop=bool(every) and (epoch + 1) % every == 0, **sub.caption_text_options()))
+                ex.item.caption, shuffle=augment and sub.shuffle_caption, keep_tokens=sub.keep_tokens,
+                dropout_rate=sub.caption_dropout_rate if augment else 0.0, rng=rng,
+                tag_dropout_rate=sub.caption_tag_dropout_rate if augment else 0.0,
+                drop=augment and bool(every) and (epoch + 1) % every == 0, **sub.caption_text_options()))
             weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             is_reg.append(sub.is_reg)
         if any(m is not None for m in masks):  # an image without a mask (e.g. a reg image) counts whole
@@ -276,6 +289,28 @@ def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float,
         h = h.point(lambda x: (x + shift) % 256)
         im = Image.merge("HSV", (h, s, v)).convert("RGB")
     return image_to_tensor(im)
+
+
+def split_validation(items: list[ImageItem], subset: Subset, seed: int,
+                     report: LoadReport) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(kept for training, held out) with the subset's `validation_split` (sd-scripts' rule): the images in an
+    order shuffled by the validation seed, the last round(n × split) held out, at least one kept; each held-out
+    image is drawn once per validation (no repeats)."""
+    if not subset.validation_split or not items:
+        return items, []
+    order = sorted(items, key=lambda it: it.path.name)
+    split_seed = seed if subset.validation_seed is None else subset.validation_seed
+    random.Random(f"{split_seed}/validation/{subset.image_dir.name}").shuffle(order)
+    n = min(round(len(order) * subset.validation_split), len(order) - 1)
+    if n < 1:
+        report.note(subset.image_dir, f"validation_split {subset.validation_split:g}: too few images here to hold "
+                                      f"one out ({len(order)})")
+        return items, []
+    held = order[-n:]
+    names = ", ".join(it.path.name for it in held[:5]) + (" ..." if n > 5 else "")
+    report.note(subset.image_dir, f"validation: {n} of {len(order)} images held out, not trained on ({names})")
+    held_ids = {id(it) for it in held}
+    return [it for it in items if id(it) not in held_ids], [dataclasses.replace(it, repeats=1) for it in held]
 
 
 def prepare_mask(ex: Example, scale_factor: int, *, flip: bool = False,
