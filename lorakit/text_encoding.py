@@ -1,4 +1,4 @@
-"""Captions and prompts → text-encoder states, in 75-token windows for texts longer than CLIP's 77 positions.
+r"""Captions and prompts → text-encoder states, in 75-token windows for texts longer than CLIP's 77 positions.
 
 CLIP reads 77 positions: a start token, 75 tokens of text, an end token (then padding). A longer text is split
 into windows of 75 tokens; each window is encoded as its own sequence `<start> window <end> <pad>…`, and the states
@@ -8,11 +8,17 @@ one window this is the usual 77-token encoding. Training captions (up to `max_to
 samples and `generate` (to their end) go through it.
 
 `clip_skip` k takes the states of the k-th layer from the end, then the final layer norm (sd-scripts and A1111).
+
+Emphasis, A1111's syntax (also sd-scripts' `weighted_captions` and its sample prompts): `(word)` weights its tokens
+1.1×, `[word]` 1/1.1×, `(word:1.3)` 1.3×, nested brackets multiply, `\(` `\)` `\[` `\]` are literal brackets.
+The weights scale each token's text-encoder state; prompts then get their overall mean back (A1111), captions are
+trained as weighted (sd-scripts).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -26,21 +32,116 @@ def window_count(tokenizer, text: str) -> int:
     return max(1, math.ceil(len(tokenizer.tokenize(text)) / WINDOW))
 
 
+def _windows_of(tokenizer, rows: list[list], max_tokens: int, start, end, pad) -> list[list]:
+    """Each row (token ids or their weights) cut to `max_tokens`, as one `start, window, end, pad…` row per window."""
+    if max_tokens < WINDOW or max_tokens % WINDOW:
+        raise ConfigError(f"the text length must be a multiple of {WINDOW} tokens, got {max_tokens}")
+    out = []
+    for row in rows:
+        for first in range(0, max_tokens, WINDOW):
+            window = row[first:first + WINDOW]
+            out.append([start, *window, end] + [pad] * (WINDOW - len(window)))
+    return out
+
+
+def _special_ids(tokenizer) -> tuple[int, int, int]:
+    eos = tokenizer.eos_token_id
+    return tokenizer.bos_token_id, eos, eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
     """Token ids [len(texts), k, 77] of each text cut to `max_tokens` (a multiple of 75; k = max_tokens / 75), one
     row per window: `<start>`, the window's tokens, `<end>`, padding."""
-    if max_tokens < WINDOW or max_tokens % WINDOW:
-        raise ConfigError(f"the text length must be a multiple of {WINDOW} tokens, got {max_tokens}")
+    tokens = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids \
+        if texts else []
+    rows = _windows_of(tokenizer, tokens, max_tokens, *_special_ids(tokenizer))
+    return torch.tensor(rows, dtype=torch.long).view(len(tokens), max_tokens // WINDOW, WINDOW + 2)
+
+
+# ------------------------------------------------------------------------------------------------- emphasis
+_EMPHASIS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|:")
+UP, DOWN = 1.1, 1 / 1.1  # the weights of (…) and […]
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """A1111's emphasis: the text as (piece, weight) runs, e.g. `a (red:1.2) [hat]` → [("a ", 1.0), ("red", 1.2),
+    (" ", 1.0), ("hat", 1/1.1)]. Unclosed brackets weight to the end; runs of equal weight are joined."""
+    runs: list[list] = []
+    rounds, squares = [], []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for m in _EMPHASIS.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\") and len(piece) == 2:
+            runs.append([piece[1], 1.0])
+        elif piece == "(":
+            rounds.append(len(runs))
+        elif piece == "[":
+            squares.append(len(runs))
+        elif weight is not None and rounds:
+            scale(rounds.pop(), float(weight))
+        elif piece == ")" and rounds:
+            scale(rounds.pop(), UP)
+        elif piece == "]" and squares:
+            scale(squares.pop(), DOWN)
+        else:
+            runs.append([piece, 1.0])
+    for start in rounds:
+        scale(start, UP)
+    for start in squares:
+        scale(start, DOWN)
+    joined: list[tuple[str, float]] = []
+    for piece, weight in runs:
+        if joined and joined[-1][1] == weight:
+            joined[-1] = (joined[-1][0] + piece, weight)
+        else:
+            joined.append((piece, weight))
+    return joined or [("", 1.0)]
+
+
+def without_emphasis(text: str) -> str:
+    """The text the tokens are made from: `a (red:1.2) hat` → `a red hat`."""
+    return "".join(piece for piece, _ in parse_emphasis(text))
+
+
+def has_emphasis(text: str) -> bool:
+    """Whether `text` uses the emphasis syntax (brackets, weights or escapes): what it says differs from its
+    letters."""
+    return any(c in text for c in "()[]\\")
+
+
+def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`token_windows` of the texts with their emphasis removed, each token's weight [len(texts), k, 77]; 1 at
+    the start, end and padding positions)."""
+    ids, weights = [], []
+    for text in texts:
+        runs = parse_emphasis(text)
+        pieces = tokenizer([piece for piece, _ in runs], add_special_tokens=False, truncation=True,
+                           max_length=max_tokens).input_ids
+        ids.append([t for piece in pieces for t in piece])
+        weights.append([w for piece, (_, w) in zip(pieces, runs) for _ in piece])
     k = max_tokens // WINDOW
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    tokens = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids
-    rows = []
-    for ids in tokens:
-        for start in range(0, max_tokens, WINDOW):
-            window = ids[start:start + WINDOW]
-            rows.append([bos, *window, eos] + [pad] * (WINDOW - len(window)))
-    return torch.tensor(rows, dtype=torch.long).view(len(tokens), k, WINDOW + 2)
+    id_rows = _windows_of(tokenizer, ids, max_tokens, *_special_ids(tokenizer))
+    weight_rows = _windows_of(tokenizer, weights, max_tokens, 1.0, 1.0, 1.0)
+    return (torch.tensor(id_rows, dtype=torch.long).view(len(texts), k, WINDOW + 2),
+            torch.tensor(weight_rows, dtype=torch.float32).view(len(texts), k, WINDOW + 2))
+
+
+def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:
+    """States [b, 75·k + 2, d] (`encode_windows`) × their tokens' weights [b, k, 77]; with `keep_mean`, each
+    text's states are then scaled back to their mean before weighting (A1111's prompts)."""
+    b, k, n = weights.shape
+    ones = weights.new_ones(b, 1)
+    joined = weights[:, 0] if k == 1 else torch.cat([ones, weights[:, :, 1:-1].reshape(b, -1), ones], dim=1)
+    weighted = states * joined.to(states)[..., None]
+    if keep_mean:
+        before, after = states.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+        weighted = weighted * (before / after)
+    return weighted
 
 
 def layer_states(text_encoder, ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:

@@ -22,7 +22,14 @@ from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
 from .optim import check_optimizer, make_optimizer, make_scheduler, resolve_warmup_steps
-from .text_encoding import WINDOW, encode_windows, token_windows
+from .text_encoding import (
+    WINDOW,
+    apply_emphasis,
+    encode_windows,
+    token_windows,
+    weighted_token_windows,
+    without_emphasis,
+)
 
 TEXT_CACHE_LIMIT = 4096  # captions whose frozen-text-encoder output is kept (unet-only training)
 GRID_ROUNDS = 8  # sampling rounds shown in samples_grid.png (the latest ones)
@@ -312,7 +319,7 @@ def prepare_run(cfg, components=None) -> Run:
     dataset = TrainDataset.from_config(cfg, native_resolution=components.native_resolution,
                                        vae_scale_factor=components.vae_scale_factor)
     report = dataset.report
-    note_long_captions(dataset, components.tokenizer, cfg.max_token_length or WINDOW)
+    note_long_captions(dataset, components.tokenizer, cfg.max_token_length or WINDOW, cfg.weighted_captions)
     print(report.format(), flush=True)
 
     # ---- the base model is frozen; choose attention and checkpointing
@@ -480,9 +487,10 @@ def build_optimizer(cfg, run: Run):
     return optimizer, scheduler, scaler
 
 
-def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
-    """List in the dataset report each image whose caption (with prefix and suffix) is longer than the text
-    encoder reads (`max_tokens`), so a cut-off caption is never a surprise."""
+def note_long_captions(dataset, tokenizer, max_tokens: int, emphasis: bool = False) -> None:
+    """List in the dataset report each image whose caption (with prefix and suffix; with `emphasis`, without its
+    brackets and weights) is longer than the text encoder reads (`max_tokens`), so a cut-off caption is never a
+    surprise."""
     seen = set()
     for ex in dataset.examples:
         item = ex.item
@@ -490,6 +498,7 @@ def note_long_captions(dataset, tokenizer, max_tokens: int) -> None:
             continue
         seen.add(item.path)
         caption = process_caption(item.caption, **item.subset.caption_text_options())  # as trained, first choices
+        caption = without_emphasis(caption) if emphasis else caption
         n = len(tokenizer.tokenize(caption))
         if n > max_tokens:
             more = "; max_token_length = 150 or 225 reads longer captions" if max_tokens < 225 else ""
@@ -506,27 +515,36 @@ def latents_of(batch, run: Run, gen: torch.Generator) -> torch.Tensor:
     return encode(run.components.vae, batch.pixels, run.latent_scale, seeds).float()
 
 
-def _token_ids(captions: list[str], run: Run) -> torch.Tensor:
-    """Token ids [b, k, 77] of the captions, k windows of 75 tokens (`max_token_length`); cached per caption."""
+def _text_states(captions: list[str], run: Run) -> torch.Tensor:
+    """The text encoder's states of the captions, k windows of 75 tokens (`max_token_length`); with
+    `weighted_captions`, their tokens' emphasis applied (sd-scripts: the states × the weights). The token ids (and
+    weights) are cached per caption."""
     missing = [c for c in dict.fromkeys(captions) if c not in run._ids]
     if missing:
-        ids = token_windows(run.components.tokenizer, missing, run.cfg.max_token_length or WINDOW)
+        tokenizer, max_tokens = run.components.tokenizer, run.cfg.max_token_length or WINDOW
+        if run.cfg.weighted_captions:
+            entries = zip(*weighted_token_windows(tokenizer, missing, max_tokens))
+        else:
+            entries = ((ids, None) for ids in token_windows(tokenizer, missing, max_tokens))
         if len(run._ids) > TEXT_CACHE_LIMIT:
             run._ids.clear()
-        run._ids.update(zip(missing, ids))
-    return torch.stack([run._ids[c] for c in captions]).to(run.device)
+        run._ids.update(zip(missing, entries))
+    ids = torch.stack([run._ids[c][0] for c in captions]).to(run.device)
+    states = encode_windows(run.components.text_encoder, ids, run.cfg.clip_skip)
+    if run.cfg.weighted_captions:
+        states = apply_emphasis(states, torch.stack([run._ids[c][1] for c in captions]).to(run.device))
+    return states
 
 
 def encode_text(captions: list[str], run: Run) -> torch.Tensor:
     """Captions → encoder hidden states. Tokens are cached per caption; with a frozen text encoder (unet-only
     training) its outputs are cached too, so repeated captions cost nothing."""
-    te, clip_skip = run.components.text_encoder, run.cfg.clip_skip
     if run.te_trained:
-        return encode_windows(te, _token_ids(captions, run), clip_skip)
+        return _text_states(captions, run)
     missing = [c for c in dict.fromkeys(captions) if c not in run._hidden]
     if missing:
         with torch.no_grad():
-            hidden = encode_windows(te, _token_ids(missing, run), clip_skip)
+            hidden = _text_states(missing, run)
         if len(run._hidden) > TEXT_CACHE_LIMIT // ((run.cfg.max_token_length or WINDOW) // WINDOW):  # same memory
             run._hidden.clear()
         run._hidden.update(zip(missing, hidden))

@@ -150,6 +150,16 @@ def test_prompts_longer_than_75_tokens_are_read_to_the_end(model):
     text = prompt_inputs(comps, long, "", clip_skip=1)
     assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == 152  # two windows each
     assert prompt_inputs(comps, "a photo", None, clip_skip=1) == {"prompt": "a photo", "negative_prompt": None}
+    # A1111's emphasis is read, not fed to the text encoder as brackets: `(red:1.0)` is `red`, `(red:1.4)` is not
+    plain = generate(components=comps, prompt="a photo, red", negative_prompt="blue", seed=3, **FAST).images[0]
+    same = generate(components=comps, prompt="a photo, (red:1.0)", negative_prompt="(blue:1.0)", seed=3,
+                    **FAST).images[0]
+    strong = generate(components=comps, prompt="a photo, (red:1.4)", negative_prompt="blue", seed=3,
+                      **FAST).images[0]
+    assert np.abs(px(plain).astype(int) - px(same).astype(int)).max() <= 1
+    assert not np.array_equal(px(plain), px(strong))
+    text = prompt_inputs(comps, "a (photo)", "", clip_skip=1)
+    assert text["prompt_embeds"].shape[1] == 77
     # a long negative prompt with a short prompt: both are read in the same number of windows
     neg = generate(components=comps, prompt="a photo", negative_prompt=long + ", red", seed=3, **FAST).images[0]
     neg2 = generate(components=comps, prompt="a photo", negative_prompt=long + ", blue", seed=3, **FAST).images[0]

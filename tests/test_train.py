@@ -141,8 +141,8 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir, monkey
 
     encoded = []  # the samples are conditioned as the LoRA was trained (clip_skip), as the user's UI will
     real_encode = lorakit.sampling.prompt_embeddings
-    monkeypatch.setattr(lorakit.sampling, "prompt_embeddings", lambda comps, texts, n, k: encoded.extend(
-        [k] * len(texts)) or real_encode(comps, texts, n, k))
+    monkeypatch.setattr(lorakit.sampling, "prompt_embeddings", lambda comps, texts, n, k, *more: encoded.extend(
+        [k] * len(texts)) or real_encode(comps, texts, n, k, *more))
     result = lorakit.train(
         pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(data), output_dir=str(tmp_path / "out"),
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, cache_latents=False,
@@ -897,3 +897,25 @@ def test_samples_without_a_prompt_file_use_the_captions_as_trained(tmp_path, tin
                            keep_tokens_separator="|||")
     with Image.open(result.sample_paths[0]) as im:
         assert im.info["parameters"].startswith("sks red, round, small\n")
+
+
+def test_weighted_captions_weight_the_emphasised_tokens(tmp_path, tiny_sd1_dir):
+    """Known outcomes: `(sks:1.0) toy` read with weighted_captions trains exactly as `sks toy` without it (the same
+    tokens, weights 1); `(sks:1.5) toy` trains otherwise; without weighted_captions the brackets are text."""
+    def run(name, caption, **opts):
+        data = tmp_path / name / "data"
+        data.mkdir(parents=True)
+        pattern(64, 64).save(data / "a.png")
+        (data / "a.txt").write_text(caption)
+        result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                               output_dir=str(tmp_path / name / "out"), max_train_steps=2, sample_at_end=False,
+                               learning_rate=1e-3, **opts)
+        return read_lora(result.lora_path)[0]
+
+    plain = run("plain", "sks toy")
+    same = run("same", "(sks:1.0) toy", weighted_captions=True)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    for name, caption, opts in [("up", "(sks:1.5) toy", dict(weighted_captions=True)),
+                                ("text", "(sks:1.0) toy", {})]:
+        other = run(name, caption, **opts)
+        assert any(not torch.equal(plain[k], other[k]) for k in plain), name

@@ -130,7 +130,6 @@ class TrainConfig(JobConfig):
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
         "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
-        "weighted_captions": ((False,), "`(word:1.2)` weights in captions"),
         "full_fp16": ((False,), "fp16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "full_bf16": ((False,), "bf16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "fp8_base": ((False,), "fp8 base weights"),
@@ -200,6 +199,9 @@ class TrainConfig(JobConfig):
     caption_prefix: str | None = option(None, "Text put before every caption (e.g. the trigger word).",
                                         group="data")
     caption_suffix: str | None = option(None, "Text put after every caption.", group="data")
+    weighted_captions: bool = option(False, "Read A1111's emphasis in captions: `(word:1.2)`, `(word)` ×1.1, "
+                                     "`[word]` ÷1.1 weight those tokens (don't put the caption separator inside "
+                                     "brackets).", group="data")
     max_token_length: int | None = option(
         None, "Caption length the text encoder reads, in tokens: 150 or 225 read longer captions in 75-token "
         "windows (sd-scripts). Unset: 75, the rest of a longer caption is cut off.", group="data",
