@@ -15,6 +15,8 @@ functions. Every random number comes from the step's generator, so a run stays r
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -92,3 +94,37 @@ def snr_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: float |
     if debiased:
         weight = weight / (capped + 1 if v_prediction else torch.sqrt(capped))
     return weight
+
+
+def huber_thresholds(schedule: str, c: float, scale: float, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor,
+                     num_train_timesteps: int) -> torch.Tensor:
+    """The pseudo-Huber threshold δ of each sample (sd-scripts' `huber_schedule`): `snr` δ = (1 − c)/(1 + σ_t)² + c
+    with σ_t = √((1 − ᾱ_t)/ᾱ_t) (near 1 at low noise, c at high noise); `exponential` δ = scale · c^(t/T);
+    `constant` δ = c · scale."""
+    if schedule == "snr":
+        ac = alphas_cumprod[timesteps].float()
+        sigma = ((1 - ac) / ac).sqrt()
+        return (1 - c) / (1 + sigma) ** 2 + c
+    if schedule == "exponential":
+        return scale * torch.exp(math.log(c) * timesteps.float() / num_train_timesteps)
+    if schedule == "constant":
+        return torch.full(timesteps.shape, c * scale, device=timesteps.device)
+    raise ValueError(f"unknown Huber schedule {schedule!r}")
+
+
+def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = "l2",
+                     huber_c: torch.Tensor | None = None) -> torch.Tensor:
+    """The per-element loss (sd-scripts' `loss_type`): l2 (x − y)², l1 |x − y|, huber 2δ(√((x − y)² + δ²) − δ),
+    smooth_l1 2(√((x − y)² + δ²) − δ), with δ per sample (`huber_thresholds`). Huber is ≈ l2 for |x − y| ≪ δ and
+    ≈ 2δ|x − y| beyond."""
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    delta = huber_c.view(-1, *([1] * (pred.ndim - 1))).to(pred)
+    robust = torch.sqrt((pred - target) ** 2 + delta**2) - delta
+    if loss_type == "huber":
+        return 2 * delta * robust
+    if loss_type == "smooth_l1":
+        return 2 * robust
+    raise ValueError(f"unknown loss type {loss_type!r}")

@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import TrainConfig
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
-from .noise import input_noise, snr_weights, training_noise, training_schedule
+from .noise import (
+    elementwise_loss,
+    huber_thresholds,
+    input_noise,
+    snr_weights,
+    training_noise,
+    training_schedule,
+)
 from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
 from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
@@ -177,11 +183,14 @@ def denoising_loss(batch, run, diffusion: Diffusion, gen: torch.Generator, times
         pred = comps.unet(noisy.to(run.weight_dtype), timesteps, hidden.to(run.weight_dtype)).sample
         # 7. target: the noise ε, or the velocity v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
         target = diffusion.noise_scheduler.get_velocity(latents, noise, timesteps) if diffusion.v_target else noise
-        # 8. loss: per-sample MSE (each latent pixel's error × its loss mask with masked_loss / alpha_mask) ×
-        #    sample weight (reg images: prior_loss_weight) × the timestep's weight (Min-SNR: min(SNR, γ)/SNR for
-        #    ε, /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts' v-prediction scalings:
-        #    lorakit.noise.snr_weights)
-        loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+        # 8. loss: per-sample mean of the elementwise loss (squared error; or `loss_type` l1 / huber / smooth_l1,
+        #    lorakit.noise.elementwise_loss) × each latent pixel's loss mask (masked_loss / alpha_mask) × sample
+        #    weight (reg images: prior_loss_weight) × the timestep's weight (Min-SNR: min(SNR, γ)/SNR for ε,
+        #    /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts' v-prediction scalings: snr_weights)
+        huber_c = huber_thresholds(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, timesteps,
+                                   diffusion.alphas_cumprod, diffusion.noise_scheduler.config.num_train_timesteps
+                                   ) if cfg.loss_type in ("huber", "smooth_l1") else None
+        loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c)
         if batch.masks is not None:
             loss = loss * batch.masks.to(device)
         loss = loss.mean(dim=(1, 2, 3))

@@ -178,14 +178,14 @@ def test_sd_scripts_options_that_change_nothing_are_read_with_a_note(tmp_path, c
 
 def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_on(tmp_path, capsys):
     """GUI-made sd-scripts configs list every option: those lorakit lacks are fine at their "off" value."""
-    (tmp_path / "t.toml").write_text("full_fp16 = false\nfull_bf16 = false\nloss_type = 'l2'\n"
+    (tmp_path / "t.toml").write_text("full_fp16 = false\nfull_bf16 = false\nfp8_base = false\n"
                                      "huggingface_token = ''\nnetwork_dim = 4\n")
     assert TrainConfig.from_toml(tmp_path / "t.toml").network_dim == 4
     err = capsys.readouterr().err
     assert "4 sd-scripts option(s) (in t.toml) set to off are not in lorakit: full_fp16, " in err
     for line, feature, off in [("stop_text_encoder_training = 100", "a step at which the text encoder stops", "0"),
                                ("fp8_base = true", "fp8 base weights", "false"),
-                               ("loss_type = 'huber'", "Huber", '"l2"')]:
+                               ("cache_text_encoder_outputs = true", "cached text-encoder outputs", "false")]:
         (tmp_path / "t.toml").write_text(line + "\n")
         with pytest.raises(ConfigError, match=f"is set, but lorakit does not have (a )?{feature}.*set it "
                                               f"to {off} \\(off\\)"):
@@ -204,7 +204,7 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
     refused by name when on, sd-scripts' alias is renamed; a misspelt flag is still an error with the closest
     option, and a token's value is never printed."""
     cfg, _ = parse_config(["train", "--network_dim", "8", "--max_data_loader_n_workers", "0", "--log_with=tensorboard",
-                           "--caption_extention", ".caption", "--loss_type", "l2", "--fp8_base", "false",
+                           "--caption_extention", ".caption", "--full_bf16", "false", "--fp8_base", "false",
                            "--stop_text_encoder_training=0", "--mem_eff_attn", "--network_args", "conv_dim=4",
                            "conv_alpha=2"])
     assert (cfg.network_dim, cfg.caption_extension, cfg.network_args) == (8, ".caption", ["conv_dim=4",
@@ -212,10 +212,10 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
     err = capsys.readouterr().err
     assert "note: `max_data_loader_n_workers` (on the command line) is not used by lorakit" in err
     assert "`log_with`" in err and "`mem_eff_attn`" in err
-    assert "3 sd-scripts option(s) (on the command line) set to off are not in lorakit: loss_type, " in err
+    assert "3 sd-scripts option(s) (on the command line) set to off are not in lorakit: full_bf16, " in err
     for argv, words in [(["--fp8_base"], "fp8 base weights.*set it to false"),
                         (["--stop_text_encoder_training", "100"], "text encoder stops training.*set it to 0"),
-                        (["--loss_type=huber"], "Huber.*set it to \"l2\""),
+                        (["--full_bf16"], "bf16 LoRA weights.*set it to false"),
                         (["--learnin", "1"], "unknown option `--learnin` for `train`; did you mean `--learning_rate`"),
                         (["--network_dim", "8", "oops"], "unexpected argument 'oops'")]:
         with pytest.raises(ConfigError, match=words):

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from lorakit.noise import input_noise, pyramid_noise, snr_weights, training_noise
+from lorakit.noise import (
+    elementwise_loss,
+    huber_thresholds,
+    input_noise,
+    pyramid_noise,
+    snr_weights,
+    training_noise,
+)
 
 SHAPE = (2, 4, 32, 32)
 
@@ -140,3 +147,31 @@ def test_v_prediction_loss_scalings_as_sd_scripts():
     both = snr_weights(snr[:3], v_prediction=True, min_snr_gamma=2.0, scale_v_like_noise=True, v_pred_like=0.1)
     min_snr = snr_weights(snr[:3], v_prediction=True, min_snr_gamma=2.0)
     torch.testing.assert_close(both, min_snr * scale[:3] * (1 + 0.1 / scale[:3]))
+
+
+def test_elementwise_losses_follow_their_formulas():
+    pred = torch.tensor([0.0, 0.001, 0.5, 3.0]).view(4, 1, 1, 1)
+    target = torch.zeros(4, 1, 1, 1)
+    delta = torch.tensor([0.1, 0.1, 0.2, 0.5])
+    assert elementwise_loss(pred, target, "l2").flatten().tolist() == pytest.approx([0.0, 1e-6, 0.25, 9.0])
+    assert elementwise_loss(pred, target, "l1").flatten().tolist() == pytest.approx([0.0, 0.001, 0.5, 3.0])
+    huber = elementwise_loss(pred, target, "huber", delta).flatten().tolist()
+    smooth = elementwise_loss(pred, target, "smooth_l1", delta).flatten().tolist()
+    for d, c, h, s in zip([0.0, 0.001, 0.5, 3.0], delta.tolist(), huber, smooth):
+        assert h == pytest.approx(2 * c * (math.sqrt(d * d + c * c) - c), rel=1e-5, abs=1e-8)
+        assert s == pytest.approx(h / c, rel=1e-5, abs=1e-8)
+    assert huber[1] == pytest.approx(1e-6, rel=1e-2)  # ≈ the squared error well inside the threshold
+    assert huber[3] == pytest.approx(2 * 0.5 * 3.0, rel=0.2)  # ≈ 2δ|x − y| far outside it
+
+
+def test_huber_thresholds_follow_sd_scripts_schedules():
+    alphas_cumprod = torch.linspace(0.999, 0.01, 1000)
+    t = torch.tensor([0, 500, 999])
+    snr = huber_thresholds("snr", 0.1, 2.0, t, alphas_cumprod, 1000).tolist()  # scale unused, as in sd-scripts
+    for ti, got in zip(t.tolist(), snr):
+        ac = alphas_cumprod[ti].item()
+        assert got == pytest.approx(0.9 / (1 + math.sqrt((1 - ac) / ac)) ** 2 + 0.1, rel=1e-5)
+    assert snr[0] > snr[1] > snr[2] > 0.1
+    exp = huber_thresholds("exponential", 0.1, 2.0, torch.tensor([0, 500, 1000]), alphas_cumprod, 1000).tolist()
+    assert exp == pytest.approx([2.0, 2.0 * 0.1 ** 0.5, 0.2])
+    assert huber_thresholds("constant", 0.1, 2.0, t, alphas_cumprod, 1000).tolist() == pytest.approx([0.2] * 3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -919,3 +920,29 @@ def test_weighted_captions_weight_the_emphasised_tokens(tmp_path, tiny_sd1_dir):
                                 ("text", "(sks:1.0) toy", {})]:
         other = run(name, caption, **opts)
         assert any(not torch.equal(plain[k], other[k]) for k in plain), name
+
+
+def test_loss_types_measure_the_same_prediction_as_their_formulas_say(tmp_path, tiny_sd1_dir):
+    """The first step's prediction is the same in every run (same seed): there, Huber with a huge constant threshold
+    is the squared error, smooth L1 with a tiny one twice the L1 loss; each loss then trains its own LoRA."""
+    data = one_image_data(tmp_path, "1_sks toy").parent
+
+    def run(name, **opts):
+        result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                               output_dir=str(tmp_path / name), max_train_steps=2, sample_at_end=False,
+                               learning_rate=1e-3, **opts)
+        return [r["loss"] for r in result.loss_history], read_lora(result.lora_path)
+
+    l2, (l2_w, _) = run("l2")
+    l1, _ = run("l1", loss_type="l1")
+    huber, (huber_w, meta) = run("huber", loss_type="huber", huber_schedule="constant", huber_c=100.0)
+    smooth, _ = run("smooth", loss_type="smooth_l1", huber_schedule="constant", huber_c=1e-4)
+    assert huber[0] == pytest.approx(l2[0], rel=1e-3) and smooth[0] == pytest.approx(2 * l1[0], rel=1e-3)
+    assert l1[0] != pytest.approx(l2[0], rel=1e-2)
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "constant", "100.0")
+    snr, (snr_w, _) = run("snr", loss_type="huber")  # sd-scripts' default schedule
+    assert all(math.isfinite(v) for v in snr) and any(not torch.equal(snr_w[k], l2_w[k]) for k in l2_w)
+    with pytest.raises(ConfigError, match="huber_c` > 0"):
+        TrainConfig(train_data_dir="x", loss_type="huber", huber_c=0.0)
+    with pytest.raises(ConfigError, match="must be < 1"):
+        TrainConfig(train_data_dir="x", loss_type="huber", huber_schedule="exponential", huber_c=2.0)

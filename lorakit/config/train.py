@@ -22,6 +22,8 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD", "SGDN
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay")
 PRECISIONS = ("no", "fp16", "bf16")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("snr", "exponential", "constant")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
             "dpmsingle", "unipc")
@@ -107,8 +109,6 @@ class TrainConfig(JobConfig):
                          "offload_optimizer_device", "offload_param_device", "zero3_init_flag",
                          "zero3_save_16bit_model", "fp16_master_weights_and_gradients"),
                         "lorakit trains on one device"),
-        **dict.fromkeys(("huber_c", "huber_schedule", "huber_scale"),
-                        "used only with sd-scripts' loss_type huber / smooth_l1"),
         **dict.fromkeys(("metadata_author", "metadata_license", "metadata_tags"),
                         "lorakit writes its own modelspec metadata"),
         "metadata_title": "the LoRA's modelspec title is its output_name",
@@ -129,7 +129,6 @@ class TrainConfig(JobConfig):
     # sd-scripts options that would change training and that lorakit does not have: read when set to an "off" value
     # (GUI-made configs list them all), refused by name otherwise — {option: (off values, what it does)}
     unsupported_options: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "loss_type": (("l2",), "Huber and L1 losses (lorakit trains with the L2 loss)"),
         "full_fp16": ((False,), "fp16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "full_bf16": ((False,), "bf16 LoRA weights (lorakit trains them in fp32 under mixed precision)"),
         "fp8_base": ((False,), "fp8 base weights"),
@@ -339,6 +338,15 @@ class TrainConfig(JobConfig):
                                min=0, max=999)
     max_timestep: int = option(1000, "Train on timesteps < this (sd-scripts option; 1000 = all).",
                                group="training", min=1, max=1000)
+    loss_type: str = option("l2", "The loss: l2 (squared error), l1, or the robust huber / smooth_l1 (sd-scripts' "
+                            "pseudo-Huber, less swayed by outliers), with the threshold huber_c.", group="training",
+                            choices=LOSS_TYPES)
+    huber_schedule: str = option("snr", "How huber_c changes with the timestep (sd-scripts): snr (the default), "
+                                 "exponential, or constant.", group="training", choices=HUBER_SCHEDULES)
+    huber_c: float = option(0.1, "The Huber threshold (with loss_type huber / smooth_l1).", group="training",
+                            min=0.0)
+    huber_scale: float = option(1.0, "A factor on the Huber threshold of the exponential and constant schedules.",
+                                group="training", min=0.0)
     min_snr_gamma: float | None = option(None, "Min-SNR loss weighting (Hang et al. 2023); 5 is typical.",
                                          group="training", min=0.0)
     seed: int | None = option(42, "Random seed; a run with the same seed is reproducible on CPU (none: a random "
@@ -432,6 +440,11 @@ class TrainConfig(JobConfig):
         if self.zero_terminal_snr and self.v_pred_like_loss:
             raise ConfigError("`v_pred_like_loss` cannot be used with `zero_terminal_snr`: its weight (SNR + 1)/SNR is "
                               "infinite at the last timestep (SNR 0)")
+        if self.loss_type in ("huber", "smooth_l1") and not self.huber_c:
+            raise ConfigError(f"`loss_type = {self.loss_type}` needs `huber_c` > 0 (its threshold; 0.1 is usual)")
+        if self.loss_type in ("huber", "smooth_l1") and self.huber_schedule == "exponential" and self.huber_c >= 1:
+            raise ConfigError(f"`huber_schedule = exponential` decays the threshold from 1 to `huber_c`: it must "
+                              f"be < 1, got {self.huber_c}")
         if self.adaptive_noise_scale and not self.noise_offset:
             raise ConfigError("`adaptive_noise_scale` adds to the offset noise: it needs `noise_offset` > 0")
         for name in ("lr_warmup_steps", "lr_decay_steps"):
