@@ -185,7 +185,7 @@ def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_o
     assert "4 sd-scripts option(s) (in t.toml) set to off are not in lorakit: full_fp16, " in err
     for line, feature, off in [("stop_text_encoder_training = 100", "a step at which the text encoder stops", "0"),
                                ("fp8_base = true", "fp8 base weights", "false"),
-                               ("cache_text_encoder_outputs = true", "cached text-encoder outputs", "false")]:
+                               ("torch_compile = true", "a compiled model", "false")]:
         (tmp_path / "t.toml").write_text(line + "\n")
         with pytest.raises(ConfigError, match=f"is set, but lorakit does not have (a )?{feature}.*set it "
                                               f"to {off} \\(off\\)"):
@@ -324,3 +324,12 @@ def test_tiny_never_writes_over_a_folder_with_files(tmp_path, capsys):
     assert main(["tiny", "--output_dir", str(tmp_path / "mymodel")]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert (tmp_path / "mymodel" / "model.safetensors").read_text() == "precious"
+
+
+def test_cache_text_encoder_outputs_is_read_for_a_frozen_text_encoder():
+    """sd-scripts' `cache_text_encoder_outputs` (what lorakit does whenever the text encoder is frozen) is accepted
+    with `network_train_unet_only` and refused, saying why, for a text encoder that trains."""
+    assert TrainConfig(train_data_dir="x", cache_text_encoder_outputs=True, network_train_unet_only=True)
+    assert TrainConfig(train_data_dir="x", cache_text_encoder_outputs=True, text_encoder_lr=0)
+    with pytest.raises(ConfigError, match="cannot cache a text encoder that trains"):
+        TrainConfig(train_data_dir="x", cache_text_encoder_outputs=True)

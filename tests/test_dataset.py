@@ -545,3 +545,31 @@ def test_enable_wildcard_draws_a_line_and_a_choice(tmp_path):
     plain = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
     assert plain.examples[0].item.caption == "a {red|blue} circle"
     assert "2 lines; only the first is used" in plain.report.format()
+
+
+def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tmp_path):
+    from PIL import Image as PILImage
+
+    from lorakit.data.dataset import prepare_pixels, resize_filter
+    from lorakit.data.latents import cache_key
+
+    assert resize_filter(None, (100, 100), (64, 64)) == ("lanczos", PILImage.Resampling.LANCZOS)
+    assert resize_filter("area", (100, 100), (64, 64)) == ("area", PILImage.Resampling.BOX)
+    assert resize_filter("area", (32, 32), (64, 64))[0] == "lanczos"  # averaging cannot enlarge
+    assert resize_filter("cubic", (100, 100), (64, 64)) == ("bicubic", PILImage.Resampling.BICUBIC)
+    d = tmp_path / "data" / "1_sks toy"
+    d.mkdir(parents=True)
+    pattern(96, 96).save(d / "a.png")
+    pixels = {}
+    for name in (None, "nearest", "area"):
+        ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d.parent), resize_interpolation=name,
+                                              cache_latents=False), native_resolution=64)
+        pixels[name] = prepare_pixels(ds.examples[0])
+    expected = torch.from_numpy(np.asarray(pattern(96, 96).resize((64, 64), PILImage.Resampling.NEAREST),
+                                           dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    torch.testing.assert_close(pixels["nearest"], expected)
+    assert not torch.equal(pixels[None], pixels["nearest"]) and not torch.equal(pixels[None], pixels["area"])
+    key = cache_key("sha", (64, 64), (64, 64), (0, 0, 64, 64), "vae")
+    assert "resize" not in key and cache_key("sha", (64, 64), (64, 64), (0, 0, 64, 64), "vae", "area") != key
+    with pytest.raises(ConfigError, match="resize_interpolation"):
+        cfg_for(tmp_path, train_data_dir=str(d.parent), resize_interpolation="sinc")

@@ -22,6 +22,7 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD", "SGDN
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay")
 PRECISIONS = ("no", "fp16", "bf16")
+RESIZE_FILTERS = ("lanczos", "area", "box", "bicubic", "cubic", "bilinear", "linear", "nearest")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
@@ -123,6 +124,8 @@ class TrainConfig(JobConfig):
         "tokenizer_cache_dir": "the tokenizer comes with the model",
         "skip_cache_check": "lorakit checks its cache", "cache_info": "lorakit checks its latent cache itself",
         "dynamo_backend": "lorakit does not compile the model",
+        "cache_text_encoder_outputs_to_disk": "lorakit keeps a frozen text encoder's outputs in memory (they are "
+                                              "small)",
     }
     # sd-scripts' other spellings of an option
     aliases: ClassVar[dict[str, str]] = {"caption_extention": "caption_extension"}
@@ -138,7 +141,6 @@ class TrainConfig(JobConfig):
         "face_crop_aug_range": ((None, ""), "face-crop augmentation"),
         "lr_scheduler_type": ((None, ""), "a custom learning-rate scheduler class"),
         "lr_scheduler_args": ((None, "", []), "learning-rate scheduler arguments"),
-        "cache_text_encoder_outputs": ((False,), "cached text-encoder outputs (SDXL)"),
         "in_json": ((None, ""), "a fine-tuning metadata JSON (use a dataset TOML with `metadata_file`)"),
         "dataset_repeats": ((None, 1), "fine-tuning dataset repeats (use `num_repeats` in a dataset TOML)"),
         "debug_dataset": ((False,), "sd-scripts' dataset viewer (see `lorakit prepare check`)"),
@@ -149,7 +151,6 @@ class TrainConfig(JobConfig):
                         ((False,), "sd-scripts' own Hub upload (use `lorakit push`)")),
         "resume_from_huggingface": ((False,), "resuming from the Hub"),
         "torch_compile": ((False,), "a compiled model (torch.compile)"),
-        "resize_interpolation": ((None, ""), "a choice of resize interpolation"),
         "initial_epoch": ((None, 0), "a starting epoch (use `resume`)"),
         "initial_step": ((None, 0), "a starting step (use `resume`)"),
         "skip_until_initial_step": ((False,), "skipping to a starting step (use `resume`)"),
@@ -216,6 +217,9 @@ class TrainConfig(JobConfig):
     conditioning_data_dir: str | None = option(
         None, "Mask images for masked_loss, named as the training images (any image extension); for DreamBooth "
         "folders, in sub-folders of the same names (or all in this folder).", group="data")
+    resize_interpolation: str | None = option(
+        None, "How images are resized to their bucket: lanczos (unset: the default), area, box, bicubic, bilinear, "
+        "nearest (sd-scripts' names; cubic and linear too).", group="data", choices=RESIZE_FILTERS)
     resolution: str | None = option(None, "Training size \"N\" or \"W,H\". Unset: the model's native size.",
                                     group="data", basic=True)
     enable_bucket: bool = option(False, "Aspect-ratio bucketing: train each image near its own aspect ratio.",
@@ -268,6 +272,9 @@ class TrainConfig(JobConfig):
     dim_from_weights: bool = option(False, "Take the modules, ranks and alphas from `network_weights` instead of "
                                     "network_dim / network_alpha / conv_dim.", group="network")
     network_train_unet_only: bool = option(False, "Train only the U-Net LoRA.", group="network")
+    cache_text_encoder_outputs: bool = option(
+        False, "Encode each caption once (sd-scripts). lorakit does so whenever the text encoder is not trained, so "
+        "this only checks that it is not (it needs network_train_unet_only).", group="network")
     network_train_text_encoder_only: bool = option(False, "Train only the text-encoder LoRA.", group="network")
     learning_rate: float = option(1e-4, "Learning rate (fallback for unet_lr and text_encoder_lr).",
                                   group="training", min=0.0, basic=True)
@@ -406,6 +413,9 @@ class TrainConfig(JobConfig):
         if not (self.trains_unet or self.trains_text_encoder):
             raise ConfigError("nothing to train: the U-Net and the text encoder are both off (`unet_lr`/"
                               "`text_encoder_lr` 0, or `network_train_*_only`)")
+        if self.cache_text_encoder_outputs and self.trains_text_encoder:
+            raise ConfigError("`cache_text_encoder_outputs` cannot cache a text encoder that trains (its outputs "
+                              "change every step): set `network_train_unet_only = true` with it")
         check_extension("caption_extension", self.caption_extension)
         if not self.caption_separator.strip():
             raise ConfigError("`caption_separator` must be a visible separator such as \",\" or \";\"")

@@ -245,7 +245,8 @@ class TrainDataset:
             key = None
             if to_disk:
                 crop = crop_box(ex.choice.resized, ex.choice.bucket)
-                key = cache_key(image_sha(ex.item.path, shas), ex.choice.bucket, ex.choice.resized, crop, vae_id)
+                key = cache_key(image_sha(ex.item.path, shas), ex.choice.bucket, ex.choice.resized, crop, vae_id,
+                                resize_filter(ex.item.subset.resize_interpolation, ex.item.size, ex.choice.resized)[0])
                 hit = read_cached(cache_file(ex.item.path, ex.choice.bucket), key)
                 if hit is not None and (not ex.item.subset.flip_aug or "flipped" in hit):
                     self.cached[i] = hit
@@ -279,7 +280,8 @@ def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float,
     """Load, resize to cover the bucket, crop, flip, jitter hue → [3, H, W] in [-1, 1]."""
     im = load_rgb(ex.item.path)
     if im.size != ex.choice.resized:
-        im = im.resize(ex.choice.resized, Image.Resampling.LANCZOS)
+        im = im.resize(ex.choice.resized, resize_filter(ex.item.subset.resize_interpolation, im.size,
+                                                        ex.choice.resized)[1])
     im = im.crop(crop_box(ex.choice.resized, ex.choice.bucket, random_offset=crop_offset))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -311,6 +313,21 @@ def split_validation(items: list[ImageItem], subset: Subset, seed: int,
     report.note(subset.image_dir, f"validation: {n} of {len(order)} images held out, not trained on ({names})")
     held_ids = {id(it) for it in held}
     return [it for it in items if id(it) not in held_ids], [dataclasses.replace(it, repeats=1) for it in held]
+
+
+_FILTERS = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+            "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+            "nearest": Image.Resampling.NEAREST}
+_FILTER_ALIASES = {"cubic": "bicubic", "linear": "bilinear"}
+
+
+def resize_filter(name: str | None, size: tuple[int, int], resized: tuple[int, int]) -> tuple[str, int]:
+    """(name, Pillow filter) of `resize_interpolation` for a resize from `size` to `resized`: Lanczos unless
+    chosen; `area` (averaging, Pillow's box filter) when enlarging is Lanczos, as in sd-scripts."""
+    name = _FILTER_ALIASES.get(name, name) or "lanczos"
+    if name == "area" and (resized[0] > size[0] or resized[1] > size[1]):
+        name = "lanczos"
+    return name, _FILTERS[name]
 
 
 def prepare_mask(ex: Example, scale_factor: int, *, flip: bool = False,

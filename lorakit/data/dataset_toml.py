@@ -38,7 +38,8 @@ from .folders import DatasetSpec, Subset
 SUBSET_OPTIONS = {"shuffle_caption", "caption_extension", "keep_tokens", "caption_dropout_rate", "color_aug",
                   "flip_aug", "random_crop", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
                   "keep_tokens_separator", "caption_separator", "secondary_separator", "enable_wildcard",
-                  "caption_prefix", "caption_suffix", "alpha_mask", "validation_split", "validation_seed"}
+                  "caption_prefix", "caption_suffix", "alpha_mask", "validation_split", "validation_seed",
+                  "resize_interpolation"}
 # subset values that are not train options, and may also be set at dataset or [general] level
 SUBSET_ASCENDABLE = {"num_repeats": scalar_spec("num_repeats", int, 1, min=0),
                      "class_tokens": scalar_spec("class_tokens", str)}

@@ -60,6 +60,7 @@ class Subset:
     mask_dir: Path | None = None  # masked_loss: a mask image per image, of the same stem (`conditioning_data_dir`)
     validation_split: float = 0.0  # the fraction of its images held out for the validation loss (not reg images)
     validation_seed: int | None = None  # the split's seed (None: the training seed)
+    resize_interpolation: str | None = None  # the resize filter (sd-scripts' name); None: Lanczos
 
     def caption_text_options(self) -> dict:
         """The `process_caption` arguments that shape this subset's captions as text (the marker, prefix and

@@ -36,9 +36,12 @@ def cache_file(image: Path, bucket: tuple[int, int]) -> Path:
     return image.parent / CACHE_DIR / f"{image.name}.{bucket[0]}x{bucket[1]}.safetensors"
 
 
-def cache_key(image_sha: str, bucket, resized, crop, vae_id: str) -> dict[str, str]:
-    return {"image_sha256": image_sha, "bucket": f"{bucket[0]}x{bucket[1]}", "resized": f"{resized[0]}x{resized[1]}",
-            "crop": ",".join(map(str, crop)), "vae": vae_id, "format": "lorakit-latent-1"}
+def cache_key(image_sha: str, bucket, resized, crop, vae_id: str, resize_filter: str = "lanczos") -> dict[str, str]:
+    key = {"image_sha256": image_sha, "bucket": f"{bucket[0]}x{bucket[1]}", "resized": f"{resized[0]}x{resized[1]}",
+           "crop": ",".join(map(str, crop)), "vae": vae_id, "format": "lorakit-latent-1"}
+    if resize_filter != "lanczos":  # (the files written before the choice existed were all resized with Lanczos)
+        key["resize"] = resize_filter
+    return key
 
 
 def read_cached(path: Path, key: dict[str, str]) -> dict[str, torch.Tensor] | None:
