@@ -131,6 +131,18 @@ def test_live_view_status_shows_speed_and_eta():
     assert not Callbacks([{"on_step": print}]).shows_progress and not Callbacks(None).shows_progress
 
 
+def test_live_view_shows_the_validation_loss(tmp_path):
+    from lorakit.live import LiveView
+
+    view = LiveView(4, display=False, redraw_s=0.0)
+    for step in range(1, 5):
+        view.on_step({"step": step, "loss": 1.0 / step, "total_steps": 4,
+                      **({"val_loss": 0.9 / step} if step % 2 == 0 else {})})
+    assert view.validation == ([2, 4], [0.45, 0.225]) and "validation 0.2250" in view.status.value
+    files = view.finish(tmp_path, "lora")
+    assert files["loss_plot"].stat().st_size > 0
+
+
 def test_colab_gpu_runtime_gets_bitsandbytes_for_the_t4_presets():
     """The T4 presets train with AdamW8bit: on a CUDA runtime without bitsandbytes, setup installs it; never on a
     CPU runtime, never twice."""
