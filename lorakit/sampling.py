@@ -138,6 +138,19 @@ def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
     return "\n".join(lines + [", ".join(settings)])
 
 
+@contextlib.contextmanager
+def eval_mode(*modules):
+    """The modules in eval mode (no dropout) until the block ends, then each back in the mode it was in."""
+    was_training = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
 @torch.no_grad()
 def generate_samples(components, prompts: list[PromptSpec], settings: SampleSettings, folder: Path, tag: str,
                      *, autocast_dtype: torch.dtype | None = None, extra_text: dict | None = None,
@@ -146,39 +159,35 @@ def generate_samples(components, prompts: list[PromptSpec], settings: SampleSett
     pipe = components.pipeline(scheduler=make_sampler(settings.sampler, components.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
     device = components.unet.device
-    modules = (components.unet, components.text_encoder, components.vae)
-    was_training = [m.training for m in modules]
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     images, paths = [], []
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
     try:
-        for m in modules:
-            m.eval()
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        for i, spec in enumerate(prompts):
-            spec = spec.with_defaults(width=settings.width, height=settings.height,
-                                      num_inference_steps=settings.num_inference_steps,
-                                      guidance_scale=settings.guidance_scale, seed=settings.seed,
-                                      negative_prompt=settings.negative_prompt, sampler=settings.sampler)
-            pipe.scheduler = make_sampler(spec.sampler, components.noise_scheduler)  # this line's, with `--ss`
-            generator = torch.Generator(device="cpu").manual_seed(spec.seed)
-            with autocast:
-                text = prompt_inputs(components, spec.prompt, spec.negative_prompt, settings.clip_skip)
-                out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
-                           guidance_scale=spec.guidance_scale, generator=generator, output_type="pil")
-            image = out.images[0]
-            info = PngImagePlugin.PngInfo()
-            info.add_text("parameters", png_parameters(spec, spec.sampler, clip_skip=settings.clip_skip))
-            info.add_text("prompt", spec.prompt)
-            for k, v in (extra_text or {}).items():
-                info.add_text(k, str(v))
-            path = save_png(image, folder / f"{tag}_{i:02d}.png", info)
-            images.append(image)
-            paths.append(path)
+        with eval_mode(components.unet, components.text_encoder, components.vae):
+            for i, spec in enumerate(prompts):
+                spec = spec.with_defaults(width=settings.width, height=settings.height,
+                                          num_inference_steps=settings.num_inference_steps,
+                                          guidance_scale=settings.guidance_scale, seed=settings.seed,
+                                          negative_prompt=settings.negative_prompt, sampler=settings.sampler)
+                pipe.scheduler = make_sampler(spec.sampler, components.noise_scheduler)  # this line's, with `--ss`
+                generator = torch.Generator(device="cpu").manual_seed(spec.seed)
+                with autocast:
+                    text = prompt_inputs(components, spec.prompt, spec.negative_prompt, settings.clip_skip)
+                    out = pipe(**text, width=spec.width, height=spec.height,
+                               num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
+                               generator=generator, output_type="pil")
+                image = out.images[0]
+                info = PngImagePlugin.PngInfo()
+                info.add_text("parameters", png_parameters(spec, spec.sampler, clip_skip=settings.clip_skip))
+                info.add_text("prompt", spec.prompt)
+                for k, v in (extra_text or {}).items():
+                    info.add_text(k, str(v))
+                path = save_png(image, folder / f"{tag}_{i:02d}.png", info)
+                images.append(image)
+                paths.append(path)
     finally:
-        for m, t in zip(modules, was_training):
-            m.train(t)
         torch.set_rng_state(cpu_state)
         if cuda_state is not None:
             torch.cuda.set_rng_state_all(cuda_state)

@@ -32,7 +32,7 @@ def window_count(tokenizer, text: str) -> int:
     return max(1, math.ceil(len(tokenizer.tokenize(text)) / WINDOW))
 
 
-def _windows_of(tokenizer, rows: list[list], max_tokens: int, start, end, pad) -> list[list]:
+def _windows_of(rows: list[list], max_tokens: int, start, end, pad) -> list[list]:
     """Each row (token ids or their weights) cut to `max_tokens`, as one `start, window, end, pad…` row per window."""
     if max_tokens < WINDOW or max_tokens % WINDOW:
         raise ConfigError(f"the text length must be a multiple of {WINDOW} tokens, got {max_tokens}")
@@ -54,7 +54,7 @@ def token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW) -> torc
     row per window: `<start>`, the window's tokens, `<end>`, padding."""
     tokens = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids \
         if texts else []
-    rows = _windows_of(tokenizer, tokens, max_tokens, *_special_ids(tokenizer))
+    rows = _windows_of(tokens, max_tokens, *_special_ids(tokenizer))
     return torch.tensor(rows, dtype=torch.long).view(len(tokens), max_tokens // WINDOW, WINDOW + 2)
 
 
@@ -125,8 +125,8 @@ def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
         ids.append([t for piece in pieces for t in piece])
         weights.append([w for piece, (_, w) in zip(pieces, runs) for _ in piece])
     k = max_tokens // WINDOW
-    id_rows = _windows_of(tokenizer, ids, max_tokens, *_special_ids(tokenizer))
-    weight_rows = _windows_of(tokenizer, weights, max_tokens, 1.0, 1.0, 1.0)
+    id_rows = _windows_of(ids, max_tokens, *_special_ids(tokenizer))
+    weight_rows = _windows_of(weights, max_tokens, 1.0, 1.0, 1.0)
     return (torch.tensor(id_rows, dtype=torch.long).view(len(texts), k, WINDOW + 2),
             torch.tensor(weight_rows, dtype=torch.float32).view(len(texts), k, WINDOW + 2))
 
@@ -134,7 +134,7 @@ def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:
     """States [b, 75·k + 2, d] (`encode_windows`) × their tokens' weights [b, k, 77]; with `keep_mean`, each
     text's states are then scaled back to their mean before weighting (A1111's prompts)."""
-    b, k, n = weights.shape
+    b, k, _ = weights.shape
     ones = weights.new_ones(b, 1)
     joined = weights[:, 0] if k == 1 else torch.cat([ones, weights[:, :, 1:-1].reshape(b, -1), ones], dim=1)
     weighted = states * joined.to(states)[..., None]

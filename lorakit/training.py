@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from .config.train import HUBER_LOSSES
 from .errors import TrainingError
 from .host_memory import keep_freed_memory
 from .noise import (
@@ -32,6 +33,7 @@ from .noise import (
     training_noise,
     training_schedule,
 )
+from .sampling import eval_mode
 from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
 from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
@@ -189,7 +191,7 @@ def denoising_loss(batch, run, diffusion: Diffusion, gen: torch.Generator, times
         #    /(SNR + 1) for v; debiased estimation: 1/√SNR; sd-scripts' v-prediction scalings: snr_weights)
         huber_c = huber_thresholds(cfg.huber_schedule, cfg.huber_c, cfg.huber_scale, timesteps,
                                    diffusion.alphas_cumprod, diffusion.noise_scheduler.config.num_train_timesteps
-                                   ) if cfg.loss_type in ("huber", "smooth_l1") else None
+                                   ) if cfg.loss_type in HUBER_LOSSES else None
         loss = elementwise_loss(pred.float(), target.float(), cfg.loss_type, huber_c)
         if batch.masks is not None:
             loss = loss * batch.masks.to(device)
@@ -214,20 +216,13 @@ def validation_loss(run, diffusion: Diffusion) -> float:
     cfg, val = run.cfg, run.dataset.validation
     seed = cfg.seed if cfg.validation_seed is None else cfg.validation_seed
     timesteps = torch.linspace(diffusion.t_min, diffusion.t_max, VALIDATION_TIMESTEPS + 2)[1:-1].long().tolist()
-    modules = (run.components.unet, run.components.text_encoder)
-    was_training = [m.training for m in modules]
     losses = []
-    try:
-        for m in modules:
-            m.eval()
+    with eval_mode(run.components.unet, run.components.text_encoder):
         for position, indices in enumerate(val.batches(0)[:cfg.max_validation_steps or None]):
             batch = val.load(indices, 0, position, augment=False)
             for t in timesteps:
                 gen = torch.Generator().manual_seed((seed or 0) * 1_000_003 + position * 1_009 + t)
                 losses.append(denoising_loss(batch, run, diffusion, gen, timestep=t).item())
-    finally:
-        for m, mode in zip(modules, was_training):
-            m.train(mode)
     return sum(losses) / len(losses)
 
 

@@ -398,10 +398,10 @@ def _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset
     _prepare_samples(cfg, run)
 
     # ---- latents: encode each image once (memory, and disk with cache_latents_to_disk)
+    held_out = dataset.validation.examples if dataset.validation is not None else []
     if cfg.cache_latents:
         from tqdm.auto import tqdm
 
-        held_out = dataset.validation.examples if dataset.validation is not None else []
         with (tqdm(total=len(dataset.examples) + len(held_out), desc="caching latents", unit="img") as bar,
               keep_freed_memory(device.type == "cpu")):
             stats = dataset.cache_latents(components.vae, run.latent_scale, to_disk=cfg.cache_latents_to_disk,
@@ -413,9 +413,8 @@ def _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset
         if stats["from_disk"]:
             run.log(f"latents: {stats['from_disk']} read from the disk cache, {stats['encoded']} encoded")
     n_reg = sum(1 for ex in dataset.examples if ex.item.subset.is_reg)
-    n_val = len(dataset.validation.examples) if dataset.validation is not None else 0
     run.log(f"{len(dataset.examples) - n_reg} training images" + (f" + {n_reg} regularisation" if n_reg else "")
-            + (f" ({n_val} more held out for the validation loss)" if n_val else "")
+            + (f" ({len(held_out)} more held out for the validation loss)" if held_out else "")
             + f", {len(dataset)} batches per epoch, {run.num_epochs} epochs, {run.max_steps} steps on {device}"
             + f"; buckets {dataset.bucket_counts()}")
     return run

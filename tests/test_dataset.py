@@ -556,7 +556,8 @@ def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tmp_p
     assert resize_filter(None, (100, 100), (64, 64)) == ("lanczos", PILImage.Resampling.LANCZOS)
     assert resize_filter("area", (100, 100), (64, 64)) == ("area", PILImage.Resampling.BOX)
     assert resize_filter("area", (32, 32), (64, 64))[0] == "lanczos"  # averaging cannot enlarge
-    assert resize_filter("cubic", (100, 100), (64, 64)) == ("bicubic", PILImage.Resampling.BICUBIC)
+    assert cfg_for(tmp_path, resize_interpolation="cubic").resize_interpolation == "bicubic"  # sd-scripts' alias
+    assert resize_filter("bicubic", (100, 100), (64, 64)) == ("bicubic", PILImage.Resampling.BICUBIC)
     d = tmp_path / "data" / "1_sks toy"
     d.mkdir(parents=True)
     pattern(96, 96).save(d / "a.png")

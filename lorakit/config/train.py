@@ -22,8 +22,10 @@ OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Prodigy", "Adafactor", "SGD", "SGDN
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
               "cosine_with_min_lr", "inverse_sqrt", "warmup_stable_decay")
 PRECISIONS = ("no", "fp16", "bf16")
-RESIZE_FILTERS = ("lanczos", "area", "box", "bicubic", "cubic", "bilinear", "linear", "nearest")
-LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+RESIZE_FILTERS = ("lanczos", "area", "box", "bicubic", "bilinear", "nearest")
+RESIZE_ALIASES = {"cubic": "bicubic", "linear": "bilinear"}  # sd-scripts' (OpenCV's) other names
+HUBER_LOSSES = ("huber", "smooth_l1")  # the losses with a threshold (huber_c)
+LOSS_TYPES = ("l2", "l1", *HUBER_LOSSES)
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
@@ -219,7 +221,8 @@ class TrainConfig(JobConfig):
         "folders, in sub-folders of the same names (or all in this folder).", group="data")
     resize_interpolation: str | None = option(
         None, "How images are resized to their bucket: lanczos (unset: the default), area, box, bicubic, bilinear, "
-        "nearest (sd-scripts' names; cubic and linear too).", group="data", choices=RESIZE_FILTERS)
+        "nearest (sd-scripts' names; cubic and linear too).", group="data", choices=RESIZE_FILTERS,
+        aliases=RESIZE_ALIASES)
     resolution: str | None = option(None, "Training size \"N\" or \"W,H\". Unset: the model's native size.",
                                     group="data", basic=True)
     enable_bucket: bool = option(False, "Aspect-ratio bucketing: train each image near its own aspect ratio.",
@@ -450,9 +453,9 @@ class TrainConfig(JobConfig):
         if self.zero_terminal_snr and self.v_pred_like_loss:
             raise ConfigError("`v_pred_like_loss` cannot be used with `zero_terminal_snr`: its weight (SNR + 1)/SNR is "
                               "infinite at the last timestep (SNR 0)")
-        if self.loss_type in ("huber", "smooth_l1") and not self.huber_c:
+        if self.loss_type in HUBER_LOSSES and not self.huber_c:
             raise ConfigError(f"`loss_type = {self.loss_type}` needs `huber_c` > 0 (its threshold; 0.1 is usual)")
-        if self.loss_type in ("huber", "smooth_l1") and self.huber_schedule == "exponential" and self.huber_c >= 1:
+        if self.loss_type in HUBER_LOSSES and self.huber_schedule == "exponential" and self.huber_c >= 1:
             raise ConfigError(f"`huber_schedule = exponential` decays the threshold from 1 to `huber_c`: it must "
                               f"be < 1, got {self.huber_c}")
         if self.adaptive_noise_scale and not self.noise_offset:

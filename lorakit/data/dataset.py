@@ -217,13 +217,13 @@ class TrainDataset:
                 drop=augment and bool(every) and (epoch + 1) % every == 0, **sub.caption_text_options()))
             weights.append(self.prior_loss_weight if sub.is_reg else 1.0)
             is_reg.append(sub.is_reg)
-        if any(m is not None for m in masks):  # an image without a mask (e.g. a reg image) counts whole
-            size = next(m for m in masks if m is not None).shape
-            masks = torch.stack([torch.ones(size) if m is None else m for m in masks])
+        shape = next((m.shape for m in masks if m is not None), None)
         return Batch(captions=captions, weights=torch.tensor(weights),
                      latents=torch.stack(latents) if latents else None,
                      pixels=torch.stack(pixels) if pixels else None, is_reg=is_reg,
-                     masks=masks if isinstance(masks, torch.Tensor) else None)
+                     # an image without a mask (e.g. a reg image) beside masked ones counts whole
+                     masks=None if shape is None else torch.stack([torch.ones(shape) if m is None else m
+                                                                   for m in masks]))
 
     def mask(self, i: int, *, flip: bool = False, crop_offset: tuple[float, float] | None = None) -> torch.Tensor:
         """Example i's loss mask [1, h, w] at latent resolution (`prepare_mask`); kept once made, unless cropped at
@@ -318,13 +318,12 @@ def split_validation(items: list[ImageItem], subset: Subset, seed: int,
 _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
             "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
             "nearest": Image.Resampling.NEAREST}
-_FILTER_ALIASES = {"cubic": "bicubic", "linear": "bilinear"}
 
 
 def resize_filter(name: str | None, size: tuple[int, int], resized: tuple[int, int]) -> tuple[str, int]:
     """(name, Pillow filter) of `resize_interpolation` for a resize from `size` to `resized`: Lanczos unless
     chosen; `area` (averaging, Pillow's box filter) when enlarging is Lanczos, as in sd-scripts."""
-    name = _FILTER_ALIASES.get(name, name) or "lanczos"
+    name = name or "lanczos"
     if name == "area" and (resized[0] > size[0] or resized[1] > size[1]):
         name = "lanczos"
     return name, _FILTERS[name]
