@@ -18,16 +18,7 @@ from PIL import Image, PngImagePlugin
 from .errors import ConfigError
 from .fileio import atomic_path
 from .prompts import PromptSpec, read_prompt_file
-from .text_encoding import (
-    WINDOW,
-    apply_emphasis,
-    encode_windows,
-    has_emphasis,
-    token_windows,
-    weighted_token_windows,
-    window_count,
-    without_emphasis,
-)
+from .text_encoding import apply_emphasis, encode_windows, has_break, prompt_windows
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -60,20 +51,15 @@ class SampleSettings:
     clip_skip: int = 1  # as the LoRA was trained: samples show what users will see in their UI
 
 
-def prompt_embeddings(comps, texts: list[str], max_tokens: int, clip_skip: int,
-                      emphasis: bool = False) -> torch.Tensor:
-    """Text-encoder states [len(texts), 75·k + 2, d] of prompts cut to `max_tokens` (`lorakit.text_encoding`);
-    with `emphasis`, A1111's `(word:1.2)` weights applied, each prompt's mean kept.
+def prompt_embeddings(comps, ids: torch.Tensor, weights: torch.Tensor | None, clip_skip: int) -> torch.Tensor:
+    """Text-encoder states [n, 75·k + 2, d] of prompts' windowed token ids [n, k, 77] (`prompt_windows`); with
+    `weights`, A1111's emphasis applied, each prompt's mean kept.
 
     Done here, not by diffusers, for long prompts (diffusers cuts them at 77 positions), for `clip_skip`
-    (diffusers' own reaches for `text_encoder.text_model`, which transformers ≥ 5's `CLIPTextModel` no longer has)
-    and for emphasis (diffusers reads the brackets as text).
+    (diffusers' own reaches for `text_encoder.text_model`, which transformers ≥ 5's `CLIPTextModel` no longer has),
+    for emphasis (diffusers reads the brackets as text) and for `BREAK`.
     """
     device = comps.text_encoder.device
-    if emphasis:
-        ids, weights = weighted_token_windows(comps.tokenizer, texts, max_tokens)
-    else:
-        ids, weights = token_windows(comps.tokenizer, texts, max_tokens), None
     with torch.no_grad():
         states = encode_windows(comps.text_encoder, ids.to(device), clip_skip)
         return states if weights is None else apply_emphasis(states, weights.to(device), keep_mean=True)
@@ -81,14 +67,12 @@ def prompt_embeddings(comps, texts: list[str], max_tokens: int, clip_skip: int,
 
 def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int) -> dict:
     """The text arguments of a pipeline call: the prompts; or, for a prompt longer than 75 tokens, with emphasis
-    (`(word:1.2)`) or with `clip_skip` > 1, the embeddings of prompt and negative prompt (as many 75-token windows
-    as the longer needs: a prompt is read to the end)."""
-    negative = negative_prompt or ""
-    emphasis = has_emphasis(prompt) or has_emphasis(negative)
-    letters = without_emphasis if emphasis else str
-    windows = max(window_count(comps.tokenizer, letters(prompt)), window_count(comps.tokenizer, letters(negative)))
-    if clip_skip > 1 or windows > 1 or emphasis:
-        states = prompt_embeddings(comps, [prompt, negative], windows * WINDOW, clip_skip, emphasis)
+    (`(word:1.2)`), with `BREAK` or with `clip_skip` > 1, the embeddings of prompt and negative prompt (as many
+    75-token windows as the longer needs: a prompt is read to the end)."""
+    texts = [prompt, negative_prompt or ""]
+    ids, weights = prompt_windows(comps.tokenizer, texts)
+    if clip_skip > 1 or ids.shape[1] > 1 or weights is not None or any(has_break(t) for t in texts):
+        states = prompt_embeddings(comps, ids, weights, clip_skip)
         return dict(prompt_embeds=states[:1], negative_prompt_embeds=states[1:])
     return dict(prompt=prompt, negative_prompt=negative_prompt or None)
 

@@ -13,6 +13,9 @@ Emphasis, A1111's syntax (also sd-scripts' `weighted_captions` and its sample pr
 1.1×, `[word]` 1/1.1×, `(word:1.3)` 1.3×, nested brackets multiply, `\(` `\)` `\[` `\]` are literal brackets.
 The weights scale each token's text-encoder state; prompts then get their overall mean back (A1111), captions are
 trained as weighted (sd-scripts).
+
+Prompts (`prompt_windows`) are read as A1111 reads them: to their end, with emphasis, and `BREAK` (the word in
+capitals) ends the current window: the rest of it is padding and the text goes on in the next window.
 """
 
 from __future__ import annotations
@@ -25,11 +28,6 @@ import torch
 from .errors import ConfigError
 
 WINDOW = 75  # text tokens per CLIP sequence (77 positions minus the start and end tokens)
-
-
-def window_count(tokenizer, text: str) -> int:
-    """How many 75-token windows `text` fills (at least one)."""
-    return max(1, math.ceil(len(tokenizer.tokenize(text)) / WINDOW))
 
 
 def _windows_of(rows: list[list], max_tokens: int, start, end, pad) -> list[list]:
@@ -113,22 +111,70 @@ def has_emphasis(text: str) -> bool:
     return any(c in text for c in "()[]\\")
 
 
+def _run_tokens(tokenizer, runs: list[tuple[str, float]], max_tokens: int | None = None
+                ) -> tuple[list[int], list[float]]:
+    """The token ids of (piece, weight) runs, joined, and each token's weight (each piece cut to `max_tokens`)."""
+    pieces = tokenizer([piece for piece, _ in runs], add_special_tokens=False, truncation=max_tokens is not None,
+                       max_length=max_tokens).input_ids
+    return ([t for piece in pieces for t in piece], [w for piece, (_, w) in zip(pieces, runs) for _ in piece])
+
+
 def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(`token_windows` of the texts with their emphasis removed, each token's weight [len(texts), k, 77]; 1 at
     the start, end and padding positions)."""
     ids, weights = [], []
     for text in texts:
-        runs = parse_emphasis(text)
-        pieces = tokenizer([piece for piece, _ in runs], add_special_tokens=False, truncation=True,
-                           max_length=max_tokens).input_ids
-        ids.append([t for piece in pieces for t in piece])
-        weights.append([w for piece, (_, w) in zip(pieces, runs) for _ in piece])
+        row_ids, row_weights = _run_tokens(tokenizer, parse_emphasis(text), max_tokens)
+        ids.append(row_ids)
+        weights.append(row_weights)
     k = max_tokens // WINDOW
     id_rows = _windows_of(ids, max_tokens, *_special_ids(tokenizer))
     weight_rows = _windows_of(weights, max_tokens, 1.0, 1.0, 1.0)
     return (torch.tensor(id_rows, dtype=torch.long).view(len(texts), k, WINDOW + 2),
             torch.tensor(weight_rows, dtype=torch.float32).view(len(texts), k, WINDOW + 2))
+
+
+BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's window break in prompts
+
+
+def has_break(text: str) -> bool:
+    return BREAK.search(text) is not None
+
+
+def _prompt_tokens(tokenizer, text: str, emphasis: bool, pad: int) -> tuple[list[int], list[float]]:
+    """A prompt's token ids and weights, read to the end; each `BREAK` pads the current window to its end (as A1111:
+    a window that is already full is not padded again; a `BREAK` at the start or after another one makes a window
+    of padding; one at the end adds nothing)."""
+    ids: list[int] = []
+    weights: list[float] = []
+    window_start = 0  # where the window that tokens go into now began
+    for piece, weight in parse_emphasis(text) if emphasis else [(text, 1.0)]:
+        for i, part in enumerate(BREAK.split(piece)):
+            if i:
+                fill = WINDOW if len(ids) == window_start else -(len(ids) - window_start) % WINDOW
+                ids += [pad] * fill
+                weights += [1.0] * fill
+                window_start = len(ids)
+            if part:
+                part_ids, part_weights = _run_tokens(tokenizer, [(part, weight)])
+                ids += part_ids
+                weights += part_weights
+    return ids, weights
+
+
+def prompt_windows(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts as A1111 reads them (see the module docstring): token ids [len(texts), k, 77] with k the windows the
+    longest needs, and each token's weight [len(texts), k, 77] when a text uses emphasis (else None)."""
+    emphasis = any(has_emphasis(t) for t in texts)
+    start, end, pad = _special_ids(tokenizer)
+    rows = [_prompt_tokens(tokenizer, text, emphasis, pad) for text in texts]
+    k = max([1] + [math.ceil(len(ids) / WINDOW) for ids, _ in rows])
+    ids = torch.tensor(_windows_of([r[0] for r in rows], k * WINDOW, start, end, pad), dtype=torch.long)
+    if not emphasis:
+        return ids.view(len(texts), k, WINDOW + 2), None
+    weights = torch.tensor(_windows_of([r[1] for r in rows], k * WINDOW, 1.0, 1.0, 1.0), dtype=torch.float32)
+    return ids.view(len(texts), k, WINDOW + 2), weights.view(len(texts), k, WINDOW + 2)
 
 
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:

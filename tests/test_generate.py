@@ -166,6 +166,21 @@ def test_prompts_longer_than_75_tokens_are_read_to_the_end(model):
     assert not np.array_equal(px(neg), px(neg2))
 
 
+def test_break_starts_a_new_window_of_the_prompt(model):
+    d, comps, a, b = model
+    text = prompt_inputs(comps, "a photo BREAK red", None, clip_skip=1)
+    assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == 152  # two windows each
+    # the same words in one window, and in two: different conditioning, the same each time
+    joined = generate(components=comps, prompt="a photo red", seed=3, **FAST).images[0]
+    broken = generate(components=comps, prompt="a photo BREAK red", seed=3, **FAST).images[0]
+    again = generate(components=comps, prompt="a photo BREAK red", seed=3, **FAST).images[0]
+    assert not np.array_equal(px(joined), px(broken)) and np.array_equal(px(broken), px(again))
+    # a BREAK at the end pads the window the prompt already fills: as the prompt without it
+    plain = generate(components=comps, prompt="a photo", seed=3, **FAST).images[0]
+    ended = generate(components=comps, prompt="a photo BREAK", seed=3, **FAST).images[0]
+    assert np.abs(px(plain).astype(int) - px(ended).astype(int)).max() <= 1
+
+
 def test_clip_skip_uses_an_earlier_text_encoder_layer(model):
     d, comps, a, b = model
     last = generate(components=comps, prompt="a photo", seed=2, **FAST).images[0]

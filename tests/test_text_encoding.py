@@ -11,12 +11,13 @@ from lorakit.text_encoding import (
     WINDOW,
     apply_emphasis,
     encode_windows,
+    has_break,
     has_emphasis,
     layer_states,
     parse_emphasis,
+    prompt_windows,
     token_windows,
     weighted_token_windows,
-    window_count,
     without_emphasis,
 )
 
@@ -53,7 +54,6 @@ def test_windows_hold_consecutive_75_token_pieces(tokenizer):
     rest = pieces[75:]
     assert second == [bos, *rest, eos] + [eos] * (75 - len(rest))
     assert third == [bos, eos] + [eos] * 75  # an empty window: start, end, padding
-    assert window_count(tokenizer, LONG) == 2 and window_count(tokenizer, "") == 1
     with pytest.raises(ConfigError, match="multiple of 75"):
         token_windows(tokenizer, [LONG], 100)
 
@@ -129,3 +129,52 @@ def test_weighted_tokens_and_states(tokenizer, text_encoder):
     torch.testing.assert_close(one, states[:, :77] * weights[:, 0, :, None])
     assert has_emphasis("a (b)") and has_emphasis(r"a \(b\)") and not has_emphasis("a b, c: d")
     assert without_emphasis(r"a ((red:1.2)) [hat] \(x\)") == "a red hat (x)"
+
+
+def _tokens(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_prompts_are_read_to_their_end_in_windows_of_75(tokenizer):
+    # without BREAK a prompt reads as token_windows of as many windows as the longest text needs
+    ids, weights = prompt_windows(tokenizer, [LONG, "a photo"])
+    assert weights is None and torch.equal(ids, token_windows(tokenizer, [LONG, "a photo"], 150))
+    ids, weights = prompt_windows(tokenizer, ["a (red:1.5) hat", ""])
+    wid, ww = weighted_token_windows(tokenizer, ["a (red:1.5) hat", ""], 75)
+    assert torch.equal(ids, wid) and torch.equal(weights, ww)
+
+
+def test_break_ends_a_window_as_a1111(tokenizer):
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id  # SD1 pads with </s>
+    cat, dog = _tokens(tokenizer, "a cat"), _tokens(tokenizer, "a dog")
+    ids, weights = prompt_windows(tokenizer, ["a cat BREAK a dog"])
+    assert weights is None and ids.shape == (1, 2, 77)
+    assert ids[0, 0].tolist() == [bos, *cat] + [pad] * (75 - len(cat)) + [eos]  # the rest of the window: padding
+    assert ids[0, 1].tolist() == [bos, *dog, eos] + [pad] * (75 - len(dog))
+    # a BREAK at the end adds nothing; at the start, or after another, it makes a window of padding
+    assert torch.equal(prompt_windows(tokenizer, ["a cat BREAK"])[0], token_windows(tokenizer, ["a cat"]))
+    lead = prompt_windows(tokenizer, ["BREAK a cat"])[0]
+    assert lead.shape == (1, 2, 77) and lead[0, 0].tolist() == [bos] + [pad] * 75 + [eos]
+    assert lead[0, 1].tolist() == token_windows(tokenizer, ["a cat"])[0, 0].tolist()
+    assert prompt_windows(tokenizer, ["a cat BREAK BREAK a dog"])[0].shape == (1, 3, 77)
+    # a window already full is not padded again
+    full = LONG[:next(i for i in range(len(LONG)) if len(_tokens(tokenizer, LONG[:i])) == 75)]
+    assert len(_tokens(tokenizer, full)) == 75
+    ids = prompt_windows(tokenizer, [full + " BREAK a dog"])[0]
+    assert ids.shape == (1, 2, 77) and ids[0, 1].tolist()[:len(dog) + 2] == [bos, *dog, eos]
+    # a window that overflows goes on in the next one, and BREAK pads that one
+    ids = prompt_windows(tokenizer, [LONG + " BREAK a dog"])[0]
+    assert ids.shape == (1, 3, 77) and ids[0, 2].tolist()[:len(dog) + 2] == [bos, *dog, eos]
+    # prompt and negative prompt in as many windows; only the capitalised word breaks
+    assert prompt_windows(tokenizer, ["a BREAK b BREAK c", "x"])[0].shape == (2, 3, 77)
+    assert prompt_windows(tokenizer, ["a break, BREAKFAST"])[0].shape == (1, 1, 77)
+    assert has_break("a BREAK b") and not has_break("a break, BREAKFAST")
+
+
+def test_break_keeps_the_emphasis_around_it(tokenizer):
+    ids, weights = prompt_windows(tokenizer, ["(a cat BREAK a dog:1.5), [sun]"])
+    cat, dog, sun = (len(_tokens(tokenizer, t)) for t in ("a cat", "a dog", "sun"))
+    assert ids.shape == weights.shape == (1, 2, 77)
+    first, second = weights[0].tolist()
+    assert first[1:1 + cat] == [1.5] * cat and set(first[1 + cat:]) == {1.0}  # the padding is not weighted
+    assert second[1:1 + dog] == [1.5] * dog and sum(abs(w - 1 / 1.1) < 1e-6 for w in second) == sun

@@ -142,8 +142,8 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir, monkey
 
     encoded = []  # the samples are conditioned as the LoRA was trained (clip_skip), as the user's UI will
     real_encode = lorakit.sampling.prompt_embeddings
-    monkeypatch.setattr(lorakit.sampling, "prompt_embeddings", lambda comps, texts, n, k, *more: encoded.extend(
-        [k] * len(texts)) or real_encode(comps, texts, n, k, *more))
+    monkeypatch.setattr(lorakit.sampling, "prompt_embeddings", lambda comps, ids, weights, k: encoded.extend(
+        [k] * len(ids)) or real_encode(comps, ids, weights, k))
     result = lorakit.train(
         pretrained_model_name_or_path=str(tiny_sd2_dir), train_data_dir=str(data), output_dir=str(tmp_path / "out"),
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=16, cache_latents=False,
