@@ -384,3 +384,50 @@ def test_names_that_would_share_a_caption_file_are_kept_apart(tmp_path):
     images = sorted(p for p in out.iterdir() if p.suffix in (".png", ".jpg"))
     assert len(images) == 2 and len({p.stem for p in images}) == 2
     assert sorted(p.with_suffix(".txt").read_text().strip() for p in images) == ["one", "two"]
+
+
+def test_keep_alpha_keeps_the_transparency_that_alpha_mask_trains_with(tmp_path, capsys):
+    from lorakit.cli import main
+    from lorakit.data.images import load_alpha
+
+    src = tmp_path / "cutouts"
+    src.mkdir()
+    rgb = drawn_image(1, (64, 64))
+    alpha = Image.fromarray(np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1)))  # a left-to-right ramp
+    rgba = rgb.copy()
+    rgba.putalpha(alpha)
+    rgba.save(src / "plain.png")  # nothing else to fix: copied byte for byte
+    big = rgba.resize((256, 256), Image.Resampling.NEAREST)
+    big.save(src / "big.png")  # shrunk, its transparency with it
+    Image.merge("LA", (rgb.convert("L"), alpha)).save(src / "grey_alpha.png")
+    exif = Image.Exif()  # stored sideways, with the EXIF tag that turns it upright
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    rgba.transpose(Image.Transpose.ROTATE_90).save(src / "rotated.png", exif=exif)
+    palette = rgb.quantize(16)
+    palette.info["transparency"] = 0  # palette entry 0 is transparent
+    palette.save(src / "palette.png", transparency=0)
+    for p in src.glob("*.png"):
+        p.with_suffix(".txt").write_text("a cutout")
+    assert main(["prepare", "repair", str(src), "--output_dir", str(tmp_path / "kept"), "--resolution", "64",
+                 "--max_side", "128", "--keep_alpha"]) == 0
+    assert "re-check:" in capsys.readouterr().out
+    kept = tmp_path / "kept"
+    assert (kept / "plain.png").read_bytes() == (src / "plain.png").read_bytes()
+    with Image.open(kept / "big.png") as im:
+        assert im.mode == "RGBA" and im.size == (128, 128)
+        ramp = np.asarray(im.getchannel("A"), dtype=float)[64]
+        assert ramp[0] < 10 and ramp[-1] > 245 and np.all(np.diff(ramp) >= -1)  # the ramp, halved
+    assert (kept / "grey_alpha.png").read_bytes() == (src / "grey_alpha.png").read_bytes()  # grey is fine as it is
+    with Image.open(kept / "palette.png") as im:
+        a = np.asarray(im.convert("RGBA").getchannel("A"))
+        want = np.asarray(palette.convert("RGBA").getchannel("A"))
+        assert im.mode == "RGBA" and np.array_equal(a, want) and 0 < (a == 0).mean() < 1
+    with Image.open(kept / "rotated.png") as im:  # turned upright, the transparency with it
+        assert im.mode == "RGBA" and np.array_equal(np.asarray(im), np.asarray(rgba))
+    # what alpha_mask trains with is the original transparency
+    assert np.array_equal(np.asarray(load_alpha(kept / "grey_alpha.png")), np.asarray(alpha))
+    # without keep_alpha, the same images come out opaque (composited on `background`)
+    repair_dataset(src, tmp_path / "flat", resolution=64, max_side=128)
+    for p in (tmp_path / "flat").glob("*.png"):
+        with Image.open(p) as im:
+            assert im.mode == "RGB", p.name

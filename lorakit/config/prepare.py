@@ -64,6 +64,9 @@ class PrepareConfig(JobConfig):
     # ---------- repair
     background: str = option("white", "Colour that transparent pixels are composited on (name or #rrggbb).",
                              group="repair")
+    keep_alpha: bool = option(False, "Keep images' transparency (RGBA PNGs) instead of compositing it on "
+                                     "`background`: for training with `alpha_mask`, where it is the loss mask.",
+                              group="repair")
     max_side: int | None = option(None, "Shrink images whose long side is larger than this (e.g. 2048).",
                                   group="repair", min=8)
     duplicates: str = option("drop", "Exact duplicates: keep, drop, or move to <output_dir>_set_aside/.",

@@ -129,7 +129,7 @@ def _run(cfg: PrepareConfig, action: str):
                                 max_side=cfg.max_side, duplicates=cfg.duplicates,
                                 near_duplicates=cfg.near_duplicates, too_small=cfg.too_small,
                                 ascii_names=cfg.ascii_names, default_caption=cfg.default_caption,
-                                caption_extension=cfg.caption_extension)
+                                keep_alpha=cfg.keep_alpha, caption_extension=cfg.caption_extension)
     elif action == "captions":
         result = _captions(cfg)
     elif action == "dreambooth":

@@ -1,6 +1,7 @@
-"""Turn any readable image into what training wants: upright, 8-bit RGB, alpha composited, optionally shrunk.
+"""Turn any readable image into what training wants: upright, 8-bit RGB, alpha composited (or kept, for `alpha_mask`
+training), optionally shrunk.
 
-Pure image functions (no files): `to_training_rgb(image, background, max_side)`.
+Pure image functions (no files): `to_training_rgb(image, background, max_side, keep_alpha=)`.
 """
 
 from __future__ import annotations
@@ -35,16 +36,25 @@ def cmyk_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def to_training_rgb(img: Image.Image, background=(255, 255, 255), max_side: int | None = None) -> Image.Image:
-    """Apply the EXIF rotation, convert to 8-bit RGB (alpha over `background`), shrink so the long side ≤ max_side."""
+def to_training_rgb(img: Image.Image, background=(255, 255, 255), max_side: int | None = None, *,
+                    keep_alpha: bool = False) -> Image.Image:
+    """Apply the EXIF rotation, convert to 8-bit RGB (alpha over `background`; with `keep_alpha`, 8-bit RGBA for an
+    image with transparency), shrink so the long side ≤ max_side (Pillow resizes RGBA with premultiplied alpha, so
+    transparent pixels' colours do not bleed into the edges)."""
     img = ImageOps.exif_transpose(img)
     if img.mode == "CMYK":
         img = cmyk_to_rgb(img)
+    alpha = None
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
         rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, parse_background(background) + (255,))
-        img = Image.alpha_composite(base, rgba)
+        if keep_alpha:
+            alpha, img = rgba.getchannel("A"), rgba.convert("RGB")
+        else:
+            base = Image.new("RGBA", rgba.size, parse_background(background) + (255,))
+            img = Image.alpha_composite(base, rgba)
     img = to_rgb(img)  # the trainer's conversion: 16-bit scaled (not clipped), palette, grey, 1-bit
+    if alpha is not None:
+        img = Image.merge("RGBA", (*img.split(), alpha))
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

@@ -33,7 +33,8 @@ _KINDS = [
     ProblemKind("high_bit_depth", "warning", "16-bit (or float) samples; many loaders clip them to white",
                 "repair scales it to 8-bit RGB"),
     ProblemKind("alpha", "warning", "has an alpha channel; transparent pixels become black or noise when dropped",
-                "repair composites it on `background`"),
+                "repair composites it on `background`; fine if you train with `alpha_mask` (repair keep_alpha "
+                "keeps it)"),
     ProblemKind("palette", "warning", "palette (indexed) colours", "repair converts it to RGB"),
     ProblemKind("grayscale", "note", "grayscale image; the LoRA may learn to desaturate", "fine if intended"),
     ProblemKind("exif_rotated", "warning", "stored sideways with an EXIF orientation tag that training code may ignore",

@@ -1,9 +1,10 @@
 """`repair_dataset`: write a clean copy of a dataset into a new folder; the originals are only ever read.
 
-Per image: fix the orientation, convert to 8-bit RGB (alpha composited on `background`), optionally shrink the long
-side, fix the extension; files that need none of that are copied byte for byte. Unreadable files are left out;
-duplicates (and, if asked, near-duplicates and too-small images) are dropped or moved to `<output>_set_aside/`.
-Captions are carried along as UTF-8, one line. Every file is written atomically.
+Per image: fix the orientation, convert to 8-bit RGB (alpha composited on `background`; with `keep_alpha`, kept as
+8-bit RGBA for `alpha_mask` training), optionally shrink the long side, fix the extension; files that need none of
+that are copied byte for byte. Unreadable files are left out; duplicates (and, if asked, near-duplicates and
+too-small images) are dropped or moved to `<output>_set_aside/`. Captions are carried along as UTF-8, one line.
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def repair_dataset(
     too_small: str = "keep",
     ascii_names: bool = False,
     default_caption: str | None = None,
+    keep_alpha: bool = False,
     caption_extension: str = ".txt",
     jpeg_quality: int = 95,
     overwrite: bool = False,
@@ -121,7 +123,8 @@ def repair_dataset(
 
     duplicates / near_duplicates / too_small: 'keep', 'drop', or 'move' (to `<dst>_set_aside/<kind>/`).
     max_side: shrink images whose long side is larger (Lanczos). default_caption: written for images with a missing
-    or empty caption (e.g. your trigger word). ascii_names: rename files with non-ASCII names.
+    or empty caption (e.g. your trigger word). ascii_names: rename files with non-ASCII names. keep_alpha: keep
+    images' transparency (RGBA PNGs, for training with `alpha_mask`) instead of compositing it on `background`.
     """
     for name, value in (("duplicates", duplicates), ("near_duplicates", near_duplicates), ("too_small", too_small)):
         if value not in POLICIES:
@@ -158,7 +161,7 @@ def repair_dataset(
     names: dict[str, str] = {}
     for rec, action, _ in plans:  # output names decided up front, in order, so they never collide
         if action == "write":
-            names[rec.path] = unique_name(_output_name(rec, ascii_names, max_side), taken)
+            names[rec.path] = unique_name(_output_name(rec, ascii_names, max_side, keep_alpha), taken)
 
     dst.mkdir(parents=True, exist_ok=True)
     if any(action == "moved" for _, action, _ in plans):
@@ -174,9 +177,10 @@ def repair_dataset(
                 _write_caption(rec, aside / out, source, caption_extension, None)
                 return RepairAction(rec.path, "moved", str(aside / out), reason)
             out = names[rec.path]
-            converted = _write_image(rec, source.read(rec.path), dst / out, bg, max_side, jpeg_quality)
+            converted = _write_image(rec, source.read(rec.path), dst / out, bg, max_side, jpeg_quality,
+                                     keep_alpha)
             _write_caption(rec, dst / out, source, caption_extension, default_caption)
-            reason = ", ".join(k for k in rec.kinds() if k in REENCODE or k in ("huge", "wrong_extension"))
+            reason = ", ".join(k for k in rec.kinds() if k in _reencode(keep_alpha) or k in ("huge", "wrong_extension"))
             return RepairAction(rec.path, "converted" if converted else "copied", out, reason)
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
@@ -197,14 +201,19 @@ def repair_dataset(
     return result
 
 
-def _needs_pixels(rec: ImageRecord, max_side: int | None) -> bool:
+def _reencode(keep_alpha: bool) -> tuple[str, ...]:
+    """The kinds of problem that need the pixels rewritten (transparency not, when it is kept)."""
+    return tuple(k for k in REENCODE if not (keep_alpha and k == "alpha"))
+
+
+def _needs_pixels(rec: ImageRecord, max_side: int | None, keep_alpha: bool) -> bool:
     too_big = bool(max_side and max(rec.width or 0, rec.height or 0) > max_side)
-    return too_big or rec.format not in KEEP_FORMATS or any(k in REENCODE for k in rec.kinds())
+    return too_big or rec.format not in KEEP_FORMATS or any(k in _reencode(keep_alpha) for k in rec.kinds())
 
 
-def _output_name(rec: ImageRecord, ascii_names: bool, max_side: int | None) -> str:
+def _output_name(rec: ImageRecord, ascii_names: bool, max_side: int | None, keep_alpha: bool) -> str:
     p = PurePosixPath(rec.path)
-    if _needs_pixels(rec, max_side):
+    if _needs_pixels(rec, max_side, keep_alpha):
         ext = ".jpg" if rec.format in ("JPEG", "MPO") and "alpha" not in rec.kinds() else ".png"
     elif "wrong_extension" in rec.kinds():
         ext = KEEP_FORMATS[rec.format]
@@ -216,15 +225,16 @@ def _output_name(rec: ImageRecord, ascii_names: bool, max_side: int | None) -> s
     return rel
 
 
-def _write_image(rec: ImageRecord, data: bytes, dest: Path, background, max_side, quality) -> bool:
+def _write_image(rec: ImageRecord, data: bytes, dest: Path, background, max_side, quality,
+                 keep_alpha: bool) -> bool:
     """Write the image; return True if the pixels were re-encoded, False if the bytes were copied."""
-    if not _needs_pixels(rec, max_side):
+    if not _needs_pixels(rec, max_side, keep_alpha):
         write_bytes(dest, data)
         return False
     with Image.open(io.BytesIO(data)) as img:
         if img.format == "JPEG" and max_side:
             img.draft("RGB", (max_side, max_side))  # decode big JPEGs at a reduced scale, still ≥ max_side
-        out = to_training_rgb(img, background, max_side)
+        out = to_training_rgb(img, background, max_side, keep_alpha=keep_alpha)
     with atomic_path(dest) as tmp:
         if dest.suffix.lower() in (".jpg", ".jpeg"):
             out.save(tmp, "JPEG", quality=quality, subsampling=0)
