@@ -9,7 +9,8 @@ Functions:
 - `lora_delta`, `merge_weight` — the delta of one module, and `W + Σ ratio·delta` (merging into a model);
 - `sum_loras` — sd-scripts' approximate LoRA+LoRA merge (same ranks), kept for compatibility;
 - `concat_loras` — exact LoRA+LoRA merge: stack along the rank axis, rank = Σ ranks;
-- `svd_loras` — exact delta of several LoRAs re-factorised to `new_rank` (also: resize one LoRA);
+- `svd_loras` — exact delta of several LoRAs re-factorised to `new_rank` (also: resize one LoRA), or to a rank
+  chosen per module from its singular values (`dynamic_rank`: sd-scripts' resize_lora methods);
 - `factorize` — best rank-r factors of a dense delta (extraction), randomized or exact SVD, optional clamping;
 - `relative_error` — ‖Δ − Δ̂‖ / ‖Δ‖, the honest measure of a factorisation's quality.
 """
@@ -229,9 +230,37 @@ def factorize(delta: torch.Tensor, rank: int, *, method: str = "lowrank", clamp_
     return _factors_from_svd(u, s, vh, delta.shape, clamp_quantile)
 
 
-def svd_loras(parts: Sequence[LoraFactors], ratios: Sequence[float], new_rank: int, *,
-              clamp_quantile: float = 1.0) -> tuple[LoraFactors, float]:
+def dynamic_rank(s: torch.Tensor, method: str, target: float, max_rank: int | None = None) -> int:
+    """The smallest rank whose singular values `s` (descending) meet `target`, at most `max_rank`, at least 1:
+
+    - `sv_fro`: the rank-k factors keep ≥ `target` of the delta's Frobenius norm, √(Σ_{i≤k} σ_i² / Σ σ_i²);
+    - `sv_cumulative`: Σ_{i≤k} σ_i / Σ σ_i ≥ `target`;
+    - `sv_ratio`: every kept σ_i ≥ σ_1 / `target` (`target` ≥ 1).
+
+    These are sd-scripts' resize_lora methods; it keeps one rank more than the smallest that meets the target. A
+    zero delta gets rank 1 (as there).
+    """
+    if method not in ("sv_fro", "sv_cumulative", "sv_ratio"):
+        raise ValueError(f"dynamic rank method must be sv_fro, sv_cumulative or sv_ratio, got {method!r}")
+    s = s.double()
+    cap = s.numel() if max_rank is None else min(max_rank, s.numel())
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 1
+    if method == "sv_ratio":
+        k = int((s >= s[0] / target).sum())
+    else:
+        values = s.square() if method == "sv_fro" else s
+        goal = target * target if method == "sv_fro" else target
+        kept = values.cumsum(0) / values.sum()
+        k = int((kept < goal * (1 - 1e-9)).sum()) + 1  # the first k whose share reaches the goal (rounding aside)
+    return max(1, min(k, cap))
+
+
+def svd_loras(parts: Sequence[LoraFactors], ratios: Sequence[float], new_rank: int | None, *,
+              clamp_quantile: float = 1.0, dynamic: tuple[str, float] | None = None) -> tuple[LoraFactors, float]:
     """Exact delta `Σ ratio_i · scale_i · up_i @ down_i` re-factorised to `new_rank`; returns (factors, rel. error).
+    With `dynamic` (method, target), the rank is `dynamic_rank` of the delta's singular values, `new_rank` at most
+    (None: no cap).
 
     The delta is never formed: with `U = [c_i·up_i]` and `D = [down_i]` stacked along the rank axis, QR of both
     gives `delta = Q1 (R1 R2ᵀ) Q2ᵀ`, and the SVD of the small `R×R` core is the exact SVD of the delta. With one input
@@ -245,7 +274,12 @@ def svd_loras(parts: Sequence[LoraFactors], ratios: Sequence[float], new_rank: i
     q2, r2 = torch.linalg.qr(downs.mT)
     uc, s, vch = torch.linalg.svd(r1 @ r2.mT)
     total = float(s.square().sum())
-    rank = min(new_rank, s.shape[0])
+    if dynamic is not None:
+        rank = dynamic_rank(s, *dynamic, max_rank=new_rank)
+    elif new_rank is None:
+        raise ValueError("svd_loras needs `new_rank` (or `dynamic`)")
+    else:
+        rank = min(new_rank, s.shape[0])
     lost = float(s[rank:].square().sum())
     rel_error = math.sqrt(lost / total) if total > 0 else 0.0
     u = q1 @ uc[:, :rank]

@@ -43,6 +43,7 @@ class MergeResult:
     modules: int
     mode: str  # "model" | "concat" | "svd" | "sum"
     errors: dict[str, float] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # LoRA results: kohya module name -> its rank
 
     def __str__(self) -> str:
         err = "".join(f"; {c} relative error {e:.4f}" for c, e in self.errors.items())
@@ -276,8 +277,10 @@ def _merge_into_model(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult
 
 # -------------------------------------------------------------------------------------------------- LoRA + LoRA
 def merge_lora_modules(loras: Sequence[LoadedLora], ratios: Sequence[float], mode: str, new_rank: int | None = None,
-                       new_conv_rank: int | None = None) -> tuple[dict[str, LoraFactors], dict[str, float]]:
-    """Merge LoRAs module by module; returns ({module: factors}, svd mode: {component: relative error})."""
+                       new_conv_rank: int | None = None, dynamic: tuple[str, float] | None = None
+                       ) -> tuple[dict[str, LoraFactors], dict[str, float]]:
+    """Merge LoRAs module by module; returns ({module: factors}, svd mode: {component: relative error}). `dynamic`
+    (svd mode): (method, target) of `lora_math.dynamic_rank`, the ranks then at most new_rank / new_conv_rank."""
     names = list(dict.fromkeys(n for lo in loras for n in lo.modules))
     merged: dict[str, LoraFactors] = {}
     sums: dict[str, list[float]] = {}
@@ -292,7 +295,7 @@ def merge_lora_modules(loras: Sequence[LoadedLora], ratios: Sequence[float], mod
             else:
                 conv3 = factors[0].down.ndim == 4 and tuple(factors[0].down.shape[2:]) != (1, 1)
                 rank = (new_conv_rank or new_rank) if conv3 else new_rank
-                merged[name], err = svd_loras(factors, rs, rank)
+                merged[name], err = svd_loras(factors, rs, rank, dynamic=dynamic)
                 norm2 = float(sum(r * f.delta().flatten(1) for f, r in parts).square().sum())  # 2-D and 1x1 4-D alike
                 acc = sums.setdefault("text_encoder" if name.startswith("lora_te") else "unet", [0.0, 0.0])
                 acc[0] += err * err * norm2
@@ -307,12 +310,18 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
     from .formats import LoraWeights, save_lora
     from .lora_metadata import lora_base_metadata
 
-    if cfg.merge_mode == "svd" and cfg.new_rank is None:
-        raise ConfigError("`merge_mode = svd` needs `new_rank`")
-    merged, errors = merge_lora_modules(loras, ratios, cfg.merge_mode, cfg.new_rank, cfg.new_conv_rank)
+    if cfg.merge_mode == "svd" and cfg.new_rank is None and cfg.dynamic_method is None:
+        raise ConfigError("`merge_mode = svd` needs `new_rank` (or `dynamic_method`)")
+    dynamic = (cfg.dynamic_method, cfg.dynamic_param) if cfg.dynamic_method else None
+    merged, errors = merge_lora_modules(loras, ratios, cfg.merge_mode, cfg.new_rank, cfg.new_conv_rank, dynamic)
     for c, e in errors.items():
-        print(f"{'text encoder' if c == 'text_encoder' else 'U-Net'}: relative error of the rank-{cfg.new_rank} "
-              f"result {e:.4f}")
+        component = "text encoder" if c == "text_encoder" else "U-Net"
+        if dynamic:
+            ranks = [f.rank for n, f in merged.items() if n.startswith("lora_te") == (c == "text_encoder")]
+            print(f"{component}: ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}) by "
+                  f"{cfg.dynamic_method} {cfg.dynamic_param:g}; relative error of the result {e:.4f}")
+        else:
+            print(f"{component}: relative error of the rank-{cfg.new_rank} result {e:.4f}")
     family_name = next((lo.family for lo in loras if lo.family in ("sd1", "sd2")), "sd1")
     family = get_family(cfg.v2) if cfg.v2 is not None else get_family(family_name)
     first_meta = loras[0].metadata
@@ -326,12 +335,13 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
         conv_dim=max(f.rank for f in conv) if conv else None, conv_alpha=conv[0].alpha if conv else None,
         extra={"lorakit.merged_loras": ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios)),
                "lorakit.merge_mode": cfg.merge_mode,
+               **({"lorakit.dynamic_rank": f"{cfg.dynamic_method}={cfg.dynamic_param:g}"} if dynamic else {}),
                **({"lorakit.merge_relative_error": {c: f"{e:.6f}" for c, e in errors.items()}} if errors else {})})
     save_dtype = cfg.save_precision or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
         next(iter(loras[0].modules.values())).up.dtype, "float")
     weights = {n: LoraWeights(down=f.down, up=f.up, alpha=float(f.alpha)) for n, f in merged.items()}
     path = save_lora(out, weights, metadata=meta, save_precision=save_dtype)
-    return MergeResult(path, len(merged), cfg.merge_mode, errors)
+    return MergeResult(path, len(merged), cfg.merge_mode, errors, {n: f.rank for n, f in merged.items()})
 
 
 def _resolution_of(metadata: dict) -> tuple[int, int] | None:

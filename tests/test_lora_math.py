@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lorakit.lora_math import (
     LoraFactors,
     concat_loras,
+    dynamic_rank,
     factorize,
     lora_delta,
     lora_scale,
@@ -185,3 +186,50 @@ def test_clamping_limits_factor_values():
 def test_truncated_svd_rejects_unknown_method():
     with pytest.raises(ValueError, match="lowrank"):
         truncated_svd(torch.randn(4, 4), 2, "qr")
+
+
+def _smallest_rank_meeting(s: torch.Tensor, method: str, target: float) -> int:
+    """The oracle: try k = 1, 2, … and return the first whose kept singular values meet the target."""
+    for k in range(1, len(s) + 1):
+        kept = s[:k]
+        if method == "sv_fro" and math.sqrt(float(kept.square().sum() / s.square().sum())) >= target - 1e-12:
+            return k
+        if method == "sv_cumulative" and float(kept.sum() / s.sum()) >= target - 1e-12:
+            return k
+        if method == "sv_ratio" and (k == len(s) or float(s[k]) < float(s[0]) / target):
+            return k
+    return len(s)
+
+
+def test_dynamic_rank_is_the_smallest_rank_that_meets_the_target():
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.0])
+    # sv_fro 0.9: rank 1 keeps √(64/85.25) = 0.87, rank 2 keeps √(80/85.25) = 0.97
+    assert dynamic_rank(s, "sv_fro", 0.9) == 2
+    assert dynamic_rank(s, "sv_cumulative", 0.9) == 3  # 12/15.5 = 0.77, 14/15.5 = 0.90
+    assert dynamic_rank(s, "sv_ratio", 4.0) == 3 and dynamic_rank(s, "sv_ratio", 1.0) == 1  # σ ≥ 8/4
+    assert dynamic_rank(s, "sv_fro", 1.0) == 5  # every non-zero singular value, not the zero one
+    assert dynamic_rank(s, "sv_cumulative", 0.9, max_rank=2) == 2  # capped
+    assert dynamic_rank(torch.zeros(4), "sv_fro", 0.9) == 1  # a zero delta: rank 1, as sd-scripts
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        spectrum = torch.rand(12, generator=g).pow(3).sort(descending=True).values
+        for method, target in (("sv_fro", 0.8), ("sv_fro", 0.97), ("sv_cumulative", 0.6), ("sv_ratio", 5.0)):
+            assert dynamic_rank(spectrum, method, target) == _smallest_rank_meeting(spectrum, method, target)
+    with pytest.raises(ValueError, match="sv_fro"):
+        dynamic_rank(s, "sv_knee", 0.5)
+
+
+def test_svd_resize_with_a_dynamic_rank_keeps_what_the_target_asks():
+    g = torch.Generator().manual_seed(3)
+    u, _ = torch.linalg.qr(torch.randn(30, 6, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(20, 6, generator=g))
+    sigma = torch.tensor([10.0, 5.0, 1.0, 0.5, 0.2, 0.1])
+    lora = LoraFactors(u * sigma, v.T, alpha=6.0)  # scale 1: its delta's singular values are sigma
+    small, err = svd_loras([lora], [1.0], None, dynamic=("sv_fro", 0.99))
+    kept = math.sqrt(float(sigma[:small.rank].square().sum() / sigma.square().sum()))
+    assert small.rank == 2 and kept >= 0.99  # rank 1 keeps 0.89
+    assert err == pytest.approx(math.sqrt(1 - kept**2), rel=1e-4)
+    assert relative_error(lora.delta(), small.delta()) == pytest.approx(err, rel=1e-3)
+    assert svd_loras([lora], [1.0], 4, dynamic=("sv_ratio", 100.0))[0].rank == 4  # 6 meet it; capped at 4
+    with pytest.raises(ValueError, match="new_rank"):
+        svd_loras([lora], [1.0], None)

@@ -156,6 +156,44 @@ def test_resize_reports_its_error(setup):
     assert all(m.rank == 1 for m in parse_kohya(load_lora_file(out)[0]).values())
 
 
+def test_dynamic_resize_chooses_each_modules_rank_from_its_singular_values(setup, capsys):
+    from lorakit.cli import main
+    from lorakit.lora_math import dynamic_rank
+
+    family, d, comps, a, b = setup
+    ab = d / "ab-concat.safetensors"
+    merge(models=[str(a), str(b)], ratios=[1.0, 0.5], merge_mode="concat", save_to=str(ab), overwrite=True)
+    out = d / "ab-dynamic.safetensors"
+    assert main(["merge", "--models", str(ab), "--merge_mode", "svd", "--dynamic_method", "sv_fro",
+                 "--dynamic_param", "0.8", "--new_rank", "4", "--save_to", str(out), "--overwrite"]) == 0
+    assert "by sv_fro 0.8; relative error" in capsys.readouterr().out
+    deltas, tensors = _deltas(ab), load_lora_file(out)[0]
+    modules = parse_kohya(tensors)
+    ranks = {}
+    for name, delta in deltas.items():
+        s = torch.linalg.svdvals(delta.flatten(1).double())
+        ranks[name] = want = dynamic_rank(s, "sv_fro", 0.8, max_rank=4)  # the oracle: the dense delta's spectrum
+        assert modules[name].rank == want, name
+        kept = math.sqrt(float(s[:want].square().sum() / s.square().sum()))
+        assert kept >= 0.8 or want == 4
+    assert len(set(ranks.values())) > 1  # the modules differ, so do their ranks
+    meta = load_lora_file(out)[1]
+    assert meta["lorakit.dynamic_rank"] == "sv_fro=0.8" and meta["ss_network_dim"] == str(max(ranks.values()))
+    # without a cap, sv_fro 1.0 keeps each delta whole
+    whole = merge(models=[str(ab)], merge_mode="svd", dynamic_method="sv_fro", dynamic_param=1.0,
+                  save_to=str(d / "ab-whole.safetensors"), overwrite=True)
+    assert max(whole.errors.values()) < 1e-3
+    assert all(whole.ranks[n] <= 5 for n in deltas)
+    for bad, match in ((dict(dynamic_method="sv_fro"), "needs `dynamic_param`"),
+                       (dict(dynamic_method="sv_fro", dynamic_param=1.5), r"in \(0, 1\]"),
+                       (dict(dynamic_method="sv_ratio", dynamic_param=0.5), "≥ 1"),
+                       (dict(dynamic_param=0.9, new_rank=2), "`dynamic_method` is not"),
+                       (dict(dynamic_method="sv_fro", dynamic_param=0.9, merge_mode="concat"), "merge_mode = svd")):
+        with pytest.raises(ConfigError, match=match):
+            merge(**{"models": [str(ab)], "merge_mode": "svd", "save_to": str(d / "no.safetensors"), **bad})
+    assert not (d / "no.safetensors").exists()
+
+
 def test_sum_mode_matches_the_documented_formula(setup):
     family, d, comps, a, b = setup
     a2 = make_lora(comps, d / "a2.safetensors", rank=2, seed=5, alpha=2.0)

@@ -9,6 +9,7 @@ from .schema import JobConfig, option
 from .train import SAMPLER_ALIASES, SAMPLERS, SAVE_PRECISIONS
 
 MERGE_MODES = ("concat", "svd", "sum")
+DYNAMIC_METHODS = ("sv_fro", "sv_cumulative", "sv_ratio")  # lorakit.lora_math.dynamic_rank
 
 
 @dataclass(repr=False)
@@ -31,6 +32,14 @@ class MergeConfig(JobConfig):
                                   group="lora merge", min=1)
     new_conv_rank: int | None = option(None, "Conv rank for merge_mode = svd. Unset: new_rank.",
                                        group="lora merge", min=1)
+    dynamic_method: str | None = option(
+        None, "merge_mode = svd: each module's rank from its own singular values (new_rank, new_conv_rank at most; "
+        "unset: no cap): `sv_fro` keeps ≥ dynamic_param of its Frobenius norm, `sv_cumulative` of the sum of its "
+        "singular values, `sv_ratio` the singular values ≥ the largest / dynamic_param (sd-scripts' resize_lora "
+        "methods, which keep one rank more).", group="lora merge", choices=list(DYNAMIC_METHODS))
+    dynamic_param: float | None = option(None, "The target of `dynamic_method`: a share in (0, 1] for sv_fro and "
+                                         "sv_cumulative (e.g. 0.9), a ratio ≥ 1 for sv_ratio (e.g. 10).",
+                                         group="lora merge")
     precision: str = option("float", "Precision of the arithmetic.", group="precision", choices=SAVE_PRECISIONS)
     save_precision: str | None = option(None, "Precision of the saved file. Unset: same as the input.",
                                         group="precision", choices=SAVE_PRECISIONS)
@@ -43,8 +52,26 @@ class MergeConfig(JobConfig):
         if self.ratios and self.models and len(self.ratios) != len(self.models):
             raise ConfigError(f"`ratios` has {len(self.ratios)} values but `models` has {len(self.models)} files: "
                               f"give one ratio per model")
-        if self.merge_mode == "svd" and self.sd_model is None and self.new_rank is None and self.models:
-            raise ConfigError("`merge_mode = svd` needs `new_rank`")
+        if self.merge_mode == "svd" and self.sd_model is None and self.new_rank is None and self.models \
+                and self.dynamic_method is None:
+            raise ConfigError("`merge_mode = svd` needs `new_rank` (or `dynamic_method`)")
+        if self.dynamic_method is None:
+            if self.dynamic_param is not None:
+                raise ConfigError("`dynamic_param` is set but `dynamic_method` is not: choose sv_fro, sv_cumulative "
+                                  "or sv_ratio")
+            return
+        if self.merge_mode != "svd" or self.sd_model is not None:
+            raise ConfigError(f"`dynamic_method` chooses ranks of a LoRA re-factorised by `merge_mode = svd` (no "
+                              f"`sd_model`); this merge is {'into a model' if self.sd_model else self.merge_mode}")
+        if self.dynamic_param is None:
+            raise ConfigError(f"`dynamic_method = {self.dynamic_method}` needs `dynamic_param` (e.g. "
+                              f"{'10' if self.dynamic_method == 'sv_ratio' else '0.9'})")
+        if self.dynamic_method == "sv_ratio" and not self.dynamic_param >= 1:
+            raise ConfigError(f"`dynamic_param` for sv_ratio is the largest singular value over the smallest kept "
+                              f"one: a number ≥ 1, got {self.dynamic_param}")
+        if self.dynamic_method != "sv_ratio" and not 0 < self.dynamic_param <= 1:
+            raise ConfigError(f"`dynamic_param` for {self.dynamic_method} is the share to keep: a number in (0, 1], "
+                              f"got {self.dynamic_param}")
 
     @property
     def resolved_ratios(self) -> list[float]:
