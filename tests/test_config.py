@@ -193,6 +193,17 @@ def test_sd_scripts_features_lorakit_lacks_are_read_while_off_and_refused_when_o
     (tmp_path / "t.toml").write_text("validation_split = 0.0\ntorch_compile = false\nmetadata_author = 'me'\n"
                                      "caption_extention = '.caption'\n")  # sd-scripts' own misspelt alias
     assert TrainConfig.from_toml(tmp_path / "t.toml").caption_extension == ".caption"
+    # sd-scripts' SD3/FLUX options, as its newer configs write them at their defaults, and metadata options
+    (tmp_path / "t.toml").write_text("weighting_scheme = 'uniform'\nlogit_mean = 0.0\nlogit_std = 1.0\n"
+                                     "mode_scale = 1.29\nblocks_to_swap = 0\nmetadata_trigger_phrase = 'sks'\n"
+                                     "network_dim = 4\n")
+    assert TrainConfig.from_toml(tmp_path / "t.toml").network_dim == 4
+    assert "`metadata_trigger_phrase`" in capsys.readouterr().err
+    for line, feature in [("weighting_scheme = 'logit_normal'", "SD3/FLUX timestep weighting"),
+                          ("use_lion_optimizer = true", "sd-scripts' old Lion switch .set `optimizer_type")]:
+        (tmp_path / "t.toml").write_text(line + "\n")
+        with pytest.raises(ConfigError, match=f"is set, but lorakit does not have {feature}"):
+            TrainConfig.from_toml(tmp_path / "t.toml")
     (tmp_path / "t.toml").write_text("huggingface_token = 'hf_secret_value'\n")
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_toml(tmp_path / "t.toml")

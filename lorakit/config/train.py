@@ -128,6 +128,13 @@ class TrainConfig(JobConfig):
         "dynamo_backend": "lorakit does not compile the model",
         "cache_text_encoder_outputs_to_disk": "lorakit keeps a frozen text encoder's outputs in memory (they are "
                                               "small)",
+        "text_encoder_batch_size": "lorakit encodes the captions itself",
+        "disable_mmap_load_safetensors": "lorakit reads safetensors files itself",
+        **dict.fromkeys(("metadata_trigger_phrase", "metadata_usage_hint", "metadata_thumbnail", "metadata_merged_from",
+                         "metadata_preprocessor", "metadata_is_negative_embedding"),
+                        "lorakit writes its own modelspec metadata"),
+        **dict.fromkeys(("offload_optimizer_nvme_path", "offload_param_nvme_path"), "lorakit trains on one device"),
+        "use_safetensors": "a LoRA's file format is `save_model_as`",
     }
     # sd-scripts' other spellings of an option
     aliases: ClassVar[dict[str, str]] = {"caption_extention": "caption_extension"}
@@ -159,6 +166,17 @@ class TrainConfig(JobConfig):
         "fp8_base_unet": ((False,), "fp8 base weights"),
         "fused_backward_pass": ((False,), "a fused backward pass (Adafactor)"),
         "dataset_class": ((None, ""), "a custom dataset class"),
+        "use_lion_optimizer": ((False,), "sd-scripts' old Lion switch (set `optimizer_type = \"Lion\"`)"),
+        "output_config": ((False,), "writing the config without training (lorakit saves each run's config as "
+                                    "<output_name>.toml)"),
+        "config_file": ((None, ""), "a config file named inside a config (give it as `lorakit train --config`)"),
+        # SD3 / FLUX options of sd-scripts (lorakit trains SD1.x / SD2.x): accepted at their defaults
+        "weighting_scheme": ((None, "", "uniform", "none"), "SD3/FLUX timestep weighting"),
+        "logit_mean": ((None, 0.0), "SD3/FLUX timestep sampling"),
+        "logit_std": ((None, 1.0), "SD3/FLUX timestep sampling"),
+        "mode_scale": ((None, 1.29), "SD3/FLUX timestep sampling"),
+        "blocks_to_swap": ((None, 0), "swapping model blocks to the CPU (SD3/FLUX)"),
+        "cpu_offload_checkpointing": ((False,), "offloading checkpointed activations to the CPU (SD3/FLUX)"),
     }
 
     # ---- model
