@@ -41,6 +41,7 @@ class ExtractResult:
     family: object = None  # lorakit.families.Family of the models
     prediction_type: str = "epsilon"  # of model_org ("epsilon" or "v_prediction")
     state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    ranks: dict[str, int] = field(default_factory=dict, repr=False)  # kohya module name -> its rank
 
     def __str__(self) -> str:
         parts = [f"{COMPONENT_WORDS[c]}: {self.modules[c]} modules, relative error {e:.4f}"
@@ -52,8 +53,10 @@ class ExtractResult:
 
 def extract_lora(model_org, model_tuned, *, dim: int = 4, conv_dim: int | None = None, svd: str = "lowrank",
                  clamp_quantile: float = 1.0, min_diff: float = 0.01, device: str = "cpu", v2: bool | None = None,
-                 log: Callable[[str], None] | None = print) -> ExtractResult:
+                 dynamic: tuple[str, float] | None = None, log: Callable[[str], None] | None = print
+                 ) -> ExtractResult:
     """Extract kohya LoRA tensors from two models (paths, `SDComponents` or `ModelWeights`); nothing is written.
+    `dynamic` (method, target): each module's rank by `lora_math.dynamic_rank`, dim / conv_dim at most.
 
     Returns an `ExtractResult` whose `state_dict` holds `<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`
     (alpha = rank, so scale 1), in float32 on the CPU.
@@ -64,14 +67,14 @@ def extract_lora(model_org, model_tuned, *, dim: int = 4, conv_dim: int | None =
     tuned = open_weights(model_tuned, what="model_tuned")
     try:
         return _extract(org, tuned, dim=dim, conv_dim=conv_dim, svd=svd, clamp_quantile=clamp_quantile,
-                        min_diff=min_diff, device=device, v2=v2, log=log, start=start)
+                        min_diff=min_diff, device=device, v2=v2, dynamic=dynamic, log=log, start=start)
     finally:
         org.close()
         tuned.close()
 
 
 def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clamp_quantile, min_diff, device, v2,
-             log, start) -> ExtractResult:
+             dynamic, log, start) -> ExtractResult:
     if v2 is None and org.family.name != tuned.family.name:
         raise ModelLoadError(f"model_org is {org.family.name.upper()} but model_tuned is {tuned.family.name.upper()}"
                              f": extract needs two models of one architecture")
@@ -99,13 +102,14 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
     state: dict[str, torch.Tensor] = {}
     sums: dict[str, list[float]] = {}
     counts: dict[str, int] = {}
+    ranks: dict[str, int] = {}
     svd_seconds = 0.0
     for t in targets:
         delta = delta_of(t.param)
         rank = conv_dim if t.conv3x3 else dim
         rank = min(rank, delta.shape[0], math.prod(delta.shape[1:]))
         t0 = time.perf_counter()
-        f = factorize(delta, rank, method=svd, clamp_quantile=clamp_quantile)
+        f = factorize(delta, rank, method=svd, clamp_quantile=clamp_quantile, dynamic=dynamic)
         svd_seconds += time.perf_counter() - t0
         err2, norm2 = squared_norms(delta, f.delta())
         acc = sums.setdefault(t.component, [0.0, 0.0])
@@ -114,7 +118,8 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
         counts[t.component] = counts.get(t.component, 0) + 1
         state[t.kohya + ".lora_down.weight"] = f.down.cpu()
         state[t.kohya + ".lora_up.weight"] = f.up.cpu()
-        state[t.kohya + ".alpha"] = torch.tensor(float(rank))
+        state[t.kohya + ".alpha"] = torch.tensor(float(f.rank))
+        ranks[t.kohya] = f.rank
     if not state:
         raise ModelLoadError("no LoRA target layers found in model_org")
     errors = {c: (math.sqrt(e / n) if n > 0 else 0.0) for c, (e, n) in sums.items()}
@@ -122,9 +127,12 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
     prediction = org.prediction_type if family.v2 == org.family.v2 else family.default_prediction
     result = ExtractResult(path=None, errors=errors, modules=counts, text_encoder_skipped=skip_te,
                            max_text_encoder_diff=max_te, seconds=time.perf_counter() - start, svd_seconds=svd_seconds,
-                           state_dict=state, family=family, prediction_type=prediction)
+                           state_dict=state, family=family, prediction_type=prediction, ranks=ranks)
     for c, e in errors.items():
-        log(f"{COMPONENT_WORDS[c]}: {counts[c]} modules, relative reconstruction error {e:.4f}")
+        chosen = [r for n, r in ranks.items() if n.startswith("lora_te") == (c == "text_encoder")]
+        log(f"{COMPONENT_WORDS[c]}: {counts[c]} modules, relative reconstruction error {e:.4f}"
+            + (f"; ranks {min(chosen)}-{max(chosen)} (mean {sum(chosen) / len(chosen):.1f}) by {dynamic[0]} "
+               f"{dynamic[1]:g}" if dynamic else ""))
     return result
 
 
@@ -157,8 +165,10 @@ def extract(cfg: ExtractConfig | None = None, /, **kwargs) -> ExtractResult:
     out = _check_paths(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("`device` is cuda but no CUDA GPU is available; use `device = cpu`")
+    dynamic = (cfg.dynamic_method, cfg.dynamic_param) if cfg.dynamic_method else None
     result = extract_lora(cfg.model_org, cfg.model_tuned, dim=cfg.dim, conv_dim=cfg.conv_dim, svd=cfg.svd,
-                          clamp_quantile=cfg.clamp_quantile, min_diff=cfg.min_diff, device=cfg.device, v2=cfg.v2)
+                          clamp_quantile=cfg.clamp_quantile, min_diff=cfg.min_diff, device=cfg.device, v2=cfg.v2,
+                          dynamic=dynamic)
     family, prediction = result.family, result.prediction_type
     errors = {f"{c}": f"{e:.6f}" for c, e in result.errors.items()}
     # SD2 at 768 px is the v-prediction model; SD2-base (epsilon) is a 512 px model
@@ -168,7 +178,8 @@ def extract(cfg: ExtractConfig | None = None, /, **kwargs) -> ExtractResult:
                               conv_alpha=None if cfg.conv_dim is None else float(cfg.conv_dim),
                               title=out.stem,
                               extra={"ss_training_comment": f"extracted by lorakit; relative error {errors}",
-                                     "lorakit.extract_config": cfg.to_dict()})
+                                     "lorakit.extract_config": cfg.to_dict(),
+                                     **({"lorakit.dynamic_rank": f"{dynamic[0]}={dynamic[1]:g}"} if dynamic else {})})
     result.path = save_lora(out, result.state_dict, metadata=meta, save_precision=cfg.save_precision)
     print(f"saved {out} ({result})")
     return result

@@ -220,23 +220,34 @@ def truncated_svd(mat: torch.Tensor, rank: int, method: str = "lowrank", *, seed
 
 
 def factorize(delta: torch.Tensor, rank: int, *, method: str = "lowrank", clamp_quantile: float = 1.0,
-              seed: int = 0) -> LoraFactors:
-    """Rank-`rank` LoRA factors approximating a dense `delta` (KOHYA_FORMAT.md §6); alpha = rank.
+              seed: int = 0, dynamic: tuple[str, float] | None = None) -> LoraFactors:
+    """Rank-`rank` LoRA factors approximating a dense `delta` (KOHYA_FORMAT.md §6); alpha = rank. With `dynamic`
+    (method, target): the rank is `dynamic_rank` of the delta's singular values, `rank` at most (sv_cumulative needs
+    the sum of all of them: a full singular-value decomposition of the delta besides the truncated one).
 
     Conv deltas `[out, in, kh, kw]` are flattened to `[out, in·kh·kw]`; `down` keeps the kernel, `up` is 1x1.
     """
     mat = as_matrix(delta.float())
     u, s, vh = truncated_svd(mat, rank, method, seed=seed)
+    if dynamic is not None:
+        how, target = dynamic
+        total = {"sv_fro": lambda: float(mat.double().square().sum()),
+                 "sv_cumulative": lambda: float(torch.linalg.svdvals(mat).sum())}.get(how, lambda: None)()
+        k = dynamic_rank(s, how, target, rank, total)
+        u, s, vh = u[:, :k], s[:k], vh[:k]
     return _factors_from_svd(u, s, vh, delta.shape, clamp_quantile)
 
 
-def dynamic_rank(s: torch.Tensor, method: str, target: float, max_rank: int | None = None) -> int:
+def dynamic_rank(s: torch.Tensor, method: str, target: float, max_rank: int | None = None,
+                 total: float | None = None) -> int:
     """The smallest rank whose singular values `s` (descending) meet `target`, at most `max_rank`, at least 1:
 
     - `sv_fro`: the rank-k factors keep ≥ `target` of the delta's Frobenius norm, √(Σ_{i≤k} σ_i² / Σ σ_i²);
     - `sv_cumulative`: Σ_{i≤k} σ_i / Σ σ_i ≥ `target`;
     - `sv_ratio`: every kept σ_i ≥ σ_1 / `target` (`target` ≥ 1).
 
+    When `s` holds only the largest singular values, `total` is the whole spectrum's Σ σ_i² (sv_fro: the delta's
+    squared Frobenius norm) or Σ σ_i (sv_cumulative); if even all of `s` falls short, the rank is `len(s)`.
     These are sd-scripts' resize_lora methods; it keeps one rank more than the smallest that meets the target. A
     zero delta gets rank 1 (as there).
     """
@@ -251,7 +262,7 @@ def dynamic_rank(s: torch.Tensor, method: str, target: float, max_rank: int | No
     else:
         values = s.square() if method == "sv_fro" else s
         goal = target * target if method == "sv_fro" else target
-        kept = values.cumsum(0) / values.sum()
+        kept = values.cumsum(0) / (values.sum() if total is None else max(total, float(values.sum())))
         k = int((kept < goal * (1 - 1e-9)).sum()) + 1  # the first k whose share reaches the goal (rounding aside)
     return max(1, min(k, cap))
 

@@ -61,6 +61,44 @@ def test_recovers_a_known_low_rank_change(sd1, svd):
     assert result.modules["text_encoder"] == 12 and not result.text_encoder_skipped
 
 
+@pytest.mark.parametrize("svd", ["lowrank", "exact"])
+def test_dynamic_ranks_find_each_modules_own_rank(sd1, svd, tmp_path):
+    """A fine-tune whose modules change with ranks 1, 2 or 3: sv_fro / sv_cumulative at 0.9999 and sv_ratio find each
+    module's rank (dim the cap), and the LoRA reproduces the change."""
+    tuned = copy.deepcopy(sd1)
+    weights = StateDictWeights.from_components(tuned)
+    g = torch.Generator().manual_seed(4)
+    true_rank, deltas = {}, {}
+    for i, t in enumerate(weights.targets(conv=False)):
+        rank = 1 + i % 3
+        d = lora_delta(torch.randn(t.shape[0], rank, generator=g), torch.randn(rank, *t.shape[1:], generator=g),
+                       shape=t.shape)
+        w = weights.get(t.param)
+        with torch.no_grad():
+            w.add_(d * (0.2 * w.norm() / d.norm()))
+        true_rank[t.kohya], deltas[t.kohya] = rank, d
+    for method, target in (("sv_fro", 0.9999), ("sv_cumulative", 0.9999), ("sv_ratio", 1e4)):
+        result = extract_lora(sd1, tuned, dim=4, svd=svd, dynamic=(method, target), log=None)
+        modules = parse_kohya(result.state_dict)
+        assert {n: m.rank for n, m in modules.items()} == true_rank == result.ranks, method
+        assert max(result.errors.values()) < 1e-4 and all(m.alpha == m.rank for m in modules.values())
+    capped = extract_lora(sd1, tuned, dim=2, svd=svd, dynamic=("sv_fro", 0.9999), log=None)
+    assert capped.ranks == {n: min(r, 2) for n, r in true_rank.items()}
+    # the job: the option pair, checked, and the file's metadata
+    sd1_file, tuned_file = tmp_path / "org.safetensors", tmp_path / "tuned.safetensors"
+    write_single_file(components_to_ldm(sd1), sd1_file)
+    write_single_file(components_to_ldm(tuned), tuned_file)
+    out = tmp_path / "dyn.safetensors"
+    extract(model_org=str(sd1_file), model_tuned=str(tuned_file), save_to=str(out), dim=8, svd=svd,
+            dynamic_method="sv_fro", dynamic_param=0.9999)
+    tensors, meta = load_lora_file(out)
+    assert {n: m.rank for n, m in parse_kohya(tensors).items()} == true_rank
+    assert meta["lorakit.dynamic_rank"] == "sv_fro=0.9999"
+    with pytest.raises(ConfigError, match="needs `dynamic_param`"):
+        extract(model_org=str(sd1_file), model_tuned=str(tuned_file), save_to=str(tmp_path / "x.safetensors"),
+                dynamic_method="sv_ratio")
+
+
 def test_dim_below_the_true_rank_reports_its_error(sd1):
     tuned, _ = _fine_tune(sd1, rank=6)
     result = extract_lora(sd1, tuned, dim=2, log=None)

@@ -210,6 +210,11 @@ def test_dynamic_rank_is_the_smallest_rank_that_meets_the_target():
     assert dynamic_rank(s, "sv_fro", 1.0) == 5  # every non-zero singular value, not the zero one
     assert dynamic_rank(s, "sv_cumulative", 0.9, max_rank=2) == 2  # capped
     assert dynamic_rank(torch.zeros(4), "sv_fro", 0.9) == 1  # a zero delta: rank 1, as sd-scripts
+    # only the top of a spectrum known (a truncated SVD): the shares are of the whole spectrum's total
+    full = torch.tensor([3.0, 2.0, 2.0])
+    assert dynamic_rank(full, "sv_fro", 0.8) == 2 == dynamic_rank(full[:2], "sv_fro", 0.8, total=17.0)
+    assert dynamic_rank(full[:2], "sv_fro", 0.8) == 1  # 9/13 of the top two alone would be enough
+    assert dynamic_rank(full[:2], "sv_cumulative", 0.9, total=7.0) == 2  # 5/7 < 0.9: all that is known
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
         spectrum = torch.rand(12, generator=g).pow(3).sort(descending=True).values

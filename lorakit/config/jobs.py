@@ -12,6 +12,23 @@ MERGE_MODES = ("concat", "svd", "sum")
 DYNAMIC_METHODS = ("sv_fro", "sv_cumulative", "sv_ratio")  # lorakit.lora_math.dynamic_rank
 
 
+def check_dynamic(method: str | None, param: float | None) -> None:
+    """`dynamic_method` and `dynamic_param` (merge, extract): both or neither, the target in its range."""
+    if method is None:
+        if param is not None:
+            raise ConfigError("`dynamic_param` is set but `dynamic_method` is not: choose sv_fro, sv_cumulative or "
+                              "sv_ratio")
+        return
+    if param is None:
+        raise ConfigError(f"`dynamic_method = {method}` needs `dynamic_param` (e.g. "
+                          f"{'10' if method == 'sv_ratio' else '0.9'})")
+    if method == "sv_ratio" and not param >= 1:
+        raise ConfigError(f"`dynamic_param` for sv_ratio is the largest singular value over the smallest kept one: a "
+                          f"number ≥ 1, got {param}")
+    if method != "sv_ratio" and not 0 < param <= 1:
+        raise ConfigError(f"`dynamic_param` for {method} is the share to keep: a number in (0, 1], got {param}")
+
+
 @dataclass(repr=False)
 class MergeConfig(JobConfig):
     """Merge LoRAs into a model (`sd_model` given) or into one LoRA (no `sd_model`)."""
@@ -55,23 +72,10 @@ class MergeConfig(JobConfig):
         if self.merge_mode == "svd" and self.sd_model is None and self.new_rank is None and self.models \
                 and self.dynamic_method is None:
             raise ConfigError("`merge_mode = svd` needs `new_rank` (or `dynamic_method`)")
-        if self.dynamic_method is None:
-            if self.dynamic_param is not None:
-                raise ConfigError("`dynamic_param` is set but `dynamic_method` is not: choose sv_fro, sv_cumulative "
-                                  "or sv_ratio")
-            return
-        if self.merge_mode != "svd" or self.sd_model is not None:
+        check_dynamic(self.dynamic_method, self.dynamic_param)
+        if self.dynamic_method is not None and (self.merge_mode != "svd" or self.sd_model is not None):
             raise ConfigError(f"`dynamic_method` chooses ranks of a LoRA re-factorised by `merge_mode = svd` (no "
                               f"`sd_model`); this merge is {'into a model' if self.sd_model else self.merge_mode}")
-        if self.dynamic_param is None:
-            raise ConfigError(f"`dynamic_method = {self.dynamic_method}` needs `dynamic_param` (e.g. "
-                              f"{'10' if self.dynamic_method == 'sv_ratio' else '0.9'})")
-        if self.dynamic_method == "sv_ratio" and not self.dynamic_param >= 1:
-            raise ConfigError(f"`dynamic_param` for sv_ratio is the largest singular value over the smallest kept "
-                              f"one: a number ≥ 1, got {self.dynamic_param}")
-        if self.dynamic_method != "sv_ratio" and not 0 < self.dynamic_param <= 1:
-            raise ConfigError(f"`dynamic_param` for {self.dynamic_method} is the share to keep: a number in (0, 1], "
-                              f"got {self.dynamic_param}")
 
     @property
     def resolved_ratios(self) -> list[float]:
@@ -92,6 +96,14 @@ class ExtractConfig(JobConfig):
     conv_dim: int | None = option(None, "Rank for 3x3 convs (LoCon). Unset: no conv modules.", group="basic", min=1)
     svd: str = option("lowrank", "`lowrank` (randomized, fast) or `exact` (full SVD).", group="advanced",
                       choices=["lowrank", "exact"])
+    dynamic_method: str | None = option(
+        None, "Each module's rank from its own singular values (dim, conv_dim at most): `sv_fro` keeps ≥ "
+        "dynamic_param of its delta's Frobenius norm, `sv_cumulative` of the sum of its singular values (a full SVD "
+        "per module: slow), `sv_ratio` the singular values ≥ the largest / dynamic_param.", group="advanced",
+        choices=list(DYNAMIC_METHODS))
+    dynamic_param: float | None = option(None, "The target of `dynamic_method`: a share in (0, 1] for sv_fro and "
+                                         "sv_cumulative (e.g. 0.9), a ratio ≥ 1 for sv_ratio (e.g. 10).",
+                                         group="advanced")
     clamp_quantile: float = option(1.0, "Clamp factor values at this quantile (1.0 = no clamping; sd-scripts "
                                    "uses 0.99, which costs accuracy).", group="advanced", min=0.5, max=1.0)
     min_diff: float = option(0.01, "Text encoder is skipped when no weight differs by more than this.",
@@ -101,6 +113,9 @@ class ExtractConfig(JobConfig):
                                  choices=SAVE_PRECISIONS)
     v2: bool | None = option(None, "The models are SD 2.x. Unset: detected.", group="advanced")
     overwrite: bool = option(False, "Allow `save_to` to replace an existing file.", group="advanced")
+
+    def check(self) -> None:
+        check_dynamic(self.dynamic_method, self.dynamic_param)
 
 
 @dataclass(repr=False)
