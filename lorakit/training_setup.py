@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import TrainDataset
+from .data import TrainDataset, scan_dataset
 from .data.captions import process_caption, tag_frequency
 from .data.latents import encode
 from .devices import pick_device
@@ -291,8 +291,8 @@ def build_network(cfg, components):
 
 
 def prepare_run(cfg, components=None) -> Run:
-    """Load the model (unless `components` are given), build the dataset (and print/save its report), cache
-    latents, add the LoRA."""
+    """Read and check the dataset, load the model (unless `components` are given), lay the dataset out for it (and
+    print/save its report), cache latents, add the LoRA."""
     from .models import load_models
 
     device = pick_device(cfg)
@@ -303,6 +303,8 @@ def prepare_run(cfg, components=None) -> Run:
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device)
     given = components is not None
+    # ---- data, read and checked before the model is loaded (a download): bad inputs are refused at once
+    scanned = scan_dataset(cfg)
     if components is None:
         components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2,
                                  v_parameterization=cfg.v_parameterization, vae=cfg.vae, dtype=weight_dtype,
@@ -315,9 +317,9 @@ def prepare_run(cfg, components=None) -> Run:
         raise ConfigError("`debiased_estimation_loss` with `zero_terminal_snr` needs a v-prediction model: for ε "
                           "its weight 1/√SNR is infinite at the last timestep (SNR 0)")
 
-    # ---- data: layouts, bad files listed in a report, buckets
+    # ---- data: buckets (or the fixed size) for this model; bad files listed in the report
     dataset = TrainDataset.from_config(cfg, native_resolution=components.native_resolution,
-                                       vae_scale_factor=components.vae_scale_factor)
+                                       vae_scale_factor=components.vae_scale_factor, scanned=scanned)
     report = dataset.report
     note_long_captions(dataset, components.tokenizer, cfg.max_token_length or WINDOW, cfg.weighted_captions)
     print(report.format(), flush=True)

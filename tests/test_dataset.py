@@ -574,3 +574,27 @@ def test_resize_interpolation_chooses_the_filter_and_keys_the_latent_cache(tmp_p
     assert "resize" not in key and cache_key("sha", (64, 64), (64, 64), (0, 0, 64, 64), "vae", "area") != key
     with pytest.raises(ConfigError, match="resize_interpolation"):
         cfg_for(tmp_path, train_data_dir=str(d.parent), resize_interpolation="sinc")
+
+
+def test_bad_datasets_are_refused_before_the_model_is_loaded(tmp_path, monkeypatch):
+    """A Hub model is a download of gigabytes: the dataset is read and checked first, so its errors come at once."""
+    import lorakit
+    import lorakit.models
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the model was loaded before the dataset was checked")
+
+    monkeypatch.setattr(lorakit.models, "load_models", no_download)
+    (tmp_path / "empty").mkdir()
+    masks = tmp_path / "data" / "1_sks dog"
+    masks.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(masks / "a.png")
+    for options, error, match in [
+        (dict(train_data_dir=str(tmp_path / "missing")), DatasetError, "does not exist"),
+        (dict(train_data_dir=str(tmp_path / "empty")), DatasetError, "has no images"),
+        (dict(train_data_dir=str(tmp_path / "data"), masked_loss=True,
+              conditioning_data_dir=str(tmp_path / "no_masks")), (ConfigError, DatasetError), "no_masks"),
+    ]:
+        with pytest.raises(error, match=match):
+            lorakit.train(pretrained_model_name_or_path="someone/sd-model", output_dir=str(tmp_path / "out"),
+                          max_train_steps=1, **options)

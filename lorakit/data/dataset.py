@@ -56,9 +56,10 @@ class Batch:
     masks: torch.Tensor | None = None  # [B, 1, h, w] loss weights per latent pixel (masked_loss, alpha_mask)
 
 
-def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
-    """The datasets to train on, from `dataset_config` or from `train_data_dir`/`reg_data_dir`."""
-    default = (native_resolution, native_resolution)
+def dataset_specs(cfg, native_resolution: int | None) -> list[DatasetSpec]:
+    """The datasets to train on, from `dataset_config` or from `train_data_dir`/`reg_data_dir` (a resolution that
+    neither sets is the model's `native_resolution`; None: left unset until the model is known)."""
+    default = None if native_resolution is None else (native_resolution, native_resolution)
     if cfg.dataset_config:
         if cfg.train_data_dir or cfg.reg_data_dir:
             raise ConfigError("set either `dataset_config` or `train_data_dir`/`reg_data_dir`, not both: in a dataset "
@@ -74,6 +75,56 @@ def dataset_specs(cfg, native_resolution: int) -> list[DatasetSpec]:
 
 def _subset_options(cfg) -> dict:
     return {name: getattr(cfg, name) for name in SUBSET_OPTIONS - {"caption_extension"}}  # passed apart
+
+
+@dataclass
+class ScannedDataset:
+    """A config's images, read and checked — nothing here depends on the model, so a training run does it before
+    loading one: the report, each dataset's spec (resolution None: the model's native size) and its items, as
+    (training images with the balanced regularisation images, held-out validation images)."""
+
+    report: LoadReport
+    specs: list[DatasetSpec]
+    items: list[tuple[list[ImageItem], list[ImageItem]]]
+
+
+def scan_dataset(cfg) -> ScannedDataset:
+    """Find, read and check the images of `cfg`'s datasets (folders, captions, masks, validation split, regularisation
+    balance); bad inputs are listed in the report or refused with an error naming them."""
+    report = LoadReport()
+    specs = dataset_specs(cfg, None)
+    if not cfg.dataset_config:
+        opts = _subset_options(cfg)
+        specs[0].subsets = subsets_from_folder(cfg.train_data_dir, is_reg=False, report=report,
+                                               caption_extension=cfg.caption_extension, **opts)
+        if cfg.conditioning_data_dir:
+            _assign_mask_folders(specs[0].subsets, Path(cfg.train_data_dir), Path(cfg.conditioning_data_dir))
+        if cfg.reg_data_dir:
+            specs[0].subsets += subsets_from_folder(cfg.reg_data_dir, is_reg=True, report=report,
+                                                    caption_extension=cfg.caption_extension, **opts)
+    elif cfg.masked_loss and not any(sub.mask_dir or sub.alpha_mask for spec in specs for sub in spec.subsets):
+        raise ConfigError(f"`masked_loss` is on, but no subset of {Path(cfg.dataset_config).name} has a "
+                          f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
+    items = []
+    for spec in specs:
+        train_items, reg_items, val_items = [], [], []
+        for subset in spec.subsets:
+            if subset.num_repeats < 1:
+                report.skip(subset.image_dir, "num_repeats is 0: the folder is never drawn")
+                continue
+            found = scan_subset(subset, report)
+            if subset.is_reg:
+                reg_items.extend(found)
+                continue
+            kept, held = split_validation(found, subset, cfg.seed or 0, report)
+            train_items.extend(kept)
+            val_items.extend(held)
+        if reg_items and not train_items:
+            raise DatasetError("only regularisation images were found; add training images")
+        if spec.subsets and any(s.is_reg for s in spec.subsets) and not reg_items:
+            report.note("reg_data_dir", "no usable regularisation images: training without prior preservation")
+        items.append((train_items + balance_reg_images(train_items, reg_items), val_items))
+    return ScannedDataset(report, specs, items)
 
 
 class TrainDataset:
@@ -101,41 +152,16 @@ class TrainDataset:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg, *, native_resolution: int, vae_scale_factor: int = 8) -> TrainDataset:
-        report = LoadReport()
-        specs = dataset_specs(cfg, native_resolution)
-        if not cfg.dataset_config:
-            opts = _subset_options(cfg)
-            specs[0].subsets = subsets_from_folder(cfg.train_data_dir, is_reg=False, report=report,
-                                                   caption_extension=cfg.caption_extension, **opts)
-            if cfg.conditioning_data_dir:
-                _assign_mask_folders(specs[0].subsets, Path(cfg.train_data_dir), Path(cfg.conditioning_data_dir))
-            if cfg.reg_data_dir:
-                specs[0].subsets += subsets_from_folder(cfg.reg_data_dir, is_reg=True, report=report,
-                                                        caption_extension=cfg.caption_extension, **opts)
-        elif cfg.masked_loss and not any(sub.mask_dir or sub.alpha_mask for spec in specs for sub in spec.subsets):
-            raise ConfigError(f"`masked_loss` is on, but no subset of {Path(cfg.dataset_config).name} has a "
-                              f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
-        examples, held_out = [], []
-        for group, spec in enumerate(specs):
+    def from_config(cls, cfg, *, native_resolution: int, vae_scale_factor: int = 8,
+                    scanned: ScannedDataset | None = None) -> TrainDataset:
+        """The dataset of `cfg` for a model of `native_resolution` and `vae_scale_factor`: the images `scanned`
+        (`scan_dataset(cfg)`, done here unless given), laid out in buckets or at the fixed size."""
+        scanned = scanned or scan_dataset(cfg)
+        report, examples, held_out = scanned.report, [], []
+        specs = [dataclasses.replace(spec, resolution=spec.resolution or (native_resolution, native_resolution))
+                 for spec in scanned.specs]
+        for group, (spec, (items, val_items)) in enumerate(zip(specs, scanned.items)):
             _check_sizes(spec, vae_scale_factor)
-            train_items, reg_items, val_items = [], [], []
-            for subset in spec.subsets:
-                if subset.num_repeats < 1:
-                    report.skip(subset.image_dir, "num_repeats is 0: the folder is never drawn")
-                    continue
-                items = scan_subset(subset, report)
-                if subset.is_reg:
-                    reg_items.extend(items)
-                    continue
-                kept, held = split_validation(items, subset, cfg.seed or 0, report)
-                train_items.extend(kept)
-                val_items.extend(held)
-            if reg_items and not train_items:
-                raise DatasetError("only regularisation images were found; add training images")
-            if spec.subsets and any(s.is_reg for s in spec.subsets) and not reg_items:
-                report.note("reg_data_dir", "no usable regularisation images: training without prior preservation")
-            items = train_items + balance_reg_images(train_items, reg_items)
             table = (make_bucket_resolutions(spec.resolution, spec.min_bucket_reso, spec.max_bucket_reso,
                                              spec.bucket_reso_steps)
                      if spec.enable_bucket and not spec.bucket_no_upscale else None)

@@ -76,7 +76,7 @@ class DatasetSpec:
     """A group of subsets sharing resolution, bucketing and batch size (sd-scripts' `[[datasets]]`)."""
 
     subsets: list[Subset]
-    resolution: tuple[int, int]
+    resolution: tuple[int, int] | None  # (width, height); None: the model's native size, once it is known
     enable_bucket: bool = False
     min_bucket_reso: int = 256
     max_bucket_reso: int = 1024
