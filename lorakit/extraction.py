@@ -173,9 +173,13 @@ def extract(cfg: ExtractConfig | None = None, /, **kwargs) -> ExtractResult:
     errors = {f"{c}": f"{e:.6f}" for c, e in result.errors.items()}
     # SD2 at 768 px is the v-prediction model; SD2-base (epsilon) is a 512 px model
     resolution = 512 if family.v2 and prediction == "epsilon" else None
-    meta = lora_base_metadata(family, prediction, network_dim=cfg.dim, resolution=resolution,
-                              network_alpha=float(cfg.dim), conv_dim=cfg.conv_dim,
-                              conv_alpha=None if cfg.conv_dim is None else float(cfg.conv_dim),
+    # the largest rank written (below dim / conv_dim where a dynamic rank chose less everywhere)
+    downs = [t for k, t in result.state_dict.items() if k.endswith(".lora_down.weight")]
+    dim = max((t.shape[0] for t in downs if t.dim() == 2 or t.shape[2] == 1), default=cfg.dim)
+    conv_dim = max((t.shape[0] for t in downs if t.dim() == 4 and t.shape[2] > 1), default=cfg.conv_dim)
+    meta = lora_base_metadata(family, prediction, network_dim=dim, resolution=resolution,
+                              network_alpha=float(dim), conv_dim=conv_dim,
+                              conv_alpha=None if conv_dim is None else float(conv_dim),
                               title=out.stem,
                               extra={"ss_training_comment": f"extracted by lorakit; relative error {errors}",
                                      "lorakit.extract_config": cfg.to_dict(),

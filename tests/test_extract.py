@@ -94,6 +94,7 @@ def test_dynamic_ranks_find_each_modules_own_rank(sd1, svd, tmp_path):
     tensors, meta = load_lora_file(out)
     assert {n: m.rank for n, m in parse_kohya(tensors).items()} == true_rank
     assert meta["lorakit.dynamic_rank"] == "sv_fro=0.9999"
+    assert meta["ss_network_dim"] == "3" and "conv_dim" not in meta.get("ss_network_args", "")  # the largest: 3 of 8
     with pytest.raises(ConfigError, match="needs `dynamic_param`"):
         extract(model_org=str(sd1_file), model_tuned=str(tuned_file), save_to=str(tmp_path / "x.safetensors"),
                 dynamic_method="sv_ratio")
