@@ -20,7 +20,8 @@ import torch
 from .config.jobs import ExtractConfig
 from .errors import ConfigError, ModelLoadError
 from .families import get_family
-from .lora_math import factorize, squared_norms
+from .formats import component_of
+from .lora_math import factorize, rank_summary, squared_norms
 from .model_weights import ModelWeights, open_weights
 from .models import resolve_builtin
 
@@ -129,10 +130,9 @@ def _extract(org: ModelWeights, tuned: ModelWeights, *, dim, conv_dim, svd, clam
                            max_text_encoder_diff=max_te, seconds=time.perf_counter() - start, svd_seconds=svd_seconds,
                            state_dict=state, family=family, prediction_type=prediction, ranks=ranks)
     for c, e in errors.items():
-        chosen = [r for n, r in ranks.items() if n.startswith("lora_te") == (c == "text_encoder")]
+        chosen = [r for n, r in ranks.items() if component_of(n) == c]
         log(f"{COMPONENT_WORDS[c]}: {counts[c]} modules, relative reconstruction error {e:.4f}"
-            + (f"; ranks {min(chosen)}-{max(chosen)} (mean {sum(chosen) / len(chosen):.1f}) by {dynamic[0]} "
-               f"{dynamic[1]:g}" if dynamic else ""))
+            + (f"; {rank_summary(chosen, *dynamic)}" if dynamic else ""))
     return result
 
 

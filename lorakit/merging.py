@@ -26,7 +26,8 @@ import torch
 from .config.jobs import MergeConfig
 from .errors import ConfigError, LoraFormatError, ModelLoadError
 from .families import get_family
-from .lora_math import LoraFactors, concat_loras, merge_weight, sum_loras, svd_loras
+from .formats import component_of
+from .lora_math import LoraFactors, concat_loras, merge_weight, rank_summary, sum_loras, svd_loras
 from .model_weights import SINGLE_FILE_EXTENSIONS, FolderWeights, SingleFileWeights, kohya_name, open_weights
 from .models import resolve_builtin
 from .tensorstream import SafetensorsReader, write_safetensors
@@ -297,7 +298,7 @@ def merge_lora_modules(loras: Sequence[LoadedLora], ratios: Sequence[float], mod
                 rank = (new_conv_rank or new_rank) if conv3 else new_rank
                 merged[name], err = svd_loras(factors, rs, rank, dynamic=dynamic)
                 norm2 = float(sum(r * f.delta().flatten(1) for f, r in parts).square().sum())  # 2-D and 1x1 4-D alike
-                acc = sums.setdefault("text_encoder" if name.startswith("lora_te") else "unet", [0.0, 0.0])
+                acc = sums.setdefault(component_of(name), [0.0, 0.0])
                 acc[0] += err * err * norm2
                 acc[1] += norm2
         except ValueError as e:
@@ -310,16 +311,13 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
     from .formats import LoraWeights, save_lora
     from .lora_metadata import lora_base_metadata
 
-    if cfg.merge_mode == "svd" and cfg.new_rank is None and cfg.dynamic_method is None:
-        raise ConfigError("`merge_mode = svd` needs `new_rank` (or `dynamic_method`)")
     dynamic = (cfg.dynamic_method, cfg.dynamic_param) if cfg.dynamic_method else None
     merged, errors = merge_lora_modules(loras, ratios, cfg.merge_mode, cfg.new_rank, cfg.new_conv_rank, dynamic)
     for c, e in errors.items():
         component = "text encoder" if c == "text_encoder" else "U-Net"
         if dynamic:
-            ranks = [f.rank for n, f in merged.items() if n.startswith("lora_te") == (c == "text_encoder")]
-            print(f"{component}: ranks {min(ranks)}-{max(ranks)} (mean {sum(ranks) / len(ranks):.1f}) by "
-                  f"{cfg.dynamic_method} {cfg.dynamic_param:g}; relative error of the result {e:.4f}")
+            ranks = [f.rank for n, f in merged.items() if component_of(n) == c]
+            print(f"{component}: {rank_summary(ranks, *dynamic)}; relative error of the result {e:.4f}")
         else:
             print(f"{component}: relative error of the rank-{cfg.new_rank} result {e:.4f}")
     family_name = next((lo.family for lo in loras if lo.family in ("sd1", "sd2")), "sd1")
