@@ -16,6 +16,9 @@
     `keep_freed_memory` (which makes malloc reuse freed memory instead of unmapping it) — what that setting saves.
 (d) with `--peft-layers`: the same lorakit step with peft's stock LoRA layers (`result + B(A(x)) * scale`) swapped
     in for lorakit's fused ones after the warm-up step — what the fused training step saves, measured side by side.
+(e) with `--split` (CPU): where each step's time goes — the text encoder's forward, the U-Net's forward, the backward
+    pass until the text encoder's output has its gradient (the U-Net's backward and the loss), the rest of the
+    backward (the text encoder's), the optimizer step — beside the bare step's forward and backward.
 Ratios are measured side by side in one process. Each lorakit step is paired with the mean of the two bare steps
 timed just before and just after it. Printed: the ratio of the mean times with its 95% bootstrap interval (the pairs
 resampled together), the ratio of the fastest times, and the median of the pairs' ratios (the steadiest on a shared
@@ -77,8 +80,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def bare_step_times(unet, steps: int, device, dtype, warmup: int = 1) -> list[float]:
-    """Frozen U-Net forward + backward (activation gradients only; the U-Net's weights must be frozen)."""
+def bare_step_times(unet, steps: int, device, dtype, warmup: int = 1, parts: list | None = None) -> list[float]:
+    """Frozen U-Net forward + backward (activation gradients only; the U-Net's weights must be frozen). `parts`:
+    gets (forward s, backward s) of each timed step."""
     x = torch.randn(1, 4, 64, 64, device=device, dtype=dtype, requires_grad=True)
     noise = torch.randn(1, 4, 64, 64, device=device, dtype=dtype)
     text = torch.randn(1, 77, 768, device=device, dtype=dtype)
@@ -88,13 +92,73 @@ def bare_step_times(unet, steps: int, device, dtype, warmup: int = 1) -> list[fl
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = torch.nn.functional.mse_loss(unet(x, t, text).sample.float(), noise.float())
+        forward = time.perf_counter() - start
         loss.backward()
         x.grad = None
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
+            if parts is not None:
+                parts.append((forward, times[-1] - forward))
     return times
+
+
+class StepSplit:
+    """Marks the parts of each lorakit step (CPU; see (e) above) by wrapping the loop's `encode_text` and
+    `optimizer_step` and hooking the U-Net's forward; bare steps timed meanwhile (`paused`) are not marked."""
+
+    PARTS = ("text encoder forward", "U-Net forward", "backward until the text states' gradient",
+             "rest of the backward", "optimizer step")
+
+    def __init__(self, unet):
+        import lorakit.training as loop
+
+        self.loop, self.paused, self.marks, self.bare = loop, False, [], []
+        self._originals = loop.encode_text, loop.optimizer_step
+        encode, step = self._originals
+
+        def encode_text(captions, run):
+            self._mark("te0")
+            hidden = encode(captions, run)
+            self._mark("te1")
+            if hidden.requires_grad:  # the text encoder trains: its backward starts when this gradient is complete
+                hidden.register_hook(lambda grad: self._mark("text_grad"))
+            return hidden
+
+        def optimizer_step(*args, **kwargs):
+            self._mark("opt0")
+            stepped = step(*args, **kwargs)
+            self._mark("opt1")
+            return stepped
+
+        loop.encode_text, loop.optimizer_step = encode_text, optimizer_step
+        self._hooks = [unet.register_forward_pre_hook(lambda module, args: self._mark("unet0")),
+                       unet.register_forward_hook(lambda module, args, out: self._mark("unet1"))]
+
+    def _mark(self, name: str) -> None:
+        if not self.paused:
+            if name == "te0" or not self.marks:
+                self.marks.append({})
+            self.marks[-1][name] = time.perf_counter()
+
+    def close(self) -> None:
+        self.loop.encode_text, self.loop.optimizer_step = self._originals
+        for hook in self._hooks:
+            hook.remove()
+
+    def rows(self, warmup: int) -> list[tuple[str, float, float | None]]:
+        """(part, mean lorakit s, mean bare s or None) over the timed steps: after the untimed first step and the
+        `warmup` steps (and the bare steps timed during the warm-up)."""
+        steps, bare_parts = [m for m in self.marks if "opt1" in m][1 + warmup:], self.bare[warmup:]
+        text_grad = [m.get("text_grad", m["opt0"]) for m in steps]
+        spans = ([m["te1"] - m["te0"] for m in steps], [m["unet1"] - m["unet0"] for m in steps],
+                 [g - m["unet1"] for g, m in zip(text_grad, steps)], [m["opt0"] - g for g, m in zip(text_grad, steps)],
+                 [m["opt1"] - m["opt0"] for m in steps])
+        bare = [statistics.mean(f for f, _ in bare_parts), statistics.mean(b for _, b in bare_parts)] if bare_parts \
+            else [None, None]
+        return [(part, statistics.mean(span), ref) for part, span, ref in
+                zip(self.PARTS, spans, [None, bare[0], bare[1], None, None])]
 
 
 class StepTimer:
@@ -192,6 +256,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peft-layers", action="store_true", help="also time each step with peft's stock LoRA layers")
     parser.add_argument("--default-malloc", action="store_true", help="also time each step with glibc's default "
                         "malloc behaviour (freed memory unmapped, as without lorakit's keep_freed_memory)")
+    parser.add_argument("--split", action="store_true", help="CPU: also print where each step's time goes (text "
+                        "encoder, U-Net forward, backward, optimizer) beside the bare step's forward and backward")
     parser.add_argument("--only", choices=["te_unet", "unet"], help="time one configuration only: LoRA on text "
                         "encoder + U-Net, or on the U-Net alone")
     args = parser.parse_args(argv)
@@ -209,9 +275,18 @@ def main(argv=None) -> None:
 
     if device.type == "cpu":
         comps.to(device=device, dtype=torch.float32)
+        split = None
+
         def bare_step() -> float:  # lorakit's U-Net (base frozen) with its LoRA layers switched off
-            with adapters_off(comps.unet):
-                return bare_step_times(comps.unet, 1, device, torch.float32, warmup=0)[0]
+            if split is not None:
+                split.paused = True
+            try:
+                with adapters_off(comps.unet):
+                    return bare_step_times(comps.unet, 1, device, torch.float32, warmup=0,
+                                           parts=None if split is None else split.bare)[0]
+            finally:
+                if split is not None:
+                    split.paused = False
 
         import lorakit.training
 
@@ -227,18 +302,23 @@ def main(argv=None) -> None:
                 keep = lorakit.training.keep_freed_memory
                 if default_malloc:
                     lorakit.training.keep_freed_memory = lambda enabled: contextlib.nullcontext(False)
+                split = StepSplit(comps.unet) if args.split else None
                 try:
                     out = root / name.replace(" ", "_").replace(",", "")
                     times, bare, kernel = lorakit_step_times(comps, data, out, steps, args.warmup, between=bare_step,
                                                              device="cpu", peft_layers=peft_layers, **opts)
                 finally:
                     lorakit.training.keep_freed_memory = keep
-                rows.append((name, times, bare, kernel, peak_rss_gb()))
+                    if split is not None:
+                        split.close()
+                parts = split.rows(args.warmup) if split is not None else None
+                split = None
+                rows.append((name, times, bare, kernel, peak_rss_gb(), parts))
         print(f"\nSD1.5 shapes, CPU fp32, batch 1, 512px, dim 16, cached latents, SDPA; {steps} timed steps each, "
               f"alternating with a bare step")
         print(f"{'lorakit step':34s} {'lorakit s/step':>15s} {'bare s/step':>12s} {'ratio':>7s} {'95% interval':>13s} "
               f"{'min ratio':>10s} {'median pair':>12s} {'peak RSS':>9s}")
-        for label, times, bare, kernel, rss in rows:
+        for label, times, bare, kernel, rss, parts in rows:
             around = bracketing(bare)  # the mean of the bare steps just before and just after each lorakit step
             ratio = statistics.mean(times) / statistics.mean(around)
             low, high = ratio_interval(times, around)
@@ -249,6 +329,9 @@ def main(argv=None) -> None:
                   f"bare {', '.join(f'{x:.2f}' for x in bare)}")
             print(f"  lorakit step in the kernel: {statistics.mean(s for s, _ in kernel):.2f} s system time, "
                   f"{statistics.mean(f for _, f in kernel):,.0f} minor page faults per step")
+            for part, spent, reference in parts or ():
+                print(f"  {part:42s} {spent:7.3f} s" + ("" if reference is None else
+                                                        f"   bare {reference:7.3f} s   {spent - reference:+.3f} s"))
         return
 
     comps.to(device=device, dtype=torch.float16)
