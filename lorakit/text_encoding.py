@@ -15,7 +15,9 @@ The weights scale each token's text-encoder state; prompts then get their overal
 trained as weighted (sd-scripts).
 
 Prompts (`prompt_windows`) are read as A1111 reads them: to their end, with emphasis, and `BREAK` (the word in
-capitals) ends the current window: the rest of it is padding and the text goes on in the next window.
+capitals) ends the current window: the rest of it is padding and the text goes on in the next window. A window that
+fills up with a comma among its last 20 tokens ends after that comma instead, and the tokens after it begin the
+next window (A1111's `comma_padding_backtrack`, 20 by default), so that a tag is not cut in two at the border.
 """
 
 from __future__ import annotations
@@ -136,39 +138,90 @@ def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
 
 
 BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's window break in prompts
+COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`: how far back a full window looks for a comma
 
 
 def has_break(text: str) -> bool:
     return BREAK.search(text) is not None
 
 
-def _prompt_tokens(tokenizer, text: str, emphasis: bool, pad: int) -> tuple[list[int], list[float]]:
-    """A prompt's token ids and weights, read to the end; each `BREAK` pads the current window to its end (as A1111:
-    a window that is already full is not padded again; a `BREAK` at the start or after another one makes a window
-    of padding; one at the end adds nothing)."""
-    ids: list[int] = []
-    weights: list[float] = []
-    window_start = 0  # where the window that tokens go into now began
+class _Windows:
+    """A prompt's token ids and weights laid out in windows of 75 as A1111 fills them: `add` a token, `pad` the
+    current window to its end (`BREAK`)."""
+
+    def __init__(self, pad: int, comma: int | None, backtrack: int):
+        self.ids: list[int] = []
+        self.weights: list[float] = []
+        self.pad_id, self.comma, self.backtrack = pad, comma, backtrack
+        self.start = 0  # where the window that tokens go into now began
+        self.last_comma = -1  # the position of the current window's last comma (-1: none)
+
+    def _next_window(self) -> None:
+        """Pad the current window to its end; tokens go on in the next one."""
+        fill = WINDOW - (len(self.ids) - self.start)
+        self.ids += [self.pad_id] * fill
+        self.weights += [1.0] * fill
+        self.start, self.last_comma = len(self.ids), -1
+
+    def add(self, token: int, weight: float) -> None:
+        full = len(self.ids) - self.start == WINDOW
+        if token == self.comma:
+            self.last_comma = len(self.ids)
+        elif full and self.last_comma >= 0 and self.start + WINDOW - self.last_comma <= self.backtrack:
+            # the window ends after its last comma; the tokens after that comma move on to the next window
+            cut = self.last_comma + 1
+            moved = self.ids[cut:], self.weights[cut:]
+            del self.ids[cut:], self.weights[cut:]
+            self._next_window()
+            self.ids += moved[0]
+            self.weights += moved[1]
+            full = False
+        if full:  # A1111 closes a full window when the next token comes (a comma that begins one is not counted)
+            self.start, self.last_comma = len(self.ids), -1
+        self.ids.append(token)
+        self.weights.append(weight)
+
+    def pad(self) -> None:
+        """`BREAK`: as A1111, a window that is already full is not padded again; at the start or after another
+        `BREAK` it makes a window of padding."""
+        if len(self.ids) - self.start == WINDOW:
+            self.start, self.last_comma = len(self.ids), -1
+        else:
+            self._next_window()
+
+
+def _comma_id(tokenizer) -> int | None:
+    """The id of CLIP's comma token (`,</w>`), if the vocabulary has one."""
+    token = tokenizer.convert_tokens_to_ids(",</w>")
+    return None if token is None or token == tokenizer.unk_token_id else token
+
+
+def _prompt_tokens(tokenizer, text: str, emphasis: bool, pad: int, comma: int | None, backtrack: int
+                   ) -> tuple[list[int], list[float]]:
+    """A prompt's token ids and weights, read to the end, in windows of 75 (the last one not padded): each `BREAK`
+    pads the current window to its end (one at the end adds nothing), and a window that fills up with a `comma`
+    among its last `backtrack` tokens ends after that comma (0: never)."""
+    windows = _Windows(pad, comma if backtrack > 0 else None, backtrack)
     for piece, weight in parse_emphasis(text) if emphasis else [(text, 1.0)]:
         for i, part in enumerate(BREAK.split(piece)):
             if i:
-                fill = WINDOW if len(ids) == window_start else -(len(ids) - window_start) % WINDOW
-                ids += [pad] * fill
-                weights += [1.0] * fill
-                window_start = len(ids)
+                windows.pad()
             if part:
-                part_ids, part_weights = _run_tokens(tokenizer, [(part, weight)])
-                ids += part_ids
-                weights += part_weights
-    return ids, weights
+                for token, token_weight in zip(*_run_tokens(tokenizer, [(part, weight)])):
+                    windows.add(token, token_weight)
+    return windows.ids, windows.weights
 
 
-def prompt_windows(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def prompt_windows(tokenizer, texts: list[str], comma_backtrack: int = COMMA_BACKTRACK
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompts as A1111 reads them (see the module docstring): token ids [len(texts), k, 77] with k the windows the
-    longest needs, and each token's weight [len(texts), k, 77] when a text uses emphasis (else None)."""
+    longest needs, and each token's weight [len(texts), k, 77] when a text uses emphasis (else None).
+    `comma_backtrack`: how far back a full window looks for a comma to end after (A1111's
+    `comma_padding_backtrack`; 0 cuts every 75 tokens)."""
     emphasis = any(has_emphasis(t) for t in texts)
     start, end, pad = _special_ids(tokenizer)
-    rows = [_prompt_tokens(tokenizer, text, emphasis, pad) for text in texts]
+    comma = _comma_id(tokenizer)
+    rows = [_prompt_tokens(tokenizer, text, emphasis, pad, comma, comma_backtrack) for text in texts]
     k = max([1] + [math.ceil(len(ids) / WINDOW) for ids, _ in rows])
     ids = torch.tensor(_windows_of([r[0] for r in rows], k * WINDOW, start, end, pad), dtype=torch.long)
     if not emphasis:

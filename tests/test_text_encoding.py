@@ -136,8 +136,9 @@ def _tokens(tokenizer, text):
 
 
 def test_prompts_are_read_to_their_end_in_windows_of_75(tokenizer):
-    # without BREAK a prompt reads as token_windows of as many windows as the longest text needs
-    ids, weights = prompt_windows(tokenizer, [LONG, "a photo"])
+    # without BREAK (and without moving tags across a window's end at commas) a prompt reads as token_windows of
+    # as many windows as the longest text needs
+    ids, weights = prompt_windows(tokenizer, [LONG, "a photo"], comma_backtrack=0)
     assert weights is None and torch.equal(ids, token_windows(tokenizer, [LONG, "a photo"], 150))
     ids, weights = prompt_windows(tokenizer, ["a (red:1.5) hat", ""])
     wid, ww = weighted_token_windows(tokenizer, ["a (red:1.5) hat", ""], 75)
@@ -169,6 +170,45 @@ def test_break_ends_a_window_as_a1111(tokenizer):
     assert prompt_windows(tokenizer, ["a BREAK b BREAK c", "x"])[0].shape == (2, 3, 77)
     assert prompt_windows(tokenizer, ["a break, BREAKFAST"])[0].shape == (1, 1, 77)
     assert has_break("a BREAK b") and not has_break("a break, BREAKFAST")
+
+
+def test_a_full_window_ends_after_a_comma_among_its_last_20_tokens_as_a1111(tokenizer):
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.eos_token_id
+    (x,), (y,), (comma,) = _tokens(tokenizer, "x"), _tokens(tokenizer, "y"), _tokens(tokenizer, ",")
+
+    def words(word, n):
+        return " ".join([word] * n)
+
+    # 70 x, a comma, 10 y: the window fills at the 4th y; the comma is 5 tokens back, so the window ends after it
+    # and the 10 y begin the next window
+    ids, _ = prompt_windows(tokenizer, [words("x", 70) + ", " + words("y", 10)])
+    assert ids[0, 0].tolist() == [bos] + [x] * 70 + [comma] + [pad] * 4 + [eos]
+    assert ids[0, 1].tolist() == [bos] + [y] * 10 + [eos] + [pad] * 65
+    # comma_backtrack = 0: cut at 75 tokens
+    ids, _ = prompt_windows(tokenizer, [words("x", 70) + ", " + words("y", 10)], comma_backtrack=0)
+    assert ids[0, 0].tolist() == [bos] + [x] * 70 + [comma] + [y] * 4 + [eos]
+    assert ids[0, 1].tolist()[:8] == [bos] + [y] * 6 + [eos]
+    # a comma 25 tokens back is too far (the default looks 20 back): cut at 75 tokens
+    ids, _ = prompt_windows(tokenizer, [words("x", 50) + ", " + words("y", 30)])
+    assert ids[0, 0].tolist() == [bos] + [x] * 50 + [comma] + [y] * 24 + [eos]
+    assert prompt_windows(tokenizer, [words("x", 50) + ", " + words("y", 30)], comma_backtrack=25)[0][0, 1, 1] == y
+    assert prompt_windows(tokenizer, [words("x", 50) + ", " + words("y", 30)], comma_backtrack=25)[0][0, 0, 52] == pad
+    # exactly 75 tokens: nothing comes after the full window, nothing moves
+    ids, _ = prompt_windows(tokenizer, [words("x", 70) + ", " + words("y", 4)])
+    assert ids.shape == (1, 1, 77) and ids[0, 0, 72:76].tolist() == [y] * 4
+    # a comma that begins a window is not counted for that window (A1111 forgets it when the window starts)
+    ids, _ = prompt_windows(tokenizer, [words("x", 75) + ", " + words("y", 80)])
+    assert ids.shape == (1, 3, 77)
+    assert ids[0, 1].tolist() == [bos, comma] + [y] * 74 + [eos] and ids[0, 2].tolist()[:8] == [bos] + [y] * 6 + [eos]
+    # the moved tokens keep their emphasis; the padding left behind has weight 1
+    ids, weights = prompt_windows(tokenizer, [words("x", 70) + ", (" + words("y", 10) + ":1.3)"])
+    assert ids[0, 1].tolist()[:12] == [bos] + [y] * 10 + [eos]
+    assert weights[0, 0].tolist()[72:] == [1.0] * 5
+    assert weights[0, 1].tolist()[1:11] == pytest.approx([1.3] * 10) and weights[0, 1, 11] == 1.0
+    # BREAK still pads from where the moved tokens end
+    ids, _ = prompt_windows(tokenizer, [words("x", 70) + ", " + words("y", 10) + " BREAK x"])
+    assert ids.shape == (1, 3, 77) and ids[0, 1].tolist()[:12] == [bos] + [y] * 10 + [pad]
+    assert ids[0, 2].tolist()[:3] == [bos, x, eos]
 
 
 def test_break_keeps_the_emphasis_around_it(tokenizer):
