@@ -594,6 +594,8 @@ def test_bad_datasets_are_refused_before_the_model_is_loaded(tmp_path, monkeypat
         (dict(train_data_dir=str(tmp_path / "empty")), DatasetError, "has no images"),
         (dict(train_data_dir=str(tmp_path / "data"), masked_loss=True,
               conditioning_data_dir=str(tmp_path / "no_masks")), (ConfigError, DatasetError), "no_masks"),
+        (dict(train_data_dir=str(tmp_path / "data"), resolution="2048", enable_bucket=True), ConfigError,
+         "must lie between `min_bucket_reso`"),
     ]:
         with pytest.raises(error, match=match):
             lorakit.train(pretrained_model_name_or_path="someone/sd-model", output_dir=str(tmp_path / "out"),

@@ -107,6 +107,8 @@ def scan_dataset(cfg) -> ScannedDataset:
                           f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
     items = []
     for spec in specs:
+        if spec.resolution is not None:  # set by the config (else the model's size, known once it is loaded)
+            _check_bucket_range(spec)
         train_items, reg_items, val_items = [], [], []
         for subset in spec.subsets:
             if subset.num_repeats < 1:
@@ -381,14 +383,20 @@ def _assign_mask_folders(subsets: list[Subset], train_dir: Path, mask_dir: Path)
         sub.mask_dir = own if sub.image_dir != train_dir and own.is_dir() else mask_dir
 
 
-def _check_sizes(spec: DatasetSpec, vae_scale_factor: int) -> None:
+def _check_bucket_range(spec: DatasetSpec) -> None:
+    """The resolution lies in the bucket range (needs no model: checked when the dataset is scanned)."""
     w, h = spec.resolution
-    if w % vae_scale_factor or h % vae_scale_factor:
-        raise ConfigError(f"`resolution` {w},{h} must be a multiple of {vae_scale_factor} (the VAE's downsampling)")
     if spec.enable_bucket and not spec.bucket_no_upscale and not (
             spec.min_bucket_reso <= min(w, h) and max(w, h) <= spec.max_bucket_reso):
         raise ConfigError(f"`resolution` {w},{h} must lie between `min_bucket_reso` ({spec.min_bucket_reso}) and "
                           f"`max_bucket_reso` ({spec.max_bucket_reso}) for bucketing: lower min_bucket_reso "
-                          f"(e.g. to {max(vae_scale_factor, min(w, h) // 2)}) or raise max_bucket_reso")
+                          f"(e.g. to {max(8, min(w, h) // 2)}) or raise max_bucket_reso")
+
+
+def _check_sizes(spec: DatasetSpec, vae_scale_factor: int) -> None:
+    w, h = spec.resolution
+    if w % vae_scale_factor or h % vae_scale_factor:
+        raise ConfigError(f"`resolution` {w},{h} must be a multiple of {vae_scale_factor} (the VAE's downsampling)")
+    _check_bucket_range(spec)
     if spec.enable_bucket and spec.bucket_reso_steps % vae_scale_factor:
         raise ConfigError(f"`bucket_reso_steps` ({spec.bucket_reso_steps}) must be a multiple of {vae_scale_factor}")
