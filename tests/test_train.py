@@ -327,6 +327,27 @@ def test_steps_skip_the_input_gradient_of_conv_in_s_skip(tmp_path, tiny_sd1_dir,
     assert calls == [32, 32] * 2  # the tiny U-Net's last ResNet: cat([h, conv_in's output]), 32 + 32 channels
 
 
+def test_bf16_mixed_precision_trains_on_a_cpu(tmp_path, tiny_sd1_dir):
+    """The whole loop under bf16 autocast (fp32 weights and adapters): the same first loss as fp32 within bf16's
+    precision, finite weights that trained, and the precision in the metadata."""
+    one_image_data(tmp_path)
+    runs = {}
+    for mp in ("no", "bf16"):
+        runs[mp] = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir),
+                                 train_data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / mp),
+                                 mixed_precision=mp, learning_rate=1e-3, max_train_steps=3, seed=5,
+                                 sample_at_end=False, device="cpu")
+    fp32, bf16 = (runs[mp].loss_history for mp in ("no", "bf16"))
+    assert all(math.isfinite(r["loss"]) for r in bf16) and len(bf16) == 3
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)  # before any update: the base model's loss
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # computed in bf16 indeed
+    weights, meta = read_lora(runs["bf16"].lora_path)
+    assert meta["ss_mixed_precision"] == "bf16"
+    ups = [t for k, t in weights.items() if k.endswith("lora_up.weight")]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+    assert any(t.abs().max() > 0 for t in ups)  # trained: the up weights left zero
+
+
 def test_setup_errors_are_clear(tmp_path):
     from lorakit.optim import make_optimizer
     from lorakit.training_setup import _attention, precision
