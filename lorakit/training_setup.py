@@ -484,7 +484,7 @@ def build_optimizer(cfg, run: Run):
                                power=cfg.lr_scheduler_power,
                                decay_steps=resolve_warmup_steps(cfg.lr_decay_steps, run.max_steps),
                                timescale=cfg.lr_scheduler_timescale, min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
-    scaler = torch.amp.GradScaler("cuda") if cfg.mixed_precision == "fp16" else None
+    scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
     return optimizer, scheduler, scaler
 
 

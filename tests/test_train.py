@@ -348,6 +348,36 @@ def test_bf16_mixed_precision_trains_on_a_cpu(tmp_path, tiny_sd1_dir):
     assert any(t.abs().max() > 0 for t in ups)  # trained: the up weights left zero
 
 
+def test_the_gpu_fp16_loop_with_its_grad_scaler_runs_on_a_cpu(tmp_path, tiny_sd1_dir, monkeypatch):
+    """Colab's set-up — fp16 base weights, fp16 autocast, fp32 adapters, torch's GradScaler (scale, unscale, clip,
+    step, update) — run through the whole loop on a CPU, where `mixed_precision = fp16` is otherwise refused."""
+    import lorakit.training
+    import lorakit.training_setup
+
+    real_precision, real_build = lorakit.training_setup.precision, lorakit.training.build_optimizer
+    monkeypatch.setattr(lorakit.training_setup, "precision", lambda cfg, device: (
+        (torch.float16, torch.float16) if cfg.mixed_precision == "fp16" else real_precision(cfg, device)))
+    scalers = []
+
+    def build_optimizer(cfg, run):  # records each run's grad scaler
+        optimizer, scheduler, scaler = real_build(cfg, run)
+        scalers.append(scaler)
+        return optimizer, scheduler, scaler
+
+    monkeypatch.setattr(lorakit.training, "build_optimizer", build_optimizer)
+    one_image_data(tmp_path)
+    runs = {mp: lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                              output_dir=str(tmp_path / mp), mixed_precision=mp, learning_rate=1e-3,
+                              max_train_steps=3, seed=5, sample_at_end=False, device="cpu") for mp in ("no", "fp16")}
+    assert scalers[0] is None and isinstance(scalers[1], torch.amp.GradScaler) and scalers[1].is_enabled()
+    fp32, fp16 = (runs[mp].loss_history for mp in ("no", "fp16"))
+    assert all(math.isfinite(r["loss"]) for r in fp16) and len(fp16) == 3
+    assert fp16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.01) and fp16[0]["loss"] != fp32[0]["loss"]
+    weights, meta = read_lora(runs["fp16"].lora_path)
+    assert meta["ss_mixed_precision"] == "fp16" and all(torch.isfinite(t).all() for t in weights.values())
+    assert any(t.abs().max() > 0 for k, t in weights.items() if k.endswith("lora_up.weight"))  # steps were taken
+
+
 def test_setup_errors_are_clear(tmp_path):
     from lorakit.optim import make_optimizer
     from lorakit.training_setup import _attention, precision
