@@ -595,36 +595,21 @@ def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, cap
     assert "no usable training images" in capsys.readouterr().err
 
 
-def test_an_fp16_step_skipped_for_overflow_leaves_the_lr_schedule(monkeypatch):
+def test_an_fp16_step_skipped_for_overflow_leaves_the_lr_schedule():
     """The grad scaler skips a step whose fp16 gradients overflowed (and lowers its scale): the LR schedule must not
-    advance then (a warm-up would end early after a run of overflows), as accelerate does."""
+    advance then (a warm-up would end early after a run of overflows), as accelerate does. torch's own GradScaler."""
     from lorakit.optim import make_scheduler
     from lorakit.training import optimizer_step
 
-    class FakeScaler:  # GradScaler's contract: step() skips on inf, update() lowers the scale then
-        def __init__(self, overflow):
-            self.overflow, self.scale = overflow, 1024.0
-
-        def unscale_(self, opt):
-            pass
-
-        def get_scale(self):
-            return self.scale
-
-        def step(self, opt):
-            if not self.overflow:
-                opt.step()
-
-        def update(self):
-            self.scale = self.scale / 2 if self.overflow else self.scale
-
     for overflow in (True, False):
         p = torch.nn.Parameter(torch.ones(2))
-        p.grad = torch.ones(2)
         opt = torch.optim.SGD([p], lr=1.0)
         sched = make_scheduler("linear", opt, warmup_steps=0, total_steps=10)
-        stepped = optimizer_step(opt, sched, FakeScaler(overflow), [p], 1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        scaler.scale((p * torch.tensor([float("inf") if overflow else 1.0, 1.0])).sum()).backward()
+        stepped = optimizer_step(opt, sched, scaler, [p], 1.0)
         assert stepped is not overflow and sched.last_epoch == (0 if overflow else 1)
+        assert scaler.get_scale() == (512.0 if overflow else 1024.0)
         assert torch.equal(p.detach(), torch.ones(2)) is overflow and p.grad is None
 
 
