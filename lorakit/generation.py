@@ -160,7 +160,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
                      for i in range(cfg.num_images)]
             generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             pipe.scheduler = make_sampler(spec.sampler, comps.noise_scheduler)  # this line's, with `--ss`
-            text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip)
+            text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip, cfg.comma_padding_backtrack)
             out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
                        guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
                        generator=generators, output_type="pil")

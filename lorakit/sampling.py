@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 from .errors import ConfigError
 from .fileio import atomic_path
 from .prompts import PromptSpec, read_prompt_file
-from .text_encoding import apply_emphasis, encode_windows, has_break, prompt_windows
+from .text_encoding import COMMA_BACKTRACK, apply_emphasis, encode_windows, has_break, prompt_windows
 
 SAMPLERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -65,12 +65,13 @@ def prompt_embeddings(comps, ids: torch.Tensor, weights: torch.Tensor | None, cl
         return states if weights is None else apply_emphasis(states, weights.to(device), keep_mean=True)
 
 
-def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int) -> dict:
+def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: int,
+                  comma_backtrack: int = COMMA_BACKTRACK) -> dict:
     """The text arguments of a pipeline call: the prompts; or, for a prompt longer than 75 tokens, with emphasis
     (`(word:1.2)`), with `BREAK` or with `clip_skip` > 1, the embeddings of prompt and negative prompt (as many
-    75-token windows as the longer needs: a prompt is read to the end)."""
+    75-token windows as the longer needs: a prompt is read to the end; `comma_backtrack`: `prompt_windows`)."""
     texts = [prompt, negative_prompt or ""]
-    ids, weights = prompt_windows(comps.tokenizer, texts)
+    ids, weights = prompt_windows(comps.tokenizer, texts, comma_backtrack)
     if clip_skip > 1 or ids.shape[1] > 1 or weights is not None or any(has_break(t) for t in texts):
         states = prompt_embeddings(comps, ids, weights, clip_skip)
         return dict(prompt_embeds=states[:1], negative_prompt_embeds=states[1:])

@@ -27,6 +27,7 @@ import re
 
 import torch
 
+from .config.jobs import COMMA_BACKTRACK
 from .errors import ConfigError
 
 WINDOW = 75  # text tokens per CLIP sequence (77 positions minus the start and end tokens)
@@ -138,7 +139,6 @@ def weighted_token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW
 
 
 BREAK = re.compile(r"\s*\bBREAK\b\s*")  # A1111's window break in prompts
-COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`: how far back a full window looks for a comma
 
 
 def has_break(text: str) -> bool:

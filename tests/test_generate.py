@@ -150,6 +150,14 @@ def test_prompts_longer_than_75_tokens_are_read_to_the_end(model):
     text = prompt_inputs(comps, long, "", clip_skip=1)
     assert text["prompt_embeds"].shape[1] == text["negative_prompt_embeds"].shape[1] == 152  # two windows each
     assert prompt_inputs(comps, "a photo", None, clip_skip=1) == {"prompt": "a photo", "negative_prompt": None}
+    # A1111's comma_padding_backtrack: the first window ends after a comma near its end (its tags move on whole);
+    # 0 cuts at 75 tokens, and `generate` passes the option through
+    cut = prompt_inputs(comps, long, "", clip_skip=1, comma_backtrack=0)["prompt_embeds"]
+    assert cut.shape == text["prompt_embeds"].shape and not torch.equal(cut, text["prompt_embeds"])
+    default = generate(components=comps, prompt=long, seed=3, **FAST).images[0]
+    at_75 = generate(components=comps, prompt=long, seed=3, comma_padding_backtrack=0, **FAST).images[0]
+    explicit = generate(components=comps, prompt=long, seed=3, comma_padding_backtrack=20, **FAST).images[0]
+    assert not np.array_equal(px(default), px(at_75)) and np.array_equal(px(default), px(explicit))
     # A1111's emphasis is read, not fed to the text encoder as brackets: `(red:1.0)` is `red`, `(red:1.4)` is not
     plain = generate(components=comps, prompt="a photo, red", negative_prompt="blue", seed=3, **FAST).images[0]
     same = generate(components=comps, prompt="a photo, (red:1.0)", negative_prompt="(blue:1.0)", seed=3,

@@ -8,6 +8,8 @@ from ..errors import ConfigError
 from .schema import JobConfig, option
 from .train import SAMPLER_ALIASES, SAMPLERS, SAVE_PRECISIONS
 
+COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`: how far back a full prompt window looks for a comma
+
 MERGE_MODES = ("concat", "svd", "sum")
 DYNAMIC_METHODS = ("sv_fro", "sv_cumulative", "sv_ratio")  # lorakit.lora_math.dynamic_rank
 
@@ -146,6 +148,9 @@ class GenerateConfig(JobConfig):
                                    group="sampling")
     output_dir: str = option("outputs", "Where PNGs are written.", group="basic")
     clip_skip: int = option(1, "Text encoder layer from the end.", group="model", min=1, max=12)
+    comma_padding_backtrack: int = option(
+        COMMA_BACKTRACK, "A prompt over 75 tokens: a window ends after a comma among its last N tokens, so that no "
+        "tag is cut in two (A1111's setting; 0: cut every 75 tokens).", group="sampling", min=0, max=74)
     v2: bool | None = option(None, "SD 2.x model. Unset: detected.", group="model")
     v_parameterization: bool | None = option(None, "v-prediction model. Unset: detected.", group="model")
     device: str | None = option(None, "cuda, mps or cpu. Unset: the best available.", group="model")
