@@ -156,15 +156,22 @@ class _Windows:
         self.start = 0  # where the window that tokens go into now began
         self.last_comma = -1  # the position of the current window's last comma (-1: none)
 
+    def _full(self) -> bool:
+        return len(self.ids) - self.start == WINDOW
+
+    def _close(self) -> None:
+        """Tokens go on in the next window (the current one ends where the tokens do)."""
+        self.start, self.last_comma = len(self.ids), -1
+
     def _next_window(self) -> None:
         """Pad the current window to its end; tokens go on in the next one."""
         fill = WINDOW - (len(self.ids) - self.start)
         self.ids += [self.pad_id] * fill
         self.weights += [1.0] * fill
-        self.start, self.last_comma = len(self.ids), -1
+        self._close()
 
     def add(self, token: int, weight: float) -> None:
-        full = len(self.ids) - self.start == WINDOW
+        full = self._full()
         if token == self.comma:
             self.last_comma = len(self.ids)
         elif full and self.last_comma >= 0 and self.start + WINDOW - self.last_comma <= self.backtrack:
@@ -177,15 +184,15 @@ class _Windows:
             self.weights += moved[1]
             full = False
         if full:  # A1111 closes a full window when the next token comes (a comma that begins one is not counted)
-            self.start, self.last_comma = len(self.ids), -1
+            self._close()
         self.ids.append(token)
         self.weights.append(weight)
 
     def pad(self) -> None:
         """`BREAK`: as A1111, a window that is already full is not padded again; at the start or after another
         `BREAK` it makes a window of padding."""
-        if len(self.ids) - self.start == WINDOW:
-            self.start, self.last_comma = len(self.ids), -1
+        if self._full():
+            self._close()
         else:
             self._next_window()
 
@@ -201,7 +208,7 @@ def _prompt_tokens(tokenizer, text: str, emphasis: bool, pad: int, comma: int | 
     """A prompt's token ids and weights, read to the end, in windows of 75 (the last one not padded): each `BREAK`
     pads the current window to its end (one at the end adds nothing), and a window that fills up with a `comma`
     among its last `backtrack` tokens ends after that comma (0: never)."""
-    windows = _Windows(pad, comma if backtrack > 0 else None, backtrack)
+    windows = _Windows(pad, comma, backtrack)
     for piece, weight in parse_emphasis(text) if emphasis else [(text, 1.0)]:
         for i, part in enumerate(BREAK.split(piece)):
             if i:
