@@ -74,6 +74,16 @@ def training_schedule(noise_scheduler, zero_terminal_snr: bool = False):
     return DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
 
 
+def weight_snr(noise_scheduler) -> torch.Tensor:
+    """SNR_t = ᾱ_t/(1 − ᾱ_t) for every timestep, as the loss weights (`snr_weights`) read it: that of the model's
+    betas before any zero-terminal-SNR rescale, as in sd-scripts (which computes it before rescaling). The rescaled
+    schedule's last SNR is 0, where 1/√SNR and 1/SNR are infinite."""
+    from diffusers import DDPMScheduler
+
+    ac = DDPMScheduler.from_config(noise_scheduler.config, rescale_betas_zero_snr=False).alphas_cumprod
+    return ac / (1 - ac)
+
+
 def snr_weights(snr: torch.Tensor, *, v_prediction: bool, min_snr_gamma: float | None = None,
                 debiased: bool = False, scale_v_like_noise: bool = False,
                 v_pred_like: float | None = None) -> torch.Tensor:

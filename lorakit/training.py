@@ -32,6 +32,7 @@ from .noise import (
     snr_weights,
     training_noise,
     training_schedule,
+    weight_snr,
 )
 from .sampling import eval_mode
 from .save_rotation import prune_saves
@@ -145,7 +146,8 @@ class Diffusion:
     """The training noise schedule and what the loss reads from it (built once per run)."""
 
     noise_scheduler: object  # DDPM schedule (zero-terminal-SNR rescaled with `zero_terminal_snr`)
-    alphas_cumprod: torch.Tensor  # ᾱ_t on the training device, for the SNR loss weights
+    alphas_cumprod: torch.Tensor  # ᾱ_t of that schedule on the training device (the Huber thresholds)
+    snr: torch.Tensor  # SNR_t for the loss weights: of the model's betas, before the rescale (sd-scripts; finite)
     t_min: int
     t_max: int
     v_target: bool  # v-prediction model
@@ -153,7 +155,8 @@ class Diffusion:
     @classmethod
     def of(cls, cfg: TrainConfig, run) -> Diffusion:
         schedule = training_schedule(run.components.noise_scheduler, cfg.zero_terminal_snr)
-        return cls(schedule, schedule.alphas_cumprod.to(run.device), cfg.min_timestep,
+        return cls(schedule, schedule.alphas_cumprod.to(run.device), weight_snr(schedule).to(run.device),
+                   cfg.min_timestep,
                    min(cfg.max_timestep, schedule.config.num_train_timesteps),
                    run.components.prediction_type == "v_prediction")
 
@@ -196,9 +199,8 @@ def denoising_loss(batch, run, diffusion: Diffusion, gen: torch.Generator, times
         if batch.masks is not None:
             loss = loss * batch.masks.to(device)
         loss = loss.mean(dim=(1, 2, 3))
-        ac = diffusion.alphas_cumprod[timesteps]
         loss = loss * batch.weights.to(device) * snr_weights(
-            ac / (1 - ac), v_prediction=diffusion.v_target, min_snr_gamma=cfg.min_snr_gamma,
+            diffusion.snr[timesteps], v_prediction=diffusion.v_target, min_snr_gamma=cfg.min_snr_gamma,
             debiased=cfg.debiased_estimation_loss, scale_v_like_noise=cfg.scale_v_pred_loss_like_noise_pred,
             v_pred_like=cfg.v_pred_like_loss)  # all ones without these options
         return loss.mean()

@@ -313,9 +313,6 @@ def prepare_run(cfg, components=None) -> Run:
         components.to(device=device, dtype=weight_dtype)
     if components.vae.dtype != torch.float32:
         components.vae.to(dtype=torch.float32)  # encoding in fp32 avoids NaN latents; it runs once with cache_latents
-    if cfg.zero_terminal_snr and cfg.debiased_estimation_loss and components.prediction_type != "v_prediction":
-        raise ConfigError("`debiased_estimation_loss` with `zero_terminal_snr` needs a v-prediction model: for ε "
-                          "its weight 1/√SNR is infinite at the last timestep (SNR 0)")
 
     # ---- data: buckets (or the fixed size) for this model; bad files listed in the report
     dataset = TrainDataset.from_config(cfg, native_resolution=components.native_resolution,

@@ -111,6 +111,23 @@ def test_snr_weights_follow_min_snr_and_debiased_estimation():
     torch.testing.assert_close(both, eps * deb[:3])
 
 
+def test_the_loss_weights_read_the_models_snr_before_a_zero_terminal_rescale():
+    """`weight_snr` is the SNR of the model's betas, whether the rescale comes from `zero_terminal_snr` or from the
+    model's own scheduler config: finite at the last timestep, where the rescaled SNR is 0."""
+    from diffusers import DDPMScheduler
+
+    from lorakit.noise import training_schedule, weight_snr
+
+    model = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    a = model.alphas_cumprod
+    expected = a / (1 - a)
+    rescaled = DDPMScheduler.from_config(model.config, rescale_betas_zero_snr=True)
+    for schedule in (model, training_schedule(model, zero_terminal_snr=True), rescaled):
+        torch.testing.assert_close(weight_snr(schedule), expected)
+    assert rescaled.alphas_cumprod[-1] == 0 and 0.004 < expected[-1] < 0.006
+    assert torch.isfinite(snr_weights(weight_snr(rescaled), v_prediction=False, debiased=True)).all()
+
+
 def test_zero_terminal_snr_schedule_ends_in_pure_noise():
     """Lin et al. 2023: the rescaled schedule has ᾱ_T = 0 (x_T is pure noise), keeps ᾱ_1 and stays decreasing; the
     model's own scheduler (sampling) is not changed; Min-SNR's ε weight at SNR 0 is its limit 1, not 0/0."""

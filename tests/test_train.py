@@ -792,7 +792,7 @@ def test_samples_from_an_sd_scripts_toml_prompt_file(tmp_path, tiny_sd1_dir):
 def test_zero_terminal_snr_trains_on_the_rescaled_schedule(tmp_path, tiny_sd2_dir, tiny_sd1_dir, monkeypatch):
     """`zero_terminal_snr` (sd-scripts' option, for v-prediction models): the loop draws x_t from the rescaled
     schedule, which changes the trained weights; the model's scheduler (samples) is left as it was; the file
-    records the option. With ε-prediction and debiased estimation (an infinite weight) it is refused up front."""
+    records the option."""
     import lorakit.noise
 
     one_image_data(tmp_path)
@@ -810,10 +810,31 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule(tmp_path, tiny_sd2_di
     assert any(not torch.allclose(zts[k], plain[k]) for k in zts)
     assert all(torch.isfinite(t).all() for t in zts.values())
     assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_min_snr_gamma"] == "5.0"
-    with pytest.raises(ConfigError, match="needs a v-prediction model"):
-        lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
-                      output_dir=str(tmp_path / "c"), max_train_steps=1, zero_terminal_snr=True,
-                      debiased_estimation_loss=True)
+
+
+@pytest.mark.parametrize("model, options, weights", [
+    ("sd1", dict(debiased_estimation_loss=True), dict(debiased=True)),
+    ("sd2", dict(v_pred_like_loss=0.05), dict(v_pred_like=0.05))])
+def test_zero_terminal_snr_loss_weights_read_the_models_own_snr(tmp_path, tiny_sd1_dir, tiny_sd2_dir, model,
+                                                                options, weights):
+    """As in sd-scripts, the SNR loss weights read the model's own SNR, not the rescaled schedule's, whose last SNR
+    is 0 (there 1/√SNR for ε and 1 + λ/s for v are infinite): at t = 999 the loss is the plain loss times the
+    weight at the model's SNR, finite."""
+    from lorakit.models import load_models
+    from lorakit.noise import snr_weights
+
+    one_image_data(tmp_path)
+    folder = str(tiny_sd1_dir if model == "sd1" else tiny_sd2_dir)
+    base = dict(pretrained_model_name_or_path=folder, train_data_dir=str(tmp_path / "data"), max_train_steps=1,
+                learning_rate=1e-3, sample_at_end=False, zero_terminal_snr=True, min_timestep=999, max_timestep=1000)
+    plain = lorakit.train(**base, output_dir=str(tmp_path / "a"))
+    weighted = lorakit.train(**base, output_dir=str(tmp_path / "b"), **options)
+    comps = load_models(folder)
+    a = comps.noise_scheduler.alphas_cumprod[999:]
+    weight = snr_weights(a / (1 - a), v_prediction=comps.prediction_type == "v_prediction", **weights).item()
+    assert 1.1 < weight < 100
+    assert weighted.loss_history[0]["loss"] == pytest.approx(plain.loss_history[0]["loss"] * weight, rel=1e-5)
+    assert all(torch.isfinite(t).all() for t in read_lora(weighted.lora_path)[0].values())
 
 
 def test_v_prediction_loss_options_reach_the_loss(tmp_path, tiny_sd2_dir):
@@ -836,8 +857,6 @@ def test_v_prediction_loss_options_reach_the_loss(tmp_path, tiny_sd2_dir):
                                                           rel=1e-5)
     meta = read_lora(scaled.lora_path)[1]
     assert meta["ss_scale_v_pred_loss_like_noise_pred"] == "True" and meta["ss_v_pred_like_loss"] == "0.5"
-    with pytest.raises(ConfigError, match="`v_pred_like_loss` cannot be used with `zero_terminal_snr`"):
-        TrainConfig(v_pred_like_loss=0.1, zero_terminal_snr=True)
 
 
 def test_scale_weight_norms_keeps_every_module_within_the_norm(tmp_path, tiny_sd1_dir):

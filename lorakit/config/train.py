@@ -361,7 +361,8 @@ class TrainConfig(JobConfig):
     v_pred_like_loss: float | None = option(None, "Add this much of a v-prediction-like loss (sd-scripts; e.g. 0.1).",
                                             group="training", min=0.0)
     zero_terminal_snr: bool = option(False, "Train on the noise schedule rescaled to zero SNR at the last timestep "
-                                     "(arxiv.org/abs/2305.08891; for v-prediction models).", group="training")
+                                     "(arxiv.org/abs/2305.08891; for v-prediction models). The SNR loss weights keep "
+                                     "the model's own SNR, as in sd-scripts.", group="training")
     min_timestep: int = option(0, "Train on timesteps ≥ this (sd-scripts option; 0 = all).", group="training",
                                min=0, max=999)
     max_timestep: int = option(1000, "Train on timesteps < this (sd-scripts option; 1000 = all).",
@@ -468,9 +469,6 @@ class TrainConfig(JobConfig):
             raise ConfigError("set `max_train_steps` or `max_train_epochs`")
         if self.min_timestep >= self.max_timestep:
             raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
-        if self.zero_terminal_snr and self.v_pred_like_loss:
-            raise ConfigError("`v_pred_like_loss` cannot be used with `zero_terminal_snr`: its weight (SNR + 1)/SNR is "
-                              "infinite at the last timestep (SNR 0)")
         if self.loss_type in HUBER_LOSSES and not self.huber_c:
             raise ConfigError(f"`loss_type = {self.loss_type}` needs `huber_c` > 0 (its threshold; 0.1 is usual)")
         if self.loss_type in HUBER_LOSSES and self.huber_schedule == "exponential" and self.huber_c >= 1:
