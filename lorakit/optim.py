@@ -1,7 +1,8 @@
 """Optimizers and learning-rate schedules by their sd-scripts names.
 
 `make_optimizer(name, param_groups, lr, args)` — AdamW (torch's fused kernel on CPU and CUDA), Lion (lion-pytorch),
-Prodigy (prodigyopt; learning rates around 1.0, it adapts them), Adafactor (transformers; fixed LR), SGD,
+Prodigy (prodigyopt; learning rates around 1.0, it adapts them), Adafactor (transformers; its relative step size,
+or a fixed LR with `relative_step=False`), SGD,
 SGDNesterov (momentum 0.9 unless set), and bitsandbytes' 8-bit and paged optimizers (CUDA only: `BNB_OPTIMIZERS`).
 `make_scheduler(...)` — diffusers' `get_scheduler` (constant, linear, cosine, cosine_with_restarts, polynomial,
 constant_with_warmup) and transformers' cosine_with_min_lr, inverse_sqrt and warmup_stable_decay, with warm-up.
@@ -49,10 +50,12 @@ def make_optimizer(name: str, param_groups: list[dict], lr: float, args: list[st
         raise ConfigError(f"`optimizer_args` {args} are not accepted by {name}: {e}") from None
 
 
-def check_optimizer(name: str, lr: float, args: list[str] | None, device: torch.device | str) -> None:
-    """Build the optimizer once over a dummy parameter, so that a missing package or a bad `optimizer_args` value
-    is reported before the model is downloaded and the latents are cached."""
-    make_optimizer(name, [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))]}], lr, args, device)
+def check_optimizer(name: str, lr: float, args: list[str] | None, device: torch.device | str,
+                    warmup: bool = False) -> None:
+    """Build the optimizer (and a schedule, with `warmup` or not) once over a dummy parameter, so that a missing
+    package or a bad `optimizer_args` value is reported before the model is downloaded and the latents are cached."""
+    opt = make_optimizer(name, [{"params": [torch.nn.Parameter(torch.zeros(1, device=device))]}], lr, args, device)
+    make_scheduler("constant", opt, warmup_steps=int(warmup), total_steps=2)
 
 
 def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict,
@@ -94,13 +97,18 @@ def _make_optimizer(name: str, param_groups: list[dict], lr: float, kwargs: dict
     if name == "Adafactor":
         from transformers.optimization import Adafactor
 
-        # a fixed learning rate (relative_step=False) so lorakit's schedules apply, as sd-scripts does by default
-        kwargs = {"relative_step": False, "scale_parameter": False, "warmup_init": False, **kwargs}
-        if kwargs["relative_step"]:
-            raise ConfigError("Adafactor with `relative_step=True` sets its own learning rate; lorakit uses "
-                              "fixed learning rates with `lr_scheduler` — remove `relative_step=True`")
-        return Adafactor(param_groups, lr=lr, **kwargs)
+        # as sd-scripts: Adafactor's own relative step size unless `relative_step=False` (then `lr` and lorakit's
+        # schedules drive it); `warmup_init` needs the relative step; transformers' other defaults
+        kwargs = {"relative_step": True, **kwargs}
+        kwargs["relative_step"] = bool(kwargs["relative_step"] or kwargs.get("warmup_init"))
+        return Adafactor(param_groups, lr=None if kwargs["relative_step"] else lr, **kwargs)
     raise ConfigError(f"unknown `optimizer_type` {name!r}")
+
+
+def relative_step_size(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` sets its own learning rate (Adafactor's relative step): the configured rates and the
+    schedule do not apply."""
+    return bool(optimizer.defaults.get("relative_step")) and type(optimizer).__name__ == "Adafactor"
 
 
 def resolve_warmup_steps(value: int | float, total_steps: int) -> int:
@@ -119,6 +127,12 @@ def make_scheduler(name: str, optimizer: torch.optim.Optimizer, *, warmup_steps:
     from diffusers.optimization import get_scheduler
     from transformers import optimization as hf
 
+    if relative_step_size(optimizer):  # sd-scripts: Adafactor's own rate, whatever `lr_scheduler` says
+        if warmup_steps:
+            raise ConfigError("Adafactor with its relative step size (sd-scripts' default) warms up by itself: set "
+                              "`lr_warmup_steps = 0`, or `optimizer_args = [\"relative_step=False\"]` for a fixed "
+                              "learning rate with warm-up")
+        return hf.AdafactorSchedule(optimizer, optimizer.param_groups[0]["lr"] or 0.0)  # steps: Adafactor's rate
     if name == "constant" and warmup_steps > 0:
         name = "constant_with_warmup"
     if name == "cosine_with_min_lr":

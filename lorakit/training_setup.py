@@ -21,7 +21,7 @@ from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
-from .optim import check_optimizer, make_optimizer, make_scheduler, resolve_warmup_steps
+from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
 from .text_encoding import (
     WINDOW,
     apply_emphasis,
@@ -301,7 +301,8 @@ def prepare_run(cfg, components=None) -> Run:
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed or 0)
-    check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device)
+    check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,
+                    warmup=bool(cfg.lr_warmup_steps))
     given = components is not None
     # ---- data, read and checked before the model is loaded (a download): bad inputs are refused at once
     scanned = scan_dataset(cfg)
@@ -481,6 +482,10 @@ def build_optimizer(cfg, run: Run):
                                power=cfg.lr_scheduler_power,
                                decay_steps=resolve_warmup_steps(cfg.lr_decay_steps, run.max_steps),
                                timescale=cfg.lr_scheduler_timescale, min_lr_ratio=cfg.lr_scheduler_min_lr_ratio)
+    if relative_step_size(optimizer):
+        run.log("Adafactor sets its own step size (relative_step, sd-scripts' default): learning_rate, unet_lr, "
+                "text_encoder_lr and lr_scheduler are not used (`optimizer_args = [\"relative_step=False\"]` "
+                "uses them)")
     scaler = torch.amp.GradScaler(run.device.type) if cfg.mixed_precision == "fp16" else None
     return optimizer, scheduler, scaler
 

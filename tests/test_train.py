@@ -417,6 +417,8 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
         (dict(device="cpu", optimizer_args=["weight_decay=abc"]), ConfigError,
          "`optimizer_args` \\['weight_decay=abc'\\] are not accepted by AdamW"),
         (dict(device="cpu", optimizer_type="AdamW8bit"), TrainingError, "AdamW8bit.*CUDA"),
+        (dict(device="cpu", optimizer_type="Adafactor", lr_warmup_steps=10), ConfigError,
+         "Adafactor with its relative step size .* warms up by itself"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
@@ -429,7 +431,8 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
 
 
 @pytest.mark.parametrize("name,lr,args", [("AdamW", 0.1, ["weight_decay=0.0"]), ("Lion", 0.05, []),
-                                          ("Prodigy", 1.0, []), ("Adafactor", 0.1, []), ("SGD", 0.1, ["momentum=0.9"]),
+                                          ("Prodigy", 1.0, []), ("Adafactor", 0.1, ["relative_step=False"]),
+                                          ("SGD", 0.1, ["momentum=0.9"]),
                                           ("SGDNesterov", 0.05, [])])
 def test_optimizers_minimise_a_quadratic(name, lr, args):
     from lorakit.optim import make_optimizer, make_scheduler
@@ -446,6 +449,51 @@ def test_optimizers_minimise_a_quadratic(name, lr, args):
         sched.step()
         opt.zero_grad()
     assert (w.detach() ** 2).sum().item() < 0.5 * start
+
+
+def test_adafactor_takes_its_relative_step_size_by_default_as_in_sd_scripts():
+    """sd-scripts' Adafactor without `relative_step=False` sets its own rate, min(1e-2, 1/√step) × RMS(weights):
+    the updates are transformers' Adafactor(lr=None), and the schedule reports that rate whatever the configured
+    one. `warmup_init` implies it; with `relative_step=False` the configured rate and schedule drive it."""
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    from lorakit.optim import make_optimizer, make_scheduler, relative_step_size
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(8, 8), [torch.randn(8, 8) for _ in range(3)]
+    w, ref = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = make_optimizer("Adafactor", [{"params": [w], "lr": 5e-4}], 5e-4, [])
+    sched = make_scheduler("cosine", opt, warmup_steps=0, total_steps=10)
+    ref_opt = Adafactor([ref], lr=None)
+    assert relative_step_size(opt) and isinstance(sched, AdafactorSchedule)
+    for g in grads:
+        rms = w.detach().pow(2).mean().sqrt().item()  # of the weights the step starts from
+        for p, o in ((w, opt), (ref, ref_opt)):
+            p.grad = g.clone()
+            o.step()
+        sched.step()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=0, atol=0)
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(min(1e-2, 1 / math.sqrt(3)) * rms, rel=1e-6)
+    assert relative_step_size(make_optimizer("Adafactor", [{"params": [w]}], 1e-3,
+                                             ["relative_step=False", "warmup_init=True"]))
+    fixed = make_optimizer("Adafactor", [{"params": [w], "lr": 1e-3}], 1e-3, ["relative_step=False"])
+    sched = make_scheduler("linear", fixed, warmup_steps=2, total_steps=10)
+    assert not relative_step_size(fixed) and fixed.param_groups[0]["lr"] == 0
+    with pytest.raises(ConfigError, match="warms up by itself"):
+        make_scheduler("constant", opt, warmup_steps=5, total_steps=10)
+
+
+def test_a_run_with_adafactor_records_the_rate_it_took(tmp_path, tiny_sd1_dir, capsys):
+    """With the relative step, `learning_rate` is not used (1.0 here would wreck the LoRA): the history's `lr` is
+    Adafactor's own rate, and the run says which options it leaves unused."""
+    one_image_data(tmp_path)
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=2, optimizer_type="Adafactor",
+                           learning_rate=1.0, sample_at_end=False)
+    lrs = [row["lr"] for row in result.loss_history]
+    assert all(0 < lr <= 1e-2 for lr in lrs)
+    assert all(torch.isfinite(t).all() for t in read_lora(result.lora_path)[0].values())
+    assert "learning_rate, unet_lr, text_encoder_lr and lr_scheduler are not used" in capsys.readouterr().out
 
 
 def test_sgd_nesterov_is_sd_scripts_nesterov_momentum():
