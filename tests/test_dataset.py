@@ -600,3 +600,29 @@ def test_bad_datasets_are_refused_before_the_model_is_loaded(tmp_path, monkeypat
         with pytest.raises(error, match=match):
             lorakit.train(pretrained_model_name_or_path="someone/sd-model", output_dir=str(tmp_path / "out"),
                           max_train_steps=1, **options)
+
+
+def test_color_aug_changes_a_third_of_the_images_by_hue_or_gamma_as_sd_scripts():
+    """sd-scripts' colour jitter: p = 0.33, then a hue shift within ±8/180 of a turn or a gamma in [0.95, 1.05],
+    half each; the gamma applies to [0, 1] values and the hue shift turns the colour wheel."""
+    from lorakit.data.color import ColorJitter, apply_color_jitter, draw_color_jitter
+
+    draws = [draw_color_jitter(random.Random(i)) for i in range(3000)]
+    changed = [d for d in draws if d is not None]
+    hues = [d.hue for d in changed if d.hue]
+    gammas = [d.gamma for d in changed if d.gamma != 1.0]
+    assert 0.30 < len(changed) / len(draws) < 0.36 and len(hues) + len(gammas) == len(changed)
+    assert 0.4 < len(hues) / len(changed) < 0.6
+    assert all(abs(h) <= 8 / 180 for h in hues) and all(0.95 <= g <= 1.05 for g in gammas)
+    assert min(hues) < -7 / 180 and max(hues) > 7 / 180 and min(gammas) < 0.955 and max(gammas) > 1.045
+
+    gray = Image.new("RGB", (4, 4), (128, 128, 128))
+    out = np.asarray(apply_color_jitter(gray, ColorJitter(gamma=1.05)))
+    assert (out == round(255 * (128 / 255) ** 1.05)).all()  # 124: on [0, 1] values, not 128 ** 1.05 = 163
+    white = np.asarray(apply_color_jitter(Image.new("RGB", (4, 4), (255, 255, 255)), ColorJitter(gamma=0.95)))
+    assert (white == 255).all()
+    red = Image.new("RGB", (4, 4), (255, 0, 0))
+    turned = np.asarray(apply_color_jitter(red, ColorJitter(hue=8 / 180)))[0, 0]
+    assert turned[0] > 240 and 50 < turned[1] < 90 and turned[2] < 5  # red, 16° towards yellow
+    back = np.asarray(apply_color_jitter(red, ColorJitter(hue=-8 / 180)))[0, 0]
+    assert back[0] > 240 and back[1] < 5 and 50 < back[2] < 90  # towards magenta

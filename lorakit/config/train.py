@@ -226,7 +226,8 @@ class TrainConfig(JobConfig):
         None, "Caption length the text encoder reads, in tokens: 150 or 225 read longer captions in 75-token "
         "windows (sd-scripts). Unset: 75, the rest of a longer caption is cut off.", group="data",
         choices=(75, 150, 225))
-    color_aug: bool = option(False, "Random hue jitter (needs cache_latents = false).", group="data")
+    color_aug: bool = option(False, "Colour jitter as in sd-scripts: a third of the images get a hue shift (±16°) or "
+                             "a gamma of 0.95-1.05 (needs cache_latents = false).", group="data")
     flip_aug: bool = option(False, "Random horizontal flips (don't use for asymmetric subjects).", group="data")
     random_crop: bool = option(False, "Random instead of centre crop (needs cache_latents = false).", group="data")
     alpha_mask: bool = option(False, "Learn only where the images are opaque: each image's transparency weights its "

@@ -22,6 +22,7 @@ from ..config.schema import parse_resolution
 from ..errors import ConfigError, DatasetError
 from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
 from .captions import process_caption
+from .color import ColorJitter, apply_color_jitter, draw_color_jitter
 from .dataset_toml import SUBSET_OPTIONS, load_dataset_config
 from .folders import (
     DatasetSpec,
@@ -234,8 +235,8 @@ class TrainDataset:
                 latents.append(entry["flipped"] if flip else entry["latent"])
             else:
                 offset = (rng.random(), rng.random()) if augment and sub.random_crop else None
-                hue = rng.uniform(-8 / 180, 8 / 180) if augment and sub.color_aug else None
-                pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, hue_shift=hue))
+                color = draw_color_jitter(rng) if augment and sub.color_aug else None
+                pixels.append(prepare_pixels(ex, flip=flip, crop_offset=offset, color=color))
             masks.append(self.mask(i, flip=flip, crop_offset=offset) if ex.item.masked else None)
             every = sub.caption_dropout_every_n_epochs
             captions.append(process_caption(
@@ -304,8 +305,8 @@ class TrainDataset:
 
 
 def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float, float] | None = None,
-                   hue_shift: float | None = None) -> torch.Tensor:
-    """Load, resize to cover the bucket, crop, flip, jitter hue → [3, H, W] in [-1, 1]."""
+                   color: ColorJitter | None = None) -> torch.Tensor:
+    """Load, resize to cover the bucket, crop, flip, change colour (`color_aug`) → [3, H, W] in [-1, 1]."""
     im = load_rgb(ex.item.path)
     if im.size != ex.choice.resized:
         im = im.resize(ex.choice.resized, resize_filter(ex.item.subset.resize_interpolation, im.size,
@@ -313,11 +314,8 @@ def prepare_pixels(ex: Example, *, flip: bool = False, crop_offset: tuple[float,
     im = im.crop(crop_box(ex.choice.resized, ex.choice.bucket, random_offset=crop_offset))
     if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if hue_shift:
-        h, s, v = im.convert("HSV").split()
-        shift = int(round(hue_shift * 255))
-        h = h.point(lambda x: (x + shift) % 256)
-        im = Image.merge("HSV", (h, s, v)).convert("RGB")
+    if color is not None:
+        im = apply_color_jitter(im, color)
     return image_to_tensor(im)
 
 
