@@ -113,12 +113,15 @@ def _resnet(rest: str, table: dict[str, str]) -> str:
     return f"{table[head]}.{tail}"
 
 
+# U-Net layers outside the blocks: diffusers prefix -> LDM prefix
+UNET_FIXED = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+
+
 def unet_ldm_name(name: str, layout: LdmLayout) -> str:
     """`down_blocks.0.attentions.0.proj_in.weight` -> `input_blocks.1.1.proj_in.weight` (no prefixes)."""
     n = layout.layers_per_block
-    fixed = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
-    for src, dst in fixed.items():
+    for src, dst in UNET_FIXED.items():
         if name.startswith(src):
             return dst + name[len(src):]
     if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", name):

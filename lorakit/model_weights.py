@@ -26,6 +26,7 @@ import torch
 from .checkpoint_keys import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
+    UNET_FIXED,
     UNET_PREFIX,
     LdmKey,
     LdmLayout,
@@ -142,7 +143,10 @@ def diffusers_names_for_ldm(key: str, layout: LdmLayout) -> list[str]:
     names: list[str] = []
     if key.startswith(UNET_PREFIX):
         k = key[len(UNET_PREFIX):]
-        if m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", k):
+        fixed = [src + k[len(dst):] for src, dst in UNET_FIXED.items() if k.startswith(dst)]
+        if fixed:
+            names = ["unet." + fixed[0]]
+        elif m := re.fullmatch(r"input_blocks\.(\d+)\.([01])\.(.+)", k):
             i, j = divmod(int(m[1]) - 1, n + 1)
             if j < n:
                 rest = _resnet_back(m[3]) if m[2] == "0" else m[3]

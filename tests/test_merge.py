@@ -316,3 +316,34 @@ def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
     save_safetensors({k: v for k, v in ldm.items() if not k.startswith(CLIP_PREFIX)}, tmp_path / "unet.safetensors")
     with pytest.raises(ModelLoadError, match="no text encoder in this checkpoint"):
         merge(sd_model=str(tmp_path / "unet.safetensors"), models=[str(a)], save_to=str(tmp_path / "u.safetensors"))
+
+
+def test_loras_on_the_layers_outside_the_blocks_merge_into_a_single_file(setup):
+    """`conv_in`, `conv_out` and the time embedding are outside the U-Net's blocks (A1111 and diffusers apply LoRAs
+    on them): merged into a single file or a folder, each becomes W + alpha/rank · up @ down."""
+    from lorakit.formats import save_lora
+
+    family, d, comps, _, _ = setup
+    gen = torch.Generator().manual_seed(5)
+    layers = {"conv_in": comps.unet.conv_in, "conv_out": comps.unet.conv_out,
+              "time_embedding_linear_1": comps.unet.time_embedding.linear_1}
+    tensors = {}
+    for name, layer in layers.items():
+        w = layer.weight
+        down_shape = (2, *w.shape[1:]) if w.dim() == 4 else (2, w.shape[1])
+        tensors[f"lora_unet_{name}.lora_down.weight"] = torch.randn(down_shape, generator=gen)
+        tensors[f"lora_unet_{name}.lora_up.weight"] = torch.randn((w.shape[0], 2, 1, 1)[:w.dim()], generator=gen)
+        tensors[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
+    lora = d / "outside.safetensors"
+    save_lora(lora, tensors)
+    for dst in (d / "outside-merged.safetensors", d / "outside-merged-folder"):
+        merge(sd_model=str(d / "base.safetensors"), models=[str(lora)], ratios=[0.5], save_to=str(dst),
+              overwrite=True)
+        merged = open_weights(dst)
+        for name, layer in layers.items():
+            up, down = tensors[f"lora_unet_{name}.lora_up.weight"], tensors[f"lora_unet_{name}.lora_down.weight"]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(layer.weight.shape)
+            param = "unet." + ("time_embedding.linear_1" if name.startswith("time") else name) + ".weight"
+            torch.testing.assert_close(merged.get(param), layer.weight.detach() + 0.5 * 0.5 * delta, rtol=0,
+                                       atol=2e-6, msg=f"{dst.name}: {param}")
+        merged.close()
