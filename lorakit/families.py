@@ -69,7 +69,9 @@ def base_model_version(family: Family, prediction_type: str) -> str:
     return family.base_model_version + ("_v" if family.v2 and prediction_type == "v_prediction" else "")
 
 
-def modelspec_architecture(family: Family, resolution: int) -> str:
-    if family.v2 and resolution >= 768:
+def modelspec_architecture(family: Family, prediction_type: str) -> str:
+    """modelspec.architecture of a LoRA: SD2's v-prediction models are `768-v` whatever size it was trained at
+    (sd-scripts' `determine_architecture`)."""
+    if family.v2 and prediction_type == "v_prediction":
         return "stable-diffusion-v2-768-v/lora"
     return family.modelspec_architecture

@@ -138,7 +138,7 @@ def sum_loras(parts: Sequence[LoraFactors], ratios: Sequence[float]) -> LoraFact
     """sd-scripts' default LoRA+LoRA merge (merge_lora.py): add the factors themselves.
 
     `up = Σ |c_i|·up_i`, `down = Σ c_i·down_i` with `c_i = sqrt(alpha_i / alpha_base) · ratio_i`, alpha = alpha_base
-    (the first LoRA's). Ranks must match. The result equals `Σ ratio_i² · scale_i · up_i @ down_i` only when there is
+    (the first LoRA's). Ranks must match. The result equals `ratio·|ratio| · scale · up @ down` only when there is
     one input; with several it adds cross terms `up_i @ down_j` — an approximation, kept for users who expect it.
     Use `concat_loras` or `svd_loras` for exact merges.
     """

@@ -367,3 +367,18 @@ def test_inspect_cli_prints_the_summary(tiny_sd1_dir, tmp_path, capsys):
     assert "unknown" in out and "1 without alpha (= rank)" in out and "metadata:   none" in out
     assert cli_main(["inspect", str(tmp_path / "missing.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_modelspec_architecture_follows_the_prediction_type_not_the_size():
+    """sd-scripts' rule: an SD2 LoRA is `768-v` when its model predicts v, whatever size it was trained at — an
+    SD2-768-v LoRA trained at 512 px and an SD2-base LoRA trained at 768 px keep their model's label."""
+    from lorakit.families import SD1, SD2
+    from lorakit.lora_metadata import lora_base_metadata
+
+    def arch(family, prediction, resolution):
+        meta = lora_base_metadata(family, prediction, network_dim=4, network_alpha=4, resolution=resolution)
+        return meta["modelspec.architecture"], meta["modelspec.prediction_type"]
+
+    assert arch(SD2, "v_prediction", 512) == ("stable-diffusion-v2-768-v/lora", "v")
+    assert arch(SD2, "epsilon", 768) == ("stable-diffusion-v2-512/lora", "epsilon")
+    assert arch(SD1, "epsilon", 768) == ("stable-diffusion-v1/lora", "epsilon")
