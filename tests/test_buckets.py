@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from lorakit.data.buckets import crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
+from lorakit.data.buckets import bucket_range, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
 
 # The table for 512 worked by hand from the documented rule (KOHYA_FORMAT.md §8, sd-scripts make_bucket_resolutions):
 # width w from 256 to 1024 step 64, height = min(1024, floor(512*512 / w / 64) * 64), kept when ≥ 256, both ways.
@@ -20,6 +20,14 @@ TABLE_512 = sorted({
 
 def test_table_512_matches_documented_rule():
     assert make_bucket_resolutions((512, 512), 256, 1024, 64) == TABLE_512
+
+
+def test_bucket_limits_off_the_steps_are_rounded_out_as_sd_scripts_does():
+    """sd-scripts rounds `min_bucket_reso` down and `max_bucket_reso` up to `bucket_reso_steps`: 300 → 256 and
+    1000 → 1024 give the standard table, every side a multiple of the step (not 300x832 or 256x1000)."""
+    assert bucket_range(300, 1000, 64) == (256, 1024) and bucket_range(256, 1024, 64) == (256, 1024)
+    assert make_bucket_resolutions((512, 512), 300, 1000, 64) == TABLE_512
+    assert all(w % 48 == 0 and h % 48 == 0 for w, h in make_bucket_resolutions((768, 768), 250, 1000, 48))
 
 
 def test_table_768_properties():

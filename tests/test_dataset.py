@@ -204,6 +204,19 @@ def test_batches_share_a_bucket_and_are_deterministic(tmp_path):
         assert batch.pixels.min() >= -1 and batch.pixels.max() <= 1
 
 
+def test_bucket_limits_off_the_steps_are_rounded_and_noted(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    for i, s in enumerate([(128, 64), (64, 128), (96, 96)]):
+        pattern(*s, seed=i).save(d / f"{i}.png")
+    cfg = cfg_for(tmp_path, train_data_dir=str(d), enable_bucket=True, min_bucket_reso=40, max_bucket_reso=120,
+                  bucket_reso_steps=16, cache_latents=False)
+    ds = TrainDataset.from_config(cfg, native_resolution=64)
+    assert all(w % 16 == 0 and h % 16 == 0 and 32 <= min(w, h) and max(w, h) <= 128
+               for w, h in (ex.choice.bucket for ex in ds.examples))
+    assert "min_bucket_reso 40 → 32, max_bucket_reso 120 → 128" in ds.report.format()
+
+
 def test_dataset_toml(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "regs").mkdir()

@@ -20,11 +20,19 @@ import math
 from dataclasses import dataclass
 
 
-def make_bucket_resolutions(resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,
-                            steps: int = 64) -> list[tuple[int, int]]:
-    """The sorted bucket table `[(width, height), ...]` for a training `resolution` (width, height)."""
+def bucket_range(min_reso: int, max_reso: int, steps: int) -> tuple[int, int]:
+    """`min_bucket_reso` rounded down and `max_bucket_reso` rounded up to a multiple of `steps` (sd-scripts'
+    `adjust_min_max_bucket_reso_by_steps`), so that every bucket side is one."""
     if steps < 1:
         raise ValueError(f"`bucket_reso_steps` must be ≥ 1, got {steps}")
+    return min_reso - min_reso % steps, -(-max_reso // steps) * steps
+
+
+def make_bucket_resolutions(resolution: tuple[int, int], min_reso: int = 256, max_reso: int = 1024,
+                            steps: int = 64) -> list[tuple[int, int]]:
+    """The sorted bucket table `[(width, height), ...]` for a training `resolution` (width, height), the range
+    first rounded out to multiples of `steps` (`bucket_range`)."""
+    min_reso, max_reso = bucket_range(min_reso, max_reso, steps)
     max_area = resolution[0] * resolution[1]
     side = int(math.sqrt(max_area) // steps) * steps
     resos = {(side, side)}

@@ -20,7 +20,14 @@ from PIL import Image
 
 from ..config.schema import parse_resolution
 from ..errors import ConfigError, DatasetError
-from .buckets import BucketChoice, crop_box, fixed_size_choice, make_bucket_resolutions, select_bucket
+from .buckets import (
+    BucketChoice,
+    bucket_range,
+    crop_box,
+    fixed_size_choice,
+    make_bucket_resolutions,
+    select_bucket,
+)
 from .captions import process_caption
 from .color import ColorJitter, apply_color_jitter, draw_color_jitter
 from .dataset_toml import SUBSET_OPTIONS, load_dataset_config
@@ -108,6 +115,7 @@ def scan_dataset(cfg) -> ScannedDataset:
                           f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
     items = []
     for spec in specs:
+        _round_bucket_range(spec, report)
         if spec.resolution is not None:  # set by the config (else the model's size, known once it is loaded)
             _check_bucket_range(spec)
         train_items, reg_items, val_items = [], [], []
@@ -379,6 +387,19 @@ def _assign_mask_folders(subsets: list[Subset], train_dir: Path, mask_dir: Path)
     for sub in subsets:
         own = mask_dir / sub.image_dir.name
         sub.mask_dir = own if sub.image_dir != train_dir and own.is_dir() else mask_dir
+
+
+def _round_bucket_range(spec: DatasetSpec, report: LoadReport) -> None:
+    """Bucket limits that are not multiples of `bucket_reso_steps` are rounded out to them, with a note."""
+    if not spec.enable_bucket:
+        return
+    lo, hi = bucket_range(spec.min_bucket_reso, spec.max_bucket_reso, spec.bucket_reso_steps)
+    if (lo, hi) != (spec.min_bucket_reso, spec.max_bucket_reso):
+        report.note("bucket_reso_steps", f"bucket limits rounded to multiples of bucket_reso_steps "
+                                         f"({spec.bucket_reso_steps}), as sd-scripts does: min_bucket_reso "
+                                         f"{spec.min_bucket_reso} → {lo}, max_bucket_reso "
+                                         f"{spec.max_bucket_reso} → {hi}")
+        spec.min_bucket_reso, spec.max_bucket_reso = lo, hi
 
 
 def _check_bucket_range(spec: DatasetSpec) -> None:
