@@ -253,6 +253,38 @@ batch_size = 2
         TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
 
 
+def test_dataset_toml_reads_sd_scripts_keys_that_are_off(tmp_path, capsys):
+    """A GUI-made dataset TOML lists sd-scripts' keys at their off values (token warm-up 0, a multiplier of 1,
+    caption_dropout_every_n_epochs 0): read with a note, as the train config reads them; on, refused by name."""
+    (tmp_path / "imgs").mkdir()
+    pattern(64, 64, 0).save(tmp_path / "imgs" / "0.png")
+    toml = tmp_path / "dataset.toml"
+    body = """
+[general]
+cache_info = false
+caption_dropout_every_n_epochs = 0
+[[datasets]]
+resolution = 64
+network_multiplier = {multiplier}
+  [[datasets.subsets]]
+  image_dir = "imgs"
+  token_warmup_step = 0
+  token_warmup_min = 1
+  custom_attributes = {{}}
+"""
+    toml.write_text(body.format(multiplier="1.0"))
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert len(ds.examples) == 1 and ds.examples[0].item.subset.caption_dropout_every_n_epochs == 0
+    err = capsys.readouterr().err
+    assert "`cache_info` in [general] of dataset.toml is not used by lorakit" in err
+    assert "token_warmup_step, token_warmup_min, custom_attributes" in err and "network_multiplier" in err
+    toml.write_text(body.format(multiplier="0.5"))
+    with pytest.raises(ConfigError, match=r"`network_multiplier` in \[\[datasets\]\] #1 of dataset.toml is set, but "
+                                          "lorakit does not have a per-dataset LoRA multiplier"):
+        TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert TrainConfig(caption_dropout_every_n_epochs=0).caption_dropout_every_n_epochs == 0
+
+
 def test_latent_cache_on_disk_is_reused_and_invalidated(tmp_path, tiny_sd1_dir):
     from diffusers import AutoencoderKL
 

@@ -194,6 +194,29 @@ def check_extension(name: str, value: str, where: str = "") -> None:
                           f"\".caption\"; got {value!r}{where}")
 
 
+def resolve_foreign_keys(data: dict, own: set[str], where: str = "", *, aliases: dict[str, str],
+                         ignored: dict[str, str], unsupported: dict[str, tuple[tuple, str]]) -> dict:
+    """`JobConfig.resolve_foreign` with its tables given (also used for the tables of a dataset TOML); `own`: the
+    keys that are lorakit's, which the tables never touch."""
+    out, off = {}, []
+    for key, value in data.items():
+        key = aliases.get(key, key) if key not in own else key
+        if key in ignored and key not in own:
+            print(f"note: `{key}`{where} is not used by lorakit: {ignored[key]}", file=sys.stderr)
+        elif key in unsupported and key not in own:
+            offs, what = unsupported[key]
+            if value not in offs:
+                raise ConfigError(f"`{key}`{where} is set, but lorakit does not have {what} (an sd-scripts "
+                                  f"option); remove it, or set it to {_off_spelling(offs)} (off)")
+            off.append(key)
+        else:
+            out[key] = value
+    if off:
+        print(f"note: {len(off)} sd-scripts option(s){where} set to off are not in lorakit: "
+              f"{', '.join(off)}", file=sys.stderr)
+    return out
+
+
 def _off_spelling(offs: tuple) -> str:
     """How to write an option's "off" value in TOML: `false`, `0`, `"l2"`, …"""
     value = next((v for v in offs if v is not None), None)
@@ -268,27 +291,9 @@ class JobConfig:
         renamed, `ignored_options` (nothing to do here) left out with a note, `unsupported_options` (a feature
         lorakit lacks) left out while set to an "off" value and refused by name otherwise. Other keys pass as they
         are; the job's own options always win over the tables."""
-        specs = cls.spec_map()
-        aliases = getattr(cls, "aliases", {})
-        ignored = getattr(cls, "ignored_options", {})
-        unsupported = getattr(cls, "unsupported_options", {})
-        out, off = {}, []
-        for key, value in data.items():
-            key = aliases.get(key, key) if key not in specs else key
-            if key in ignored and key not in specs:
-                print(f"note: `{key}`{where} is not used by lorakit: {ignored[key]}", file=sys.stderr)
-            elif key in unsupported and key not in specs:
-                offs, what = unsupported[key]
-                if value not in offs:
-                    raise ConfigError(f"`{key}`{where} is set, but lorakit does not have {what} (an sd-scripts "
-                                      f"option); remove it, or set it to {_off_spelling(offs)} (off)")
-                off.append(key)
-            else:
-                out[key] = value
-        if off:
-            print(f"note: {len(off)} sd-scripts option(s){where} set to off are not in lorakit: "
-                  f"{', '.join(off)}", file=sys.stderr)
-        return out
+        return resolve_foreign_keys(data, set(cls.spec_map()), where, aliases=getattr(cls, "aliases", {}),
+                                    ignored=getattr(cls, "ignored_options", {}),
+                                    unsupported=getattr(cls, "unsupported_options", {}))
 
     @classmethod
     def from_dict(cls, data: dict, *, where: str = ""):

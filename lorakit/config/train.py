@@ -203,8 +203,8 @@ class TrainConfig(JobConfig):
     keep_tokens: int = option(0, "Keep the first N tags in place when shuffling.", group="data", min=0)
     caption_dropout_rate: float = option(0.0, "Probability of training a step with an empty caption.",
                                          group="data", min=0.0, max=1.0)
-    caption_dropout_every_n_epochs: int | None = option(None, "Train every Nth epoch with empty captions.",
-                                                        group="data", min=1)
+    caption_dropout_every_n_epochs: int | None = option(None, "Train every Nth epoch with empty captions (0: "
+                                                        "never, as unset).", group="data", min=0)
     caption_tag_dropout_rate: float = option(0.0, "Probability of leaving out each tag (after `keep_tokens`) when "
                                              "an image is drawn.", group="data", min=0.0, max=1.0)
     keep_tokens_separator: str = option("", "Tags before this marker in a caption (e.g. `|||`) stay in place; "

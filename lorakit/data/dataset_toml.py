@@ -29,7 +29,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config.schema import check_extension, checked_value, parse_resolution, read_toml, scalar_spec
+from ..config.schema import (
+    check_extension,
+    checked_value,
+    parse_resolution,
+    read_toml,
+    resolve_foreign_keys,
+    scalar_spec,
+)
 from ..config.train import check_augmentations_uncached
 from ..errors import ConfigError
 from .folders import DatasetSpec, Subset
@@ -51,6 +58,20 @@ SUBSET_ONLY = {"image_dir": scalar_spec("image_dir", str), "is_reg": scalar_spec
                "conditioning_data_dir": scalar_spec("conditioning_data_dir", str)}
 # where the train config spells a value differently
 CONFIG_NAMES = {"batch_size": "train_batch_size"}
+
+
+# sd-scripts' dataset keys lorakit lacks, read while off (as the train config reads its own: `TrainConfig`'s tables)
+DATASET_UNSUPPORTED = {"network_multiplier": ((1, 1.0), "a per-dataset LoRA multiplier"),
+                       "custom_attributes": (({},), "custom attributes (for custom dataset classes)")}
+
+
+def _foreign_left_out(table: dict, cfg, where: str, path: Path) -> dict:
+    """`table` without the sd-scripts keys that lorakit lacks and that are off (noted), or that change nothing
+    here (noted); one that is on is refused by name."""
+    cls = type(cfg)
+    return resolve_foreign_keys(table, SUBSET_KEYS | DATASET_KEYS | set(SUBSET_ONLY) | {"subsets"},
+                                f" in {where} of {path.name}", aliases=cls.aliases, ignored=cls.ignored_options,
+                                unsupported={**cls.unsupported_options, **DATASET_UNSUPPORTED})
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, path: Path) -> None:
@@ -88,6 +109,7 @@ def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, in
     general = data.get("general", {})
     if not isinstance(general, dict):
         raise ConfigError(f"{path.name}: `general` must be a table, written [general]")
+    general = _foreign_left_out(general, cfg, "[general]", path)
     _check_keys(general, SUBSET_KEYS | DATASET_KEYS, "[general]", path)
     datasets = _tables(data.get("datasets"), "datasets", path)
     if not datasets:
@@ -106,10 +128,12 @@ def load_dataset_config(path: str | Path, cfg, default_resolution: tuple[int, in
     specs = []
     for i, ds in enumerate(datasets):
         ds_where = f"[[datasets]] #{i + 1}"
+        ds = _foreign_left_out(ds, cfg, ds_where, path)
         _check_keys(ds, SUBSET_KEYS | DATASET_KEYS | {"subsets"}, ds_where, path)
         subsets = []
         for j, sub in enumerate(_tables(ds.get("subsets"), "datasets.subsets", path)):
             where = f"[[datasets.subsets]] #{j + 1} of dataset #{i + 1}"
+            sub = _foreign_left_out(sub, cfg, where, path)
             _check_keys(sub, SUBSET_KEYS | set(SUBSET_ONLY), where, path)
             scopes = ((sub, where), (ds, ds_where), (general, "[general]"))
             image_dir, meta = lookup("image_dir", scopes[0]), lookup("metadata_file", scopes[0])
