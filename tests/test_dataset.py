@@ -346,6 +346,27 @@ def test_sd_scripts_metadata_json_subset(tmp_path):
     assert any(p.endswith("gone") and "missing" in r for p, r in ds.report.skipped)
 
 
+def test_sd_scripts_metadata_jsonl_subset(tmp_path):
+    """sd-scripts' JSONL metadata: one `{"image_path", "caption", "tags"}` object a line, paths relative to
+    `image_dir` or absolute; caption and tags joined as in its JSON."""
+    (tmp_path / "ft").mkdir()
+    for i in range(3):
+        pattern(64, 64, i).save(tmp_path / "ft" / f"img{i}.png")
+    rows = [{"image_path": "img0.png", "caption": "a cat", "tags": "sofa", "image_size": [64, 64]},
+            {"image_path": str(tmp_path / "ft" / "img1.png"), "caption": "a dog"},
+            {"image_path": "img2.png", "tags": "bird, sky"}]
+    (tmp_path / "meta.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    toml = tmp_path / "ds.toml"
+    toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'ft'\n"
+                    "metadata_file = 'meta.jsonl'\n")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+    assert sorted((e.item.path.name, e.item.caption) for e in ds.examples) == [
+        ("img0.png", "a cat, sofa"), ("img1.png", "a dog"), ("img2.png", "bird, sky")]
+    (tmp_path / "meta.jsonl").write_text('{"caption": "no path"}\n')
+    with pytest.raises(DatasetError, match="line 1: expected a JSON object with `file_name` .* or `image_path`"):
+        TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+
+
 def test_dataset_toml_scopes_num_repeats_and_class_tokens_like_sd_scripts(tmp_path):
     """sd-scripts lets `num_repeats` and `class_tokens` be set at dataset or [general] level, inherited by subsets."""
     one_image_folders(tmp_path, "a", "b")

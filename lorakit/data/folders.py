@@ -199,31 +199,38 @@ def _caption_for(image: Path, subset: Subset, report: LoadReport) -> str | None:
 
 
 def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
-    """image path -> caption from an imagefolder metadata.jsonl or an sd-scripts metadata JSON."""
+    """image path -> caption from an imagefolder metadata.jsonl, or an sd-scripts metadata JSON or JSONL (lines of
+    `{"image_path": ..., "caption": ..., "tags": ...}`)."""
     meta = Path(subset.metadata_file)
     if not meta.is_file():
         raise DatasetError(f"metadata file not found: {meta}")
     out: dict[Path, str] = {}
     if meta.suffix == ".jsonl":
+        data = {}
         for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                name = row["file_name"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DatasetError(f"{meta.name} line {n}: expected a JSON object with `file_name`, got "
-                                   f"{line[:80]!r}") from None
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("image_path"), str):  # sd-scripts' JSONL
+                data[row["image_path"]] = {k: row[k] for k in ("caption", "tags") if k in row}
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                raise DatasetError(f"{meta.name} line {n}: expected a JSON object with `file_name` (a Hugging Face "
+                                   f"imagefolder) or `image_path` (sd-scripts), got {line[:80]!r}")
+            name = row["file_name"]
             caption = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
             if caption is None:
                 report.note(subset.image_dir / name, f"no {'/'.join(CAPTION_COLUMNS)} column in {meta.name}")
                 caption = ""
             out[subset.image_dir / name] = caption.strip()
-        return out
-    try:
-        data = json.loads(meta.read_text(encoding="utf-8-sig"))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{meta}: invalid JSON ({e})") from None
+    else:
+        try:
+            data = json.loads(meta.read_text(encoding="utf-8-sig"))
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{meta}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{meta}: expected a JSON object {{\"<image key>\": {{\"caption\": ..., \"tags\": ...}}}}, "
                            f"got a {type(data).__name__}")
