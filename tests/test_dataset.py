@@ -600,6 +600,9 @@ def test_enable_wildcard_draws_a_line_and_a_choice(tmp_path):
     drawn = {expand_wildcards("a {red|blue} shape\nan {old|new} {{logo}}", rng) for _ in range(200)}
     assert drawn == {"a red shape", "a blue shape", "an old {logo}", "an new {logo}"}
     assert process_caption("{red|blue} dog\nblue cat", prefix="sks", wildcards=True) == "sks red dog"  # no rng
+    # as in sd-scripts, the prefix and suffix are drawn from too
+    assert {process_caption("a dog", prefix="{sks|ohwx}", suffix="{day|night}", wildcards=True, rng=rng)
+            for _ in range(200)} == {"sks a dog day", "sks a dog night", "ohwx a dog day", "ohwx a dog night"}
     d = tmp_path / "imgs"
     d.mkdir()
     pattern(64, 64).save(d / "0.png")

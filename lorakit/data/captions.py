@@ -69,8 +69,10 @@ def process_caption(caption: str, *, shuffle: bool = False, keep_tokens: int = 0
     without `rng`, the first line and the first choices)."""
     if drop or (dropout_rate > 0.0 and rng is not None and rng.random() < dropout_rate):
         return ""
-    if wildcards:  # before the prefix and suffix, which every line gets
-        caption = expand_wildcards(caption, rng or _FirstChoice())
+    if wildcards:  # a line before the prefix and suffix, which every line gets; their `{a|b}` drawn too
+        draw = rng or _FirstChoice()
+        caption = expand_wildcards(caption, draw)
+        prefix, suffix = (expand_wildcards(part, draw) if part else part for part in (prefix, suffix))
     caption = " ".join(part for part in (prefix, caption, suffix) if part)
     if rng is None or not (shuffle or tag_dropout_rate > 0.0):
         if keep_tokens_separator and keep_tokens_separator in caption:  # the marker is not for the text encoder
