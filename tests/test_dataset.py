@@ -119,6 +119,18 @@ def test_caption_layout_and_metadata_jsonl(tmp_path):
     assert sorted(e.item.caption for e in ds.examples) == ["meta 0", "meta 1", "meta 2"]
 
 
+def test_a_folder_named_by_its_repeats_alone_takes_its_captions_from_files(tmp_path):
+    """sd-scripts reads `10/` as 10 repeats with no class tokens: the captions come from the caption files."""
+    d = tmp_path / "train" / "10"
+    d.mkdir(parents=True)
+    for i in range(2):
+        pattern(64, 64, i).save(d / f"{i}.png")
+        (d / f"{i}.txt").write_text(f"a photo of thing {i}")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train")), native_resolution=64)
+    assert sorted((e.item.caption, e.item.repeats) for e in ds.examples) == [("a photo of thing 0", 10),
+                                                                           ("a photo of thing 1", 10)]
+
+
 def test_empty_and_misnamed_folders_are_refused_with_the_fix(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "nope")), native_resolution=64)

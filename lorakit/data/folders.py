@@ -25,7 +25,7 @@ from ..errors import DatasetError
 from .captions import read_caption_file
 from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, has_transparency, is_image_file, load_rgb
 
-DREAMBOOTH_FOLDER = re.compile(r"^(\d+)_(.*)$")
+DREAMBOOTH_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")  # `10_sks dog`; `10` alone (sd-scripts): captions from files
 CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
 # files expected beside images (captions, metadata, notes, other tools' caches): not listed as "not an image"
 CAPTION_EXTENSIONS = (".txt", ".caption")  # the usual caption-file extensions (lorakit's and sd-scripts' defaults)
@@ -152,7 +152,7 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
             if int(repeats) < 1:
                 report.skip(d, "repeats is 0 in the folder name: the folder is never drawn")
                 continue
-            subsets.append(Subset(image_dir=d, num_repeats=int(repeats), class_tokens=tokens.strip() or None,
+            subsets.append(Subset(image_dir=d, num_repeats=int(repeats), class_tokens=(tokens or "").strip() or None,
                                   **common))
         for d in subdirs:
             if d not in dreambooth:
