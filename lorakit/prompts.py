@@ -96,11 +96,11 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
 
 
 def _checked(field: str, value, name: str, where: str):
-    """A prompt setting's value, range-checked (sizes multiples of 8, steps ≥ 1, seed ≥ 0, a known sampler)."""
+    """A prompt setting's value, range-checked (sizes multiples of 8, steps 1-1000, seed ≥ 0, a known sampler)."""
     if field in ("width", "height") and (value < 8 or value % 8):
         raise ConfigError(f"{name} must be a multiple of 8, got {value}{where}")
-    if field == "num_inference_steps" and value < 1:
-        raise ConfigError(f"{name} must be ≥ 1, got {value}{where}")
+    if field == "num_inference_steps" and not 1 <= value <= 1000:  # a sampler has at most the 1000 training steps
+        raise ConfigError(f"{name} must be 1 to 1000, got {value}{where}")
     if field == "seed" and value < 0:
         raise ConfigError(f"{name} must be ≥ 0, got {value}{where}")
     return _sampler_name(value, where) if field == "sampler" else value
@@ -113,8 +113,8 @@ def prompt_from_table(table: dict, where: str = "") -> PromptSpec:
         raise ConfigError(f"unknown prompt key `{unknown[0]}`{where}; known: {', '.join(_TABLE_KEYS)}")
     values = {}
     for key, value in table.items():
-        if key == "enum":  # sd-scripts' own numbering of the prompts
-            continue
+        if key == "enum" or (key == "guidance_scale" and "scale" in table):
+            continue  # sd-scripts' own numbering of the prompts; its FLUX guidance beside the CFG `scale`
         field = _TABLE_KEYS[key]
         kind = str if field in ("prompt", "negative_prompt", "sampler") else _OPTIONS[_LETTERS[field]][1]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):

@@ -72,6 +72,7 @@ def test_defaults_fill_only_unset_fields():
     ("a cat --q 3", "unknown prompt option `--q`"),
     ("--n bad", "empty prompt"),
     ("a cat --s", "needs a value"),
+    ("a cat --s 1001", "must be 1 to 1000, got 1001"),  # more steps than the schedule has: refused up front
 ])
 def test_bad_lines_are_clear_errors(line, match):
     with pytest.raises(ConfigError, match=match):
@@ -116,6 +117,9 @@ def test_sd_scripts_json_prompt_file(tmp_path):
                     '"enum": 1}]')
     assert read_prompt_file(path) == [PromptSpec("a red circle", width=64, seed=1),
                                       PromptSpec("a blue square", guidance_scale=5.5, seed=2)]
+    # beside sd-scripts' `scale` (the CFG scale), `guidance_scale` is its FLUX guidance, not read for SD
+    path.write_text('[{"prompt": "a dog", "scale": 7.0, "guidance_scale": 3.5}]')
+    assert read_prompt_file(path) == [PromptSpec("a dog", guidance_scale=7.0)]
 
 
 @pytest.mark.parametrize("name,text,match", [
