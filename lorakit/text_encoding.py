@@ -147,7 +147,7 @@ def has_break(text: str) -> bool:
 
 class _Windows:
     """A prompt's token ids and weights laid out in windows of 75 as A1111 fills them: `add` a token, `pad` the
-    current window to its end (`BREAK`)."""
+    current window to its end (`BREAK`) with the `pad` id given."""
 
     def __init__(self, pad: int, comma: int | None, backtrack: int):
         self.ids: list[int] = []
@@ -228,13 +228,22 @@ def prompt_windows(tokenizer, texts: list[str], comma_backtrack: int = COMMA_BAC
     emphasis = any(has_emphasis(t) for t in texts)
     start, end, pad = _special_ids(tokenizer)
     comma = _comma_id(tokenizer)
-    rows = [_prompt_tokens(tokenizer, text, emphasis, pad, comma, comma_backtrack) for text in texts]
+    # as A1111: a window ended early is filled with end tokens, then all after a row's first end become padding
+    # (SD2's is `!`: `<start> text <end> ! ! …`; SD1 pads with the end token, so nothing changes there)
+    rows = [_prompt_tokens(tokenizer, text, emphasis, end, comma, comma_backtrack) for text in texts]
     k = max([1] + [math.ceil(len(ids) / WINDOW) for ids, _ in rows])
-    ids = torch.tensor(_windows_of([r[0] for r in rows], k * WINDOW, start, end, pad), dtype=torch.long)
+    ids = [_padded_after_end(row, end, pad) for row in _windows_of([r[0] for r in rows], k * WINDOW, start, end, pad)]
+    ids = torch.tensor(ids, dtype=torch.long)
     if not emphasis:
         return ids.view(len(texts), k, WINDOW + 2), None
     weights = torch.tensor(_windows_of([r[1] for r in rows], k * WINDOW, 1.0, 1.0, 1.0), dtype=torch.float32)
     return ids.view(len(texts), k, WINDOW + 2), weights.view(len(texts), k, WINDOW + 2)
+
+
+def _padded_after_end(row: list[int], end: int, pad: int) -> list[int]:
+    """A 77-token row with every position after its first `end` token set to `pad`."""
+    first = row.index(end)
+    return row[:first + 1] + [pad] * (len(row) - first - 1)
 
 
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:

@@ -211,6 +211,25 @@ def test_a_full_window_ends_after_a_comma_among_its_last_20_tokens_as_a1111(toke
     assert ids[0, 2].tolist()[:3] == [bos, x, eos]
 
 
+def test_a_window_ended_early_has_its_end_token_after_the_text_with_sd2_padding(tiny_sd1_dir):
+    """SD2's tokenizer pads with `!`, not the end token. A1111 fills a window ended by BREAK or at a comma with end
+    tokens and then pads everything after the first one: `<start> text <end> ! ! …`, as a short prompt is laid
+    out — not `<start> text ! … ! <end>`."""
+    tok = CLIPTokenizer.from_pretrained(tiny_sd1_dir / "tokenizer", pad_token="!")
+    bos, eos, pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    assert pad != eos
+    cat, dog = _tokens(tok, "a cat"), _tokens(tok, "a dog")
+    ids = prompt_windows(tok, ["a cat BREAK a dog"])[0]
+    assert ids[0, 0].tolist() == [bos, *cat, eos] + [pad] * (75 - len(cat))
+    assert ids[0, 1].tolist() == [bos, *dog, eos] + [pad] * (75 - len(dog))
+    assert prompt_windows(tok, ["BREAK a cat"])[0][0, 0].tolist() == [bos, eos] + [pad] * 75
+    (x,), (y,), (comma,) = _tokens(tok, "x"), _tokens(tok, "y"), _tokens(tok, ",")
+    ids = prompt_windows(tok, [" ".join(["x"] * 70) + ", " + " ".join(["y"] * 10)])[0]
+    assert ids[0, 0].tolist() == [bos] + [x] * 70 + [comma, eos] + [pad] * 4
+    assert ids[0, 1].tolist() == [bos] + [y] * 10 + [eos] + [pad] * 65
+    assert torch.equal(prompt_windows(tok, ["a cat"])[0], token_windows(tok, ["a cat"]))
+
+
 def test_break_keeps_the_emphasis_around_it(tokenizer):
     ids, weights = prompt_windows(tokenizer, ["(a cat BREAK a dog:1.5), [sun]"])
     cat, dog, sun = (len(_tokens(tokenizer, t)) for t in ("a cat", "a dog", "sun"))
