@@ -105,7 +105,7 @@ def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None
 
 SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
                   "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a",
-                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ SDE", "unipc": "UniPC"}
+                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
 
 
 def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,

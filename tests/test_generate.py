@@ -251,3 +251,5 @@ def test_png_parameters_read_like_a1111s():
                           loras=[("out/a.safetensors", 0.8)], clip_skip=2)
     assert text == ("a cat <lora:a:0.8>\nNegative prompt: dog\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 3, "
                     "Size: 64x64, Model: base, Clip skip: 2")
+    # diffusers' single-step DPM-Solver++ (order 2) is not A1111's stochastic "DPM++ SDE": not labelled as it
+    assert "Sampler: DPM++ 2S," in png_parameters(spec, "dpmsingle")
