@@ -198,10 +198,11 @@ class Run:
         return out
 
     def sample(self, step: int, callbacks) -> None:
-        """Generate the sample prompts with the current LoRA (PNG files in samples/, callbacks told)."""
+        """Generate the sample prompts with the current LoRA (PNG files in samples/, callbacks told) — once a step,
+        when an epoch's end falls on a step that `sample_every_n_steps` samples too."""
         from .sampling import generate_samples
 
-        if not self.prompts:
+        if not self.prompts or (self.sample_rounds and self.sample_rounds[-1][0] == step):
             return
         images, paths = generate_samples(self.components, self.prompts, self.sample_settings,
                                          self.output_dir / "samples", f"{step:06d}",

@@ -483,6 +483,18 @@ def test_adafactor_takes_its_relative_step_size_by_default_as_in_sd_scripts():
         make_scheduler("constant", opt, warmup_steps=5, total_steps=10)
 
 
+def test_an_epoch_end_on_a_sampled_step_samples_once(tmp_path, tiny_sd1_dir):
+    """With both `sample_every_n_epochs` and `sample_every_n_steps`, a step that ends an epoch and is a multiple of
+    the steps is sampled once: one file per prompt, one row of the grid."""
+    one_image_data(tmp_path)
+    (tmp_path / "p.txt").write_text("a red circle --s 2 --w 32 --h 32\n")
+    result = lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                           output_dir=str(tmp_path / "out"), max_train_steps=5, sample_prompts=str(tmp_path / "p.txt"),
+                           sample_every_n_steps=2, sample_every_n_epochs=2, sample_at_end=False)
+    names = [p.name for p in result.sample_paths]  # one image, one step an epoch: steps 2 and 4 by both rules
+    assert len(names) == len(set(names)) == 2
+
+
 def test_a_run_with_adafactor_records_the_rate_it_took(tmp_path, tiny_sd1_dir, capsys):
     """With the relative step, `learning_rate` is not used (1.0 here would wreck the LoRA): the history's `lr` is
     Adafactor's own rate, and the run says which options it leaves unused."""
