@@ -78,10 +78,21 @@ def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: in
     return dict(prompt=prompt, negative_prompt=negative_prompt or None)
 
 
+# samplers that step through noise levels (k-diffusion's, as A1111 and ComfyUI run them) and start at the largest:
+# t = 999 spaced evenly down to 0 ("linspace"), where SD's scheduler config ("leading", offset 1) starts lower
+# (t = 951 at 20 steps, σ 11.1 instead of 14.6); DDIM, PNDM and DDPM keep the model's spacing (A1111's DDIM/PLMS)
+_FROM_THE_TOP = {"lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
+                 "unipc"}
+
+
 def make_sampler(name: str, train_scheduler):
+    """The diffusers scheduler of sampler `name` on the model's noise schedule (`SAMPLERS`)."""
     import diffusers
 
     cls_name, extra = SAMPLERS[name]
+    if name in _FROM_THE_TOP:  # a zero-terminal-SNR schedule ends in pure noise: start at its last step
+        zero_snr = train_scheduler.config.get("rescale_betas_zero_snr", False)
+        extra = {"timestep_spacing": "trailing" if zero_snr else "linspace", **extra}
     try:
         return getattr(diffusers, cls_name).from_config(train_scheduler.config, **extra)
     except ImportError as e:  # diffusers' LMS scheduler needs scipy, which lorakit does not install

@@ -56,6 +56,31 @@ def test_every_sampler_name_builds_its_diffusers_scheduler():
     assert all(s.config.num_train_timesteps == 1000 and s.config.beta_end == 0.012 for s in built.values())
 
 
+def test_noise_level_samplers_start_at_the_largest_noise_as_a1111():
+    """k-diffusion's samplers in A1111 and ComfyUI start at t = 999 (σ ≈ 14.6 for SD); SD's scheduler config
+    ("leading", steps_offset 1) would start them at t = 951 at 20 steps. DDIM keeps the model's spacing; a
+    zero-terminal-SNR schedule starts at its last step."""
+    from diffusers import DDPMScheduler
+
+    from lorakit.sampling import make_sampler
+
+    sd = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+              steps_offset=1, timestep_spacing="leading")
+    train = DDPMScheduler(**sd)
+    for name in ("euler_a", "euler", "dpmsolver++", "heun"):
+        sampler = make_sampler(name, train)
+        sampler.set_timesteps(20)
+        assert sampler.timesteps[0] == 999, name
+    euler = make_sampler("euler_a", train)
+    euler.set_timesteps(20)
+    assert float(euler.sigmas[0]) == pytest.approx(14.61, abs=0.01)
+    ddim = make_sampler("ddim", train)
+    ddim.set_timesteps(20)
+    assert ddim.timesteps[0] == 951
+    zero = make_sampler("euler", DDPMScheduler(**sd, rescale_betas_zero_snr=True))
+    assert zero.config.timestep_spacing == "trailing"
+
+
 def test_round_trip_through_to_line():
     spec = PromptSpec("x y", "bad", 64, 64, 3, 2.5, 7, "euler")
     assert parse_prompt_line(spec.to_line()) == spec
