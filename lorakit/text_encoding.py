@@ -11,8 +11,9 @@ samples and `generate` (to their end) go through it.
 
 Emphasis, A1111's syntax (also sd-scripts' `weighted_captions` and its sample prompts): `(word)` weights its tokens
 1.1×, `[word]` 1/1.1×, `(word:1.3)` 1.3×, nested brackets multiply, `\(` `\)` `\[` `\]` are literal brackets.
-The weights scale each token's text-encoder state; prompts then get their overall mean back (A1111), captions are
-trained as weighted (sd-scripts).
+The weights scale each token's text-encoder state; prompts then get their overall mean back (over the whole prompt,
+as sd-scripts' long-prompt pipeline does; A1111 restores it per 77-token window), captions are trained as weighted
+(sd-scripts).
 
 Prompts (`prompt_windows`) are read as A1111 reads them: to their end, with emphasis, and `BREAK` (the word in
 capitals) ends the current window: the rest of it is padding and the text goes on in the next window. A window that
@@ -248,7 +249,7 @@ def _padded_after_end(row: list[int], end: int, pad: int) -> list[int]:
 
 def apply_emphasis(states: torch.Tensor, weights: torch.Tensor, keep_mean: bool = False) -> torch.Tensor:
     """States [b, 75·k + 2, d] (`encode_windows`) × their tokens' weights [b, k, 77]; with `keep_mean`, each
-    text's states are then scaled back to their mean before weighting (A1111's prompts)."""
+    text's states are then scaled back to their mean before weighting, over all its positions (prompts)."""
     b, k, _ = weights.shape
     ones = weights.new_ones(b, 1)
     joined = weights[:, 0] if k == 1 else torch.cat([ones, weights[:, :, 1:-1].reshape(b, -1), ones], dim=1)
