@@ -54,8 +54,9 @@ def _special_ids(tokenizer) -> tuple[int, int, int]:
 def token_windows(tokenizer, texts: list[str], max_tokens: int = WINDOW) -> torch.Tensor:
     """Token ids [len(texts), k, 77] of each text cut to `max_tokens` (a multiple of 75; k = max_tokens / 75), one
     row per window: `<start>`, the window's tokens, `<end>`, padding."""
-    tokens = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens).input_ids \
-        if texts else []
+    # (verbose=False: no "longer than the maximum sequence length" warning, the windows are why)
+    tokens = tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_tokens,
+                       verbose=False).input_ids if texts else []
     rows = _windows_of(tokens, max_tokens, *_special_ids(tokenizer))
     return torch.tensor(rows, dtype=torch.long).view(len(tokens), max_tokens // WINDOW, WINDOW + 2)
 
@@ -119,7 +120,7 @@ def _run_tokens(tokenizer, runs: list[tuple[str, float]], max_tokens: int | None
                 ) -> tuple[list[int], list[float]]:
     """The token ids of (piece, weight) runs, joined, and each token's weight (each piece cut to `max_tokens`)."""
     pieces = tokenizer([piece for piece, _ in runs], add_special_tokens=False, truncation=max_tokens is not None,
-                       max_length=max_tokens).input_ids
+                       max_length=max_tokens, verbose=False).input_ids
     return ([t for piece in pieces for t in piece], [w for piece, (_, w) in zip(pieces, runs) for _ in piece])
 
 

@@ -237,3 +237,20 @@ def test_break_keeps_the_emphasis_around_it(tokenizer):
     first, second = weights[0].tolist()
     assert first[1:1 + cat] == [1.5] * cat and set(first[1 + cat:]) == {1.0}  # the padding is not weighted
     assert second[1:1 + dog] == [1.5] * dog and sum(abs(w - 1 / 1.1) < 1e-6 for w in second) == sun
+
+
+def test_a_long_prompt_reads_without_the_tokenizers_length_warning(tiny_sd1_dir, caplog):
+    """transformers warns that a text longer than 77 tokens "will result in indexing errors"; read in windows, it
+    will not, so the warning is not shown (a fresh tokenizer: it warns only once)."""
+    import logging
+
+    def warned():
+        return sum("sequence length" in r.getMessage() for r in caplog.records)
+
+    tok = CLIPTokenizer.from_pretrained(tiny_sd1_dir / "tokenizer")
+    with caplog.at_level(logging.WARNING):
+        assert prompt_windows(tok, [LONG + ", " + LONG])[0].shape[1] >= 2
+        token_windows(tok, [LONG], 150)
+        assert warned() == 0
+        tok([LONG])  # the tokenizer called plainly does warn: the capture sees it
+        assert warned() == 1
