@@ -92,6 +92,17 @@ def test_dreambooth_layout_with_reg_balancing(tmp_path):
     assert batch.weights.tolist() == [0.5 if r else 1.0 for r in batch.is_reg]
 
 
+def test_reg_images_beyond_the_training_draws_are_reported_unused(tmp_path):
+    for folder, n in (("train/2_sks dog", 1), ("reg/1_dog", 5)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(n):
+            pattern(64, 64, i).save(tmp_path / folder / f"{i}.png")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"),
+                                          reg_data_dir=str(tmp_path / "reg")), native_resolution=64)
+    assert sum(e.item.subset.is_reg for e in ds.examples) == 2
+    assert "3 of 5 regularisation images are never drawn" in ds.report.format()
+
+
 def test_reg_balancing_matches_sd_scripts_rule():
     sub, reg = Subset(image_dir=None), Subset(image_dir=None, is_reg=True)
     train = [ImageItem(None, "", sub, (1, 1), repeats=5)]

@@ -134,7 +134,12 @@ def scan_dataset(cfg) -> ScannedDataset:
             raise DatasetError("only regularisation images were found; add training images")
         if spec.subsets and any(s.is_reg for s in spec.subsets) and not reg_items:
             report.note("reg_data_dir", "no usable regularisation images: training without prior preservation")
-        items.append((train_items + balance_reg_images(train_items, reg_items), val_items))
+        balanced = balance_reg_images(train_items, reg_items)
+        if len(balanced) < len(reg_items):
+            report.note("reg_data_dir", f"{len(reg_items) - len(balanced)} of {len(reg_items)} regularisation images "
+                                        f"are never drawn: they outnumber the training images' draws an epoch "
+                                        f"({sum(it.repeats for it in train_items)}), as sd-scripts counts them")
+        items.append((train_items + balanced, val_items))
     return ScannedDataset(report, specs, items)
 
 
@@ -356,7 +361,8 @@ _FILTERS = {"lanczos": Image.Resampling.LANCZOS, "area": Image.Resampling.BOX, "
 
 def resize_filter(name: str | None, size: tuple[int, int], resized: tuple[int, int]) -> tuple[str, int]:
     """(name, Pillow filter) of `resize_interpolation` for a resize from `size` to `resized`: Lanczos unless
-    chosen; `area` (averaging, Pillow's box filter) when enlarging is Lanczos, as in sd-scripts."""
+    chosen (sd-scripts, unset: area when shrinking, Lanczos when enlarging); `area` (averaging, Pillow's box
+    filter) when enlarging is Lanczos."""
     name = name or "lanczos"
     if name == "area" and (resized[0] > size[0] or resized[1] > size[1]):
         name = "lanczos"

@@ -21,7 +21,8 @@ scopes: `image_dir`, `is_reg`, `metadata_file` and `conditioning_data_dir` (mask
 to a subset; `num_repeats`, `class_tokens`, `alpha_mask` and the caption and augmentation options may be set at any
 level; the resolution, bucketing and batch options at dataset or `[general]` level. Every value is type- and
 range-checked as the train option of the same name is. A relative `image_dir` (or `metadata_file`,
-`conditioning_data_dir`) is looked up beside the TOML file, then in the working directory (sd-scripts' rule).
+`conditioning_data_dir`) is looked up beside the TOML file, then in the working directory (sd-scripts looks in the
+working directory only).
 Unknown keys are errors that name the key.
 """
 
