@@ -92,7 +92,7 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
         values[field] = _checked(field, value, f"prompt option `--{letter}` ({desc})", where)
     if not prompt:
         raise ConfigError(f"empty prompt{where}: a line must start with the prompt text")
-    return PromptSpec(prompt=prompt, **values)
+    return _without_network_tags(PromptSpec(prompt=prompt, **values), where)
 
 
 def _checked(field: str, value, name: str, where: str):
@@ -129,7 +129,23 @@ def prompt_from_table(table: dict, where: str = "") -> PromptSpec:
     if not str(values.get("prompt", "")).strip():
         raise ConfigError(f"a prompt{where} has no `prompt` text")
     values["prompt"] = values["prompt"].strip()
-    return PromptSpec(**values)
+    return _without_network_tags(PromptSpec(**values), where)
+
+
+# A1111's `<lora:name:weight>` (and LyCORIS' `<lyco:…>`, hypernetworks') tags: UI syntax that loads a file by name
+_NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^>]*))?>", re.IGNORECASE)
+
+
+def _without_network_tags(spec: PromptSpec, where: str) -> PromptSpec:
+    """`spec`, refused when its prompt holds A1111's LoRA tags, which would be read as words: the CLIP tokens of
+    `<lora:name:0.8>`, not the LoRA."""
+    for text in (spec.prompt, spec.negative_prompt or ""):
+        if m := _NETWORK_TAG.search(text):
+            weight = f" and `--network_mul {m[3]}`" if m[3] else ""
+            raise ConfigError(f"`{m[0]}` in the prompt{where} is A1111's syntax for loading a network by name; "
+                              f"lorakit would read it as words. Remove it and give the file with `--network_weights "
+                              f"{m[2]}.safetensors`{weight} (generate; a training run samples with its own LoRA)")
+    return spec
 
 
 def _tables_of(path: Path) -> list:

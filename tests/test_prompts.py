@@ -98,6 +98,10 @@ def test_defaults_fill_only_unset_fields():
     ("--n bad", "empty prompt"),
     ("a cat --s", "needs a value"),
     ("a cat --s 1001", "must be 1 to 1000, got 1001"),  # more steps than the schedule has: refused up front
+    # A1111's LoRA tags would be read as words: refused, with what to do instead
+    ("a cat <lora:sks_dog:0.8> --d 3", "`<lora:sks_dog:0.8>` .*`--network_weights sks_dog.safetensors` and "
+                                       "`--network_mul 0.8`"),
+    ("a cat --n <LyCO:blur>", "`<LyCO:blur>` in the prompt"),
 ])
 def test_bad_lines_are_clear_errors(line, match):
     with pytest.raises(ConfigError, match=match):
@@ -158,6 +162,7 @@ def test_sd_scripts_json_prompt_file(tmp_path):
     ("p.json", '{"prompt": "x"}', "must hold a list"),
     ("p.json", '[3]', "prompt 1 of p.json must be a prompt line or a table"),
     ("p.json", '[]', "has no prompts"),
+    ("p.json", '[{"prompt": "a <lora:x:1> dog"}]', "`<lora:x:1>` in the prompt .prompt 1 of p.json"),
 ])
 def test_bad_toml_and_json_prompt_files_name_the_problem(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)
