@@ -175,7 +175,10 @@ def denoising_loss(batch, run, diffusion: Diffusion, gen: torch.Generator, times
                                adaptive_scale=cfg.adaptive_noise_scale,
                                multires_iterations=cfg.multires_noise_iterations,
                                multires_discount=cfg.multires_noise_discount)
-        # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them)
+        # 3. timestep t ~ U{min_timestep, ..., max_timestep - 1} per sample (default: all T of them; sd-scripts:
+        #    t = max_timestep when the two are equal)
+        if timestep is None and diffusion.t_min == diffusion.t_max:
+            timestep = diffusion.t_max
         timesteps = (torch.randint(diffusion.t_min, diffusion.t_max, (bsz,), generator=gen) if timestep is None
                      else torch.full((bsz,), timestep)).to(device)
         # 4. forward diffusion q(x_t | x_0): x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε (with input perturbation,

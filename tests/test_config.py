@@ -255,7 +255,7 @@ def test_lr_warmup_steps_is_a_count_or_a_fraction_of_the_training_steps(tmp_path
     from lorakit.optim import make_scheduler, resolve_warmup_steps
 
     for value, expected in [(0, 0), (100, 100), (100.0, 100), ("20", 20), ("0.05", 0.05), (0.25, 0.25),
-                            ("1e-1", 0.1)]:
+                            ("1e-1", 0.1), ("5%", 0.05), (" 10% ", 0.1)]:  # sd-scripts' percentages too
         got = TrainConfig.from_dict({"lr_warmup_steps": value}).lr_warmup_steps
         assert got == expected and type(got) is type(expected), (value, got)
     assert type(TrainConfig(lr_warmup_steps=100.0).lr_warmup_steps) is int
@@ -266,7 +266,7 @@ def test_lr_warmup_steps_is_a_count_or_a_fraction_of_the_training_steps(tmp_path
     cfg, _ = parse_config(["train", "--lr_warmup_steps", "0.1"])
     assert cfg.lr_warmup_steps == 0.1
     for bad, words in [(1.5, "whole number of steps or a fraction < 1"), (-1, "≥ 0"), ("abc", "must be a number"),
-                       (True, "must be a number")]:
+                       (True, "must be a number"), ("x%", "must be a number"), ("150%", "a fraction < 1")]:
         with pytest.raises(ConfigError, match=words):
             TrainConfig.from_dict({"lr_warmup_steps": bad})
     assert [resolve_warmup_steps(v, 1600) for v in (0, 7, 0.05, 0.999)] == [0, 7, 80, 1598]

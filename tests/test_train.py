@@ -917,6 +917,9 @@ def test_v_prediction_loss_options_reach_the_loss(tmp_path, tiny_sd2_dir):
                                                           rel=1e-5)
     meta = read_lora(scaled.lora_path)[1]
     assert meta["ss_scale_v_pred_loss_like_noise_pred"] == "True" and meta["ss_v_pred_like_loss"] == "0.5"
+    # min_timestep = max_timestep: every step at that timestep (sd-scripts), here the same 400 as above
+    fixed = lorakit.train(**{**base, "max_timestep": 400}, output_dir=str(tmp_path / "c"))
+    assert fixed.loss_history[0]["loss"] == pytest.approx(plain.loss_history[0]["loss"], rel=1e-6)
 
 
 def test_scale_weight_norms_keeps_every_module_within_the_norm(tmp_path, tiny_sd1_dir):

@@ -135,7 +135,10 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
     elif tp is Number:
         if isinstance(value, str):
             try:
-                value = float(value) if any(c in value for c in ".eE") else int(value)
+                if value.strip().endswith("%"):  # sd-scripts' "5%": a fraction of the training steps
+                    value = float(value.strip()[:-1]) / 100
+                else:
+                    value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -325,7 +325,7 @@ class TrainConfig(JobConfig):
     use_8bit_adam: bool = option(False, "Alias of optimizer_type = AdamW8bit (sd-scripts).", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule.", group="training", choices=SCHEDULERS)
     lr_warmup_steps: int | float = option(0, "Linear warm-up: a number of steps, or a fraction (< 1) of the "
-                                          "training steps, e.g. 0.05.", group="training", min=0)
+                                          "training steps, e.g. 0.05 or \"5%\".", group="training", min=0)
     lr_scheduler_num_cycles: int = option(1, "Restarts for cosine_with_restarts; half-waves for cosine_with_min_lr "
                                           "and warmup_stable_decay's decay.", group="training", min=1)
     lr_scheduler_power: float = option(1.0, "Power for the polynomial schedule.", group="training", min=0.0)
@@ -468,8 +468,9 @@ class TrainConfig(JobConfig):
                               f"({self.max_bucket_reso})")
         if self.max_train_steps is None and self.max_train_epochs is None:
             raise ConfigError("set `max_train_steps` or `max_train_epochs`")
-        if self.min_timestep >= self.max_timestep:
-            raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be < `max_timestep` ({self.max_timestep})")
+        if self.min_timestep > self.max_timestep:
+            raise ConfigError(f"`min_timestep` ({self.min_timestep}) must be ≤ `max_timestep` ({self.max_timestep}; "
+                              f"equal: every step at that timestep)")
         if self.loss_type in HUBER_LOSSES and not self.huber_c:
             raise ConfigError(f"`loss_type = {self.loss_type}` needs `huber_c` > 0 (its threshold; 0.1 is usual)")
         if self.loss_type in HUBER_LOSSES and self.huber_schedule == "exponential" and self.huber_c >= 1:
