@@ -23,7 +23,8 @@ level; the resolution, bucketing and batch options at dataset or `[general]` lev
 range-checked as the train option of the same name is. A relative `image_dir` (or `metadata_file`,
 `conditioning_data_dir`) is looked up beside the TOML file, then in the working directory (sd-scripts looks in the
 working directory only).
-Unknown keys are errors that name the key.
+Unknown keys are errors that name the key; sd-scripts' keys that lorakit lacks are read while off and refused by name
+when on, as in a train config.
 """
 
 from __future__ import annotations
