@@ -7,7 +7,8 @@ drop-down; notebooks name one in their parameters cell.
 Why these values:
 - **T4 presets** (Colab free tier, 15 GB VRAM, fp16 only — no bf16 on Turing): fp16 mixed precision, gradient
   checkpointing and 8-bit AdamW keep SD1.5 at 512px well under the T4's memory; `save_state` with frequent saves so
-  a disconnect loses at most a few hundred steps.
+  a disconnect loses at most a few hundred steps; aspect-ratio buckets, so portraits and landscapes are trained
+  whole instead of cropped to a square.
 - **character**: rank 16 / alpha 8 at 1e-4 (U-Net) and half that for the text encoder, ~1,600 steps — the settings
   the popular Colab kits converged on for 15–30 images of one subject; flips off (faces are asymmetric).
 - **style**: a style spreads over the whole image, so a higher rank (32), a lower text-encoder rate (it should
@@ -23,7 +24,7 @@ from .toy.examples import WORKSHOP
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-_T4 = dict(pretrained_model_name_or_path=SD15, resolution="512", mixed_precision="fp16",
+_T4 = dict(pretrained_model_name_or_path=SD15, resolution="512", enable_bucket=True, mixed_precision="fp16",
            gradient_checkpointing=True, optimizer_type="AdamW8bit", cache_latents=True, train_batch_size=1,
            save_state=True, save_every_n_steps=400, sample_every_n_steps=200, save_precision="fp16", seed=42)
 

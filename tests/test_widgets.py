@@ -153,6 +153,7 @@ def test_presets_fill_the_form_and_keep_other_fields():
     form.preset.value = "SD1.5 character, T4"
     cfg = form.value
     assert cfg.mixed_precision == "fp16" and cfg.gradient_checkpointing and cfg.train_data_dir == "my/data"
+    assert cfg.enable_bucket  # photos of any shape trained whole, not cropped to 512x512
     form.preset.value = "workshop (CPU, toy model)"
     assert form.value.pretrained_model_name_or_path == "lorakit-toy" and form.value.mixed_precision == "no"
     for name in PRESETS["train"]:
