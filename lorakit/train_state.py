@@ -151,3 +151,30 @@ def check_layout(saved: dict | None, current: dict, folder: Path) -> None:
     if changed:
         raise TrainingError(f"cannot resume from {folder}: since it was saved, {'; '.join(changed)}. Resume with the "
                             f"same data and batch settings, or set `resume = none` to start a new run")
+
+
+# options a resumed run may change: where things are and what is saved, sampled or validated along the way, how long
+# it trains, and how the same maths is computed; any other change would make the weights differ from the run's own
+RESUMABLE_CHANGES = frozenset({
+    "resume", "overwrite", "device", "output_dir", "output_name", "train_data_dir", "reg_data_dir", "dataset_config",
+    "conditioning_data_dir", "max_train_steps", "max_train_epochs", "save_every_n_epochs", "save_every_n_steps",
+    "save_n_epoch_ratio", "save_last_n_epochs", "save_last_n_epochs_state", "save_last_n_steps",
+    "save_last_n_steps_state", "save_model_as", "save_precision", "save_state", "save_state_on_train_end",
+    "training_comment", "no_metadata", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
+    "sample_at_end", "sample_at_first", "sample_sampler", "validate_every_n_steps", "validate_every_n_epochs",
+    "max_validation_steps", "cache_latents_to_disk", "gradient_checkpointing", "xformers", "sdpa"})
+
+
+def check_config(saved: dict | None, current: dict, folder: Path) -> None:
+    """A state continues its own run: refuse one saved with other training options (learning rates, network,
+    optimizer, noise, captions, ...), naming what changed, instead of continuing with the saved optimizer's rates
+    under the new settings' name. `saved`/`current`: `TrainConfig.to_dict()` of the state's config and this run's."""
+    if saved is None:
+        return
+    changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in sorted(set(saved) | set(current))
+               if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]
+    if changed:
+        raise TrainingError(f"cannot resume from {folder}: it was saved with other training options ("
+                            f"{'; '.join(changed)}). Resume with the options it was saved with, or set "
+                            f"`resume = none` (and another `output_name` to keep the first run) to start a new run")
+

@@ -23,7 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .config.train import HUBER_LOSSES
-from .errors import TrainingError
+from .errors import ConfigError, TrainingError
 from .host_memory import keep_freed_memory
 from .noise import (
     elementwise_loss,
@@ -37,7 +37,16 @@ from .noise import (
 from .sampling import eval_mode
 from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
-from .train_state import check_layout, find_state, load_state, restore_params, save_state, saved_state_in, set_rng_state
+from .train_state import (
+    check_config,
+    check_layout,
+    find_state,
+    load_state,
+    restore_params,
+    save_state,
+    saved_state_in,
+    set_rng_state,
+)
 from .training_setup import (
     Callbacks,
     StepInfo,
@@ -239,6 +248,14 @@ def _validates(cfg: TrainConfig, step: int, max_steps: int, epoch: int, epoch_do
             or (epoch_done and (n_epochs is None or bool(n_epochs and (epoch + 1) % n_epochs == 0))))
 
 
+def _saved_config(folder: Path) -> dict | None:
+    """The options a state was saved with (its `config.toml`), or None when it has none that this version reads."""
+    try:
+        return TrainConfig.from_toml(folder / "config.toml").to_dict()
+    except (OSError, ConfigError):
+        return None
+
+
 def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     """The loop: from the prepared run to the saved LoRA."""
     dataset = run.dataset
@@ -260,6 +277,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     layout = run_layout(cfg, dataset)
     if folder is not None:
         state = load_state(folder)
+        check_config(_saved_config(state.folder), cfg.to_dict(), state.folder)
         check_layout(state.layout, layout, state.folder)
         restore_params(named_params, state.params, state.folder)
         try:

@@ -153,6 +153,24 @@ def test_resume_refuses_a_state_saved_over_other_batches(tmp_path, tiny_sd1_dir,
     assert lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out)).steps == 7
 
 
+def test_resume_refuses_a_state_saved_with_other_training_options(tmp_path, tiny_sd1_dir, dataset):
+    """Run again with a new learning rate or alpha, a saved state would continue under the old optimizer's rates
+    while the file claims the new ones: refused by name. How long it trains, and what it saves and samples, may
+    change."""
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(3), **settings(tiny_sd1_dir, dataset, out))
+    for change, words in [({"learning_rate": 1e-5}, "learning_rate 0.001 → 1e-05"),
+                          ({"network_alpha": 1.0}, "network_alpha 8.0 → 1.0"),
+                          ({"optimizer_type": "Lion"}, "optimizer_type 'AdamW' → 'Lion'")]:
+        with pytest.raises(TrainingError, match=f"cannot resume from .*state-00000002: it was saved with other "
+                                                f"training options \\({words}\\).*`resume = none`"):
+            lorakit.train(resume="auto", **{**settings(tiny_sd1_dir, dataset, out), **change})
+    longer = lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 8,
+                                              "save_every_n_steps": 3, "sample_at_end": True})
+    assert longer.steps == 8 and longer.sample_paths
+
+
 def test_seed_none_draws_a_seed_that_is_saved_and_kept_on_resume(tmp_path, tiny_sd1_dir, dataset, capsys):
     import re
 
