@@ -22,6 +22,7 @@ from PIL import Image
 
 from . import plots
 from .config import TrainConfig
+from .errors import ConfigError
 
 
 def _get(info: Any, name: str, default=None):
@@ -199,13 +200,19 @@ def train_live(cfg: TrainConfig | None = None, /, **kwargs):
     return result
 
 
-def ensure_trained(path: str | Path, /, config: str | Path | None = None, **overrides) -> Path:
+def ensure_trained(path: str | Path, /, config: str | Path | None = None, base_model: str | None = None,
+                   **overrides) -> Path:
     """`path` if that LoRA exists; otherwise train it first (from the TOML `config` + `overrides`, with the live
-    view) so notebooks that use a LoRA also run on their own, e.g. before notebook 02 was run."""
+    view) so notebooks that use a LoRA also run on their own, e.g. before notebook 02 was run. With `base_model`
+    (the model the notebook uses it with), a missing LoRA is trained only when the config trains that model: a
+    mistyped path for another model is an error, not a lesson trained into that folder."""
     path = Path(path)
     if path.is_file():
         return path
-    print(f"{path} not found: training it first")
     values = {**overrides, "output_dir": str(path.parent), "output_name": path.stem}
     cfg = TrainConfig.from_toml(config, overrides=values) if config else TrainConfig.from_dict(values)
+    if base_model is not None and cfg.pretrained_model_name_or_path != base_model:
+        raise ConfigError(f"LoRA not found: {path} (for {base_model}: check the path; only a lesson's LoRA for "
+                          f"{cfg.pretrained_model_name_or_path} is trained here when it is missing)")
+    print(f"{path} not found: training it first")
     return Path(train_live(cfg).lora_path)

@@ -304,6 +304,7 @@ def prepare_run(cfg, components=None) -> Run:
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,
                     warmup=bool(cfg.lr_warmup_steps))
+    _check_not_toy_data(cfg)
     given = components is not None
     # ---- data, read and checked before the model is loaded (a download): bad inputs are refused at once
     scanned = scan_dataset(cfg)
@@ -461,6 +462,21 @@ def _first_captions(dataset, n: int) -> list[str]:
             if len(captions) == n:
                 break
     return captions
+
+
+def _check_not_toy_data(cfg) -> None:
+    """The toy lessons' data (`data_examples/`, tiny pictures of shapes) are for the toy model: with another model
+    they are a leftover default (e.g. a notebook's regularisation folder after switching presets), refused by name."""
+    from .models import TOY_NAME
+    from .toy.examples import toy_example_path
+
+    if cfg.pretrained_model_name_or_path == TOY_NAME:
+        return
+    for key in ("train_data_dir", "reg_data_dir", "dataset_config", "sample_prompts"):
+        if (folder := toy_example_path(getattr(cfg, key))) is not None:
+            raise ConfigError(f"`{key}` {getattr(cfg, key)} is the toy model's lesson data ({folder.name}/), made for "
+                              f"`{TOY_NAME}`, not for {cfg.pretrained_model_name_or_path}: set your own"
+                              + (" (or none)" if key in ("reg_data_dir", "sample_prompts") else ""))
 
 
 def build_optimizer(cfg, run: Run):

@@ -58,11 +58,13 @@ def run_all(tmp_path_factory):
         "06_generate": dict(QUICK=QUICK, OVERRIDES={"num_inference_steps": 2}, MULTIPLIERS=[0.0, 1.0], SEEDS=[1, 2]),
     }
     results = {}
-    for name, values in params.items():
+    # 01 twice: a notebook run again (Colab with Drive, a workshop) replaces what its first run wrote
+    for key, (name, values) in [*((n, (n, v)) for n, v in params.items()),
+                                ("01 again", ("01_prepare_data", params["01_prepare_data"]))]:
         try:
-            results[name] = execute(name, work, values)
+            results[key] = execute(name, work, values)
         except CellExecutionError as e:
-            results[name] = e
+            results[key] = e
     return work, results
 
 
@@ -91,14 +93,17 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_01_prepare_data(run_all):
-    work, _ = ran(run_all, "01_prepare_data")
+    ran(run_all, "01_prepare_data")
+    work, _ = ran(run_all, "01 again")  # then run again over its own outputs
     report = json.loads((work / "data" / "check_report.json").read_text())
     assert report and isinstance(report, dict)
     repaired = sorted((work / "data" / "repaired").glob("*.png"))
     n_images = len(list((work / "data_examples" / "captions").glob("*.png")))  # the example it prepares
     assert n_images and len(repaired) == n_images
-    captions = [p.with_suffix(".txt").read_text() for p in repaired]
-    assert all(c.startswith("sks") for c in captions)
+    captioned = sorted((work / "data" / "captioned").glob("*.png"))
+    assert [p.name for p in captioned] == [p.name for p in repaired]
+    captions = [p.with_suffix(".txt").read_text() for p in captioned]
+    assert all(c.startswith("sks") and not c.startswith("sks, sks") for c in captions)
     db = [p for p in (work / "data" / "dreambooth").iterdir() if p.is_dir()]
     assert len(db) == 1 and db[0].name.endswith("_sks shape") and len(list(db[0].glob("*.png"))) == n_images
     reg = list((work / "data" / "reg").rglob("*.png"))

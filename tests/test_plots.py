@@ -165,3 +165,19 @@ def test_a_kernel_started_in_a_checkouts_notebooks_folder_works_in_the_checkout(
     (tmp_path / "elsewhere" / "notebooks").mkdir(parents=True)  # not a checkout: the folder stays
     monkeypatch.chdir(tmp_path / "elsewhere" / "notebooks")
     assert colab.setup(quiet=True).root == tmp_path / "elsewhere" / "notebooks"
+
+
+def test_ensure_trained_trains_a_missing_lesson_lora_only_for_the_lessons_model(tmp_path):
+    """A notebook's LoRA path mistyped for a real model is an error; nothing is trained into its folder."""
+    from lorakit.errors import ConfigError
+    from lorakit.live import ensure_trained
+    from lorakit.toy.examples import make_data_examples
+
+    examples = make_data_examples(tmp_path / "data_examples")
+    missing = tmp_path / "output" / "mine" / "typo.safetensors"
+    with pytest.raises(ConfigError, match=r"LoRA not found: .*typo.safetensors \(for some/model: check the path"):
+        ensure_trained(missing, config=examples["dreambooth_toml"], base_model="some/model")
+    assert not missing.parent.exists()
+    existing = tmp_path / "have.safetensors"
+    existing.write_bytes(b"x")
+    assert ensure_trained(existing, config=examples["dreambooth_toml"], base_model="some/model") == existing

@@ -411,6 +411,11 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
     monkeypatch.setattr(lorakit.models, "load_models", no_loading)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     base = dict(train_data_dir=str(tmp_path), output_dir=str(tmp_path / "out"), max_train_steps=1)
+    from lorakit.toy.examples import MARKER
+
+    toy = tmp_path / "lessons"
+    (toy / "dreambooth" / "reg").mkdir(parents=True)
+    (toy / MARKER).write_text("toy")
     cases = [
         (dict(device="gpu"), ConfigError, "`device` must be cpu, cuda, cuda:N or mps"),
         (dict(device="cuda"), ConfigError, "`device` is cuda but this machine has no CUDA device"),
@@ -419,6 +424,10 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
         (dict(device="cpu", optimizer_type="AdamW8bit"), TrainingError, "AdamW8bit.*CUDA"),
         (dict(device="cpu", optimizer_type="Adafactor", lr_warmup_steps=10), ConfigError,
          "Adafactor with its relative step size .* warms up by itself"),
+        # the toy lessons' data, left as a notebook default after switching to a real model
+        (dict(device="cpu", pretrained_model_name_or_path="some/model", reg_data_dir=str(toy / "dreambooth" / "reg")),
+         ConfigError, r"`reg_data_dir` .* is the toy model's lesson data \(lessons/\), made for `lorakit-toy`, not "
+                      r"for some/model: set your own \(or none\)"),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):

@@ -85,6 +85,21 @@ def _remove_former_folders(dreambooth: Path, written: dict[str, list[Path]]) -> 
             old.rmdir()
 
 
+MARKER = "TOY_EXAMPLES.md"  # in `data_examples/`: marks the lessons' data, made for the toy model only
+
+
+def toy_example_path(path: str | Path | None) -> Path | None:
+    """The `data_examples/` folder holding `path`, when `path` is one of the toy lessons' (its `MARKER` beside it, a
+    few levels up), else None."""
+    if not path:
+        return None
+    here = Path(path).expanduser().resolve()
+    for folder in [here, *here.parents][:4]:
+        if (folder / MARKER).is_file():
+            return folder
+    return None
+
+
 def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg: int = 32,
                        n_captions: int = 32) -> dict[str, Path]:
     """Write the examples into `dest` (normally the repository's `data_examples/`); returns the main paths.
@@ -114,6 +129,9 @@ def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg
         f"a red {STYLE_WORD} circle on a white background --s 20 --l 5 --d 3",
         f"a yellow {STYLE_WORD} square on a black background --s 20 --l 5 --d 4",
     ]) + "\n")
+    write_text(dest / MARKER, f"# The toy model's lessons\n\nWritten by `lorakit.toy.examples.make_data_examples`: "
+               f"{world.SIZE}x{world.SIZE} pictures of shapes\nfor the built-in `lorakit-toy` model. lorakit refuses "
+               f"to train another model on them (copy an\nimage folder out of here if that is really meant).\n")
     db_toml = write_text(dest / "dreambooth.toml", _toml(
         f"DreamBooth lesson: teach the toy model a shape it never saw, as '{DREAMBOOTH_PROMPT}'.", dict(
         WORKSHOP, train_data_dir=str(rel / "dreambooth" / "img"), reg_data_dir=str(rel / "dreambooth" / "reg"),
