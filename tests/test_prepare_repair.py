@@ -321,6 +321,31 @@ def test_replace_output_replaces_the_set_aside_folder_too_unless_edited(tmp_path
     assert moved[0].read_bytes() == b"edited"
 
 
+def test_the_set_aside_folder_is_never_the_input_nor_a_folder_of_the_users(tmp_path):
+    """`<output_dir>_set_aside` is marked as prepare's output (a later `replace_output` deletes it): it is refused
+    when it is the input, or a folder of the user's that holds files; with nothing set aside it is left alone."""
+    import lorakit
+
+    src = tmp_path / "clean_set_aside"
+    write_problem_dataset(src)
+    with pytest.raises(DatasetError, match="images set aside would go to .*clean_set_aside, which is or holds the "
+                                           "input"):
+        lorakit.prepare(action="repair", input_dir=str(src), output_dir=str(tmp_path / "clean"), **FULL)
+    photos = tmp_path / "photos"
+    src.rename(photos)
+    mine = tmp_path / "clean_set_aside"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="already holds files"):
+        lorakit.prepare(action="repair", input_dir=str(photos), output_dir=str(tmp_path / "clean"), **FULL)
+    lorakit.prepare(action="repair", input_dir=str(photos), output_dir=str(tmp_path / "clean2"))  # nothing set aside
+    (tmp_path / "clean2_set_aside").mkdir()
+    (tmp_path / "clean2_set_aside" / "notes.txt").write_text("mine")
+    lorakit.prepare(action="repair", input_dir=str(photos), output_dir=str(tmp_path / "clean2"), replace_output=True)
+    assert (tmp_path / "clean2_set_aside" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
 def test_a_marker_of_an_earlier_lorakit_lists_no_files(tmp_path):
     """Outputs marked before markers listed their files are replaced as they were then (the whole folder)."""
     from lorakit.dataprep.output import OUTPUT_MARKER, changed_since_marked, claim_output, mark_output

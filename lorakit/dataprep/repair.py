@@ -99,6 +99,19 @@ def _check_folders(src: Path, dst: Path, overwrite: bool) -> None:
                            f"to replace an earlier prepare run's output)")
 
 
+def _check_aside(src: Path, aside: Path) -> None:
+    """The folder that images set aside go to (`<output_dir>_set_aside`) must be a new one, apart from the input:
+    it is marked as prepare's output, which a later `replace_output` deletes."""
+    s, a = src.resolve(), aside.resolve()
+    if s == a or s in a.parents or a in s.parents:
+        raise DatasetError(f"images set aside would go to {aside}, which is or holds the input ({src}): choose "
+                           f"another `output_dir`")
+    if has_files(aside):
+        raise DatasetError(f"images set aside go to {aside}, which already holds files (yours, or an earlier "
+                           f"run's that `replace_output` did not replace): move them out or choose another "
+                           f"`output_dir`")
+
+
 def repair_dataset(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -163,8 +176,11 @@ def repair_dataset(
         if action == "write":
             names[rec.path] = unique_name(_output_name(rec, ascii_names, max_side, keep_alpha), taken)
 
+    moving = any(action == "moved" for _, action, _ in plans)
+    if moving:
+        _check_aside(src, aside)
     dst.mkdir(parents=True, exist_ok=True)
-    if any(action == "moved" for _, action, _ in plans):
+    if moving:
         mark_output(aside)  # a re-run with `replace_output` replaces it with the output
     with DatasetSource(src) as source:
         def run(plan) -> RepairAction:
@@ -185,7 +201,7 @@ def repair_dataset(
 
         with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
             actions = list(pool.map(run, plans))
-    if aside.is_dir():
+    if moving:
         mark_output(aside)  # again, now listing the files set aside
     counts: dict[str, int] = {}
     for a in actions:
