@@ -66,6 +66,7 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"state-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    old = None
     try:
         save_safetensors({k: v.detach().float().cpu() for k, v in params.items()}, tmp / "lora_params.safetensors")
         torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -76,12 +77,18 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
             write_text(tmp / "config.toml", config_toml)
         if saved_with:
             write_text(tmp / SAVED_WITH, saved_with + "\n")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step saved again: the old folder moves aside until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=output_dir))
+            os.replace(final, old / final.name)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old / final.name, final)  # put back: `state-latest.txt` may name it
         raise
+    finally:
+        if old is not None and final.exists():
+            shutil.rmtree(old, ignore_errors=True)
     write_text(output_dir / LATEST, final.name + "\n")
     return final
 
@@ -98,12 +105,22 @@ def find_state(resume: str, output_dir: str | Path) -> Path | None:
             raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is missing): "
                                 f"train with `save_state = true` first")
         folder = output_dir / pointer.read_text(encoding="utf-8").strip()
+        _put_back(folder)
     else:
         folder = Path(resume)
     if not (folder / "train_state.pt").is_file() or not (folder / "lora_params.safetensors").is_file():
         raise TrainingError(f"`resume`: {folder} is not a state folder written by `save_state` "
                             f"(needs train_state.pt and lora_params.safetensors)")
     return folder
+
+
+def _put_back(folder: Path) -> None:
+    """A state saved again at its step moves aside while the new one is renamed in (`save_state`): after a kill
+    between the two renames, the one set aside goes back."""
+    if not folder.exists():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old.*/{folder.name}"))
+        if aside:
+            os.replace(aside[-1], folder)
 
 
 def load_state(folder: str | Path) -> TrainState:

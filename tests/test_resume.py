@@ -3,6 +3,8 @@ never stopped (same seed, CPU) — with every source of randomness switched on."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,44 @@ def test_seed_none_draws_a_seed_that_is_saved_and_kept_on_resume(tmp_path, tiny_
 
     with safe_open(str(resumed.lora_path), framework="pt") as f:
         assert f.metadata()["ss_seed"] == str(seed)
+
+
+def test_a_state_saved_again_at_its_step_is_replaced_atomically(tmp_path, monkeypatch):
+    """A step saved twice (a step save and an epoch save together, a stop right after a save): the old folder
+    stays whole until the new one is in place; a failure keeps it, and after a kill between the two renames,
+    `resume = latest` finds it again."""
+    import os
+
+    from lorakit import train_state
+    from lorakit.train_state import find_state, load_state, save_state
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+    def save(value):
+        with torch.no_grad():
+            p.fill_(value)
+        return save_state(tmp_path, params={"p": p}, optimizer=opt, scheduler=sched, step=4, epoch=0,
+                          batches_done=4, loss_history=[{"loss": value}])
+
+    folder = save(1.0)
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == folder and ".old." not in str(src):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(train_state.os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        save(2.0)
+    monkeypatch.setattr(train_state.os, "replace", real)
+    assert load_state(find_state("latest", tmp_path)).loss_history == [{"loss": 1.0}]
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["state-00000004", "state-latest.txt"]
+    save(3.0)
+    assert load_state(find_state("latest", tmp_path)).params["p"].tolist() == [3.0] * 3
+    killed = tmp_path / ".state-00000004.old.x"  # as a kill between the two renames leaves it
+    killed.mkdir()
+    real(folder, killed / folder.name)
+    assert load_state(find_state("latest", tmp_path)).params["p"].tolist() == [3.0] * 3
