@@ -242,3 +242,68 @@ def test_check_reports_never_replace_a_file_check_did_not_write(tmp_path):
     with pytest.raises(ConfigError, match="`contact_sheet_file` must end in .png"):
         lorakit.prepare(**{**run, "contact_sheet_file": str(tmp_path / "sheet.jpg")})
     assert mine.read_bytes() == before and (tmp_path / "notes.json").read_text() == '{"my": "notes"}'
+
+
+# a 64x48 JPEG with an EXIF orientation (6) and one malformed EXIF entry, from byte-flip fuzzing: Pillow's
+# `exif_transpose` raises struct.error on it, as on some cameras' files
+MALFORMED_EXIF_JPEG = (
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/4QBARXhpZgAATU0AKgAAAAgAAwEoAAIAAAAGAAAAMgEQAAIAAAAERU9TAAESAAMAAAABAAYA"
+    "AOUAAABDYW5vbgD/2wBDAAgGBgcGBQgHBwcJCQgKDBQNDAsLDBkSEw8UHRofHh0aHBwgJC4nICIsIxyKKDcpLDAxNDQ0Hyc5PTgy"
+    "PC4zNDL/2wBDAQkJCQwLDBgNDRgyIRwhMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjIyMjL/"
+    "wAARCAAwAEADASIAAhEBAxEB/8QAHwAAAQUBAQEBAQEAAAAAAAAAAAECAwQFBgcICQoL/8QAtRAAAgEDAwIEAwUFBAQAAAF9AQID"
+    "AAQRBRIhMUEGE1FhByJxFDKBkaEII0KxwRVS0fAkM2JyggkKFhcYGRolJicoKSo0NTY3ODk6Q0RFRkdISUpTVFVWV1hZWmNkZWZn"
+    "aGlqc3R1dnd4eXqDhIWGh4iJipKTlJWWl5iZmqKjpKWmp6ipqrKztLW2t7i5usLDxMXGx8jJytLT1NXW19jZ2uHi4+Tl5ufo6erx"
+    "8vP09fb3+Pn6/8QAHwEAAwEBAQEBAQEBAQAAAAAAAAECAwQFBgcICQoL/8QAtREAAgECBAQDBAcFBAQAAQJ3AAECAxEEBSExBhJB"
+    "UQdhcRMiMoEIFEKRobHBCSMzUvAVYnLRChYkNOEl8RcYGRomJygpKjU2Nzg5OkNERUZHSElKU1RVVldYWVpjZGVmZ2hpanN0dXZ3"
+    "eHl6goOEhYaHiImKkpOUlZaXmJmaoqOkpaanqKmqsrO0tba3uLm6wsPExcbHyMnK0tPU1dbX2Nna4uPk5ebn6Onq8vP09fb3+Pn6"
+    "/9oADAMBAAIRAxEAPwDGstPkaUcV2ljp8kNuGI4qtbW3kyA7a0r3VBDZFQO1aYueHyf3aLu5HDjsXlmczXtZ2aCLUo4JArMOKuXV"
+    "8l5amNDkkV5be63Kb0gA4zWpZ648CBznivmcfgpVa0a+I06n02Bwap0+bDa2Ls3hu5+1edtO3OavyzLBaeUx5Aqi3jzcnk7PbpVQ"
+    "XJ1GTd619NXqyxVCMKeyR4ebRxmZzTxUbKJmSoWuyw6ZrZtnCxgVaXRSY94FVJIJImwFNLKMKpNqlqzmtkuIioV5tNHdzWkaoSMV"
+    "iXMCzOY6sTa5D5JANYsetxC7yTxms8RB5cubEQ5+1zzOHst+uS5px5bEkvhOJh5uz9KqHSIVby2GBXWrr1m9ptBGcVzd1N505KGr"
+    "yzGUsyUvbxskfXY+vVoU+RLk/UrTeHrJYjIMZqpYxrDeBB0zWn5M8q4BNRJpM0cvmGorY+GHvQoK99L9jw8uz+vhJuliaXMpdzvt"
+    "LtraW1TeRV46NpL8syZrior2WOPy1Yg00/2hI2VkbFeLaeRt1Pac3N+BGdUYYa1WNH4inLojEYzWNf6M1urSA8iuomuWCk1nLIbu"
+    "fy36GunD5pXqJxzB83Y+oyjKMTRhKUnqcL/aVxDceWAxGa6CxupWQMymu+03wRZXW2RowSfatW/8I2lpZMyIOB6V1YSrh6LbmtGc"
+    "qlUxFflxuqT0PP8A+1Rbx7sdKjtvFBubgQbevFVb+EC9aLtnFbGlaBAGWbbz1qa+ZZdSdqUdWb8SYOPs4To6WNldNza/afbNYF14"
+    "nFjIY8dK6i+lMOnmNemK8s1hd9yxPrXdgsPgcar4mNzw8vq4rMvcqu9j/9k=")
+
+
+def test_an_image_whose_exif_pillow_cannot_rewrite_is_still_read_upright(tmp_path):
+    """`check` (and the trainer's loader) must not crash on a malformed EXIF block: the orientation tag alone is
+    applied (64x48 turned to 48x64)."""
+    import base64
+
+    from lorakit.data.images import load_rgb
+
+    path = tmp_path / "imgs" / "phone.jpg"
+    path.parent.mkdir()
+    path.write_bytes(base64.b64decode("".join(MALFORMED_EXIF_JPEG)))
+    report = check_dataset(path.parent, 512)
+    assert [r.path for r in report.records] == ["phone.jpg"]
+    assert load_rgb(path).size == (48, 64)
+
+
+def test_an_image_that_fails_to_decode_in_any_way_is_listed(tmp_path, monkeypatch):
+    """Malformed files make Pillow raise more than OSError (a TIFF with a float offset: TypeError): listed as
+    unreadable by `check`, skipped with the reason by the trainer's loader."""
+    from PIL import ImageFile
+
+    from lorakit.data.images import ImageProblem, load_rgb
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "good.png")
+    Image.new("RGB", (32, 32), "red").save(folder / "bad.png")  # the size marks the file that fails
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        if self.size == (32, 32):
+            raise TypeError("'float' object cannot be interpreted as an integer")
+        return real(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    report = check_dataset(folder, 512)
+    kinds = {r.path: r.kinds() for r in report.records}
+    assert "unreadable" in kinds["bad.png"] and "unreadable" not in kinds["good.png"]
+    with pytest.raises(ImageProblem, match="corrupt or truncated .*'float' object"):
+        load_rgb(folder / "bad.png")
+    assert load_rgb(folder / "good.png").size == (64, 64)

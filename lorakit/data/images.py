@@ -9,6 +9,7 @@ not images, images too small to train on, images so large they look like a decom
 from __future__ import annotations
 
 import hashlib
+import struct
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,29 @@ def load_rgb(path: Path) -> Image.Image:
     return to_rgb(_open_upright(Path(path)))  # a truncated file fails here, not later in the middle of a batch
 
 
+# EXIF orientation -> the transpose that makes the image upright (the EXIF standard's eight orientations)
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+# what Pillow raises on files (and EXIF blocks) it cannot parse: malformed ones raise more than OSError
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, struct.error)
+_BAD_EXIF = DECODE_ERRORS
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """A copy of `im` turned as its EXIF orientation says (Pillow's `exif_transpose`). When Pillow cannot rewrite a
+    malformed EXIF block, the orientation tag alone is read and applied; when even that fails, none is."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except _BAD_EXIF:
+        try:
+            orientation = im.getexif().get(0x0112, 1)
+        except _BAD_EXIF:
+            orientation = 1
+        method = _UPRIGHT.get(orientation)
+        return im.transpose(method) if method is not None else im.copy()
+
+
 def _open_upright(path: Path) -> Image.Image:
     """The decoded image the right way up (its mode unchanged); ImageProblem when it cannot be read."""
     try:
@@ -49,10 +73,10 @@ def _open_upright(path: Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
-                return ImageOps.exif_transpose(im)
+                return upright(im)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageProblem(_reason(e)) from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise ImageProblem(f"corrupt or truncated ({e})") from None
 
 

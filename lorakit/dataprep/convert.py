@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 
-from PIL import Image, ImageCms, ImageColor, ImageOps
+from PIL import Image, ImageCms, ImageColor
 
-from ..data.images import to_rgb
+from ..data.images import to_rgb, upright
 from ..errors import ConfigError
 
 
@@ -41,7 +41,7 @@ def to_training_rgb(img: Image.Image, background=(255, 255, 255), max_side: int 
     """Apply the EXIF rotation, convert to 8-bit RGB (alpha over `background`; with `keep_alpha`, 8-bit RGBA for an
     image with transparency), shrink so the long side ≤ max_side (Pillow resizes RGBA with premultiplied alpha, so
     transparent pixels' colours do not bleed into the edges)."""
-    img = ImageOps.exif_transpose(img)
+    img = upright(img)
     if img.mode == "CMYK":
         img = cmyk_to_rgb(img)
     alpha = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import to_rgb
+from ..data.images import DECODE_ERRORS, to_rgb, upright
 
 EXIF_ORIENTATION = 0x0112
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -82,7 +82,7 @@ def probe(data: bytes, *, looks_like_image: bool, thumb: int = 128) -> Probe:
         if fmt in ("JPEG", "MPO"):
             img.draft(None, (thumb, thumb))  # decode at 1/2..1/8 scale: the whole stream is still read
         img.load()
-    except (OSError, SyntaxError, EOFError, ValueError) as e:
+    except DECODE_ERRORS as e:
         found.kind = "truncated" if ("truncated" in str(e) or isinstance(e, EOFError)) else "unreadable"
         found.detail = _short(e)
         return found
@@ -90,9 +90,7 @@ def probe(data: bytes, *, looks_like_image: bool, thumb: int = 128) -> Probe:
         found.kind, found.detail = "truncated", f"no {fmt} end marker"
         return found
     if orientation != 1:
-        from PIL import ImageOps
-
-        img = ImageOps.exif_transpose(img)
+        img = upright(img)
     img = to_rgb(img)  # the trainer's own conversion (lorakit.data.images)
     img.thumbnail((thumb, thumb), Image.Resampling.BILINEAR, reducing_gap=2.0)
     found.image = img
