@@ -59,9 +59,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
                step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "",
-               layout: dict | None = None, saved_with: str | None = None) -> Path:
+               layout: dict | None = None, saved_with: str | None = None, rng: dict | None = None) -> Path:
     """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder. `saved_with`: the
-    tag of the LoRA saved with it (`lorakit.save_rotation` deletes the two together)."""
+    tag of the LoRA saved with it (`lorakit.save_rotation` deletes the two together); `rng`: the random numbers'
+    state as of `step` (`rng_state()` then; default: now)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"state-{step:08d}"
@@ -71,8 +72,8 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
         save_safetensors({k: v.detach().float().cpu() for k, v in params.items()}, tmp / "lora_params.safetensors")
         torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
-                    "batches_done": batches_done, "rng": rng_state(), "loss_history": loss_history,
-                    "layout": layout, "format": 1}, tmp / "train_state.pt")
+                    "batches_done": batches_done, "rng": rng if rng is not None else rng_state(),
+                    "loss_history": loss_history, "layout": layout, "format": 1}, tmp / "train_state.pt")
         if config_toml:
             write_text(tmp / "config.toml", config_toml)
         if saved_with:

@@ -43,6 +43,7 @@ from .train_state import (
     find_state,
     load_state,
     restore_params,
+    rng_state,
     save_state,
     saved_state_in,
     set_rng_state,
@@ -302,7 +303,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
                                    loss_history=history, config_toml=cfg.to_toml(), layout=layout,
-                                   saved_with=saved_with)
+                                   saved_with=saved_with, rng=rng_at_step)
 
     def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
         """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""
@@ -323,6 +324,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     started, steps_at_start = time.perf_counter(), step
     accumulated, micro, last_val = 0.0, 0, ""
     resume_point = (start_epoch, skip_batches)  # (epoch, batches done in it) after the latest optimizer step
+    rng_at_step = rng_state()  # the random numbers' state then
     try:
         for epoch in range(start_epoch, run.num_epochs):
             batches = dataset.batches(epoch)
@@ -354,6 +356,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 scaled = run.network.apply_max_norm(cfg.scale_weight_norms) if cfg.scale_weight_norms else None
                 step += 1
                 resume_point = (epoch, position + 1) if position + 1 < len(batches) else (epoch + 1, 0)
+                rng_at_step = rng_state()  # a stop before the next step rewinds to here, random numbers included
                 # 11. with `validation_split`: the loss on the held-out images (no gradients)
                 val_loss = validation_loss(run, diffusion) if dataset.validation is not None and _validates(
                     cfg, step, run.max_steps, epoch, epoch_done=resume_point[1] == 0) else None

@@ -113,6 +113,30 @@ def test_user_interrupt_saves_lora_and_state(tmp_path, tiny_sd1_dir, dataset):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_between_two_micro_batches_resumes_exactly(tmp_path, tiny_sd1_dir, dataset, monkeypatch):
+    """The stop button pressed inside an accumulated step (its first micro-batch done, with LoRA dropout drawing
+    from the global generator): the state rewinds to the last optimizer step, its random numbers too."""
+    from lorakit.data.dataset import TrainDataset
+
+    kw = {**settings(tiny_sd1_dir, dataset, tmp_path / "full"), "save_every_n_steps": None, "max_train_steps": 3}
+    full = lorakit.train(**kw)
+    real, armed = TrainDataset.load, [True]
+
+    def load(self, indices, epoch, position, augment=True):
+        if armed[0] and augment and (epoch, position) == (0, 3):  # the 2nd micro-batch of step 2
+            armed[0] = False
+            raise KeyboardInterrupt
+        return real(self, indices, epoch, position, augment)
+
+    monkeypatch.setattr(TrainDataset, "load", load)
+    kw["output_dir"] = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.train(**kw)
+    resumed = lorakit.train(resume="latest", **kw)
+    a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_state(tmp_path, tiny_sd1_dir, dataset,
                                                                                    capsys):
     """A notebook run again after a disconnect: `resume = auto` starts a new run when there is no state and continues
