@@ -138,13 +138,15 @@ def _trigger_words(meta: dict[str, str], train_cfg: dict) -> str | None:
 
 
 def _looks_like_repo_id(name: str | None) -> bool:
+    """`owner/name` of a model the Hub has (the card's `base_model` must be one): not a local path or file, nor
+    `lorakit-toy`, which only lorakit knows."""
     return bool(name) and not Path(name).suffix and not name.startswith((".", "/", "~")) and "\\" not in name \
-        and name.count("/") <= 1 and not Path(name).exists()
+        and name.count("/") == 1 and not Path(name).exists()
 
 
 # --------------------------------------------------------------------------------------------------- model card
 def model_card(*, title: str, lora_file: str, base_model: str | None, instance_prompt: str | None, license: str,
-               gallery: list[tuple[str, str]], settings: list[tuple[str, str]]) -> str:
+               gallery: list[tuple[str, str]], settings: list[tuple[str, str]], repo_id: str | None = None) -> str:
     """The README.md text: YAML metadata the Hub reads, then a human description, usage and the settings table."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -163,7 +165,7 @@ def model_card(*, title: str, lora_file: str, base_model: str | None, instance_p
         f"sd-scripts read.\n\n{trigger}"
         "## Use it with diffusers\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
         f"pipe = StableDiffusionPipeline.from_pretrained({base_model or '<base model>'!r})\n"
-        f"pipe.load_lora_weights(\"<this repo>\", weight_name={lora_file!r})\n"
+        f"pipe.load_lora_weights({repo_id or '<this repo>'!r}, weight_name={lora_file!r})\n"
         f"image = pipe({(instance_prompt or 'your prompt')!r}).images[0]\n```\n\n"
         "## Training settings\n\n| setting | value |\n|---|---|\n" + rows + "\n"
     )
@@ -214,7 +216,8 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
         if value not in (None, "", "None"):
             settings.append((label, str(value)))
     card = model_card(title=cfg.repo_id.split("/")[-1], lora_file=main.name, base_model=base_model,
-                      instance_prompt=instance_prompt, license=cfg.license, gallery=gallery, settings=settings)
+                      instance_prompt=instance_prompt, license=cfg.license, gallery=gallery, settings=settings,
+                      repo_id=cfg.repo_id)
     readme = out / "README.md"
     if readme.is_file() and CARD_MARKER not in readme.read_text(encoding="utf-8", errors="replace"):
         print("note: README.md is yours (it has no lorakit marker): uploaded as it is, lorakit's card not written")

@@ -64,7 +64,8 @@ def test_card_parses_with_the_hubs_model_card_and_has_the_fields(tmp_path):
     plan = hub.plan_upload(repo_id="me/toy-lora", output_dir=str(out))
     card = ModelCard(plan.card)
     data = card.data.to_dict()
-    assert data["base_model"] == "lorakit-toy"
+    assert "base_model" not in data  # the Hub validates it as a model id: lorakit-toy is lorakit's own
+    assert "pipe.load_lora_weights('me/toy-lora', weight_name='toy_lora.safetensors')" in card.text
     assert data["tags"] == ["lora", "text-to-image", "stable-diffusion", "lorakit"]
     assert data["instance_prompt"] == "sks shape"  # from the DreamBooth folder name
     assert data["license"] == "creativeml-openrail-m"
@@ -149,6 +150,9 @@ def test_local_base_model_path_is_not_put_in_the_metadata(tmp_path):
     out = make_output(tmp_path / "output")
     plan = hub.plan_upload(repo_id="me/x", output_dir=str(out), base_model="/models/my-model.safetensors")
     assert "base_model" not in ModelCard(plan.card).data.to_dict()
+    hub_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # a Hub model id is
+    plan = hub.plan_upload(repo_id="me/x", output_dir=str(out), base_model=hub_model)
+    assert ModelCard(plan.card).data.to_dict()["base_model"] == hub_model
 
 
 def test_a_toml_holding_a_token_is_never_uploaded(tmp_path, capsys):
