@@ -53,6 +53,21 @@ def test_notebook_structure(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_setup_stops_with_a_sentence_while_lorakit_source_names_no_owner(name, monkeypatch):
+    """On Colab (lorakit not installed), a LORAKIT_SOURCE still holding `<OWNER>` stops the set-up cell with what to
+    do, instead of a pip error about a repository that does not exist."""
+    import importlib.util
+    import subprocess
+
+    setup = next(c for c in load(name).cells if c.cell_type == "code" and "setup" in tags(c))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "lorakit" else real(n, *a))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    with pytest.raises(SystemExit, match="Replace <OWNER> in LORAKIT_SOURCE"):
+        exec(setup.source, {"LORAKIT_SOURCE": "git+https://github.com/<OWNER>/lorakit", "USE_DRIVE": False})
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_parameters_cell_comes_before_setup_and_names_colab_options(name):
     code = [c for c in load(name).cells if c.cell_type == "code"]
     assert "parameters" in tags(code[0]) and "setup" in tags(code[1])
