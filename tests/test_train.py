@@ -839,6 +839,10 @@ def test_resuming_with_other_optimizer_groups_is_a_clear_error(tmp_path, tiny_sd
     base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
                 output_dir=str(tmp_path / "out"), sample_at_end=False, save_state=True, save_every_n_steps=1)
     lorakit.train(**base, max_train_steps=1)
+    with pytest.raises(TrainingError, match=r"other training options \(network_args \[\] → "
+                                            r"\['loraplus_lr_ratio=16'\]\)"):
+        lorakit.train(**base, max_train_steps=2, resume="latest", network_args=["loraplus_lr_ratio=16"])
+    (tmp_path / "out" / "state-00000001" / "config.toml").unlink()  # a state without its options: the groups tell
     with pytest.raises(TrainingError, match="saved optimizer state does not fit this run.*network_args"):
         lorakit.train(**base, max_train_steps=2, resume="latest", network_args=["loraplus_lr_ratio=16"])
 
