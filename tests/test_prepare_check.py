@@ -307,3 +307,17 @@ def test_an_image_that_fails_to_decode_in_any_way_is_listed(tmp_path, monkeypatc
     with pytest.raises(ImageProblem, match="corrupt or truncated .*'float' object"):
         load_rgb(folder / "bad.png")
     assert load_rgb(folder / "good.png").size == (64, 64)
+
+
+def test_a_windows_1252_caption_is_read_as_the_trainer_reads_it_and_repaired_to_utf8(tmp_path):
+    """Windows editors write smart quotes as bytes 0x92-0x94: `check` reads them as Windows-1252, as training does,
+    and `repair` writes them out as UTF-8 — not as Latin-1 control characters."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    (folder / "a.txt").write_bytes(b"woman\x92s \x93red\x94 dress")
+    report = check_dataset(folder, 512)
+    assert report.records[0].caption == "woman’s “red” dress"
+    assert "caption_encoding" in report.records[0].kinds()
+    prepare(action="repair", input_dir=str(folder), output_dir=str(tmp_path / "out"))
+    assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8").strip() == "woman’s “red” dress"

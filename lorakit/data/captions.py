@@ -21,19 +21,23 @@ import re
 from pathlib import Path
 
 
+def decode_caption(data: bytes) -> tuple[str, bool]:
+    """(text, whether it was UTF-8) of a caption file's bytes: UTF-8 (a BOM allowed), else Windows-1252, what
+    Windows editors write (“smart quotes”, é)."""
+    try:
+        return data.decode("utf-8-sig"), True
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace"), False
+
+
 def read_caption_file(path: Path, all_lines: bool = False) -> tuple[str, str | None]:
     """Return (caption, note). The caption is the first non-empty line, stripped (as sd-scripts reads it); with
     `all_lines` (`enable_wildcard`), every non-empty line, joined by newlines: each draw picks one.
 
     `note` says what was unusual (not UTF-8, several lines), for the dataset report; None when nothing was.
     """
-    data = Path(path).read_bytes()
-    note = None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = data.decode("cp1252", errors="replace")
-        note = "caption file is not UTF-8; read as Windows-1252"
+    text, utf8 = decode_caption(Path(path).read_bytes())
+    note = None if utf8 else "caption file is not UTF-8; read as Windows-1252"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if all_lines:
         return "\n".join(lines), note

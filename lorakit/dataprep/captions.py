@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..data.captions import split_tags
+from ..data.captions import decode_caption, split_tags
 from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes, write_text
 from .output import has_files
@@ -140,11 +140,7 @@ def map_captions(folder: str | os.PathLike, fn: Callable[[str | None, str], str 
             old = None
             if cap_rel is not None:
                 used.add(cap_rel)
-                data = src.read(cap_rel)
-                try:
-                    old = data.decode("utf-8-sig")
-                except UnicodeDecodeError:
-                    old = data.decode("cp1252", errors="replace")
+                old = decode_caption(src.read(cap_rel))[0]
                 old = ", ".join(line.strip().rstrip(",") for line in old.splitlines() if line.strip())
             new = fn(old, rel)
             if not in_place:
@@ -202,10 +198,7 @@ def tag_frequencies(folder: str | os.PathLike, *, caption_extension: str = ".txt
     with DatasetSource(folder) as src:
         for rel, _ in src.files():
             if rel.lower().endswith(caption_extension):
-                try:
-                    text = src.read(rel).decode("utf-8-sig")
-                except UnicodeDecodeError:
-                    text = src.read(rel).decode("cp1252", errors="replace")
+                text = decode_caption(src.read(rel))[0]
                 keys = {tag_key(t): t for t in split_tags(text.replace("\n", ","))}
                 for k, t in keys.items():
                     counts[spelling.setdefault(k, t)] += 1

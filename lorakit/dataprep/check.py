@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 from ..data.buckets import make_bucket_resolutions, select_bucket
+from ..data.captions import decode_caption
 from ..errors import ConfigError
 from .hashing import colour_signature, dhash, near_duplicate_pairs
 from .probe import FORMAT_EXTENSIONS, HIGH_BIT_MODES, Probe, probe
@@ -163,11 +164,10 @@ def _record(rel: str, size: int, sha: str, pr: Probe, resolution: int, huge_side
 
 def _caption_facts(rec: ImageRecord, caption_rel: str, data: bytes, count_tokens) -> None:
     rec.caption_file = caption_rel
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        rec.problems.append(Problem("caption_encoding", rec.path, f"{caption_rel} is not UTF-8"))
-        text = data.decode("latin-1")
+    text, utf8 = decode_caption(data)  # as the trainer reads it
+    if not utf8:
+        rec.problems.append(Problem("caption_encoding", rec.path, f"{caption_rel} is not UTF-8 (read as "
+                                                                  f"Windows-1252)"))
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         rec.problems.append(Problem("caption_multiline", rec.path, f"{len(lines)} lines"))
