@@ -456,3 +456,18 @@ def test_keep_alpha_keeps_the_transparency_that_alpha_mask_trains_with(tmp_path,
     for p in (tmp_path / "flat").glob("*.png"):
         with Image.open(p) as im:
             assert im.mode == "RGB", p.name
+
+
+def test_of_two_identical_images_the_captioned_one_is_kept(tmp_path):
+    """Dropping an exact duplicate keeps the copy that has a caption, wherever it sorts."""
+    import lorakit
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "IMG_0001.png")
+    (folder / "IMG_0002.png").write_bytes((folder / "IMG_0001.png").read_bytes())
+    (folder / "IMG_0002.txt").write_text("a red square")
+    result = lorakit.prepare(action="repair", input_dir=str(folder), output_dir=str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == [
+        "IMG_0002.png", "IMG_0002.txt"]
+    assert [(a.source, a.action) for a in result.actions if a.action == "dropped"] == [("IMG_0001.png", "dropped")]

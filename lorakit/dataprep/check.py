@@ -182,13 +182,15 @@ def _caption_facts(rec: ImageRecord, caption_rel: str, data: bytes, count_tokens
 
 
 def _mark_duplicates(records: list[ImageRecord]) -> None:
-    """Byte-identical files: the first (sorted) is kept, the others point at it."""
-    first: dict[str, str] = {}
+    """Byte-identical files: one is kept — the first (sorted) with a caption file, else the first — and the others
+    point at it (so dropping duplicates never drops the only caption)."""
+    groups: dict[str, list[ImageRecord]] = {}
     for r in records:
-        if not r.sha256 or not r.readable:
-            continue
-        if r.sha256 in first:
-            r.duplicate_of = first[r.sha256]
-            r.problems.append(Problem("duplicate", r.path, f"same bytes as {first[r.sha256]}"))
-        else:
-            first[r.sha256] = r.path
+        if r.sha256 and r.readable:
+            groups.setdefault(r.sha256, []).append(r)
+    for same in groups.values():
+        kept = next((r for r in same if r.caption_file), same[0])
+        for r in same:
+            if r is not kept:
+                r.duplicate_of = kept.path
+                r.problems.append(Problem("duplicate", r.path, f"same bytes as {kept.path}"))
