@@ -110,6 +110,10 @@ def find_state(resume: str, output_dir: str | Path) -> Path | None:
     else:
         folder = Path(resume)
     if not (folder / "train_state.pt").is_file() or not (folder / "lora_params.safetensors").is_file():
+        if any((folder / name).is_file() for name in ("optimizer.bin", "random_states_0.pkl", "scheduler.bin")):
+            raise TrainingError(f"`resume`: {folder} is a state saved by sd-scripts (accelerate's files), which "
+                                f"lorakit cannot continue; start a new run from the LoRA saved with it "
+                                f"(`network_weights = \"<that .safetensors>\"`)")
         raise TrainingError(f"`resume`: {folder} is not a state folder written by `save_state` "
                             f"(needs train_state.pt and lora_params.safetensors)")
     return folder

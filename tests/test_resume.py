@@ -254,3 +254,18 @@ def test_a_state_saved_again_at_its_step_is_replaced_atomically(tmp_path, monkey
     killed.mkdir()
     real(folder, killed / folder.name)
     assert load_state(find_state("latest", tmp_path)).params["p"].tolist() == [3.0] * 3
+
+
+def test_a_state_folder_of_another_tool_is_named_as_such(tmp_path):
+    """sd-scripts saves accelerate's files (optimizer.bin, random_states_0.pkl, ...): refused, saying so and what
+    to do; any other folder is not a state folder."""
+    from lorakit.train_state import find_state
+
+    theirs = tmp_path / "last-state"
+    theirs.mkdir()
+    for name in ("optimizer.bin", "random_states_0.pkl", "scheduler.bin", "model.safetensors"):
+        (theirs / name).write_bytes(b"x")
+    with pytest.raises(TrainingError, match="saved by sd-scripts .* start a new run from the LoRA saved with it"):
+        find_state(str(theirs), tmp_path)
+    with pytest.raises(TrainingError, match="is not a state folder written by `save_state`"):
+        find_state(str(tmp_path), tmp_path)
