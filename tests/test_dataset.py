@@ -142,6 +142,27 @@ def test_a_folder_named_by_its_repeats_alone_takes_its_captions_from_files(tmp_p
                                                                            ("a photo of thing 1", 10)]
 
 
+def test_a_caption_file_named_in_another_case_or_unicode_form_is_found(tmp_path):
+    """`IMG_0001.PNG` with `img_0001.txt` (cameras, Windows), `café.png` with a macOS (NFD) `café.txt`: found, as
+    `prepare check` finds them; an exact name still wins, and two candidates leave the choice to no one."""
+    import unicodedata
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name in ("IMG_0001.PNG", "café.png", "a.png", "A.png", "Both.png"):
+        pattern(64, 64).save(d / name)
+    (d / "img_0001.txt").write_text("a camera photo")
+    (d / unicodedata.normalize("NFD", "café.txt")).write_text("a café")
+    (d / "a.txt").write_text("lower")
+    (d / "A.txt").write_text("upper")
+    (d / "both.txt").write_text("one")
+    (d / "BOTH.txt").write_text("two")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(d)), native_resolution=64)
+    captions = {unicodedata.normalize("NFC", e.item.path.name): e.item.caption for e in ds.examples}
+    assert captions == {"IMG_0001.PNG": "a camera photo", "café.png": "a café", "a.png": "lower", "A.png": "upper",
+                        "Both.png": ""}
+
+
 def test_empty_and_misnamed_folders_are_refused_with_the_fix(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "nope")), native_resolution=64)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,8 +187,27 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
 
 
 # ------------------------------------------------------------------ scanning a subset
-def _caption_for(image: Path, subset: Subset, report: LoadReport) -> str | None:
+def _caption_key(path: Path) -> str:
+    """A file's name as a caption lookup compares it: Unicode-NFC-normalised and case-folded (`IMG_1.PNG` finds
+    `img_1.txt`; `é` typed on macOS, NFD, finds its NFC twin), as `prepare check` matches them."""
+    return unicodedata.normalize("NFC", path.stem).casefold()
+
+
+def _caption_files(folder: Path, extension: str) -> dict[str, Path]:
+    """`_caption_key` → caption file of `folder`, for keys that name one file only."""
+    found: dict[str, list[Path]] = {}
+    for p in folder.iterdir():
+        if p.is_file() and p.suffix.lower() == extension.lower():
+            found.setdefault(_caption_key(p), []).append(p)
+    return {key: paths[0] for key, paths in found.items() if len(paths) == 1}
+
+
+def _caption_for(image: Path, subset: Subset, report: LoadReport, others: dict[str, Path]) -> str | None:
+    """The caption file's caption: `<stem><caption_extension>` beside the image, else the one file that differs
+    from it only in case or Unicode normalisation (`others`: `_caption_files` of the folder)."""
     cap_file = image.with_suffix(subset.caption_extension)
+    if not cap_file.is_file() and _caption_key(image) in others:
+        cap_file = others[_caption_key(image)]
     if cap_file.is_file():
         caption, note = read_caption_file(cap_file, all_lines=subset.enable_wildcard)
         if note:
@@ -271,6 +291,7 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
         candidates = sorted(p for p in subset.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     items, transparent = [], 0
     masks = MaskFolder(subset.mask_dir) if subset.mask_dir is not None else None
+    others = _caption_files(subset.image_dir, subset.caption_extension) if subset.metadata_file is None else {}
     for path in candidates:
         if subset.metadata_file is not None and not path.is_file():
             report.skip(path, f"listed in {subset.metadata_file.name} but missing")
@@ -289,7 +310,8 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
             notes = [n + "; its transparency is its loss mask" if n.startswith("transparent") else n for n in notes]
         for n in notes:
             report.note(path, n)
-        caption = listed.get(path) if subset.metadata_file is not None else _caption_for(path, subset, report)
+        caption = listed.get(path) if subset.metadata_file is not None else _caption_for(path, subset, report,
+                                                                                          others)
         if not caption:
             if subset.class_tokens:
                 caption = subset.class_tokens
