@@ -131,6 +131,17 @@ def test_zip_members_named_with_dot_slash_or_backslashes(tmp_path):
     assert sorted(r.path for r in check_dataset(archive, 64).records) == ["sub/a.png", "top.png"]
     make_dreambooth_layout(archive, tmp_path / "train", "sks", "cat", repeats=1)
     assert sorted(p.name for p in (tmp_path / "train" / "1_sks cat").iterdir()) == ["a.png", "top.png", "top.txt"]
+    # repair and caption edits read members without listing them first (Windows' PowerShell writes `sub\a.png`)
+    import lorakit
+    from lorakit.dataprep.sources import DatasetSource
+
+    with DatasetSource(archive) as src:
+        assert src.read("sub/a.png")[:4] == b"\x89PNG"
+    lorakit.prepare(action="repair", input_dir=str(archive), output_dir=str(tmp_path / "clean"))
+    assert sorted(p.relative_to(tmp_path / "clean").as_posix() for p in (tmp_path / "clean").rglob("*.*")
+                  if not p.name.startswith(".")) == ["sub/a.png", "top.png", "top.txt"]
+    lorakit.prepare(action="captions", input_dir=str(archive), output_dir=str(tmp_path / "cap"), trigger="sks")
+    assert (tmp_path / "cap" / "top.txt").read_text().startswith("sks")
 
 
 def test_a_second_layout_of_the_same_concept_with_other_repeats_is_refused(tmp_path):

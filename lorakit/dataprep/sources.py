@@ -33,22 +33,22 @@ class DatasetSource:
                 raise DatasetError(f"{self.path.name}: not a folder and not a .zip file; point `input_dir` at the "
                                    f"folder of images")
             self._zip = zipfile.ZipFile(self.path)
-        self._members: dict[str, str] = {}  # listed name -> the zip member's own name
+        # listed name -> the zip member's own name: `./a.png` and Windows' `sub\\a.png` name the files `a.png` and
+        # `sub/a.png`, read by the real name (`read` may come before `files`)
+        self._members: dict[str, str] = {}
+        for info in self._zip.infolist() if self._zip is not None else []:
+            if not info.is_dir():
+                self._members[str(PurePosixPath(info.filename.replace("\\", "/")))] = info.filename
 
     def files(self) -> list[tuple[str, int]]:
         """(relative path, size in bytes), sorted, hidden files skipped."""
         out = []
         if self._zip is not None:
-            for info in self._zip.infolist():
-                if info.is_dir():
-                    continue
-                # `./a.png` and Windows' `sub\\a.png` name the files `a.png` and `sub/a.png`; read by the real name
-                rel = str(PurePosixPath(info.filename.replace("\\", "/")))
-                self._members[rel] = info.filename
+            for rel, name in self._members.items():
                 if rel.startswith("/") or ".." in rel.split("/"):
                     continue  # an unsafe member name is never read or recreated
                 if not _hidden(rel):
-                    out.append((rel, info.file_size))
+                    out.append((rel, self._zip.getinfo(name).file_size))
         else:
             for dirpath, dirnames, filenames in os.walk(self.path):
                 dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
