@@ -321,3 +321,17 @@ def test_a_windows_1252_caption_is_read_as_the_trainer_reads_it_and_repaired_to_
     assert "caption_encoding" in report.records[0].kinds()
     prepare(action="repair", input_dir=str(folder), output_dir=str(tmp_path / "out"))
     assert (tmp_path / "out" / "a.txt").read_text(encoding="utf-8").strip() == "woman’s “red” dress"
+
+
+def test_a_png_with_bytes_after_its_end_chunk_is_not_truncated(tmp_path):
+    """Some tools append data after IEND, which decoders ignore: the image is fine; a PNG cut short is not."""
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "trailing.png").write_bytes(buf.getvalue() + b"\0" * 200)
+    (folder / "cut.png").write_bytes(buf.getvalue()[:-20])
+    kinds = {r.path: r.kinds() for r in check_dataset(folder, 512).records}
+    assert "truncated" not in kinds["trailing.png"] and "truncated" in kinds["cut.png"]
