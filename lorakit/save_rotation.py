@@ -27,6 +27,16 @@ def _step_number(tag: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def intermediate_saves(output_dir: str | Path, output_name: str, extension: str) -> dict[str, Path]:
+    """The intermediate LoRAs of `output_name` in `output_dir`, by tag: `000002` (an epoch), `step00000400`,
+    `interrupted`."""
+    prefix, suffix = f"{output_name}-", f".{extension}"
+    found = {p.name[len(prefix):-len(suffix)]: p for p in Path(output_dir).glob(f"{glob.escape(prefix)}*{suffix}")
+             if p.is_file()}
+    return {tag: p for tag, p in found.items()
+            if tag == "interrupted" or _epoch_number(tag) is not None or _step_number(tag) is not None}
+
+
 def _stale(tagged: dict, step: int, last_n_epochs: int | None, last_n_steps: int | None) -> list:
     """The entries of `tagged` ({tag: item}) the rules delete."""
     stale = []
@@ -46,10 +56,7 @@ def prune_saves(output_dir: str | Path, output_name: str, extension: str, *, ste
     if not (last_n_epochs or last_n_steps or last_n_epochs_state or last_n_steps_state):
         return []
     output_dir = Path(output_dir)
-    prefix, suffix = f"{output_name}-", f".{extension}"
-    loras = {p.name[len(prefix):-len(suffix)]: p for p in output_dir.glob(f"{glob.escape(prefix)}*{suffix}")
-             if p.is_file()}
-    deleted = _stale(loras, step, last_n_epochs, last_n_steps)
+    deleted = _stale(intermediate_saves(output_dir, output_name, extension), step, last_n_epochs, last_n_steps)
     for path in deleted:
         path.unlink(missing_ok=True)
     latest = output_dir / LATEST

@@ -231,14 +231,17 @@ def final_lora_path(cfg) -> Path:
 def check_earlier_run(cfg) -> None:
     """Refuse to write over an earlier run in `output_dir` (its final LoRA of this name, or a saved state) unless
     this run continues it (`resume`) or replaces it (`overwrite`): nothing trained is lost by re-running a command."""
+    from .save_rotation import intermediate_saves
     from .train_state import find_state, saved_state_in
 
     if cfg.overwrite or (cfg.resume and find_state(cfg.resume, cfg.output_dir) is not None):
         return
     final = final_lora_path(cfg)
     state = saved_state_in(cfg.output_dir)
-    if final.is_file() or state is not None:
-        what = final.name if final.is_file() else f"the saved state {state.name}"
+    # a run stopped before its end leaves only its intermediate saves (`<name>-step00000400`, `-000002`, ...)
+    saves = sorted(p.name for p in intermediate_saves(cfg.output_dir, cfg.output_name, cfg.save_model_as).values())
+    if final.is_file() or state is not None or saves:
+        what = final.name if final.is_file() else f"the saved state {state.name}" if state is not None else saves[0]
         hint = "`resume = latest` to continue it, " if state is not None else ""
         raise ConfigError(f"{cfg.output_dir} already holds an earlier run ({what}): set {hint}`overwrite = true` to "
                           f"replace it, or choose another `output_dir` or `output_name`")

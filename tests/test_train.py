@@ -492,6 +492,21 @@ def test_adafactor_takes_its_relative_step_size_by_default_as_in_sd_scripts():
         make_scheduler("constant", opt, warmup_steps=5, total_steps=10)
 
 
+def test_a_run_stopped_early_leaves_saves_that_a_new_run_does_not_replace_unasked(tmp_path, tiny_sd1_dir):
+    """Killed before its end (no final LoRA, no saved state), a run leaves its intermediate saves: a new run of the
+    same name is refused by name, and replaces them with `overwrite`."""
+    one_image_data(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lora-step00000002.safetensors").write_bytes(b"an earlier run's save")
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                output_dir=str(out), max_train_steps=2, save_every_n_steps=2, sample_at_end=False)
+    with pytest.raises(ConfigError, match=r"already holds an earlier run \(lora-step00000002.safetensors\)"):
+        lorakit.train(**base)
+    assert (out / "lora-step00000002.safetensors").read_bytes() == b"an earlier run's save"
+    lorakit.train(**base, overwrite=True)
+
+
 def test_an_epoch_end_on_a_sampled_step_samples_once(tmp_path, tiny_sd1_dir):
     """With both `sample_every_n_epochs` and `sample_every_n_steps`, a step that ends an epoch and is a multiple of
     the steps is sampled once: one file per prompt, one row of the grid."""
