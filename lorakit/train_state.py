@@ -4,7 +4,7 @@ A state folder `<output_dir>/state-<step>/` holds:
 - `lora_params.safetensors` — the trainable LoRA parameters, fp32, by parameter name;
 - `train_state.pt` — optimizer, LR scheduler and grad-scaler states, the position (optimizer step, epoch, batches
   done in that epoch), the torch RNG states, and the loss history; read back with `weights_only=True`;
-- `config.toml` — the run's config, for the record.
+- `config.toml` — the run's config: a resumed run must have the same training options (`check_config`).
 `<output_dir>/state-latest.txt` names the newest one (`resume = "latest"`).
 
 Together with the dataset's per-(epoch, batch) seeding and the per-step noise generator, this makes a run that is

@@ -38,6 +38,7 @@ from .sampling import eval_mode
 from .save_rotation import prune_saves
 from .skip_gradients import frozen_skip_gradients
 from .train_state import (
+    LATEST,
     check_config,
     check_layout,
     find_state,
@@ -275,6 +276,8 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     elif folder is None and (found := saved_state_in(cfg.output_dir)) is not None:
         run.log(f"note: {cfg.output_dir} holds a saved state ({found.name}) that this run does not continue: it "
                 f"starts at step 0 (set `resume = latest` or `auto` to continue it)")
+        if cfg.overwrite:  # until this run saves its own, `resume = auto` must not pick up the run it replaces
+            (Path(cfg.output_dir) / LATEST).unlink(missing_ok=True)
     layout = run_layout(cfg, dataset)
     if folder is not None:
         state = load_state(folder)

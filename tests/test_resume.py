@@ -161,6 +161,13 @@ def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_sta
         lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1})
     lorakit.train(**{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 1, "overwrite": True})
     assert "holds a saved state (state-00000007) that this run does not continue" in capsys.readouterr().out
+    # a run that replaces another and is killed before its first save: `auto` starts afresh, not in the old run
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(1), **{**settings(tiny_sd1_dir, dataset, out), "overwrite": True})
+    assert not (out / "state-latest.txt").exists() and (out / "state-00000001").is_dir()  # kept, not pointed at
+    capsys.readouterr()
+    lorakit.train(resume="auto", **{**settings(tiny_sd1_dir, dataset, out), "overwrite": True})
+    assert "no saved state" in capsys.readouterr().out
 
 
 def test_resume_refuses_a_state_saved_over_other_batches(tmp_path, tiny_sd1_dir, dataset):
