@@ -133,12 +133,13 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     for p in cfg.network_weights:
         if not Path(p).is_file():
             raise ConfigError(f"`network_weights`: LoRA file not found: {p}")
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     if components is None:
         from .models import load_models_from_config
 
-        device = str(pick_device(cfg))
-        comps = load_models_from_config(cfg, dtype=dtype, device=device)
+        device = pick_device(cfg)
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)  # unset: fp16 on a GPU
+        comps = load_models_from_config(cfg, dtype=dtype, device=str(device))
     else:
         comps = components
     device = comps.unet.device

@@ -253,3 +253,26 @@ def test_png_parameters_read_like_a1111s():
                     "Size: 64x64, Model: base, Clip skip: 2")
     # diffusers' single-step DPM-Solver++ (order 2) is not A1111's stochastic "DPM++ SDE": not labelled as it
     assert "Sampler: DPM++ 2S," in png_parameters(spec, "dpmsingle")
+
+
+def test_generate_samples_in_fp16_on_a_gpu_unless_told_otherwise(monkeypatch):
+    """Unset, `dtype` is fp16 on a CUDA GPU (a T4 samples several times faster) and float on a CPU; set, it is kept."""
+    import lorakit.models
+    from lorakit import generation
+
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def record(cfg, dtype, device):
+        seen.append((device, dtype))
+        raise Loaded
+
+    monkeypatch.setattr(lorakit.models, "load_models_from_config", record)
+    for device, dtype, expected in [("cuda", None, torch.float16), ("cpu", None, torch.float32),
+                                    ("cuda", "float", torch.float32)]:
+        monkeypatch.setattr(generation, "pick_device", lambda cfg, d=device: torch.device(d))
+        with pytest.raises(Loaded):
+            generation.generate(prompt="a cat", dtype=dtype)
+        assert seen[-1] == (device, expected)

@@ -154,7 +154,8 @@ class GenerateConfig(JobConfig):
     v2: bool | None = option(None, "SD 2.x model. Unset: detected.", group="model")
     v_parameterization: bool | None = option(None, "v-prediction model. Unset: detected.", group="model")
     device: str | None = option(None, "cuda, mps or cpu. Unset: the best available.", group="model")
-    dtype: str = option("float", "Precision for sampling (fp16 on GPUs).", group="model", choices=SAVE_PRECISIONS)
+    dtype: str | None = option(None, "Precision for sampling (unset: fp16 on a CUDA GPU, float elsewhere).",
+                               group="model", choices=SAVE_PRECISIONS)
 
     def check(self) -> None:
         if self.network_mul and len(self.network_mul) != len(self.network_weights):
