@@ -126,6 +126,24 @@ def test_auto_caption_with_a_captioner(dataset, tmp_path):
     assert all(read(out2, f"{n}.txt") == "x" for n in "abcd")
 
 
+def test_prepare_auto_caption_with_a_trigger_puts_it_in_kept_captions_too(tmp_path, monkeypatch):
+    """`--auto_caption --trigger sks`: new captions and the ones kept (not overwritten) all start with the trigger,
+    once."""
+    import lorakit
+    import lorakit.dataprep.autocaption as autocaption
+
+    monkeypatch.setattr(autocaption, "blip_captioner", lambda *a, **k: (lambda image: "a photo of a dog"))
+    src = tmp_path / "photos"
+    src.mkdir()
+    for i, name in enumerate("ab"):
+        (src / f"{name}.png").write_bytes(encode(drawn_image(i, (64, 64)), "PNG"))
+    (src / "a.txt").write_text("my own caption, red dress")
+    out = tmp_path / "out"
+    lorakit.prepare(action="captions", input_dir=str(src), output_dir=str(out), auto_caption=True, trigger="sks")
+    assert (out / "a.txt").read_text().strip() == "sks, my own caption, red dress"
+    assert (out / "b.txt").read_text().strip() == "sks, a photo of a dog"
+
+
 def test_auto_caption_offline_says_so(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="offline"):

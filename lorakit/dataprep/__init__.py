@@ -157,7 +157,8 @@ def _captions(cfg: PrepareConfig) -> CaptionEdit:
     else:
         result = auto_caption(cfg.input_dir, model=cfg.caption_model, trigger=cfg.trigger,
                               overwrite=cfg.overwrite_captions, device=cfg.device, **where)
-        if edits["replace"] or edits["remove"] or edits["dedupe"]:  # then edit the captions just written
+        # then edit the captions: the trigger goes first in every one, kept ones too, and the tag edits
+        if edits["trigger"] or edits["replace"] or edits["remove"] or edits["dedupe"]:
             more = edit_captions(result.output_dir, in_place=True, caption_extension=cfg.caption_extension, **edits)
             result.changed = sorted(set(result.changed) | set(more.changed))
     top = tag_frequencies(result.output_dir, caption_extension=cfg.caption_extension).most_common(15)
