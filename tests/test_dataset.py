@@ -198,7 +198,7 @@ def test_bad_images_are_handled_or_listed(tmp_path):
     (d / "truncated.jpg").write_bytes(buf.read_bytes()[: len(buf.read_bytes()) // 2])
     (d / "notes.pdf").write_bytes(b"%PDF-1.4")
     (d / "fake.png").write_text("this is not a png")
-    Image.new("1", (12000, 9000)).save(d / "bomb.png")  # over Pillow's decompression-bomb limit
+    Image.new("1", (14000, 13000)).save(d / "bomb.png")  # over Pillow's decompression-bomb limit (2 × 89.5 MP)
     ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "train")), native_resolution=64)
     used = {e.item.path.name for e in ds.examples}
     assert used == {"good.png", "rgba.png", "transparent.png", "cmyk.jpg", "palette.png", "sixteen.png",
@@ -739,3 +739,16 @@ def test_color_aug_changes_a_third_of_the_images_by_hue_or_gamma_as_sd_scripts()
     assert turned[0] > 240 and 50 < turned[1] < 90 and turned[2] < 5  # red, 16° towards yellow
     back = np.asarray(apply_color_jitter(red, ColorJitter(hue=-8 / 180)))[0, 0]
     assert back[0] > 240 and back[1] < 5 and 50 < back[2] < 90  # towards magenta
+
+
+def test_an_image_over_pillows_warning_size_trains_and_one_over_its_limit_is_skipped(monkeypatch, tmp_path):
+    """Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that (a decompression bomb): a large photo in
+    between is read (as `prepare check` reports it, `huge`); a bomb is refused by name."""
+    from lorakit.data.images import ImageProblem
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64)
+    Image.new("RGB", (80, 80), "red").save(tmp_path / "large.png")  # 6,400 pixels: between the two
+    Image.new("RGB", (100, 100), "red").save(tmp_path / "bomb.png")  # 10,000 > 8,192
+    assert load_rgb(tmp_path / "large.png").size == (80, 80)
+    with pytest.raises(ImageProblem, match="too large .over 8192 pixels"):
+        load_rgb(tmp_path / "bomb.png")

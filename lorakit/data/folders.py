@@ -24,7 +24,15 @@ from pathlib import Path
 
 from ..errors import DatasetError
 from .captions import read_caption_file
-from .images import IMAGE_EXTENSIONS, MIN_SIDE, ImageProblem, has_transparency, is_image_file, load_rgb
+from .images import (
+    IMAGE_EXTENSIONS,
+    MIN_SIDE,
+    ImageProblem,
+    has_transparency,
+    is_image_file,
+    load_rgb,
+    problem_reason,
+)
 
 DREAMBOOTH_FOLDER = re.compile(r"^(\d+)(?:_(.*))?$")  # `10_sks dog`; `10` alone (sd-scripts): captions from files
 CAPTION_COLUMNS = ("text", "caption", "prompt", "tags")
@@ -400,11 +408,13 @@ def _probe(path: Path) -> tuple[tuple[int, int], list[str]]:
         raise ImageProblem("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_rgb below refuses it by name
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # load_rgb below says when it is too large
             im = Image.open(path)
         with im:
             mode, orientation = im.mode, im.getexif().get(0x0112, 1)
             transparent = "transparency" in im.info
+    except Image.DecompressionBombError as e:
+        raise ImageProblem(problem_reason(e)) from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is "not an image" for the report
         raise ImageProblem(f"not an image or unreadable ({type(e).__name__})") from None
     rgb = load_rgb(path)  # raises ImageProblem for truncated/corrupt files and decompression bombs

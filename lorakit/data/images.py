@@ -30,11 +30,12 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _reason(e: Exception) -> str:
+def problem_reason(e: Exception) -> str:
     if isinstance(e, UnidentifiedImageError):
         return "not an image (or a format Pillow cannot read)"
     if isinstance(e, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
-        return f"too large (over {Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit): downscale it"
+        return (f"too large (over {2 * Image.MAX_IMAGE_PIXELS} pixels, Pillow's decompression-bomb limit): "
+                f"downscale it")
     return str(e)
 
 
@@ -70,12 +71,14 @@ def _open_upright(path: Path) -> Image.Image:
     """The decoded image the right way up (its mode unchanged); ImageProblem when it cannot be read."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # up to twice Pillow's pixel limit it only warns (a large photo, listed as `huge` by `prepare check`);
+            # beyond, it refuses the file as a decompression bomb
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
                 return upright(im)
     except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageProblem(_reason(e)) from None
+        raise ImageProblem(problem_reason(e)) from None
     except DECODE_ERRORS as e:
         raise ImageProblem(f"corrupt or truncated ({e})") from None
 

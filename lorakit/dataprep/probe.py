@@ -77,7 +77,7 @@ def probe(data: bytes, *, looks_like_image: bool, thumb: int = 128) -> Probe:
     found = Probe(None, format=fmt, mode=mode, bit_depth=bit_depth, width=width, height=height,
                   orientation=orientation, has_transparency=has_transparency)
     if Image.MAX_IMAGE_PIXELS and img.size[0] * img.size[1] > Image.MAX_IMAGE_PIXELS:
-        return found  # not decoded: reported as `huge`, and repair refuses it
+        return found  # not decoded here (slow): reported as `huge`
     try:
         if fmt in ("JPEG", "MPO"):
             img.draft(None, (thumb, thumb))  # decode at 1/2..1/8 scale: the whole stream is still read
