@@ -169,15 +169,19 @@ class LiveView:
                 self.status.value = f"saved <code>{Path(path).name}</code> at step {_get(info, 'step', '?')}"
 
     # ---------------------------------------------------------------- end
-    def finish(self, output_dir: str | Path | None = None, output_name: str = "lora") -> dict[str, Path]:
-        """Draw the final plot and, with `output_dir`, save `<name>_loss.png` next to the LoRA, and
-        `<name>_samples.png` unless training already wrote its `samples_grid.png` there."""
+    def finish(self, output_dir: str | Path | None = None, output_name: str = "lora",
+               history: list[dict] | None = None) -> dict[str, Path]:
+        """Draw the final plot and, with `output_dir`, save `<name>_loss.png` next to the LoRA — of the run's whole
+        `history` when given (a resumed run's too), else of the steps seen here — and `<name>_samples.png` unless
+        training already wrote its `samples_grid.png` there."""
         self._draw_loss(force=True)
         if output_dir is not None:
             out = Path(output_dir)
-            if self.losses:
-                val = dict(zip(*self.validation))
-                rows = [{"step": s, "loss": v, "val_loss": val.get(s)} for s, v in zip(self.steps, self.losses)]
+            val = dict(zip(*self.validation))
+            rows = ([{"step": r["step"], "loss": r["loss"], "val_loss": r.get("val_loss")} for r in history]
+                    if history else
+                    [{"step": s, "loss": v, "val_loss": val.get(s)} for s, v in zip(self.steps, self.losses)])
+            if rows:
                 self.files["loss_plot"] = plots.save_loss_plot(rows, out / f"{output_name}_loss.png",
                                                                title=self.title)
             grid = None if (out / "samples_grid.png").is_file() else self.grid()
@@ -193,10 +197,11 @@ def train_live(cfg: TrainConfig | None = None, /, **kwargs):
     cfg = TrainConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     view = LiveView(cfg.max_train_steps if cfg.max_train_epochs is None else None,
                     title=f"training {cfg.output_name}")
+    result = None
     try:
         result = train(cfg, callbacks=view)
     finally:
-        view.finish(cfg.output_dir, cfg.output_name)
+        view.finish(cfg.output_dir, cfg.output_name, history=result.loss_history if result is not None else None)
     return result
 
 

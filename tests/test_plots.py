@@ -181,3 +181,22 @@ def test_ensure_trained_trains_a_missing_lesson_lora_only_for_the_lessons_model(
     existing = tmp_path / "have.safetensors"
     existing.write_bytes(b"x")
     assert ensure_trained(existing, config=examples["dreambooth_toml"], base_model="some/model") == existing
+
+
+def test_the_saved_loss_plot_of_a_resumed_run_shows_the_whole_run(tmp_path, tiny_sd1_dir, monkeypatch):
+    """Continued after a disconnect, the notebook's `<name>_loss.png` plots every step of the run, not only the
+    steps since the resume."""
+    from lorakit import plots
+    from lorakit.live import train_live
+
+    plotted = []
+    real = plots.save_loss_plot
+    monkeypatch.setattr(plots, "save_loss_plot", lambda rows, *a, **k: plotted.append(rows) or real(rows, *a, **k))
+    data = tmp_path / "data" / "1_x"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+              output_dir=str(tmp_path / "out"), save_state=True, sample_at_end=False)
+    train_live(max_train_steps=2, **kw)
+    train_live(max_train_steps=4, resume="latest", **kw)
+    assert [r["step"] for r in plotted[-1]] == [1, 2, 3, 4]
