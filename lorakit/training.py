@@ -376,18 +376,18 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 progress.set_postfix(loss=f"{info.loss:.4f}", lr=f"{info.lr:.2e}",
                                      **({"val": last_val} if last_val else {}), refresh=False)
                 cbs.on_step(info)
-                if step < run.max_steps:
-                    if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
-                        run.sample(step, cbs)
+                if step < run.max_steps:  # saves before samples: a stop while sampling loses no save
                     if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
                         checkpoint(f"step{step:08d}", *resume_point)
+                    if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+                        run.sample(step, cbs)
             if step >= run.max_steps:
                 break
-            # end of an epoch (not the last): samples and saves by epoch; the state points at the next epoch
-            if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
-                run.sample(step, cbs)
+            # end of an epoch (not the last): saves and samples by epoch; the state points at the next epoch
             if run.save_every_n_epochs and (epoch + 1) % run.save_every_n_epochs == 0:
                 checkpoint(f"{epoch + 1:06d}", *resume_point)
+            if cfg.sample_every_n_epochs and (epoch + 1) % cfg.sample_every_n_epochs == 0:
+                run.sample(step, cbs)
     except KeyboardInterrupt:
         # stopped by the user (Ctrl-C, the notebook's stop button): keep what was learned, then stop
         progress.close()

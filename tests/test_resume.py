@@ -137,6 +137,23 @@ def test_a_stop_between_two_micro_batches_resumes_exactly(tmp_path, tiny_sd1_dir
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_while_sampling_at_an_epochs_end_keeps_that_epochs_save(tmp_path, tiny_sd1_dir, dataset):
+    """Saves come before samples: the stop button pressed while an epoch's samples are drawn leaves the epoch's
+    LoRA and state written."""
+    class StopWhileSampling:
+        def on_sample(self, step, images, prompts, paths):
+            raise KeyboardInterrupt
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("sks toy --s 1\n")
+    kw = {**settings(tiny_sd1_dir, dataset, tmp_path / "out"), "save_every_n_steps": None,
+          "save_every_n_epochs": 1, "sample_every_n_epochs": 1, "sample_prompts": str(prompts)}
+    with pytest.raises(KeyboardInterrupt):
+        lorakit.train(callbacks=StopWhileSampling(), **kw)
+    assert (tmp_path / "out" / "lora-000001.safetensors").is_file()
+    assert (tmp_path / "out" / "state-latest.txt").read_text().strip() == "state-00000003"
+
+
 def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_state(tmp_path, tiny_sd1_dir, dataset,
                                                                                    capsys):
     """A notebook run again after a disconnect: `resume = auto` starts a new run when there is no state and continues
