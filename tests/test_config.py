@@ -344,3 +344,12 @@ def test_cache_text_encoder_outputs_is_read_for_a_frozen_text_encoder():
     assert TrainConfig(train_data_dir="x", cache_text_encoder_outputs=True, text_encoder_lr=0)
     with pytest.raises(ConfigError, match="cannot cache a text encoder that trains"):
         TrainConfig(train_data_dir="x", cache_text_encoder_outputs=True)
+
+
+def test_text_encoder_lr_reads_sd_scripts_list_of_one():
+    """sd-scripts takes one text-encoder rate per text encoder (`--output_config` writes `[5e-05]`): a list of one
+    is that rate, two (SDXL's) are refused."""
+    assert TrainConfig.from_dict({"text_encoder_lr": [5e-5]}).text_encoder_lr == 5e-5
+    assert TrainConfig.from_dict({"text_encoder_lr": []}).text_encoder_lr is None
+    with pytest.raises(ConfigError, match="two are SDXL's"):
+        TrainConfig.from_dict({"text_encoder_lr": [1e-5, 2e-5]})

@@ -179,6 +179,19 @@ class TrainConfig(JobConfig):
         "cpu_offload_checkpointing": ((False,), "offloading checkpointed activations to the CPU (SD3/FLUX)"),
     }
 
+    @classmethod
+    def resolve_foreign(cls, data: dict, where: str = "") -> dict:
+        """sd-scripts' tables (`JobConfig.resolve_foreign`), and its `text_encoder_lr` list (one rate a text
+        encoder; SD1/SD2 have one, as `--output_config` writes it: `[5e-05]`)."""
+        out = super().resolve_foreign(data, where)
+        rates = out.get("text_encoder_lr")
+        if isinstance(rates, (list, tuple)):
+            if len(rates) > 1:
+                raise ConfigError(f"`text_encoder_lr` {list(rates)}{where}: one rate a text encoder, and SD1/SD2 "
+                                  f"have one (two are SDXL's); give one number")
+            out["text_encoder_lr"] = rates[0] if rates else None
+        return out
+
     # ---- model
     pretrained_model_name_or_path: str = option(
         "lorakit-toy", "Base model: a Hub repo id (diffusers layout), a local diffusers folder, a single-file "
