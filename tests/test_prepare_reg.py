@@ -92,3 +92,17 @@ def test_prepare_reg_action_loads_the_model(tiny_sd1_dir, tmp_path, capsys):
         prepare(action="reg", pretrained_model_name_or_path=str(tiny_sd1_dir), output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="class_prompt"):
         generate_reg_images("unused", " ", 1, tmp_path)
+
+
+def test_a_folder_drawn_with_other_settings_is_not_continued(tiny, tmp_path):
+    """The images of one folder are one set: continuing with another prompt or seed is refused, naming the change;
+    the same settings continue."""
+    from lorakit.errors import ConfigError
+
+    generate_reg_images(tiny, "a photo of a dog", 1, tmp_path / "reg", class_name="dog", **FAST)
+    with pytest.raises(ConfigError, match=r"holds 1 class images drawn with other settings \(seed 7 → 5\)"):
+        generate_reg_images(tiny, "a photo of a dog", 2, tmp_path / "reg", class_name="dog", **{**FAST, "seed": 5})
+    with pytest.raises(ConfigError, match="class_prompt 'a photo of a dog' → 'a dog'"):
+        generate_reg_images(tiny, "a dog", 2, tmp_path / "reg", class_name="dog", **FAST)
+    assert len(generate_reg_images(tiny, "a photo of a dog", 2, tmp_path / "reg", class_name="dog",
+                                   **FAST).written) == 1

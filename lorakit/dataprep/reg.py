@@ -2,11 +2,13 @@
 
 `reg_data_dir/<repeats>_<class>/reg_00000.png` ... with a caption file holding the class prompt. Image i is always
 made from seed `seed + i`, and the files already there are counted first, so an interrupted run (Colab
-disconnects) continues where it stopped and ends with the same images as an uninterrupted one.
+disconnects) continues where it stopped. The folder records what its images were drawn with (`SETTINGS_FILE`):
+a run with another prompt, seed or model does not add to it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +61,26 @@ def _missing_indices(folder: Path, n: int) -> tuple[int, list[int]]:
     return len(existing), todo
 
 
+SETTINGS_FILE = ".lorakit-reg.json"  # in a reg folder: what its images were drawn with
+
+
+def _check_settings(folder: Path, settings: dict, existing: int) -> None:
+    """Record what the images are drawn with; a folder whose images were drawn otherwise (another prompt, seed,
+    model, ...) is not continued: its images and the new ones would not be one set."""
+    record = folder / SETTINGS_FILE
+    if existing and record.is_file():
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError:
+            saved = {}
+        changed = [f"{k} {saved.get(k)!r} → {v!r}" for k, v in settings.items() if k in saved and saved[k] != v]
+        if changed:
+            raise ConfigError(f"{folder} holds {existing} class images drawn with other settings "
+                              f"({'; '.join(changed)}): choose another `output_dir`, or delete them to redraw")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(record, json.dumps(settings, indent=1) + "\n")
+
+
 def generate_reg_images(model, class_prompt: str, n: int, dst: str | os.PathLike, *, class_name: str | None = None,
                         repeats: int = 1, negative_prompt: str | None = None, num_inference_steps: int = 30,
                         guidance_scale: float = 7.5, width: int | None = None, height: int | None = None,
@@ -79,6 +101,10 @@ def generate_reg_images(model, class_prompt: str, n: int, dst: str | os.PathLike
     result = RegImages(folder, n, existing)
     if not todo:
         return result
+    settings = {"model": str(getattr(model, "source", model)), "class_prompt": class_prompt,
+                "negative_prompt": negative_prompt, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "width": width, "height": height, "seed": seed}
+    _check_settings(folder, settings, existing)
 
     import torch
     from diffusers import DDIMScheduler
@@ -110,9 +136,10 @@ def generate_reg_images(model, class_prompt: str, n: int, dst: str | os.PathLike
                               width=width, height=height, generator=generators, output_type="pil").images
             for i, image in zip(batch, images):
                 path = folder / REG_PATTERN.format(i)
+                # the caption first: an image on disk (what a resumed run counts) always has its caption
+                write_text(path.with_suffix(caption_extension), class_prompt + "\n")
                 with atomic_path(path) as tmp:
                     image.save(tmp, "PNG")
-                write_text(path.with_suffix(caption_extension), class_prompt + "\n")
                 result.written.append(path)
                 if bar is not None:
                     bar.update(1)
