@@ -279,6 +279,18 @@ def resolve_token(explicit: str | None = None) -> str | None:
         return None
 
 
+def _card_edited_on_the_hub(api, repo_id: str) -> bool:
+    """Whether the repo's README.md exists and lacks lorakit's marker: its owner rewrote the card on the Hub, as
+    removing the marker from the local README keeps a card too."""
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        path = api.hf_hub_download(repo_id=repo_id, filename="README.md", repo_type="model")
+    except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return False  # a new repo, or one without a card
+    return CARD_MARKER not in Path(path).read_text(encoding="utf-8", errors="replace")
+
+
 def push_to_hub(cfg: PushConfig | None = None, /, *, api=None, **kwargs) -> str:
     """Create/update `repo_id` and upload the LoRA, samples and card in one commit; returns the repo URL.
 
@@ -299,7 +311,11 @@ def push_to_hub(cfg: PushConfig | None = None, /, *, api=None, **kwargs) -> str:
     from huggingface_hub import CommitOperationAdd
 
     url = api.create_repo(repo_id=plan.repo_id, repo_type="model", private=plan.private, exist_ok=True)
-    ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in plan.files]
+    files = plan.files
+    if any(dest == "README.md" for _, dest in files) and _card_edited_on_the_hub(api, plan.repo_id):
+        print("note: README.md on the Hub has no lorakit marker (edited there): kept, lorakit's card not uploaded")
+        files = [(src, dest) for src, dest in files if dest != "README.md"]
+    ops = [CommitOperationAdd(path_in_repo=dest, path_or_fileobj=str(src)) for src, dest in files]
     api.create_commit(repo_id=plan.repo_id, repo_type="model", operations=ops, commit_message=plan.commit_message)
     url = str(url) if url else f"https://huggingface.co/{plan.repo_id}"
     print(f"uploaded {len(ops)} files to {url}")

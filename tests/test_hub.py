@@ -36,6 +36,15 @@ class FakeApi:
         self.calls.append(("create_commit", kw))
         return "commit"
 
+    remote_readme: Path | None = None  # the repo's README.md on the Hub (None: the repo has none)
+
+    def hf_hub_download(self, **kw):
+        from huggingface_hub.errors import EntryNotFoundError
+
+        if self.remote_readme is None:
+            raise EntryNotFoundError("no README.md")
+        return str(self.remote_readme)
+
 
 def make_output(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,3 +209,19 @@ def test_a_readme_of_the_users_is_kept_and_lorakits_card_is_rewritten(tmp_path, 
     hub.plan_upload(PushConfig(repo_id="me/toy-lora", output_dir=str(out)))
     assert (out / "README.md").read_text() == "# My own notes\n"
     assert "README.md is yours" in capsys.readouterr().out
+
+
+def test_a_card_edited_on_the_hub_is_kept(tmp_path, capsys):
+    """A README.md rewritten on the Hub (lorakit's marker gone) is not overwritten by the next push; one still
+    holding the marker is lorakit's and is updated."""
+    out = make_output(tmp_path / "output")
+    api = FakeApi()
+    api.remote_readme = tmp_path / "remote.md"
+    api.remote_readme.write_text("# My LoRA\n\nHand-written description.\n")
+    hub.push_to_hub(PushConfig(repo_id="me/toy-lora", output_dir=str(out)), api=api)
+    sent = [op.path_in_repo for op in api.calls[-1][1]["operations"]]
+    assert "README.md" not in sent and "toy_lora.safetensors" in sent
+    assert "README.md on the Hub has no lorakit marker" in capsys.readouterr().out
+    api.remote_readme.write_text(hub.CARD_MARKER + "\n# old card\n")
+    hub.push_to_hub(PushConfig(repo_id="me/toy-lora", output_dir=str(out)), api=api)
+    assert "README.md" in [op.path_in_repo for op in api.calls[-1][1]["operations"]]
