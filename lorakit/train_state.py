@@ -184,7 +184,8 @@ RESUMABLE_CHANGES = frozenset({
     "save_last_n_steps_state", "save_model_as", "save_precision", "save_state", "save_state_on_train_end",
     "training_comment", "no_metadata", "sample_prompts", "sample_every_n_steps", "sample_every_n_epochs",
     "sample_at_end", "sample_at_first", "sample_sampler", "validate_every_n_steps", "validate_every_n_epochs",
-    "max_validation_steps", "cache_latents_to_disk", "gradient_checkpointing", "xformers", "sdpa"})
+    "max_validation_steps", "cache_latents_to_disk", "gradient_checkpointing", "xformers", "sdpa",
+    "network_weights"})  # (the LoRA a run started from: the state's own weights replace it)
 
 
 def check_config(saved: dict | None, current: dict, folder: Path) -> None:

@@ -217,7 +217,8 @@ def test_resume_refuses_a_state_saved_with_other_training_options(tmp_path, tiny
                                                 f"training options \\({words}\\).*`resume = none`"):
             lorakit.train(resume="auto", **{**settings(tiny_sd1_dir, dataset, out), **change})
     longer = lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 8,
-                                              "save_every_n_steps": 3, "sample_at_end": True})
+                                              "save_every_n_steps": 3, "sample_at_end": True,
+                                              "network_weights": str(out / "lora-step00000002.safetensors")})
     assert longer.steps == 8 and longer.sample_paths
 
 
