@@ -137,15 +137,24 @@ _NETWORK_TAG = re.compile(r"<(lora|lyco|hypernet):([^:>]+)(?::([^>]*))?>", re.IG
 
 
 def _without_network_tags(spec: PromptSpec, where: str) -> PromptSpec:
-    """`spec`, refused when its prompt holds A1111's LoRA tags, which would be read as words: the CLIP tokens of
-    `<lora:name:0.8>`, not the LoRA."""
+    """`spec`, refused when its prompt holds A1111 syntax lorakit does not have and would read as words: LoRA tags
+    (the CLIP tokens of `<lora:name:0.8>`, not the LoRA), prompt editing and alternation."""
     for text in (spec.prompt, spec.negative_prompt or ""):
         if m := _NETWORK_TAG.search(text):
             weight = f" and `--network_mul {m[3]}`" if m[3] else ""
             raise ConfigError(f"`{m[0]}` in the prompt{where} is A1111's syntax for loading a network by name; "
                               f"lorakit would read it as words. Remove it and give the file with `--network_weights "
                               f"{m[2]}.safetensors`{weight} (generate; a training run samples with its own LoRA)")
+        if m := _EDITING.search(text):
+            raise ConfigError(f"`{m[0]}` in the prompt{where} is A1111's prompt editing or alternation (the text "
+                              f"changes during sampling), which lorakit does not do: it would be read as "
+                              f"de-emphasised words. Write the prompt it should be")
     return spec
+
+
+# A1111's prompt editing `[from:to:when]` / `[to:when]` / `[from::when]` and alternation `[a|b]` (escaped brackets
+# `\[` are text): lorakit's emphasis would read them as `[...]`, weight 1/1.1, colons and bars as words
+_EDITING = re.compile(r"(?<!\\)\[(?:[^\[\]]*:\s*[\d.]+\s*|[^\[\]|]*\|[^\[\]]*)(?<!\\)\]")
 
 
 def _tables_of(path: Path) -> list:

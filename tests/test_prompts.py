@@ -102,6 +102,10 @@ def test_defaults_fill_only_unset_fields():
     ("a cat <lora:sks_dog:0.8> --d 3", "`<lora:sks_dog:0.8>` .*`--network_weights sks_dog.safetensors` and "
                                        "`--network_mul 0.8`"),
     ("a cat --n <LyCO:blur>", "`<LyCO:blur>` in the prompt"),
+    # A1111's prompt editing and alternation change the text while sampling: not done, refused
+    ("a [cat:dog:0.5] on grass", "`\\[cat:dog:0.5\\]` in the prompt is A1111's prompt editing or alternation"),
+    ("a [red|blue] ball --d 2", "`\\[red\\|blue\\]` in the prompt is A1111's prompt editing"),
+    ("a photo --n [blurry::10]", "`\\[blurry::10\\]`"),
 ])
 def test_bad_lines_are_clear_errors(line, match):
     with pytest.raises(ConfigError, match=match):
@@ -120,6 +124,11 @@ def test_file_skips_comments_and_names_the_bad_line(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="no prompts"):
         read_prompt_file(tmp_path / "empty.txt")
+
+
+def test_de_emphasis_and_escaped_brackets_are_not_prompt_editing():
+    for line in ("a [cat] photo", "a [[cat]], [b, c]", "a \\[cat:0.5\\] sign", "a (cat:1.2) photo"):
+        assert parse_prompt_line(line).prompt == line
 
 
 def test_option_letters_are_case_insensitive_like_sd_scripts():
