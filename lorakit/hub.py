@@ -20,6 +20,7 @@ from pathlib import Path
 from .config import PushConfig
 from .errors import ConfigError, LoraFormatError
 from .fileio import write_text
+from .lora_metadata import SESSION_TEXT
 
 TAGS = ["lora", "text-to-image", "stable-diffusion", "lorakit"]
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -95,6 +96,18 @@ def _main_lora(files: list[Path], meta_name: str | None) -> Path:
         return by_stem[meta_name]
     finals = [p for p in files if not re.search(r"[-_](step|e|epoch)?\d{3,}$", p.stem)]
     return max(finals or files, key=lambda p: p.stat().st_mtime)
+
+
+def _png_text(image: Path, key: str) -> str | None:
+    """A PNG's text chunk `key`, or None (no such chunk, or not a readable image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            value = im.info.get(key)
+    except OSError:
+        return None
+    return str(value) if value is not None else None
 
 
 def _prompt_of(image: Path) -> str:
@@ -200,9 +213,16 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
 
     images = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                     and not any(part.startswith(".") for part in p.relative_to(out).parts))
+    # an earlier run's saves and samples left in the folder (`overwrite`) are not this LoRA's: left out
+    session = meta.get("ss_session_id")
+    earlier = [p for p in loras if p != main and session and read_lora_metadata(p).get("ss_session_id")
+               not in (None, session)]
+    earlier += [p for p in images if session and _png_text(p, SESSION_TEXT) not in (None, session)]
+    loras, images = [p for p in loras if p not in earlier], [p for p in images if p not in earlier]
     files = [(p, p.name) for p in loras]
     files += [(p, "images/" + p.relative_to(out).as_posix()) for p in images]
     configs, withheld = _shareable_configs(out)
+    withheld += [(p.relative_to(out).as_posix(), "from an earlier training run in this folder") for p in earlier]
     files += [(p, p.name) for p in configs]
     samples = [p for p in images if "loss" not in p.stem.lower()]
     last = sorted(samples, key=lambda p: (p.stat().st_mtime, p.name))[-MAX_GALLERY:]

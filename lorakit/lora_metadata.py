@@ -18,6 +18,7 @@ from pathlib import Path
 
 TRAINING_CONFIG_KEY = "lorakit.training_config"
 VERSION_KEY = "lorakit.version"
+SESSION_TEXT = "lorakit_session"  # a training sample PNG's text chunk: the ss_session_id of its run
 # sd-scripts keeps these even with `no_metadata`: readers need them to know what the file is
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
@@ -101,7 +102,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
                    num_reg_images: int | None = None, tag_frequency: dict | None = None,
                    dataset_dirs: dict | None = None, reg_dataset_dirs: dict | None = None,
                    max_train_steps: int | None = None, num_epochs: int | None = None,
-                   num_batches_per_epoch: int | None = None) -> dict[str, str]:
+                   num_batches_per_epoch: int | None = None, session_id: int | None = None) -> dict[str, str]:
     """The header of a trained LoRA: sd-scripts' `ss_*` keys, modelspec and lorakit's resolved config as JSON.
 
     `cfg` is the `TrainConfig` (the only source of option values), `components` the `SDComponents` trained on;
@@ -181,6 +182,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_validate_every_n_epochs": cfg.validate_every_n_epochs,
         "ss_max_validation_steps": cfg.max_validation_steps,
         "ss_training_comment": cfg.training_comment,
+        "ss_session_id": session_id,  # sd-scripts': one random number for all the saves of a run
         "ss_training_started_at": training_started_at,
         "ss_training_finished_at": training_finished_at or _now(),
         "ss_tag_frequency": tag_frequency,

@@ -295,6 +295,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
             scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng)
         step, start_epoch, skip_batches, history = state.step, state.epoch, state.batches_done, state.loss_history
+        run.session_id = state.session_id if state.session_id is not None else run.session_id
         run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})"
                 + ("; set `resume = none` to start over" if cfg.resume == "auto" else ""))
         if step >= run.max_steps:
@@ -306,7 +307,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
                                    loss_history=history, config_toml=cfg.to_toml(), layout=layout,
-                                   saved_with=saved_with, rng=rng_at_step)
+                                   saved_with=saved_with, rng=rng_at_step, session_id=run.session_id)
 
     def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
         """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""

@@ -9,6 +9,7 @@ import csv
 import datetime
 import io
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
+from .lora_metadata import SESSION_TEXT
 from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
 from .text_encoding import (
     WINDOW,
@@ -131,6 +133,8 @@ class Run:
         self.report_path: Path | None = None
         self.base_originals: dict[str, torch.Tensor] = {}  # weights base_weights changed in a caller's model
         self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        # sd-scripts' ss_session_id: one number for all the saves and samples of a run (a resumed run keeps its)
+        self.session_id = random.SystemRandom().randint(0, 2**32)
         self._ids: dict[str, torch.Tensor] = {}
         self._hidden: dict[str, torch.Tensor] = {}
         spe = math.ceil(len(dataset) / cfg.gradient_accumulation_steps)
@@ -192,7 +196,7 @@ class Run:
             num_reg_images=sum(d["n_repeats"] * d["img_count"] for d in reg_dirs.values()),
             tag_frequency={k: tag_frequency(v) for k, v in freq.items()}, dataset_dirs=dirs,
             reg_dataset_dirs=reg_dirs, max_train_steps=self.max_steps, num_epochs=self.num_epochs,
-            num_batches_per_epoch=len(self.dataset))
+            num_batches_per_epoch=len(self.dataset), session_id=self.session_id)
         out = save_lora(path, self.network.state_dict(), metadata, save_precision=self.cfg.save_precision)
         self.saved.append(out)
         return out
@@ -206,7 +210,8 @@ class Run:
             return
         images, paths = generate_samples(self.components, self.prompts, self.sample_settings,
                                          self.output_dir / "samples", f"{step:06d}",
-                                         autocast_dtype=self.autocast_dtype, extra_text={"lorakit_step": step})
+                                         autocast_dtype=self.autocast_dtype,
+                                         extra_text={"lorakit_step": step, SESSION_TEXT: self.session_id})
         self.sample_paths += paths
         self.sample_rounds.append((step, images))
         callbacks.on_sample(step=step, images=images, prompts=[p.prompt for p in self.prompts], paths=paths)

@@ -225,3 +225,29 @@ def test_a_card_edited_on_the_hub_is_kept(tmp_path, capsys):
     api.remote_readme.write_text(hub.CARD_MARKER + "\n# old card\n")
     hub.push_to_hub(PushConfig(repo_id="me/toy-lora", output_dir=str(out)), api=api)
     assert "README.md" in [op.path_in_repo for op in api.calls[-1][1]["operations"]]
+
+
+def test_an_earlier_runs_saves_and_samples_in_the_folder_are_not_uploaded(tmp_path, tiny_sd1_dir):
+    """sd-scripts' ss_session_id marks every save (and lorakit's samples) of one run, kept on resume: a run that
+    replaced an earlier one (`overwrite`) uploads its own files only, the earlier ones are listed as withheld."""
+    import lorakit
+
+    data = tmp_path / "data" / "1_x"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(data / "a.png")
+    (tmp_path / "p.txt").write_text("a red x --s 1 --w 32 --h 32\n")
+    kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+              output_dir=str(tmp_path / "out"), sample_prompts=str(tmp_path / "p.txt"), sample_at_end=False,
+              save_state=True, overwrite=True)
+    lorakit.train(max_train_steps=3, save_every_n_steps=1, sample_every_n_steps=1, **kw)  # the earlier run
+    lorakit.train(max_train_steps=4, save_every_n_steps=3, sample_every_n_steps=3, **kw)  # replaced by this one
+    # killed and resumed, a run keeps its session: its saves before and after the resume all go up
+    lorakit.train(max_train_steps=5, resume="latest", **{**kw, "overwrite": False})
+    plan = hub.plan_upload(repo_id="me/x", output_dir=str(tmp_path / "out"))
+    loras = sorted(dest for _, dest in plan.files if dest.endswith(".safetensors"))
+    assert loras == ["lora-step00000003.safetensors", "lora.safetensors"]
+    samples = sorted(dest for _, dest in plan.files if dest.startswith("images/samples/"))
+    assert samples and all(name.startswith("images/samples/000003") for name in samples)
+    withheld = dict(plan.withheld)
+    assert withheld["lora-step00000001.safetensors"] == "from an earlier training run in this folder"
+    assert any(name.startswith("samples/000001") for name in withheld)
