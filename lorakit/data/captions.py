@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 from pathlib import Path
+
+
+def caption_key(stem: str) -> str:
+    """A file stem as caption lookups compare it (the trainer's and `prepare`'s): Unicode-NFC-normalised and
+    case-folded, so `IMG_1.PNG` finds `img_1.txt` and an `é` typed on macOS (NFD) finds its NFC twin."""
+    return unicodedata.normalize("NFC", stem).casefold()
 
 
 def decode_caption(data: bytes) -> tuple[str, bool]:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
-from .captions import read_caption_file
+from .captions import caption_key, read_caption_file
 from .images import (
     IMAGE_EXTENSIONS,
     MIN_SIDE,
@@ -195,18 +194,12 @@ def subsets_from_folder(folder: str | Path, *, is_reg: bool, caption_extension: 
 
 
 # ------------------------------------------------------------------ scanning a subset
-def _caption_key(path: Path) -> str:
-    """A file's name as a caption lookup compares it: Unicode-NFC-normalised and case-folded (`IMG_1.PNG` finds
-    `img_1.txt`; `é` typed on macOS, NFD, finds its NFC twin), as `prepare check` matches them."""
-    return unicodedata.normalize("NFC", path.stem).casefold()
-
-
 def _caption_files(folder: Path, extension: str) -> dict[str, Path]:
-    """`_caption_key` → caption file of `folder`, for keys that name one file only."""
+    """`caption_key` of its stem → caption file of `folder`, for keys that name one file only."""
     found: dict[str, list[Path]] = {}
     for p in folder.iterdir():
         if p.is_file() and p.suffix.lower() == extension.lower():
-            found.setdefault(_caption_key(p), []).append(p)
+            found.setdefault(caption_key(p.stem), []).append(p)
     return {key: paths[0] for key, paths in found.items() if len(paths) == 1}
 
 
@@ -214,8 +207,8 @@ def _caption_for(image: Path, subset: Subset, report: LoadReport, others: dict[s
     """The caption file's caption: `<stem><caption_extension>` beside the image, else the one file that differs
     from it only in case or Unicode normalisation (`others`: `_caption_files` of the folder)."""
     cap_file = image.with_suffix(subset.caption_extension)
-    if not cap_file.is_file() and _caption_key(image) in others:
-        cap_file = others[_caption_key(image)]
+    if not cap_file.is_file() and caption_key(image.stem) in others:
+        cap_file = others[caption_key(image.stem)]
     if cap_file.is_file():
         caption, note = read_caption_file(cap_file, all_lines=subset.enable_wildcard)
         if note:

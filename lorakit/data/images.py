@@ -50,7 +50,6 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}
 # what Pillow raises on files (and EXIF blocks) it cannot parse: malformed ones raise more than OSError
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, EOFError, struct.error)
-_BAD_EXIF = DECODE_ERRORS
 
 
 def upright(im: Image.Image) -> Image.Image:
@@ -58,10 +57,10 @@ def upright(im: Image.Image) -> Image.Image:
     malformed EXIF block, the orientation tag alone is read and applied; when even that fails, none is."""
     try:
         return ImageOps.exif_transpose(im)
-    except _BAD_EXIF:
+    except DECODE_ERRORS:
         try:
             orientation = im.getexif().get(0x0112, 1)
-        except _BAD_EXIF:
+        except DECODE_ERRORS:
             orientation = 1
         method = _UPRIGHT.get(orientation)
         return im.transpose(method) if method is not None else im.copy()

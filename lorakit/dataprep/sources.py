@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import unicodedata
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from ..data.captions import caption_key
 from ..data.images import IMAGE_EXTENSIONS  # what the trainer loads
 from ..errors import DatasetError
 
@@ -83,7 +83,7 @@ def stem_key(rel: str) -> tuple[str, str]:
     """(folder, stem) with the stem Unicode-NFC-normalised and case-folded, so `é` typed on macOS (NFD) still finds
     its caption."""
     p = PurePosixPath(rel)
-    return str(p.parent), unicodedata.normalize("NFC", p.stem).casefold()
+    return str(p.parent), caption_key(p.stem)
 
 
 def dreambooth_folder_tokens(rel: str) -> str | None:
