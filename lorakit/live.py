@@ -1,12 +1,14 @@
 """The live training view for notebooks: a progress bar, a loss curve redrawn in place and a growing sample grid.
 
-`LiveView` is a set of training callbacks (`on_step`, `on_sample`, `on_save`) that owns one ipywidgets box, in place
-of the training's tqdm bar (`shows_progress`: the loop then draws none, so a notebook shows one progress bar):
+`LiveView` is a set of training callbacks (`on_step`, `on_sample`, `on_save`, `on_resume`) that owns one ipywidgets
+box, in place of the training's tqdm bar (`shows_progress`: the loop then draws none, so a notebook shows one
+progress bar):
 - a progress bar (the one place to look, also inside a form's output) and a status line (step, loss, speed, ETA,
   last file saved),
 - the loss curve, raw and smoothed, re-rendered at most every `redraw_s` seconds (drawing costs ~50 ms, a toy
   training step about as much, so drawing every step would halve the speed),
 - the sample grid: one row per prompt, one column per sampling step (the last `max_columns`).
+A resumed run (`on_resume`) shows its earlier losses and samples too.
 After training, `finish()` writes the loss plot and the final sample grid as PNG next to the LoRA.
 
 `train_live(cfg)` is what a notebook's train cell (and the form's train button) calls.
@@ -157,6 +159,22 @@ class LiveView:
             self.grid_image.layout.width = f"{grid.width}px"
             if not self.grid_box.children:
                 self.grid_box.children = (self.grid_image,)
+        self._draw_loss(force=True)
+
+    def on_resume(self, info=None, **kw) -> None:
+        """When a run resumes: `info` carries its `loss_history` (records with `step`, `loss`, `val_loss`) and
+        `samples` (earlier `on_sample` payloads), so the curve and the grid show the whole run, not only its rest."""
+        info = info if info is not None else kw
+        history = _get(info, "loss_history") or []
+        self.steps = [int(r["step"]) for r in history] + self.steps
+        self.losses = [float(r["loss"]) for r in history] + self.losses
+        measured = [(int(r["step"]), float(r["val_loss"])) for r in history if r.get("val_loss") is not None]
+        self.validation = ([s for s, _ in measured] + self.validation[0], [v for _, v in measured] + self.validation[1])
+        for payload in _get(info, "samples") or []:
+            self.on_sample(payload)
+        if self.widget is not None and _get(info, "step") is not None:
+            self.progress.max = max(int(self.total or 0), int(_get(info, "step")))
+            self.progress.value = int(_get(info, "step"))
         self._draw_loss(force=True)
 
     def on_save(self, info=None, **kw) -> None:

@@ -17,6 +17,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import ConfigError
 from .fileio import atomic_path
+from .lora_metadata import SESSION_TEXT
 from .prompts import PromptSpec, read_prompt_file
 from .text_encoding import COMMA_BACKTRACK, apply_emphasis, encode_windows, has_break, prompt_windows
 
@@ -132,6 +133,35 @@ def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
     if clip_skip > 1:
         settings.append(f"Clip skip: {clip_skip}")
     return "\n".join(lines + [", ".join(settings)])
+
+
+STEP_TEXT = "lorakit_step"  # a training sample PNG's text chunk: the optimizer step it shows
+
+
+def saved_rounds(folder: Path, session_id, up_to_step: int, prompts: list[str]) -> list[tuple[int, list[Path]]]:
+    """The sampling rounds run `session_id` already wrote to `folder` (`<step>_<index>.png`) up to `up_to_step`, as
+    (step, PNG paths in prompt order): what a resumed run's grid starts from. A round drawn from other `prompts`
+    (the prompt file was edited before resuming) or missing an image is left out, as is every other run's."""
+    found: dict[int, dict[int, tuple[Path, str]]] = {}
+    for path in folder.glob("*.png") if folder.is_dir() else ():
+        step_part, _, index_part = path.stem.partition("_")
+        if not (step_part.isdigit() and index_part.isdigit()):
+            continue
+        try:
+            with Image.open(path) as im:
+                info = dict(im.info)
+        except OSError:
+            continue
+        if str(info.get(SESSION_TEXT)) != str(session_id) or str(info.get(STEP_TEXT)) != str(int(step_part)):
+            continue
+        if int(step_part) <= up_to_step:
+            found.setdefault(int(step_part), {})[int(index_part)] = path, str(info.get("prompt", ""))
+    rounds = []
+    for step, images in sorted(found.items()):
+        if [images[i][1] if i in images else None for i in range(len(prompts))] == list(prompts) \
+                and len(images) == len(prompts):
+            rounds.append((step, [images[i][0] for i in range(len(prompts))]))
+    return rounds
 
 
 @contextlib.contextmanager

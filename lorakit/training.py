@@ -88,7 +88,8 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
     """Train a LoRA. `cfg` is a `TrainConfig` (or None: built from `overrides`); keyword overrides win.
 
     `callbacks`: an object (or a list of them) with any of `on_step(info)`, `on_sample(step=, images=, prompts=,
-    paths=)`, `on_save(step=, path=)` — e.g. a notebook's live view.
+    paths=)`, `on_save(step=, path=)` and, when the run resumes, `on_resume(step=, loss_history=, samples=)` (its
+    earlier `on_sample` payloads, read back from samples/) — e.g. a notebook's live view.
     `components`: an already loaded `SDComponents` to train on instead of loading `pretrained_model_name_or_path`
     (a notebook keeps one model in memory); the LoRA is removed from it again when training ends.
     """
@@ -296,6 +297,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         set_rng_state(state.rng)
         step, start_epoch, skip_batches, history = state.step, state.epoch, state.batches_done, state.loss_history
         run.session_id = state.session_id if state.session_id is not None else run.session_id
+        cbs.on_resume(step=step, loss_history=list(history), samples=run.restore_samples(step))
         run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})"
                 + ("; set `resume = none` to start over" if cfg.resume == "auto" else ""))
         if step >= run.max_steps:

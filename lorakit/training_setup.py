@@ -62,7 +62,8 @@ class StepInfo:
 
 
 class Callbacks:
-    """Calls `on_step` / `on_sample` / `on_save` on each given object (or dict of functions) that has them."""
+    """Calls `on_step` / `on_sample` / `on_save` (and `on_resume`, when a run resumes) on each given object (or dict
+    of functions) that has them."""
 
     def __init__(self, callbacks):
         if callbacks is None:
@@ -97,6 +98,10 @@ class Callbacks:
 
     def on_save(self, **kwargs) -> None:
         self._call("on_save", **kwargs)
+
+    def on_resume(self, **kwargs) -> None:
+        """Optional: a resumed run's past (`step`, `loss_history`, `samples`: earlier `on_sample` payloads)."""
+        self._call("on_resume", **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- device, precision
@@ -204,17 +209,39 @@ class Run:
     def sample(self, step: int, callbacks) -> None:
         """Generate the sample prompts with the current LoRA (PNG files in samples/, callbacks told) — once a step,
         when an epoch's end falls on a step that `sample_every_n_steps` samples too."""
-        from .sampling import generate_samples
+        from .sampling import STEP_TEXT, generate_samples
 
         if not self.prompts or (self.sample_rounds and self.sample_rounds[-1][0] == step):
             return
         images, paths = generate_samples(self.components, self.prompts, self.sample_settings,
                                          self.output_dir / "samples", f"{step:06d}",
                                          autocast_dtype=self.autocast_dtype,
-                                         extra_text={"lorakit_step": step, SESSION_TEXT: self.session_id})
+                                         extra_text={STEP_TEXT: step, SESSION_TEXT: self.session_id})
         self.sample_paths += paths
         self.sample_rounds.append((step, images))
         callbacks.on_sample(step=step, images=images, prompts=[p.prompt for p in self.prompts], paths=paths)
+
+    def restore_samples(self, step: int) -> list[dict]:
+        """A resumed run's sampling rounds up to `step`, read back from samples/ (this run's only, and only those
+        drawn from the current prompts), so that its grid and `sample_paths` cover the whole run. Returns them as
+        `on_sample` payloads (the images of the last `GRID_ROUNDS` rounds, which the grid shows)."""
+        from PIL import Image
+
+        from .sampling import saved_rounds
+
+        rounds = saved_rounds(self.output_dir / "samples", self.session_id, step, [p.prompt for p in self.prompts])
+        payloads = []
+        for i, (at, paths) in enumerate(rounds):
+            self.sample_paths += paths
+            if i >= len(rounds) - GRID_ROUNDS:
+                images = []
+                for path in paths:
+                    with Image.open(path) as im:
+                        images.append(im.convert("RGB"))
+                self.sample_rounds.append((at, images))
+                payloads.append({"step": at, "images": images, "paths": paths,
+                                 "prompts": [p.prompt for p in self.prompts]})
+        return payloads
 
     def save_grid(self) -> Path | None:
         """samples_grid.png: one row per sampling round (the latest ones), one column per prompt."""

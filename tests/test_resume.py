@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors.torch import load_file
 
 import lorakit
@@ -72,6 +72,47 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_sd1_dir, da
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in resumed.loss_history] == [r["loss"] for r in full.loss_history]
+
+
+def test_a_resumed_run_shows_its_earlier_samples_and_losses(tmp_path, tiny_sd1_dir, dataset):
+    """After a disconnect, the resumed run's samples_grid.png and `sample_paths` cover the whole run (the same grid as
+    a run that never stopped), and `on_resume` hands a notebook's live view the losses and samples so far. Another
+    run's PNGs left in samples/, and rounds drawn from prompts edited since, are not shown as this run's."""
+    from lorakit.live import LiveView
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("sks toy --s 1 --w 32 --h 32\nitem --s 1 --w 32 --h 32 --d 5\n")
+    kw = {**settings(tiny_sd1_dir, dataset, tmp_path / "full"), "sample_prompts": str(prompts),
+          "sample_every_n_steps": 1, "sample_at_end": True}
+    full = lorakit.train(**kw)
+    out = tmp_path / "killed"
+    kw["output_dir"] = str(out)
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(5), **kw)
+    stranger = Image.open(out / "samples" / "000002_00.png")
+    info = PngImagePlugin.PngInfo()
+    for k, v in {**stranger.info, "lorakit_session": "1"}.items():
+        info.add_text(k, str(v))
+    stranger.save(out / "samples" / "000003_05.png", pnginfo=info)  # another run's image, in this run's names
+    seen = {}
+
+    class Recorder:
+        def on_resume(self, step, loss_history, samples):
+            seen.update(step=step, losses=[r["loss"] for r in loss_history], steps=[s["step"] for s in samples])
+
+    view = LiveView(display=False)
+    resumed = lorakit.train(resume="latest", callbacks=[Recorder(), view], **kw)
+    assert seen == {"step": 4, "losses": [r["loss"] for r in full.loss_history[:4]], "steps": [1, 2, 3, 4]}
+    assert view.steps == list(range(1, 8)) and view.losses == [r["loss"] for r in full.loss_history]
+    assert sorted(view.samples) == list(range(1, 8))
+    assert [p.name for p in resumed.sample_paths] == [p.name for p in full.sample_paths]
+    assert np.array_equal(np.asarray(Image.open(resumed.samples_grid)), np.asarray(Image.open(full.samples_grid)))
+
+    # the prompt file edited before resuming again: the rounds of the old prompts are left out of the new grid
+    prompts.write_text("sks toy, edited --s 1 --w 32 --h 32\n")
+    (out / "state-latest.txt").write_text("state-00000006")
+    again = lorakit.train(resume="latest", **kw)
+    assert [p.name for p in again.sample_paths] == ["000007_00.png"]
 
 
 def test_resume_across_an_epoch_boundary(tmp_path, tiny_sd1_dir, dataset):
