@@ -27,3 +27,7 @@ class DatasetError(LorakitError, ValueError):
 
 class TrainingError(LorakitError, RuntimeError):
     """Training stopped for a reason the user must act on (e.g. NaN loss)."""
+
+
+class HubError(LorakitError, RuntimeError):
+    """A Hugging Face Hub request failed (network, permissions, a repo name taken); the message never holds a token."""

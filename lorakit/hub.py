@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import PushConfig
-from .errors import ConfigError, LoraFormatError
+from .errors import ConfigError, HubError, LoraFormatError, LorakitError
 from .fileio import write_text
 from .lora_metadata import SESSION_TEXT
 
@@ -285,12 +285,14 @@ def _shareable_configs(out: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 
 # ---------------------------------------------------------------------------------------------------------- push
 def resolve_token(explicit: str | None = None) -> str | None:
-    """`explicit`, else HF_TOKEN, else the token saved by `huggingface_hub.login()`; None when there is none."""
-    if explicit:
-        return explicit
+    """`explicit`, else HF_TOKEN, else the token saved by `huggingface_hub.login()`; None when there is none.
+    Spaces and a newline around it (a pasted token, a secrets file) are dropped: sent with them, the token would
+    be an invalid HTTP header, whose error message quotes it."""
+    if explicit and explicit.strip():
+        return explicit.strip()
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        if os.environ.get(var):
-            return os.environ[var]
+        if os.environ.get(var, "").strip():
+            return os.environ[var].strip()
     try:
         from huggingface_hub import get_token
 
@@ -328,6 +330,23 @@ def push_to_hub(cfg: PushConfig | None = None, /, *, api=None, **kwargs) -> str:
             raise ConfigError("no Hugging Face token: set the HF_TOKEN environment variable, log in with "
                               "`huggingface_hub.login()` (on Colab: `notebook_login()`), or pass `token=`")
         api = HfApi(endpoint=cfg.endpoint, token=token)
+    try:
+        return _upload(api, plan)
+    except LorakitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the Hub's and the network's errors, as one line without the token
+        token = getattr(api, "token", None)
+        raise HubError(f"push to {plan.repo_id} failed: {type(e).__name__}: {redact(str(e), token)}") from None
+
+
+def redact(text: str, token: str | None = None) -> str:
+    """`text` with the token, and anything that looks like a Hub token, replaced by `hf_***`."""
+    if isinstance(token, str) and token:
+        text = text.replace(token, "hf_***")
+    return _TOKEN_TEXT.sub("hf_***", text)
+
+
+def _upload(api, plan: UploadPlan) -> str:
     from huggingface_hub import CommitOperationAdd
 
     url = api.create_repo(repo_id=plan.repo_id, repo_type="model", private=plan.private, exist_ok=True)

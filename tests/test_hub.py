@@ -251,3 +251,38 @@ def test_an_earlier_runs_saves_and_samples_in_the_folder_are_not_uploaded(tmp_pa
     withheld = dict(plan.withheld)
     assert withheld["lora-step00000001.safetensors"] == "from an earlier training run in this folder"
     assert any(name.startswith("samples/000001") for name in withheld)
+
+
+def test_a_pasted_token_with_a_newline_is_sent_without_it(tmp_path, monkeypatch):
+    """Sent with a newline or spaces, a token would be an invalid HTTP header, whose error quotes the token."""
+    import huggingface_hub
+
+    FakeApi.instances.clear()
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    for token, env in [(f" {TOKEN}\n", None), (None, f"{TOKEN}\n")]:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        if env is not None:
+            monkeypatch.setenv("HF_TOKEN", env)
+        hub.push_to_hub(repo_id="me/toy-lora", output_dir=str(make_output(tmp_path / "output")), token=token)
+        assert FakeApi.instances[-1].token == TOKEN
+
+
+def test_a_failed_push_is_one_line_without_the_token(tmp_path, monkeypatch, capsys):
+    from lorakit.errors import HubError
+
+    class FailingApi(FakeApi):
+        def create_commit(self, **kw):
+            raise ValueError(f"Illegal header value b'Bearer {self.token}' (also seen: hf_{'x' * 30})")
+
+    out = make_output(tmp_path / "output")
+    with pytest.raises(HubError, match=r"push to me/toy-lora failed: ValueError: Illegal header value") as err:
+        hub.push_to_hub(repo_id="me/toy-lora", output_dir=str(out), api=FailingApi(token=TOKEN))
+    assert TOKEN not in str(err.value) and "hf_xxx" not in str(err.value) and "hf_***" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # no chained traceback quoting it
+    assert TOKEN not in "".join(capsys.readouterr())
+
+
+def test_a_token_of_the_wrong_type_is_not_echoed():
+    with pytest.raises(ConfigError, match="`token` must be") as err:
+        PushConfig(repo_id="me/toy-lora", token=[TOKEN])
+    assert TOKEN not in str(err.value)

@@ -150,7 +150,12 @@ def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
             return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
+    raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {_shown(spec, value)}{where}")
+
+
+def _shown(spec: FieldSpec, value) -> str:
+    """A value as an error message shows it: a secret field's (a token) only by its type."""
+    return f"a {type(value).__name__}" if spec.secret else repr(value)
 
 
 def _canonical_choice(spec: FieldSpec, value):
@@ -284,7 +289,7 @@ class JobConfig:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 value = [v.strip() for v in value.split(",")] if isinstance(value, str) else [value]
             if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {value!r}{where}")
+                raise ConfigError(f"`{spec.name}` must be {_type_name(spec)}, got {_shown(spec, value)}{where}")
             return [_canonical_choice(spec, _coerce_scalar(spec, spec.item_type, v, where)) for v in value]
         return _canonical_choice(spec, _coerce_scalar(spec, spec.type, value, where))
 
