@@ -13,6 +13,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -55,6 +56,15 @@ def sshs_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def unix_time() -> str:
+    """Now as sd-scripts writes `ss_training_started_at` / `_finished_at`: seconds since 1970 (A1111's metadata
+    panel reads them with `float()`; an ISO date there makes it fail)."""
+    return repr(time.time())
+
+
+TIMESTAMP_KEYS = ("ss_training_started_at", "ss_training_finished_at")
 
 
 def lora_base_metadata(family, prediction_type: str, *, network_dim: int | None, network_alpha: float | None,
@@ -184,7 +194,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         "ss_training_comment": cfg.training_comment,
         "ss_session_id": session_id,  # sd-scripts': one random number for all the saves of a run
         "ss_training_started_at": training_started_at,
-        "ss_training_finished_at": training_finished_at or _now(),
+        "ss_training_finished_at": training_finished_at or unix_time(),
         "ss_tag_frequency": tag_frequency,
         "ss_dataset_dirs": dataset_dirs,
         "ss_reg_dataset_dirs": reg_dataset_dirs,
@@ -216,6 +226,9 @@ _SUMMARY_KEYS = ("ss_base_model_version", "modelspec.architecture", "modelspec.t
 def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
     """The keys worth printing, in a fixed order; the rest is counted (the tag frequency summarised)."""
     out = {k: metadata[k] for k in _SUMMARY_KEYS if metadata.get(k) not in (None, "", "None")}
+    for k in TIMESTAMP_KEYS:
+        if k in out:
+            out[k] = _readable_time(out[k])
     if metadata.get("ss_tag_frequency"):
         try:
             freq = json.loads(metadata["ss_tag_frequency"])
@@ -229,6 +242,14 @@ def metadata_summary(metadata: dict[str, str]) -> dict[str, str]:
     if rest:
         out["(other keys)"] = str(len(rest))
     return out
+
+
+def _readable_time(value: str) -> str:
+    """A timestamp key as a UTC date (sd-scripts' unix seconds; an older lorakit file's ISO date is kept)."""
+    try:
+        return _dt.datetime.fromtimestamp(float(value), _dt.timezone.utc).isoformat(timespec="seconds")
+    except (ValueError, OverflowError, OSError):
+        return value
 
 
 def _total_tag_counts(freq: dict) -> Counter:

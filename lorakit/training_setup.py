@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import datetime
 import io
 import math
 import random
@@ -22,7 +21,7 @@ from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import write_json, write_text
 from .host_memory import keep_freed_memory
-from .lora_metadata import SESSION_TEXT
+from .lora_metadata import SESSION_TEXT, unix_time
 from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
 from .text_encoding import (
     WINDOW,
@@ -137,7 +136,7 @@ class Run:
         self.config_path: Path | None = None
         self.report_path: Path | None = None
         self.base_originals: dict[str, torch.Tensor] = {}  # weights base_weights changed in a caller's model
-        self.started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        self.started_at = unix_time()  # as sd-scripts writes it
         # sd-scripts' ss_session_id: one number for all the saves and samples of a run (a resumed run keeps its)
         self.session_id = random.SystemRandom().randint(0, 2**32)
         self._ids: dict[str, torch.Tensor] = {}

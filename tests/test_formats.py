@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from lorakit.cli import main as cli_main
 from lorakit.config import TrainConfig
 from lorakit.errors import LoraFormatError, UnsafeCheckpointError
 from lorakit.formats import load_lora_file, parse_kohya, save_lora, to_kohya
-from lorakit.lora_metadata import MINIMAL_KEYS, TRAINING_CONFIG_KEY, build_metadata
+from lorakit.lora_metadata import MINIMAL_KEYS, TRAINING_CONFIG_KEY, build_metadata, metadata_summary, unix_time
 from lorakit.models import load_models
 from lorakit.network import add_lora, apply_lora_file, apply_lora_weights
 
@@ -225,8 +226,12 @@ def test_build_metadata_from_the_train_config(tiny_sd1_dir):
     cfg = TrainConfig.from_dict({"network_dim": 8, "network_alpha": 4.0, "network_args": ["conv_dim=4"],
                                  "output_name": "sks_dog", "learning_rate": 2e-4, "text_encoder_lr": 5e-5})
     meta = build_metadata(cfg, comps, steps=100, epoch=2, tag_frequency={"10_sks dog": {"sks": 10, "dog": 10}},
-                          training_started_at="2026-01-01T00:00:00+00:00")
+                          training_started_at=unix_time())
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    # unix seconds, as sd-scripts writes them: A1111's metadata panel reads them with float()
+    started, finished = float(meta["ss_training_started_at"]), float(meta["ss_training_finished_at"])
+    assert time.time() - 60 < started <= finished <= time.time()
+    assert metadata_summary(meta)["ss_training_started_at"].startswith(time.strftime("%Y-%m-%d", time.gmtime(started)))
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "8"
     assert meta["ss_network_alpha"] == "4" and json.loads(meta["ss_network_args"]) == {"conv_dim": "4",
                                                                                         "conv_alpha": "4"}
