@@ -412,19 +412,9 @@ def add_lora(components, *, dim: int, alpha: float | None, conv_dim: int | None 
     return _finish(modules, adapter_name, plan, 1.0, True, dtype, rank_dropout, module_dropout)
 
 
-def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
-                       adapter_name: str | None = None, unet: bool = True, text_encoder: bool = True,
-                       trainable: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
-                       module_dropout: float = 0.0, dtype: torch.dtype | None = None,
-                       where: str = "LoRA") -> LoraNetwork:
-    """Apply an in-memory LoRA (`{name: LoraWeights}` or a kohya tensor dict) with its own ranks and alphas.
-
-    Everything is checked before the model is touched: the family (a LoRA for SD2 on an SD1 model is refused,
-    naming both), that every module matches a layer of this model, and every shape. `unet`/`text_encoder`
-    False drops that component's modules. `trainable=True` continues training it (sd-scripts' `network_weights`).
-    `adapter_name` defaults to "lora" (made unique). As with any peft injection, the adapted components' own
-    weights are left with `requires_grad=False`.
-    """
+def check_lora_fits(components, weights: dict, metadata: dict | None = None, where: str = "LoRA") -> None:
+    """Refuse a LoRA (`{name: LoraWeights}` or a kohya tensor dict) that does not fit the model, naming why: made
+    for another family (an SD2 LoRA on SD1, an SDXL one), a module that matches no layer, a shape that does not fit."""
     weights = _as_weights(weights, where)
     modules = component_modules(components)
     family, reason = detect_family(weights, metadata)
@@ -433,8 +423,6 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
         raise LoraFormatError(f"{where} is a LoRA for {FAMILY_WORDS[family]} ({reason}) but the model is "
                               f"{FAMILY_WORDS.get(model_family, model_family)}: use a LoRA made for this model "
                               f"family — nothing was applied")
-    weights = {n: w for n, w in weights.items()
-               if (component_of(n) != "unet" or unet) and (component_of(n) != "text_encoder" or text_encoder)}
     targets = loadable_layers(modules)
     unknown = sorted(n for n in weights if n not in targets)
     if unknown:
@@ -454,6 +442,27 @@ def apply_lora_weights(components, weights: dict, metadata: dict | None = None, 
     if problems:
         raise LoraFormatError(f"{where}: {len(problems)} module(s) have shapes that do not fit this model "
                               f"(another model family or size?); nothing was applied. First: {problems[0]}")
+
+
+def apply_lora_weights(components, weights: dict, metadata: dict | None = None, *, multiplier: float = 1.0,
+                       adapter_name: str | None = None, unet: bool = True, text_encoder: bool = True,
+                       trainable: bool = False, dropout: float = 0.0, rank_dropout: float = 0.0,
+                       module_dropout: float = 0.0, dtype: torch.dtype | None = None,
+                       where: str = "LoRA") -> LoraNetwork:
+    """Apply an in-memory LoRA (`{name: LoraWeights}` or a kohya tensor dict) with its own ranks and alphas.
+
+    Everything is checked before the model is touched: the family (a LoRA for SD2 on an SD1 model is refused,
+    naming both), that every module matches a layer of this model, and every shape. `unet`/`text_encoder`
+    False drops that component's modules. `trainable=True` continues training it (sd-scripts' `network_weights`).
+    `adapter_name` defaults to "lora" (made unique). As with any peft injection, the adapted components' own
+    weights are left with `requires_grad=False`.
+    """
+    weights = _as_weights(weights, where)
+    check_lora_fits(components, weights, metadata, where)
+    weights = {n: w for n, w in weights.items()
+               if (component_of(n) != "unet" or unet) and (component_of(n) != "text_encoder" or text_encoder)}
+    modules = component_modules(components)
+    targets = loadable_layers(modules)
     if not weights:
         raise LoraFormatError(f"{where}: no modules left to apply (unet={unet}, text_encoder={text_encoder})")
     adapter_name = adapter_name or _unique_adapter_name("lora", modules)

@@ -316,13 +316,37 @@ def build_network(cfg, components):
                        conv_alpha=conv_alpha, unet=cfg.trains_unet, text_encoder=cfg.trains_text_encoder,
                        dtype=torch.float32, **dropouts)
     if cfg.network_weights:
-        from .formats import load_lora_file
-
-        tensors, _ = load_lora_file(cfg.network_weights)
-        unexpected = network.load_state_dict(tensors, strict=False)
-        if unexpected:
-            print(f"network_weights: {len(unexpected)} modules not in this network were ignored", flush=True)
+        _start_from(network, components, cfg)
     return network, cfg
+
+
+def _start_from(network, components, cfg) -> None:
+    """Load `network_weights` into the fresh network, as sd-scripts does, but nothing of the file is dropped
+    unsaid: a file for another model is refused (as `apply`/`merge` refuse it), and so is one with modules this run's
+    LoRA lacks (3x3 convolutions without `conv_dim`); a part this run does not train is named."""
+    from .formats import component_of, load_lora_file, parse_kohya
+    from .network import check_lora_fits
+
+    name = Path(cfg.network_weights).name
+    tensors, metadata = load_lora_file(cfg.network_weights)
+    weights = parse_kohya(tensors)
+    check_lora_fits(components, weights, metadata, where=f"`network_weights` {name}")
+    untrained_parts = {part for part, trained in (("unet", cfg.trains_unet), ("text_encoder", cfg.trains_text_encoder))
+                       if not trained}
+    untrained = {n for n in weights if n not in network.layers and component_of(n) in untrained_parts}
+    lacking = sorted(n for n in weights if n not in network.layers and n not in untrained)
+    if lacking:
+        convs = [n for n in lacking if weights[n].down.dim() == 4 and weights[n].down.shape[-1] > 1]
+        hint = (f"{len(convs)} are 3x3 convolutions (LoCon): set `network_args = [\"conv_dim=R\"]`, or "
+                if convs else "")
+        raise ConfigError(f"`network_weights` {name}: {len(lacking)} of its modules are not in the LoRA this run "
+                          f"trains (e.g. {', '.join(lacking[:2])}); {hint}set `dim_from_weights = true` to train "
+                          f"the file's own modules, ranks and alphas")
+    if untrained:
+        part = "text encoder" if not cfg.trains_text_encoder else "U-Net"
+        print(f"network_weights: the file's {len(untrained)} {part} modules are left out (this run does not train "
+              f"the {part}), so the new LoRA has none", flush=True)
+    network.load_state_dict(weights, strict=False)
 
 
 def prepare_run(cfg, components=None) -> Run:

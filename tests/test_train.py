@@ -97,10 +97,11 @@ def test_dreambooth_with_reg_images(tmp_path, tiny_sd1_dir):
     assert json.loads(meta["ss_dataset_dirs"]) == {"2_sks dog": {"n_repeats": 2, "img_count": 2}}
     assert json.loads(meta["ss_reg_dataset_dirs"]) == {"1_dog": {"n_repeats": 1, "img_count": 3}}
     assert float(meta["ss_prior_loss_weight"]) == 0.7
-    import datetime
+    import time
 
-    started, finished = (datetime.datetime.fromisoformat(meta[f"ss_training_{k}_at"]) for k in ("started", "finished"))
-    assert started.tzinfo is not None and finished.tzinfo is not None and started <= finished  # both in UTC
+    # unix seconds, as sd-scripts writes them (A1111's metadata panel reads them with float())
+    started, finished = (float(meta[f"ss_training_{k}_at"]) for k in ("started", "finished"))
+    assert time.time() - 600 < started <= finished <= time.time()
     assert json.loads(meta["ss_tag_frequency"]) == {"2_sks dog": {"sks dog": 2}, "1_dog": {"dog": 3}}
     assert json.loads(meta["lorakit.training_config"])["train_data_dir"] == str(tmp_path / "train")
     # the config next to the LoRA reads back to the same config
@@ -1000,6 +1001,41 @@ def test_dim_from_weights_continues_a_lora_with_its_own_ranks(tmp_path, tiny_sd1
     assert meta["ss_network_train_unet_only"] == "True" and all(k.startswith("lora_unet_") for k in tensors)
     with pytest.raises(ConfigError, match="set `network_weights` too"):
         TrainConfig(dim_from_weights=True)
+
+
+def test_network_weights_starts_from_a_lora_and_drops_nothing_unsaid(tmp_path, tiny_sd1_dir, capsys):
+    """sd-scripts' network_weights without dim_from_weights: the new LoRA starts from the file's weights. A file that
+    does not fit is refused by name rather than partly loaded: another family's, a module matching no layer, LoCon
+    modules this run's LoRA lacks; a part the run does not train is named."""
+    from lorakit.errors import LoraFormatError
+    from lorakit.fileio import save_safetensors
+
+    one_image_data(tmp_path)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                max_train_steps=1, save_precision="float", sample_at_end=False, network_dim=4, network_alpha=2)
+    first = lorakit.train(**base, output_dir=str(tmp_path / "a"), learning_rate=1e-2, network_args=["conv_dim=2"])
+    start, _ = read_lora(first.lora_path)
+    same = lorakit.train(**base, output_dir=str(tmp_path / "b"), learning_rate=1e-12, network_args=["conv_dim=2"],
+                         network_weights=str(first.lora_path))  # a step too small to move: the file's weights
+    tensors, _ = read_lora(same.lora_path)
+    assert tensors.keys() == start.keys() and all(torch.allclose(tensors[k], start[k], atol=1e-9) for k in start)
+    assert any(start[k].abs().max() > 1e-4 for k in start if k.endswith("lora_up.weight"))  # not a fresh LoRA's 0
+    with pytest.raises(ConfigError, match=r"modules are not in the LoRA this run trains .* 3x3 convolutions "
+                                          r"\(LoCon\): set `network_args = \[\"conv_dim=R\"\]`"):
+        lorakit.train(**base, output_dir=str(tmp_path / "c"), network_weights=str(first.lora_path))
+    capsys.readouterr()
+    unet_only = lorakit.train(**base, output_dir=str(tmp_path / "d"), network_args=["conv_dim=2"],
+                              network_train_unet_only=True, network_weights=str(first.lora_path))
+    assert "the file's 12 text encoder modules are left out" in capsys.readouterr().out
+    assert all(k.startswith("lora_unet_") for k in read_lora(unet_only.lora_path)[0])
+    for key, words in [("lora_te1_text_model_encoder_layers_0_mlp_fc1", "SDXL"),
+                       ("lora_unet_mid_block_attentions_0_no_such_layer", "match no layer of this model")]:
+        odd = {**start, f"{key}.lora_down.weight": torch.ones(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4),
+               f"{key}.alpha": torch.tensor(2.0)}
+        save_safetensors(odd, tmp_path / "odd.safetensors")
+        with pytest.raises(LoraFormatError, match=words):
+            lorakit.train(**base, output_dir=str(tmp_path / "e"), network_args=["conv_dim=2"],
+                          network_weights=str(tmp_path / "odd.safetensors"))
 
 
 def test_base_weights_are_merged_before_training_and_a_given_model_comes_back(tmp_path, tiny_sd1_dir):
