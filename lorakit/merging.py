@@ -132,11 +132,21 @@ def _check_output(save_to: str, inputs: Sequence[str], overwrite: bool, allow_fo
                           + (", or a folder name without extension (diffusers layout)" if allow_folder else ""))
     if not suffix and not allow_folder:
         raise ConfigError(f"`save_to` {out.name} needs an extension: .safetensors, .ckpt or .pt")
+    target = out.resolve()
     for src in inputs:
-        if src and Path(src).exists() and out.exists() and Path(src).resolve() == out.resolve():
+        if not src or not Path(src).exists():
+            continue
+        source = Path(src).resolve()
+        if source == target:
             raise ConfigError(f"`save_to` {out} is one of the inputs; refusing to write over an input file")
+        if target in source.parents or (out.is_dir() and source in target.parents):
+            raise ConfigError(f"`save_to` {out} {'holds' if target in source.parents else 'is inside'} the input "
+                              f"{src}; write the merged model to a folder of its own")
     if out.exists() and not overwrite:
         raise ConfigError(f"`save_to` {out} exists; set `overwrite` to replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise ConfigError(f"`save_to` {out} is a folder that does not hold a diffusers model; a merge replaces the "
+                          f"whole folder, so it is not written there (even with `overwrite`): choose a new folder name")
     return out
 
 

@@ -242,6 +242,36 @@ def test_bad_input(setup, tmp_path):
     assert not list(tmp_path.glob("m.*")) and not (tmp_path / "mix.safetensors").exists()
 
 
+def test_a_merge_replaces_no_folder_of_the_users_even_with_overwrite(setup, tmp_path):
+    """A merge into a folder replaces the whole folder: an existing folder is replaced only when it holds an earlier
+    diffusers model, never when it holds or lies inside an input (the training folder with the LoRA in it)."""
+    family, d, comps, a, b = setup
+    import shutil
+
+    notes = tmp_path / "my_stuff"
+    notes.mkdir()
+    (notes / "precious_notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="does not hold a diffusers model"):
+        merge(sd_model=str(d / "base.safetensors"), models=[str(a)], save_to=str(notes), overwrite=True)
+    run = tmp_path / "training_run"
+    run.mkdir()
+    lora = shutil.copy(a, run / "a.safetensors")
+    (run / "model_index.json").write_text("{}")  # even one that looks like a model
+    with pytest.raises(ConfigError, match="holds the input"):
+        merge(sd_model=str(d / "base.safetensors"), models=[str(lora)], save_to=str(run), overwrite=True)
+    model = tmp_path / "model"
+    shutil.copytree(d / "folder", model)
+    with pytest.raises(ConfigError, match="is inside the input"):
+        merge(sd_model=str(model), models=[str(a)], save_to=str(model / "unet"), overwrite=True)
+    assert (notes / "precious_notes.txt").read_text() == "keep me" and (run / "a.safetensors").is_file()
+    assert (model / "unet").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "my_stuff",
+                                                                                          "training_run"]
+    earlier = tmp_path / "merged"  # an earlier merge's folder is replaced
+    merge(sd_model=str(d / "base.safetensors"), models=[str(a)], save_to=str(earlier))
+    merge(sd_model=str(d / "base.safetensors"), models=[str(b)], save_to=str(earlier), overwrite=True)
+    assert (earlier / "model_index.json").is_file()
+
+
 def test_failed_merge_leaves_no_partial_output(setup, tmp_path, monkeypatch):
     family, d, comps, a, b = setup
     import lorakit.merging as merging
