@@ -7,6 +7,8 @@ import contextlib
 import json
 import os
 import pickle
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +27,58 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, _file_mode(dest))  # mkstemp makes it owner-only (0600)
+        sync(tmp_path)  # the data is on disk before the name points at it: a power cut leaves the old file or the new
         os.replace(tmp_path, dest)
+        sync(dest.parent)  # and the rename itself
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def sync(path: Path) -> None:
+    """fsync a file or a folder (its entries: a rename in it), where the system allows it."""
+    try:
+        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
+    except OSError:
+        return  # e.g. folders cannot be opened on Windows
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system without fsync (some network and FUSE mounts)
+    finally:
+        os.close(fd)
+
+
+def temp_folder(dest: Path) -> Path:
+    """A new empty folder next to `dest` (`.<name>.<random>`), to be renamed onto it when complete, with the
+    permissions a new folder gets from the umask (mkdtemp's are owner-only: a web UI running as another user could
+    not read a merged model)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    return tmp
+
+
+# what `atomic_path` and `temp_folder` leave behind when the process is killed mid-write
+_STALE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+_STALE_STATE = re.compile(r"^\.state-\d{8}\.[a-z0-9_]{8}$")
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files (and half-written state folders) that a killed run left in `folder`, e.g. on
+    Google Drive after a Colab disconnect; returns their names. A state folder set aside while being replaced
+    (`.state-<step>.old.<random>`) is kept: resuming puts it back."""
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path.is_file() and _STALE.match(path.name):
+            path.unlink(missing_ok=True)
+        elif path.is_dir() and not path.is_symlink() and _STALE_STATE.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            continue
+        removed.append(path.name)
+    return removed
 
 
 def _file_mode(dest: Path) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 from .config.jobs import MergeConfig
 from .errors import ConfigError, LoraFormatError, ModelLoadError
 from .families import get_family
+from .fileio import sync, temp_folder
 from .formats import component_of
 from .lora_math import LoraFactors, concat_loras, merge_weight, rank_summary, sum_loras, svd_loras
 from .model_weights import SINGLE_FILE_EXTENSIONS, FolderWeights, SingleFileWeights, kohya_name, open_weights
@@ -158,7 +158,7 @@ class _AtomicFolder:
 
     def __enter__(self) -> Path:
         self.dest.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        self.tmp = temp_folder(self.dest)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -173,6 +173,7 @@ class _AtomicFolder:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.dest)
+        sync(self.dest.parent)
         return False
 
 

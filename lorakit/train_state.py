@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import TrainingError
-from .fileio import safe_torch_load, save_safetensors, torch_save, write_text
+from .fileio import safe_torch_load, save_safetensors, sync, temp_folder, torch_save, write_text
 
 LATEST = "state-latest.txt"
 SAVED_WITH = "saved_with.txt"  # in a state folder: the tag of the LoRA save it was written with
@@ -68,7 +68,7 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"state-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=output_dir))
+    tmp = temp_folder(final)
     old = None
     try:
         save_safetensors({k: v.detach().float().cpu() for k, v in params.items()}, tmp / "lora_params.safetensors")
@@ -85,6 +85,7 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=output_dir))
             os.replace(final, old / final.name)
         os.replace(tmp, final)
+        sync(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():

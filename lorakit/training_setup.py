@@ -19,7 +19,7 @@ from .data.captions import process_caption, tag_frequency
 from .data.latents import encode
 from .devices import pick_device
 from .errors import ConfigError, TrainingError
-from .fileio import write_json, write_text
+from .fileio import remove_stale_temporaries, write_json, write_text
 from .host_memory import keep_freed_memory
 from .lora_metadata import SESSION_TEXT, unix_time
 from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
@@ -359,6 +359,10 @@ def prepare_run(cfg, components=None) -> Run:
     check_earlier_run(cfg)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(output_dir) + remove_stale_temporaries(output_dir / "samples")
+    if stale:
+        print(f"removed {len(stale)} unfinished file(s) an interrupted run left in {output_dir} (e.g. {stale[0]})",
+              flush=True)
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,
                     warmup=bool(cfg.lr_warmup_steps))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,47 @@ def test_written_files_get_the_umask_mode_or_keep_the_replaced_ones(tmp_path):
         assert new.stat().st_mode & 0o777 == 0o640
     finally:
         os.umask(old)
+
+
+def test_a_file_is_on_disk_before_its_name_points_at_it(tmp_path, monkeypatch):
+    """After a power cut the name holds the old file or the whole new one: the temporary file is fsynced before the
+    rename, and the folder after it."""
+    import os
+
+    from lorakit.fileio import write_text
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    write_text(tmp_path / "lora.toml", "x = 1\n")
+    kinds = [(kind, Path(where).name) for kind, where in events]
+    assert kinds[1] == ("replace", "lora.toml")
+    assert kinds[0][0] == "fsync" and kinds[0][1].startswith(".lora.toml.") and kinds[0][1].endswith(".tmp")
+    assert kinds[2] == ("fsync", tmp_path.name)
+
+
+def test_folders_written_whole_get_the_umask_mode(tmp_path):
+    import os
+
+    from lorakit.fileio import temp_folder
+
+    old = os.umask(0o022)
+    try:
+        assert temp_folder(tmp_path / "merged").stat().st_mode & 0o777 == 0o755  # mkdtemp's own is 0700
+    finally:
+        os.umask(old)
+
+
+def test_what_a_killed_write_left_is_removed_and_nothing_else(tmp_path):
+    from lorakit.fileio import remove_stale_temporaries
+
+    left = [".lora.safetensors.k2j_9xq1.tmp", ".loss_history.csv.abcdefgh.tmp"]
+    kept = ["lora.safetensors", ".hidden.tmp", "notes.tmp", ".state-00000004.old.abcd1234"]
+    for name in left + kept[:3]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".state-00000004.ab_cd123").mkdir()  # a state folder being written when the run died
+    (tmp_path / kept[3]).mkdir()  # one set aside while being replaced: resume puts it back
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([*left, ".state-00000004.ab_cd123"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)

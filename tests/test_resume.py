@@ -63,8 +63,12 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_sd1_dir, da
     with pytest.raises(Killed):
         lorakit.train(callbacks=KillAt(5), **settings(tiny_sd1_dir, dataset, out))
     assert (out / "state-latest.txt").read_text().strip() == "state-00000004"  # saved mid-epoch (epoch 2)
+    (out / ".state-00000006.k2j_9xq1").mkdir()  # what a kill in the middle of writing a state leaves
+    (out / ".state-00000006.k2j_9xq1" / "lora_params.safetensors").write_bytes(b"half")
+    (out / ".lora-step00000006.safetensors.abcdefgh.tmp").write_bytes(b"half")
     resumed = lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
     assert resumed.steps == 7
+    assert not list(out.glob(".*")), "an interrupted run's unfinished files are removed"
 
     a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
     assert a.keys() == b.keys()
