@@ -29,8 +29,9 @@ RUNNERS = {
 
 def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: bool) -> None:
     help_text = spec.help + (f" [default: {spec.default}]" if spec.default not in (None, [], "") else "")
-    if spec.optional and spec.type not in (str, bool, list):
+    if spec.optional and spec.type not in (bool, list):
         help_text += " ('none' unsets it)"
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %: "5%", "~30% slower"
     if positional:  # `lorakit inspect file.safetensors`, or `--path file.safetensors` as messages spell it
         parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         parser.add_argument(f"--{spec.name}", dest=spec.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -176,7 +176,7 @@ def check_layout(saved: dict | None, current: dict, folder: Path) -> None:
     changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in current if saved.get(key) != current[key]]
     if changed:
         raise TrainingError(f"cannot resume from {folder}: since it was saved, {'; '.join(changed)}. Resume with the "
-                            f"same data and batch settings, or set `resume = none` to start a new run")
+                            f"same data and batch settings, or set `resume = 'none'` to start a new run")
 
 
 # options a resumed run may change: where things are and what is saved, sampled or validated along the way, how long
@@ -203,5 +203,5 @@ def check_config(saved: dict | None, current: dict, folder: Path) -> None:
     if changed:
         raise TrainingError(f"cannot resume from {folder}: it was saved with other training options ("
                             f"{'; '.join(changed)}). Resume with the options it was saved with, or set "
-                            f"`resume = none` (and another `output_name` to keep the first run) to start a new run")
+                            f"`resume = 'none'` (and another `output_name` to keep the first run) to start a new run")
 

@@ -299,10 +299,10 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.session_id = state.session_id if state.session_id is not None else run.session_id
         cbs.on_resume(step=step, loss_history=list(history), samples=run.restore_samples(step))
         run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})"
-                + ("; set `resume = none` to start over" if cfg.resume == "auto" else ""))
+                + ("; set `resume = 'none'` to start over" if cfg.resume == "auto" else ""))
         if step >= run.max_steps:
             run.log(f"the saved state is at step {step} of {run.max_steps}: nothing left to train (raise "
-                    f"`max_train_steps` to train on, or set `resume = none` to train again from scratch)")
+                    f"`max_train_steps` to train on, or set `resume = 'none'` to train again from scratch)")
 
     def save_full_state(epoch: int, batches_done: int, saved_with: str | None = None) -> None:
         """Everything `resume` needs to continue after `batches_done` batches of `epoch`."""

@@ -40,6 +40,22 @@ def test_cli_none_unsets_what_the_toml_set(tmp_path):
     assert cfg.max_train_epochs is None and cfg.sample_every_n_steps == 50
     with pytest.raises(ConfigError, match=r"`network_dim` must be an integer, got 'none'"):  # not optional
         parse_config(["train", "--network_dim", "none"])
+    # text options too: the messages' `resume = 'none'`, a lesson's regularisation folder left out
+    (tmp_path / "t.toml").write_text('train_data_dir = "x"\nreg_data_dir = "reg"\nresume = "auto"\n')
+    cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--reg_data_dir", "none", "--resume",
+                           "none"])
+    assert cfg.reg_data_dir is None and cfg.resume is None and cfg.train_data_dir == "x"
+    (tmp_path / "t.toml").write_text("resume = 'none'\n")
+    assert TrainConfig.from_toml(tmp_path / "t.toml").resume is None
+
+
+def test_every_jobs_help_is_printed(capsys):
+    """Help texts with a % in them ("5%", "~30% slower") are printed, not an argparse format error."""
+    for job in ("train", "merge", "extract", "generate", "prepare", "push", "inspect", "tiny"):
+        with pytest.raises(SystemExit) as done:
+            main([job, "--help"])
+        assert done.value.code == 0, job
+        assert "--dry_run" in capsys.readouterr().out, job
 
 
 def test_cli_value_errors_say_command_line(tmp_path):

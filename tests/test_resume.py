@@ -210,7 +210,7 @@ def test_resume_auto_continues_after_a_disconnect_and_starts_fresh_without_a_sta
     assert "no saved state" in capsys.readouterr().out
     resumed = lorakit.train(resume="auto", **settings(tiny_sd1_dir, dataset, out))
     printed = capsys.readouterr().out
-    assert "resumed from" in printed and "state-00000004" in printed and "`resume = none` to start over" in printed
+    assert "resumed from" in printed and "state-00000004" in printed and "`resume = 'none'` to start over" in printed
     a, b = load_file(str(full.lora_path)), load_file(str(resumed.lora_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
     again = lorakit.train(resume="auto", **settings(tiny_sd1_dir, dataset, out))  # finished: nothing left to do
@@ -259,7 +259,7 @@ def test_resume_refuses_a_state_saved_with_other_training_options(tmp_path, tiny
                           ({"network_alpha": 1.0}, "network_alpha 8.0 → 1.0"),
                           ({"optimizer_type": "Lion"}, "optimizer_type 'AdamW' → 'Lion'")]:
         with pytest.raises(TrainingError, match=f"cannot resume from .*state-00000002: it was saved with other "
-                                                f"training options \\({words}\\).*`resume = none`"):
+                                                f"training options \\({words}\\).*`resume = 'none'`"):
             lorakit.train(resume="auto", **{**settings(tiny_sd1_dir, dataset, out), **change})
     longer = lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "max_train_steps": 8,
                                               "save_every_n_steps": 3, "sample_at_end": True,

@@ -279,8 +279,9 @@ class JobConfig:
 
     @classmethod
     def coerce(cls, spec: FieldSpec, value, where: str = ""):
-        if spec.optional and spec.type is not str and isinstance(value, str) and value.strip().lower() in ("none", ""):
-            value = None  # `--sample_every_n_steps none` unsets an option a TOML set
+        if spec.optional and isinstance(value, str) and value.strip().lower() in (
+                ("none",) if spec.type is str else ("none", "")):
+            value = None  # `--sample_every_n_steps none`, `--reg_data_dir none` unset an option a TOML set
         if value is None:
             if spec.optional or spec.default is None:
                 return None
