@@ -356,13 +356,10 @@ def prepare_run(cfg, components=None) -> Run:
 
     device = pick_device(cfg)
     weight_dtype, autocast_dtype = precision(cfg, device)
-    check_earlier_run(cfg)
     output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_temporaries(output_dir) + remove_stale_temporaries(output_dir / "samples")
-    if stale:
-        print(f"removed {len(stale)} unfinished file(s) an interrupted run left in {output_dir} (e.g. {stale[0]})",
-              flush=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"`output_dir` {output_dir} is a file, not a folder: choose a folder for the LoRA")
+    check_earlier_run(cfg)
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,
                     warmup=bool(cfg.lr_warmup_steps))
@@ -370,6 +367,11 @@ def prepare_run(cfg, components=None) -> Run:
     given = components is not None
     # ---- data, read and checked before the model is loaded (a download): bad inputs are refused at once
     scanned = scan_dataset(cfg)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only for a run that can start: a refused one leaves no folder
+    stale = remove_stale_temporaries(output_dir) + remove_stale_temporaries(output_dir / "samples")
+    if stale:
+        print(f"removed {len(stale)} unfinished file(s) an interrupted run left in {output_dir} (e.g. {stale[0]})",
+              flush=True)
     if components is None:
         components = load_models(cfg.pretrained_model_name_or_path, v2=cfg.v2,
                                  v_parameterization=cfg.v_parameterization, vae=cfg.vae, dtype=weight_dtype,

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 import lorakit
 from lorakit.config import TrainConfig
-from lorakit.errors import ConfigError, TrainingError
+from lorakit.errors import ConfigError, DatasetError, TrainingError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -678,6 +678,31 @@ def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, cap
     (d / "a.png").unlink()
     assert main(["train", "--config", str(toml), "--overwrite"]) == 2
     assert "no usable training images" in capsys.readouterr().err
+
+
+def test_a_dataset_with_no_usable_image_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """The error names the folder and why (skipped files listed first), before the model is loaded (on Colab a
+    download), and leaves no output folder behind; an output_dir that is a file is named as such."""
+    import lorakit.models
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lorakit.models, "load_models", no_model)
+    empty = tmp_path / "data" / "10_sks dog"
+    empty.mkdir(parents=True)
+    kw = dict(train_data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"))
+    with pytest.raises(DatasetError, match=r"no usable training images in .*10_sks dog: no image files there \(.png"):
+        lorakit.train(**kw)
+    (empty / "a.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match=r"10_sks dog: 1 file\(s\) or folder\(s\) skipped, listed above "
+                                           r"\(first: .*a.png: "):
+        lorakit.train(**kw)
+    assert "skipped (1):" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="`output_dir` .*afile is a file, not a folder"):
+        lorakit.train(**{**kw, "output_dir": str(tmp_path / "afile")})
 
 
 def test_an_fp16_step_skipped_for_overflow_leaves_the_lr_schedule():

@@ -40,7 +40,7 @@ from .folders import (
     scan_subset,
     subsets_from_folder,
 )
-from .images import image_to_tensor, load_alpha, load_mask, load_rgb
+from .images import IMAGE_EXTENSIONS, image_to_tensor, load_alpha, load_mask, load_rgb
 from .latents import cache_file, cache_key, encode, image_sha, read_cached, vae_fingerprint, write_cached
 
 
@@ -140,6 +140,16 @@ def scan_dataset(cfg) -> ScannedDataset:
                                         f"are never drawn: they outnumber the training images' draws an epoch "
                                         f"({sum(it.repeats for it in train_items)}), as sd-scripts counts them")
         items.append((train_items + balanced, val_items))
+    if not any(examples for examples, _ in items):  # refused here, before the model is loaded (a download)
+        folders = [str(sub.image_dir) for spec in specs for sub in spec.subsets if not sub.is_reg]
+        where = ", ".join(folders[:3]) + (f" and {len(folders) - 3} more" if len(folders) > 3 else "")
+        if report.skipped:
+            print(report.format(), flush=True)
+            why = f"{len(report.skipped)} file(s) or folder(s) skipped, listed above (first: " \
+                  f"{report.skipped[0][0]}: {report.skipped[0][1]})"
+        else:
+            why = f"no image files there ({', '.join(IMAGE_EXTENSIONS)})"
+        raise DatasetError(f"no usable training images in {where or cfg.train_data_dir}: {why}")
     return ScannedDataset(report, specs, items)
 
 
