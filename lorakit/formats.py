@@ -145,9 +145,15 @@ def parse_kohya(tensors: dict[str, torch.Tensor], *, where: str = "LoRA") -> dic
     return weights
 
 
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
 def _foreign_hint(keys: list[str]) -> str:
     from .diffusers_lora import is_diffusers_format
 
+    if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
+        return (" (this is a model checkpoint, not a LoRA: use it as the model, `sd_model` or "
+                "`pretrained_model_name_or_path`)")
     if is_diffusers_format(keys):
         return (" (they look like a diffusers/peft-format LoRA: `load_lora_file` reads such files with kohya keys, "
                 "`lorakit.diffusers_lora.diffusers_to_kohya` converts such a dict)")

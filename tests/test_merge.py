@@ -135,8 +135,9 @@ def _deltas(path):
 def test_lora_plus_lora_exact_modes(setup, mode):
     family, d, comps, a, b = setup
     out = d / f"ab-{mode}.safetensors"
-    result = merge(models=[str(a), str(b)], ratios=[0.8, -0.3], merge_mode=mode, new_rank=5, save_to=str(out),
-                   overwrite=True)
+    rank = {"new_rank": 5} if mode == "svd" else {}  # concat: the ranks' sum, 2 + 3
+    result = merge(models=[str(a), str(b)], ratios=[0.8, -0.3], merge_mode=mode, save_to=str(out), overwrite=True,
+                   **rank)
     da, db, dm = _deltas(a), _deltas(b), _deltas(out)
     assert set(dm) == set(da) | set(db)
     for name, got in dm.items():
@@ -223,6 +224,16 @@ def test_bad_input(setup, tmp_path):
         merge(sd_model=base, models=[str(a)], save_to=str(tmp_path / "m.bin"))
     with pytest.raises(ConfigError, match="one of the inputs"):
         merge(sd_model=base, models=[str(a)], save_to=base, overwrite=True)
+    # resize_lora.py users pass only `new_rank`: a concat (or into-model) merge would ignore it
+    with pytest.raises(ConfigError, match=r"`new_rank` is the rank of a LoRA re-factorised by `merge_mode = svd`.*"
+                                          r"this merge is concat"):
+        merge(models=[str(a)], new_rank=1, save_to=str(tmp_path / "m.safetensors"))
+    with pytest.raises(ConfigError, match="`new_conv_rank` .* this merge is into a model"):
+        merge(sd_model=base, models=[str(a)], merge_mode="svd", new_conv_rank=1,
+              save_to=str(tmp_path / "m.safetensors"))
+    # a model given as a LoRA is named as a model
+    with pytest.raises(LoraFormatError, match="this is a model checkpoint, not a LoRA: use it as the model"):
+        merge(models=[base], save_to=str(tmp_path / "m.safetensors"))
     existing = tmp_path / "exists.safetensors"
     existing.write_bytes(b"keep")
     with pytest.raises(ConfigError, match="overwrite"):

@@ -75,6 +75,11 @@ class MergeConfig(JobConfig):
                 and self.dynamic_method is None:
             raise ConfigError("`merge_mode = svd` needs `new_rank` (or `dynamic_method`)")
         check_dynamic(self.dynamic_method, self.dynamic_param)
+        for name in ("new_rank", "new_conv_rank"):
+            if getattr(self, name) is not None and (self.merge_mode != "svd" or self.sd_model is not None):
+                raise ConfigError(f"`{name}` is the rank of a LoRA re-factorised by `merge_mode = svd` (no `sd_model`; "
+                                  f"one LoRA alone is resized so); this merge is "
+                                  f"{'into a model' if self.sd_model else self.merge_mode}, which would ignore it")
         if self.dynamic_method is not None and (self.merge_mode != "svd" or self.sd_model is not None):
             raise ConfigError(f"`dynamic_method` chooses ranks of a LoRA re-factorised by `merge_mode = svd` (no "
                               f"`sd_model`); this merge is {'into a model' if self.sd_model else self.merge_mode}")
