@@ -119,6 +119,19 @@ class _AdapterLoras:
         return False
 
 
+MODEL_OPTIONS = ("pretrained_model_name_or_path", "v2", "v_parameterization", "device", "dtype")  # what load_for reads
+
+
+def load_for(cfg: GenerateConfig):
+    """The model `generate(cfg)` samples with, loaded once (a notebook's X/Y grid reuses it for every cell): on the
+    chosen device, in `dtype` (unset: fp16 on a CUDA GPU, fp32 elsewhere)."""
+    from .models import load_models_from_config
+
+    device = pick_device(cfg)
+    dtype = DTYPES[cfg.dtype] if cfg.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    return load_models_from_config(cfg, dtype=dtype, device=str(device))
+
+
 @torch.no_grad()
 def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs) -> GenerateResult:
     """Generate images (see `GenerateConfig`); returns a `GenerateResult` with PIL images and a grid.
@@ -134,18 +147,13 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
         if not Path(p).is_file():
             raise ConfigError(f"`network_weights`: LoRA file not found: {p}")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
-    if components is None:
-        from .models import load_models_from_config
-
-        device = pick_device(cfg)
-        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)  # unset: fp16 on a GPU
-        comps = load_models_from_config(cfg, dtype=dtype, device=str(device))
-    else:
-        comps = components
+    comps = load_for(cfg) if components is None else components
     device = comps.unet.device
     if device.type == "cpu" and dtype == torch.float16:
         raise ConfigError("`dtype = fp16` needs a GPU; use `float` (or `bf16`) on the CPU")
     size = comps.native_resolution
+    # the PNGs name the model they were made with: the one loaded here, or the given components' own source
+    model_name = cfg.pretrained_model_name_or_path if components is None else getattr(comps, "source", "") or None
     specs = _prompts(cfg, cfg.width or size, cfg.height or size)
     pipe = comps.pipeline(scheduler=make_sampler(cfg.scheduler, comps.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
@@ -172,8 +180,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
                 if out_dir is not None:
                     info = PngImagePlugin.PngInfo()
                     info.add_text("parameters", png_parameters(image_spec, image_spec.sampler, loras=loras,
-                                                               model=cfg.pretrained_model_name_or_path,
-                                                               clip_skip=cfg.clip_skip))
+                                                               model=model_name, clip_skip=cfg.clip_skip))
                     paths.append(save_png(image, out_dir / f"{start + len(paths):05d}-{seed}.png", info))
     grid = image_grid(images)
     if out_dir is not None and len(images) > 1:

@@ -255,7 +255,15 @@ def xy_grid(cfg=None, /, x: str = "network_mul", x_values: Sequence = (0.0, 0.5,
     cfg = GenerateConfig.from_dict(kwargs) if cfg is None else (cfg.replace(**kwargs) if kwargs else cfg)
     spec_x, spec_y = GenerateConfig.spec(x), GenerateConfig.spec(y)
     if generate is None:
-        from .generation import generate
+        from functools import partial
+
+        from .generation import MODEL_OPTIONS, load_for
+        from .generation import generate as generate_with
+
+        # the model is loaded once for the whole grid (a Colab reload of SD1.5 per cell takes minutes), unless an
+        # axis changes the model itself
+        generate = (generate_with if x in MODEL_OPTIONS or y in MODEL_OPTIONS
+                    else partial(generate_with, components=load_for(cfg)))
     rows = []
     for yv in y_values:
         row = []

@@ -96,13 +96,16 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
 
 
 def _checked(field: str, value, name: str, where: str):
-    """A prompt setting's value, range-checked (sizes multiples of 8, steps 1-1000, seed ≥ 0, a known sampler)."""
+    """A prompt setting's value, range-checked (sizes multiples of 8, steps 1-1000, seed ≥ 0, guidance ≥ 1, a known
+    sampler)."""
     if field in ("width", "height") and (value < 8 or value % 8):
         raise ConfigError(f"{name} must be a multiple of 8, got {value}{where}")
     if field == "num_inference_steps" and not 1 <= value <= 1000:  # a sampler has at most the 1000 training steps
         raise ConfigError(f"{name} must be 1 to 1000, got {value}{where}")
     if field == "seed" and value < 0:
         raise ConfigError(f"{name} must be ≥ 0, got {value}{where}")
+    if field == "guidance_scale" and value < 1:
+        raise ConfigError(f"{name} must be ≥ 1 (1: no guidance, the negative prompt unused), got {value:g}{where}")
     return _sampler_name(value, where) if field == "sampler" else value
 
 

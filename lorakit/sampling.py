@@ -9,6 +9,7 @@ training: the global RNG state is saved and restored around it, and every image 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,19 +121,31 @@ SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", 
                   "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
 
 
+# the samplers A1111 runs through k-diffusion, whose noise levels A1111 spaces by its "Schedule type": lorakit's are
+# spaced evenly in timesteps from the top (A1111's "Uniform"); unnamed, A1111 would pick e.g. Karras for DPM++ 2M
+UNIFORM_SCHEDULE = ("lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver++")
+
+
 def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
                    loras: list[tuple[str, float]] = (), clip_skip: int = 1) -> str:
     """A1111's `parameters` text, which A1111, ComfyUI and civitai read back: the prompt (with `<lora:name:weight>`
-    tags), `Negative prompt:` when there is one, then the settings on one line."""
+    tags), `Negative prompt:` when there is one, then the settings on one line — with what A1111 needs to make the
+    same image: the schedule type, and `RNG: CPU` (the starting noise comes from a CPU generator per image, as with
+    A1111's CPU setting)."""
     tags = "".join(f" <lora:{Path(p).stem}:{m:g}>" for p, m in loras)
     lines = [spec.prompt + tags] + ([f"Negative prompt: {spec.negative_prompt}"] if spec.negative_prompt else [])
-    settings = [f"Steps: {spec.num_inference_steps}", f"Sampler: {SAMPLER_LABELS.get(sampler, sampler)}",
-                f"CFG scale: {spec.guidance_scale:g}", f"Seed: {spec.seed}", f"Size: {spec.width}x{spec.height}"]
-    if model:
-        settings.append(f"Model: {Path(model).stem}")
-    if clip_skip > 1:
-        settings.append(f"Clip skip: {clip_skip}")
-    return "\n".join(lines + [", ".join(settings)])
+    settings = {"Steps": spec.num_inference_steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler),
+                "Schedule type": "Uniform" if sampler in UNIFORM_SCHEDULE else None,
+                "CFG scale": f"{spec.guidance_scale:g}", "Seed": spec.seed, "Size": f"{spec.width}x{spec.height}",
+                "Model": Path(model).stem if model else None, "Clip skip": clip_skip if clip_skip > 1 else None,
+                "RNG": "CPU"}
+    return "\n".join(lines + [", ".join(f"{k}: {_quoted(v)}" for k, v in settings.items() if v is not None)])
+
+
+def _quoted(value) -> str:
+    """A value as A1111 writes it into the settings line: JSON-quoted when it holds a comma, colon or newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 STEP_TEXT = "lorakit_step"  # a training sample PNG's text chunk: the optimizer step it shows

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -88,8 +90,9 @@ def test_png_parameters_prompt_file_and_grid(model, tmp_path):
     assert result.images[0].size == (64, 48) and result.images[2].size == (64, 64)
     assert [s.seed for s in result.specs[:2]] == [5, 6]
     text = Image.open(result.paths[0]).text["parameters"]
-    assert text.startswith("a cat <lora:a:0.5>\nNegative prompt: dog\nSteps: 2, Sampler: Euler a, CFG scale: 7.5, "
-                           "Seed: 5, Size: 64x48")
+    assert text.startswith("a cat <lora:a:0.5>\nNegative prompt: dog\nSteps: 2, Sampler: Euler a, Schedule type: "
+                           "Uniform, CFG scale: 7.5, Seed: 5, Size: 64x48")
+    assert a1111_settings(text)["Model"] == Path(comps.source).stem  # the model it was made with
     assert "CFG scale: 3" in Image.open(result.paths[2]).text["parameters"]
     assert result.grid.size == (128, 128)
     assert image_grid(result.images[:3], cols=3).size == (192, 64)
@@ -240,17 +243,36 @@ def test_prompt_options_in_the_prompt_and_no_image_is_written_over(model, tmp_pa
     assert all((out / name).read_bytes() == data for name, data in before.items())
 
 
+def a1111_settings(parameters: str) -> dict[str, str]:
+    """The settings line of a `parameters` text read as A1111's `parse_generation_parameters` reads it: `key: value`
+    pairs split at commas, a value in double quotes read as JSON."""
+    import json
+    import re
+
+    line = parameters.strip().splitlines()[-1]
+    pairs = re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', line)
+    return {k: json.loads(v) if v.startswith('"') and v.endswith('"') else v for k, v in pairs}
+
+
 def test_png_parameters_read_like_a1111s():
     """No `Negative prompt:` line without one (A1111 writes none); `Clip skip` when it is not 1."""
     from lorakit.prompts import PromptSpec
     from lorakit.sampling import png_parameters
 
     spec = PromptSpec("a cat", None, 64, 48, 20, 7.5, 3)
-    assert png_parameters(spec, "euler_a") == "a cat\nSteps: 20, Sampler: Euler a, CFG scale: 7.5, Seed: 3, Size: 64x48"
+    # k-diffusion samplers name their schedule (unnamed, A1111 picks its own: Karras for DPM++ 2M); RNG: CPU says
+    # where the starting noise came from (A1111's default is the GPU's)
+    assert png_parameters(spec, "euler_a") == ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: "
+                                               "7.5, Seed: 3, Size: 64x48, RNG: CPU")
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform," in png_parameters(spec, "dpmsolver++")
     text = png_parameters(PromptSpec("a cat", "dog", 64, 64, 20, 7.0, 3), "ddim", model="models/base.safetensors",
                           loras=[("out/a.safetensors", 0.8)], clip_skip=2)
     assert text == ("a cat <lora:a:0.8>\nNegative prompt: dog\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 3, "
-                    "Size: 64x64, Model: base, Clip skip: 2")
+                    "Size: 64x64, Model: base, Clip skip: 2, RNG: CPU")
+    # a value with a comma is quoted as A1111 quotes it, and reads back whole
+    text = png_parameters(spec, "ddim", model="models/my,model: v2.safetensors")
+    assert a1111_settings(text) == {"Steps": "20", "Sampler": "DDIM", "CFG scale": "7.5", "Seed": "3",
+                                    "Size": "64x48", "Model": "my,model: v2", "RNG": "CPU"}
     # diffusers' single-step DPM-Solver++ (order 2) is not A1111's stochastic "DPM++ SDE": not labelled as it
     assert "Sampler: DPM++ 2S," in png_parameters(spec, "dpmsingle")
 
@@ -276,3 +298,18 @@ def test_generate_samples_in_fp16_on_a_gpu_unless_told_otherwise(monkeypatch):
         with pytest.raises(Loaded):
             generation.generate(prompt="a cat", dtype=dtype)
         assert seen[-1] == (device, expected)
+
+
+def test_guidance_below_one_and_a1111s_random_seed_are_named(model):
+    """diffusers samples any guidance below 1 as 1 (no guidance): refused rather than silently the same image."""
+    from lorakit.errors import ConfigError
+
+    d, comps, a, b = model
+    with pytest.raises(ConfigError, match=r"`guidance_scale` must be ≥ 1.0, got 0.5"):
+        generate(components=comps, prompt="a cat", **{**FAST, "guidance_scale": 0.5})
+    with pytest.raises(ConfigError, match=r"`--l` \(guidance scale\) must be ≥ 1 \(1: no guidance, .*got 0.5"):
+        generate(components=comps, prompt="a cat --l 0.5", **FAST)
+    from lorakit.cli import parse_config
+
+    with pytest.raises(ConfigError, match=r"`seed` must be ≥ 0, got -1 \(A1111's -1 for a random seed is `none`"):
+        parse_config(["generate", "--seed", "-1"])

@@ -75,6 +75,22 @@ def test_xy_grid_generates_each_pair(tmp_path):
         plots.xy_grid(cfg, "no_such_option", [1], generate=fake_generate)
 
 
+def test_xy_grid_loads_the_model_once(monkeypatch):
+    """Every cell samples the one model loaded for the grid (reloading SD1.5 per cell takes minutes on Colab), unless
+    an axis changes the model."""
+    from lorakit import generation
+    from lorakit.tiny import build_tiny
+
+    loads = []
+    tiny = build_tiny("sd1", seed=0)
+    monkeypatch.setattr(generation, "load_for", lambda cfg: loads.append(cfg.pretrained_model_name_or_path) or tiny)
+    cfg = GenerateConfig(prompt="a shape", num_inference_steps=1, width=32, height=32, output_dir="")
+    grid = plots.xy_grid(cfg, "guidance_scale", [1.0, 4.0], "seed", [1, 2])
+    assert loads == ["lorakit-toy"] and grid.width > 2 * 128
+    plots.xy_grid(cfg, "pretrained_model_name_or_path", ["lorakit-toy"], "seed", [1, 2])
+    assert loads == ["lorakit-toy", "lorakit-toy", "lorakit-toy"]  # once per cell: the axis is the model
+
+
 def test_drive_paths_off_colab_are_clear_errors(monkeypatch):
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     assert not colab.in_colab()

@@ -140,12 +140,14 @@ class GenerateConfig(JobConfig):
     network_mul: list[float] = option([], "Multiplier per LoRA (default 1.0 each).", group="lora", basic=True)
     network_merge: bool = option(False, "Fuse the LoRAs into the weights (faster sampling).", group="lora")
     num_inference_steps: int = option(30, "Denoising steps.", group="sampling", min=1, max=1000)
-    guidance_scale: float = option(7.5, "Classifier-free guidance scale.", group="sampling", min=0.0)
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale (1: no guidance, the negative prompt "
+                                   "unused; below 1 diffusers would sample as 1).", group="sampling", min=1.0)
     width: int | None = option(None, "Image width (multiple of 8). Unset: the model's native size.",
                                group="sampling", min=8)
     height: int | None = option(None, "Image height (multiple of 8). Unset: the model's native size.",
                                 group="sampling", min=8)
-    seed: int | None = option(42, "Random seed (same seed, same image).", group="sampling", min=0)
+    seed: int | None = option(42, "Random seed (same seed, same image; none: a random one, written into each PNG).",
+                              group="sampling", min=0)
     num_images: int = option(1, "Images per prompt.", group="sampling", min=1)
     scheduler: str = option("ddim", "Sampler.", group="sampling", choices=SAMPLERS, aliases=SAMPLER_ALIASES)
     from_file: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss); "

@@ -175,7 +175,9 @@ def _check_range(spec: FieldSpec, item, where: str = "") -> None:
         raise ConfigError(f"`{spec.name}` must be one of {', '.join(map(str, spec.choices))}; got {item!r}{where}")
     if isinstance(item, (int, float)) and not isinstance(item, bool):
         if spec.min is not None and item < spec.min:
-            raise ConfigError(f"`{spec.name}` must be ≥ {spec.min}, got {item}{where}")
+            random = " (A1111's -1 for a random seed is `none` here)" if spec.name.endswith("seed") and item == -1 \
+                and spec.optional else ""
+            raise ConfigError(f"`{spec.name}` must be ≥ {spec.min}, got {item}{where}{random}")
         if spec.max is not None and item > spec.max:
             raise ConfigError(f"`{spec.name}` must be ≤ {spec.max}, got {item}{where}")
 
