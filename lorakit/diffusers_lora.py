@@ -29,7 +29,8 @@ from .errors import LoraFormatError
 from .formats import SUFFIX_ALPHA, SUFFIX_DOWN, SUFFIX_UP, kohya_module_name
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header entry: peft LoraConfig per component, JSON
-_PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")  # also `lora_A.<adapter>.weight`
+# peft's `…lora_A.weight`, also `…lora_A.<adapter>.weight`
+_PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _OLD = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 # attention-processor keys: the U-Net's `…attn1.processor.to_q_lora.down.weight`, the text encoder's
 # `…self_attn.to_q_lora.down.weight`; each projection's module name in the U-Net and in CLIP
@@ -112,6 +113,10 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
                        where: str = "LoRA") -> dict[str, torch.Tensor]:
     """The kohya tensor dict (`lora_down`, `lora_up`, `alpha` per module) of a LoRA in a diffusers format."""
     configs = _adapter_configs(metadata, where)
+    adapters = sorted({m["adapter"] for k in tensors if (m := _PEFT.match(k)) and m["adapter"]})
+    if len(adapters) > 1:
+        raise LoraFormatError(f"{where} holds {len(adapters)} peft adapters ({', '.join(adapters)}): lorakit reads one "
+                              f"LoRA per file; save each adapter to a file of its own")
     modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     alphas: dict[tuple[str, str], torch.Tensor] = {}
     for key, value in tensors.items():
@@ -119,14 +124,23 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], metadata: dict | None =
             raise LoraFormatError(f"{where}: a DoRA LoRA (`{key}`), which lorakit does not read")
         if "lora_embedding_" in key:
             raise LoraFormatError(f"{where}: a LoRA on embedding layers (`{key}`), which lorakit does not read")
-        if key.endswith(SUFFIX_ALPHA):  # the older format's per-module alpha
-            alphas[_component(key.removesuffix(SUFFIX_ALPHA), where)] = value
+        if key.endswith(SUFFIX_ALPHA):  # the older format's per-module alpha, named as the module or as its weights
+            base = key.removesuffix(SUFFIX_ALPHA)
+            split = _split(base + ".down.weight")  # `…to_q_lora.alpha`, `…fc1.lora_linear_layer.alpha`
+            alphas[_component(split[0] if split else base, where)] = value
             continue
         split = _split(key)
         if split is None:
             raise LoraFormatError(f"{where}: `{key}` is neither a kohya nor a diffusers LoRA key")
         module, part = split
-        modules.setdefault(_component(module, where), {})[part] = value
+        parts = modules.setdefault(_component(module, where), {})
+        if part in parts:
+            raise LoraFormatError(f"{where}: module `{module}` has two {part} weights (`{key}` is the second)")
+        parts[part] = value
+    unmatched = sorted(f"{c}.{p}" for c, p in set(alphas) - set(modules))
+    if unmatched:  # a module left at scale 1 by an alpha that names nothing would be applied too strongly
+        raise LoraFormatError(f"{where}: {len(unmatched)} alpha value(s) match no module's weights (e.g. "
+                              f"`{unmatched[0]}.alpha`): their modules' scale is unknown")
     if not configs and not alphas:
         print(f"note: {where} holds no LoRA scale (peft's `lora_alpha`): read with scale 1 (alpha = rank), as "
               f"diffusers' training scripts train", file=sys.stderr)

@@ -154,6 +154,26 @@ def test_older_diffusers_formats_and_their_alphas(tmp_path):
     assert len(weights) == 5
     torch.save(old, tmp_path / "pytorch_lora_weights.bin")  # diffusers' older pickle file, read safely
     assert set(parse_kohya(load_lora_file(tmp_path / "pytorch_lora_weights.bin")[0])) == set(weights)
+    # alphas named as the module's weights (`…to_out_lora.alpha`, `…q_proj.lora_linear_layer.alpha`) are theirs
+    named = {**old, f"unet.{block}.transformer_blocks.0.attn2.processor.to_out_lora.alpha": torch.tensor(0.5),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.alpha": torch.tensor(4.0)}
+    weights = parse_kohya(diffusers_to_kohya(named))
+    assert weights[name + "2_to_out_0"].alpha == 0.5
+    assert weights["lora_te_text_model_encoder_layers_0_self_attn_q_proj"].alpha == 4.0
+    # one that names no module is refused: its module's scale would be a guess
+    with pytest.raises(LoraFormatError, match=r"1 alpha value\(s\) match no module's weights \(e.g. `unet.mid_block"):
+        diffusers_to_kohya({**old, "unet.mid_block.attentions.0.proj_in.alpha": torch.tensor(1.0)})
+
+
+def test_a_file_of_two_peft_adapters_is_refused_not_read_as_one():
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    key = "unet.mid_block.attentions.0.proj_in"
+    two = {f"{key}.lora_A.style.weight": down, f"{key}.lora_B.style.weight": up,
+           f"{key}.lora_A.face.weight": down.clone(), f"{key}.lora_B.face.weight": up.clone()}
+    with pytest.raises(LoraFormatError, match=r"holds 2 peft adapters \(face, style\): lorakit reads one LoRA per"):
+        diffusers_to_kohya(two)
+    one = {k: v for k, v in two.items() if ".style." in k}
+    assert torch.equal(parse_kohya(diffusers_to_kohya(one))["lora_unet_mid_block_attentions_0_proj_in"].up, up)
 
 
 @pytest.mark.parametrize("key, match", [
