@@ -26,7 +26,7 @@ from .config.jobs import MergeConfig
 from .errors import ConfigError, LoraFormatError, ModelLoadError
 from .families import get_family
 from .fileio import sync, temp_folder
-from .formats import component_of
+from .formats import FAMILY_WORDS, component_of
 from .lora_math import LoraFactors, concat_loras, merge_weight, rank_summary, sum_loras, svd_loras
 from .model_weights import SINGLE_FILE_EXTENSIONS, FolderWeights, SingleFileWeights, kohya_name, open_weights
 from .models import resolve_builtin
@@ -77,6 +77,10 @@ def load_loras(paths: Sequence[str]) -> list[LoadedLora]:
         modules = {name: LoraFactors(w.up, w.down, w.alpha) for name, w in weights.items()}
         loaded.append(LoadedLora(str(path), modules, family, evidence, metadata))
     known = [(lo.family, lo) for lo in loaded if lo.family]
+    for family, lo in known:
+        if family not in ("sd1", "sd2"):  # e.g. SDXL: its merged file would be labelled as an SD1 LoRA
+            raise LoraFormatError(f"{Path(lo.path).name} is a LoRA for {FAMILY_WORDS.get(family, family)} "
+                                  f"({lo.evidence}); lorakit merges LoRAs for SD 1.x and 2.x")
     if len({f for f, _ in known}) > 1:
         (fa, a), (fb, b) = known[0], next(x for x in known if x[0] != known[0][0])
         raise LoraFormatError(f"cannot merge LoRAs of different model families: {Path(a.path).name} is for "

@@ -10,6 +10,7 @@ import torch
 from lora_files import make_lora
 
 from lorakit.errors import ConfigError, LoraFormatError
+from lorakit.fileio import save_safetensors
 from lorakit.formats import load_lora_file, parse_kohya
 from lorakit.merging import merge
 from lorakit.model_weights import StateDictWeights, open_weights
@@ -231,6 +232,13 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(ConfigError, match="`new_conv_rank` .* this merge is into a model"):
         merge(sd_model=base, models=[str(a)], merge_mode="svd", new_conv_rank=1,
               save_to=str(tmp_path / "m.safetensors"))
+    # an SDXL LoRA is refused, not merged into a file labelled as an SD1 LoRA
+    xl = tmp_path / "xl.safetensors"
+    save_safetensors({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(2, 8),
+                      "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(8, 2)}, xl,
+                     {"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(LoraFormatError, match="xl.safetensors is a LoRA for SDXL .*lorakit merges LoRAs for SD 1.x"):
+        merge(models=[str(xl)], save_to=str(tmp_path / "m.safetensors"))
     # a model given as a LoRA is named as a model
     with pytest.raises(LoraFormatError, match="this is a model checkpoint, not a LoRA: use it as the model"):
         merge(models=[base], save_to=str(tmp_path / "m.safetensors"))
