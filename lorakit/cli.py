@@ -9,6 +9,7 @@ import argparse
 import difflib
 import importlib
 import sys
+from pathlib import Path
 
 from .config import JOB_CONFIGS, FieldSpec, JobConfig
 from .config.schema import toml_value
@@ -67,8 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True,
+                 "false": False, "no": False, "off": False, "0": False}
+_SCRIPTS = {"train_network.py": "train", "gen_img.py": "generate", "gen_img_diffusers.py": "generate"}  # sd-scripts'
+# scripts whose options a job reads
+
+
+def _pasted(argv: list[str]) -> list[str]:
+    """`argv` with what a pasted sd-scripts command line brings and lorakit does not need: the launcher and script
+    before the options (`accelerate launch --num_cpu_threads_per_process 1 train_network.py --opt …`), and switches
+    written with a value (`--shuffle_caption true`, as GUIs' configs spell them)."""
+    if len(argv) > 1 and argv[0] in JOB_CONFIGS:
+        script = next((i for i, word in enumerate(argv[1:], 1)
+                       if word.endswith(".py") and not argv[i - 1].startswith("--")), None)  # not an option's value
+        if script is not None:
+            name = Path(argv[script]).name
+            if _SCRIPTS.get(name) != argv[0]:
+                raise ConfigError(f"`lorakit {argv[0]}` does not read {name}'s options"
+                                  + (f" (lorakit {_SCRIPTS[name]} does)" if name in _SCRIPTS else
+                                     " (lorakit is for SD 1.x/2.x LoRAs: `lorakit train` reads train_network.py's "
+                                     "options, `lorakit generate` gen_img.py's)"))
+            print(f"note: reading the options of the pasted {name} command (the launcher before it is not needed)",
+                  file=sys.stderr)
+            argv = [argv[0], *argv[script + 1:]]
+        switches = {s.name for s in JOB_CONFIGS[argv[0]].specs() if s.type is bool}
+        out = []
+        for word in argv:
+            if out and out[-1].startswith("--") and out[-1][2:] in switches and word.lower() in _SWITCH_WORDS:
+                out[-1] = out[-1] if _SWITCH_WORDS[word.lower()] else f"--no-{out[-1][2:]}"
+                continue
+            out.append(word)
+        argv = out
+    return argv
+
+
 def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
     """Parse `argv` (without the program name) into (config, dry_run)."""
+    argv = _pasted(argv)
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     ns = vars(namespace)

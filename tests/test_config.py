@@ -255,6 +255,30 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
         parse_config(["merge", "--models", "a.safetensors", "--log_with", "x"])
 
 
+def test_a_whole_pasted_command_with_its_launcher_and_gen_img_options(capsys):
+    """The launcher and script before the flags are left out (with a note); another script is named; switches
+    written with a value are read as switches; gen_img.py's option names are generate's."""
+    cfg, _ = parse_config(["train", "accelerate", "launch", "--num_cpu_threads_per_process", "1", "train_network.py",
+                           "--network_dim=8", "--shuffle_caption", "true", "--cache_latents", "false",
+                           "--network_module", "networks.lora"])
+    assert (cfg.network_dim, cfg.shuffle_caption, cfg.cache_latents) == (8, True, False)
+    assert "reading the options of the pasted train_network.py command" in capsys.readouterr().err
+    cfg, _ = parse_config(["train", "python", "sd-scripts/train_network.py", "--flip_aug", "yes"])
+    assert cfg.flip_aug
+    with pytest.raises(ConfigError, match="does not read sdxl_train_network.py's options .*lorakit is for SD 1.x/2.x"):
+        parse_config(["train", "accelerate", "launch", "sdxl_train_network.py", "--network_dim", "8"])
+    with pytest.raises(ConfigError, match=r"`lorakit generate` does not read train_network.py's options \(lorakit "
+                                          r"train does\)"):
+        parse_config(["generate", "train_network.py", "--prompt", "x"])
+    cfg, _ = parse_config(["generate", "gen_img.py", "--ckpt", "lorakit-toy", "--steps", "12", "--scale", "5",
+                           "--sampler", "k_euler_a", "--images_per_prompt", "2", "--outdir", "out", "--W", "64",
+                           "--H", "32", "--network_module", "networks.lora", "--xformers", "--prompt", "a cat"])
+    assert (cfg.pretrained_model_name_or_path, cfg.num_inference_steps, cfg.guidance_scale, cfg.scheduler,
+            cfg.num_images, cfg.output_dir, cfg.width, cfg.height) == ("lorakit-toy", 12, 5.0, "euler_a", 2, "out",
+                                                                      64, 32)
+    assert "`network_module` (on the command line) is not used by lorakit" in capsys.readouterr().err
+
+
 def test_command_line_sd_scripts_flags_and_a_config_file_together(tmp_path, capsys):
     (tmp_path / "t.toml").write_text("caption_extension = '.txt'\nnetwork_dim = 4\n")
     cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--caption_extention", ".caption",

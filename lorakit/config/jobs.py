@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..errors import ConfigError
 from .schema import JobConfig, option
@@ -130,6 +131,16 @@ class GenerateConfig(JobConfig):
     """Text-to-image with a base model and any number of LoRAs."""
 
     job = "generate"
+    # sd-scripts' gen_img.py spellings, so its command lines carry over
+    aliases: ClassVar[dict[str, str]] = {
+        "ckpt": "pretrained_model_name_or_path", "steps": "num_inference_steps", "scale": "guidance_scale",
+        "sampler": "scheduler", "images_per_prompt": "num_images", "outdir": "output_dir", "W": "width",
+        "H": "height"}
+    ignored_options: ClassVar[dict[str, str]] = {
+        "network_module": "lorakit reads kohya LoRA files (networks.lora, LoCon) and refuses other kinds by name",
+        "xformers": "attention is PyTorch's SDPA", "sdpa": "attention is PyTorch's SDPA",
+        **dict.fromkeys(("fp16", "bf16"), "the precision is `dtype` (unset: fp16 on a CUDA GPU, float elsewhere)"),
+    }
 
     pretrained_model_name_or_path: str = option("lorakit-toy", "Base model (repo id, folder, single file or "
                                                 "`lorakit-toy`).", group="basic", basic=True)
