@@ -154,3 +154,33 @@ def test_a_second_layout_of_the_same_concept_with_other_repeats_is_refused(tmp_p
         make_dreambooth_layout(src, tmp_path / "train", "sks", "dog", repeats=5)
     make_dreambooth_layout(src, tmp_path / "train", "ohwx", "cat", repeats=5)
     assert sorted(p.name for p in (tmp_path / "train").iterdir()) == ["40_sks dog", "5_ohwx cat"]
+
+
+def test_a_replace_output_run_that_fails_leaves_the_earlier_output(flat, tmp_path, monkeypatch):
+    """The earlier output is deleted only once the new one is complete: a re-run that fails midway (a full disk)
+    puts it back as it was, and a later re-run still replaces it."""
+    import errno
+
+    import lorakit.dataprep.layout as layout
+
+    out = tmp_path / "db"
+    run = dict(action="dreambooth", input_dir=str(flat), output_dir=str(out), identifier="sks", class_name="dog",
+               repeats=5)
+    prepare(**run)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real, calls = layout.write_bytes, []
+
+    def disk_full_at_the_third(dest, data):
+        calls.append(dest)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dest))
+        return real(dest, data)
+
+    monkeypatch.setattr(layout, "write_bytes", disk_full_at_the_third)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(**run, replace_output=True)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "flat"]  # nothing left aside
+    monkeypatch.setattr(layout, "write_bytes", real)
+    prepare(**run, replace_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "flat"]

@@ -26,7 +26,7 @@ from .captions import (
 from .check import check_dataset
 from .contact_sheet import contact_sheet
 from .layout import DreamBoothLayout, make_dreambooth_layout, steps_per_epoch, suggest_repeats
-from .output import OUTPUT_MARKER, claim_output, has_files, mark_output
+from .output import OUTPUT_MARKER, claim_output, has_files, mark_output, put_back, replaced
 from .problems import KINDS
 from .reg import RegImages, generate_reg_images
 from .repair import RepairResult, repair_dataset
@@ -61,12 +61,17 @@ def prepare(cfg: PrepareConfig | None = None, /, **kwargs):
     cfg.required_for_action()
     action = cfg.action
     out = Path(cfg.output_dir) if cfg.output_dir and action != "check" and not cfg.in_place else None
-    if out is not None:  # (input and output are apart: checked with the config)
-        claim_output(out, replace=cfg.replace_output)
+    # an earlier output to replace is moved aside, and deleted only once this run's is done (back if it fails)
+    moved = claim_output(out, replace=cfg.replace_output) if out is not None else []  # (input, output apart)
     ours = out is not None and (not has_files(out) or (out / OUTPUT_MARKER).is_file())
-    result = _run(cfg, action)
+    try:
+        result = _run(cfg, action)
+    except BaseException:
+        put_back(moved)
+        raise
     if ours and out.is_dir():
         mark_output(out)  # a folder this run made: a later run with `replace_output` may replace it
+    replaced(moved)
     return result
 
 

@@ -5,7 +5,9 @@ the user's, nor a file the user added to it or edited since (a hand-corrected ca
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..errors import DatasetError
@@ -46,16 +48,20 @@ def changed_since_marked(folder: Path) -> list[str] | None:
     return [name for name, stat in _files(folder).items() if written.get(name) != stat]
 
 
-def claim_output(folder: Path, *, replace: bool) -> None:
-    """With `replace`, empty the folder an earlier prepare run wrote (it holds the marker), with its
-    `<name>_set_aside` folder; a non-empty folder that lorakit did not write is never touched, nor one holding files
-    added or edited since that run. Nothing is created here: the action creates its output, and `mark_output`
-    marks it when the action is done."""
+def claim_output(folder: Path, *, replace: bool) -> list[tuple[Path, Path]]:
+    """With `replace`, move the folder an earlier prepare run wrote (it holds the marker), with its
+    `<name>_set_aside` folder, out of the way: `replaced` deletes them once the new output is done, `put_back`
+    restores them if the action fails. A non-empty folder that lorakit did not write is never touched, nor one holding
+    files added or edited since that run. Nothing is created here: the action creates its output, and `mark_output`
+    marks it when the action is done. Returns the (folder, where it was moved) pairs."""
     aside = folder.parent / f"{folder.name}_set_aside"
     if replace and has_files(folder):
         if not (folder / OUTPUT_MARKER).is_file():
+            held = sorted(folder.parent.glob(f".{folder.name}.replaced.*/{folder.name}"))
             raise DatasetError(f"`output_dir` {folder} is not empty and was not written by `lorakit prepare`: "
-                               f"`replace_output` only replaces prepare's own outputs; choose a new folder")
+                               f"`replace_output` only replaces prepare's own outputs; choose a new folder"
+                               + (f" (an interrupted `replace_output` run left the earlier output in {held[-1]})"
+                                  if held else ""))
         marked_aside = (aside / OUTPUT_MARKER).is_file()
         for place in (folder, aside) if marked_aside else (folder,):
             changed = changed_since_marked(place)
@@ -65,6 +71,25 @@ def claim_output(folder: Path, *, replace: bool) -> None:
                                    f"earlier prepare run did not write or that changed since: {shown}; move them "
                                    f"out first (or choose a new `output_dir`)")
         print(f"replacing the earlier output in {folder}")
-        shutil.rmtree(folder)
-        if marked_aside:
-            shutil.rmtree(aside)
+        moved = []
+        for place in (folder, aside) if marked_aside else (folder,):
+            holder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.replaced.", dir=place.parent))
+            os.replace(place, holder / place.name)
+            moved.append((place, holder / place.name))
+        return moved
+    return []
+
+
+def replaced(moved: list[tuple[Path, Path]]) -> None:
+    """The new output is done: delete the earlier one `claim_output` moved aside."""
+    for _, held in moved:
+        shutil.rmtree(held.parent, ignore_errors=True)
+
+
+def put_back(moved: list[tuple[Path, Path]]) -> None:
+    """The action failed: its partial output goes, the earlier output comes back as it was."""
+    for place, held in moved:
+        if place.exists():
+            shutil.rmtree(place)
+        os.replace(held, place)
+        shutil.rmtree(held.parent, ignore_errors=True)
