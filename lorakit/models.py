@@ -97,12 +97,22 @@ class SDComponents:
 
     def pipeline(self, scheduler=None):
         """A diffusers `StableDiffusionPipeline` sharing these modules (no copies)."""
-        from diffusers import StableDiffusionPipeline
+        import logging
 
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        # the pipeline's module imports transformers' image processors, which say once that torchvision (which no
+        # part of lorakit needs: there is no safety checker) is not installed
+        hints = logging.getLogger("transformers.utils.import_utils")
+        level = hints.level
+        hints.setLevel(logging.ERROR)
+        try:
+            from diffusers import StableDiffusionPipeline
+
+            return StableDiffusionPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                scheduler=scheduler or self.noise_scheduler, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False)
+        finally:
+            hints.setLevel(level)
 
 
 def _diffusers_version() -> str:

@@ -396,8 +396,11 @@ def prepare_run(cfg, components=None) -> Run:
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if cfg.trains_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            te = components.text_encoder
+            if hasattr(te, "activation_checkpointing_enable"):  # newer transformers (the old name warns)
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- LoRAs merged into the model first (sd-scripts' base_weights), then the LoRA to train (fp32 even on an
     #      fp16 model; seeded init of the down weights). A model the caller passed in is given back as it was if

@@ -165,7 +165,7 @@ def test_captions_bucketing_uncached_v_prediction(tmp_path, tiny_sd2_dir, monkey
             meta["ss_total_batch_size"]) == ("4", "2", "4", "2")
     assert encoded and set(encoded) == {2}  # prompt and negative prompt of each sample, at layer -2
     with Image.open(result.sample_paths[0]) as im:
-        assert im.info["parameters"].endswith("Clip skip: 2")
+        assert "Clip skip: 2," in im.info["parameters"]
     lrs = [i.lr for i in rec.steps]
     assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4) and lrs[-1] < lrs[1]  # warm-up, cosine
     # the samples default to the dataset's first captions when no prompt file is given
@@ -678,6 +678,23 @@ def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, cap
     (d / "a.png").unlink()
     assert main(["train", "--config", str(toml), "--overwrite"]) == 2
     assert "no usable training images" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_of_the_text_encoder_is_switched_on_without_a_deprecation_warning(tmp_path,
+                                                                                                  tiny_sd1_dir):
+    import warnings
+
+    from lorakit.models import load_models
+
+    one_image_data(tmp_path)
+    comps = load_models(str(tiny_sd1_dir))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                      output_dir=str(tmp_path / "out"), max_train_steps=1, sample_at_end=False,
+                      gradient_checkpointing=True, components=comps)
+    assert comps.text_encoder.is_gradient_checkpointing and comps.unet.is_gradient_checkpointing
+    assert not [w for w in seen if "checkpointing" in str(w.message)]
 
 
 def test_a_dataset_with_no_usable_image_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
