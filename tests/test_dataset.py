@@ -521,6 +521,16 @@ def test_caption_files_with_another_extension_are_reported(tmp_path):
     assert {e.item.caption for e in ds.examples} == {"sks dog on grass"} and not ds.report.notes
     with pytest.raises(ConfigError, match="`caption_extension` must be a file extension starting with a dot"):
         cfg_for(tmp_path, train_data_dir=str(tmp_path / "train"), caption_extension="caption")
+    # a caption dataset (no class tokens to fall back on) where no image has a caption of that extension: refused,
+    # not trained on empty captions
+    flat = tmp_path / "styles"
+    d.rename(flat)
+    with pytest.raises(DatasetError, match=r"styles: no image has a .txt caption, but 2 have .caption captions: set "
+                                           r"`caption_extension = \".caption\"` to use them"):
+        TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(flat)), native_resolution=64)
+    (flat / "0.txt").write_text("one of them captioned")  # a folder with captions of its extension trains
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(flat)), native_resolution=64)
+    assert sorted(e.item.caption for e in ds.examples) == ["", "one of them captioned"]
 
 
 def test_a_dreambooth_folder_given_directly_and_uncaptioned_reg_images_are_refused(tmp_path):

@@ -328,7 +328,7 @@ def scan_subset(subset: Subset, report: LoadReport) -> list[ImageItem]:
         report.note(subset.image_dir, "alpha_mask is on, but no image here has transparency: their whole images "
                                       "are learned")
     if subset.metadata_file is None:
-        _note_unread_captions(subset, candidates, report)
+        _note_unread_captions(subset, candidates, report, captioned=sum(bool(it.caption) for it in items))
     if not items:
         report.note(subset.image_dir, "no usable images in this folder")
     return items
@@ -379,18 +379,23 @@ class MaskFolder:
                                      f"({', '.join(p.name for p in unused[:5])})")
 
 
-def _note_unread_captions(subset: Subset, files: list[Path], report: LoadReport) -> None:
+def _note_unread_captions(subset: Subset, files: list[Path], report: LoadReport, captioned: int) -> None:
     """Say so when caption files beside the images have another extension than `caption_extension` (sd-scripts'
-    default is `.caption`, lorakit's `.txt`), so their captions are not read."""
+    default is `.caption`, lorakit's `.txt`), so their captions are not read — and refuse the folder when none of
+    its `captioned` images has a caption of its own: a run on empty captions is surely not what was meant."""
     images = {p.stem for p in files if is_image_file(p)}
     for ext in CAPTION_EXTENSIONS:
         if ext == subset.caption_extension.lower():
             continue
         unread = [p for p in files if p.suffix.lower() == ext and p.stem in images]
         if unread and not any(p.with_suffix(subset.caption_extension).is_file() for p in unread):
+            fix = f"set `caption_extension = \"{ext}\"` to use them"
+            if not captioned and not subset.class_tokens:
+                raise DatasetError(f"{subset.image_dir}: no image has a {subset.caption_extension} caption, but "
+                                   f"{len(unread)} have {ext} captions: {fix} (or move them out to train without "
+                                   f"captions)")
             report.note(subset.image_dir, f"{len(unread)} {ext} caption file(s) not read: `caption_extension` is "
-                                          f"{subset.caption_extension!r} (set `caption_extension = \"{ext}\"` to "
-                                          f"use them)")
+                                          f"{subset.caption_extension!r} ({fix})")
 
 
 def _probe(path: Path) -> tuple[tuple[int, int], list[str]]:
