@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -353,8 +354,23 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
     save_dtype = cfg.save_precision or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(
         next(iter(loras[0].modules.values())).up.dtype, "float")
     weights = {n: LoraWeights(down=f.down, up=f.up, alpha=float(f.alpha)) for n, f in merged.items()}
+    known = "sd2" if cfg.v2 else "sd1" if cfg.v2 is False else next((lo.family for lo in loras if lo.family), None)
+    for name, w in weights.items():  # 1x1 convolutions as 4-D tensors, as sd-scripts (its merge needs them so)
+        if w.down.ndim == 2 and _is_conv_layer(name, known):
+            weights[name] = LoraWeights(down=w.down[:, :, None, None], up=w.up[:, :, None, None], alpha=w.alpha)
     path = save_lora(out, weights, metadata=meta, save_precision=save_dtype)
     return MergeResult(path, len(merged), cfg.merge_mode, errors, {n: f.rank for n, f in merged.items()})
+
+
+_CONV_LAYERS = re.compile(r"_(conv1|conv2|conv_shortcut|conv|conv_in|conv_out)$")  # Conv2d in every family
+
+
+def _is_conv_layer(name: str, family: str | None) -> bool:
+    """Whether a kohya module name is a convolution of the model (a LoRA may store a 1x1 one as 2-D tensors):
+    the ResNets', samplers' and outer convolutions, and the transformers' `proj_in`/`proj_out` in SD1 (Linear in
+    SD2; with the family unknown they keep the first LoRA's layout)."""
+    return name.startswith("lora_unet_") and bool(
+        _CONV_LAYERS.search(name) or (family == "sd1" and name.endswith(("_proj_in", "_proj_out"))))
 
 
 def _resolution_of(metadata: dict) -> tuple[int, int] | None:

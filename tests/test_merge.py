@@ -335,6 +335,30 @@ def test_svd_merge_of_2d_and_4d_1x1_spellings_of_one_module(setup, tmp_path):
     assert mixed.errors["unet"] == pytest.approx(same.errors["unet"], rel=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["concat", "svd", "sum"])
+def test_merged_1x1_convolutions_are_4d_whatever_the_first_file_stored(setup, tmp_path, mode):
+    """A first input that stores SD1's proj_in/out and the ResNets' conv_shortcut as 2-D (as some tools do) must not
+    make the merged file 2-D there: sd-scripts' merge of such a file fails on its conv branch. SD2's projections are
+    Linear layers: 2-D as lorakit writes them."""
+    from lorakit.fileio import save_safetensors
+
+    family, d, comps, a, b = setup
+    tensors, meta = load_lora_file(a)
+    one_by_one = {k.rsplit(".", 2)[0] for k, v in tensors.items() if k.endswith("lora_down.weight") and v.ndim == 4
+                  and v.shape[2:] == (1, 1)}
+    flat = {k: v.flatten(1) if k.split(".")[0] in one_by_one and v.ndim == 4 else v for k, v in tensors.items()}
+    save_safetensors(flat, tmp_path / "flat.safetensors", {**meta, "ss_base_model_version": f"sd_v{family[-1]}"})
+    merged, _ = load_lora_file(merge(models=[str(tmp_path / "flat.safetensors"), str(a)], ratios=[0.5, 0.5],
+                                     merge_mode=mode, new_rank=2 if mode == "svd" else None,
+                                     save_to=str(tmp_path / "m.safetensors")).path)
+    for key, value in merged.items():
+        if key.endswith(".alpha"):
+            continue
+        expected = tensors[key].ndim if family == "sd1" or "proj_" not in key else 2
+        assert value.ndim == expected, key
+    assert any("proj_in" in k and v.ndim == (4 if family == "sd1" else 2) for k, v in merged.items())
+
+
 def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
     """Older SD1 single files spell the CLIP keys without `text_model.` (the loader accepts them); merge reads
     them too. A file without a text encoder is refused by name."""
