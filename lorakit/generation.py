@@ -167,13 +167,16 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
         for spec in specs:
             seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
                      for i in range(cfg.num_images)]
-            generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
             pipe.scheduler = make_sampler(spec.sampler, comps.noise_scheduler)  # this line's, with `--ss`
             text = prompt_inputs(comps, spec.prompt, spec.negative_prompt, cfg.clip_skip, cfg.comma_padding_backtrack)
-            out = pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
-                       guidance_scale=spec.guidance_scale, num_images_per_prompt=cfg.num_images,
-                       generator=generators, output_type="pil")
-            for image, seed in zip(out.images, seeds):
+            made = []
+            for first in range(0, len(seeds), cfg.batch_size):  # each image has its own generator: batches of any
+                batch = seeds[first:first + cfg.batch_size]     # size give the same images
+                made += pipe(**text, width=spec.width, height=spec.height, num_inference_steps=spec.num_inference_steps,
+                             guidance_scale=spec.guidance_scale, num_images_per_prompt=len(batch),
+                             generator=[torch.Generator(device="cpu").manual_seed(s) for s in batch],
+                             output_type="pil").images
+            for image, seed in zip(made, seeds):
                 image_spec = replace(spec, seed=seed)
                 images.append(image)
                 per_image.append(image_spec)

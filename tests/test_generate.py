@@ -45,6 +45,29 @@ def test_same_seed_same_image_and_seed_matters(model):
     assert not np.array_equal(px(one), px(other))
 
 
+def test_images_are_sampled_in_batches_of_batch_size_and_come_out_the_same(model, monkeypatch):
+    """`num_images = 5` with `batch_size = 2` samples 2 + 2 + 1 (a T4 need not hold them all at once); each image
+    has its own seeded generator, so the images match one batch of 5 (within float noise of batched kernels)."""
+    d, comps, a, b = model
+    batches = []
+    real = comps.pipeline
+
+    def recording_pipeline(*args, **kwargs):
+        pipe = real(*args, **kwargs)
+        call = pipe.__class__.__call__
+        pipe.__class__ = type("Recorded", (pipe.__class__,), {"__call__": lambda self, *a, **k: batches.append(
+            k["num_images_per_prompt"]) or call(self, *a, **k)})
+        return pipe
+
+    monkeypatch.setattr(comps, "pipeline", recording_pipeline)
+    small = generate(components=comps, prompt="a photo", seed=7, num_images=5, batch_size=2, **FAST)
+    assert batches == [2, 2, 1] and [s.seed for s in small.specs] == [7, 8, 9, 10, 11]
+    whole = generate(components=comps, prompt="a photo", seed=7, num_images=5, batch_size=5, **FAST)
+    assert batches[3:] == [5]
+    for x, y in zip(small.images, whole.images):
+        assert np.abs(px(x).astype(int) - px(y).astype(int)).max() <= 1
+
+
 def test_multiplier_zero_is_the_base_image_and_model_is_left_unchanged(model):
     d, comps, a, b = model
     before = {k: v.clone() for k, v in StateDictWeights.from_components(comps).tensors.items()}

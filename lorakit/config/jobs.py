@@ -160,6 +160,8 @@ class GenerateConfig(JobConfig):
     seed: int | None = option(42, "Random seed (same seed, same image; none: a random one, written into each PNG).",
                               group="sampling", min=0)
     num_images: int = option(1, "Images per prompt.", group="sampling", min=1)
+    batch_size: int = option(4, "Images sampled at once (A1111's batch size): fewer need less GPU memory, the images "
+                             "are the same.", group="sampling", min=1)
     scheduler: str = option("ddim", "Sampler.", group="sampling", choices=SAMPLERS, aliases=SAMPLER_ALIASES)
     from_file: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss); "
                                    "or sd-scripts' .toml / .json prompt file.",
