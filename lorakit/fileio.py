@@ -4,6 +4,7 @@ destination folder, renamed over the target only when fully written, so a crash 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -30,9 +31,21 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         sync(tmp_path)  # the data is on disk before the name points at it: a power cut leaves the old file or the new
         os.replace(tmp_path, dest)
         sync(dest.parent)  # and the rename itself
-    except BaseException:
+    except BaseException as e:
+        # torch and safetensors report a full disk in their own words ("unexpected pos", SafetensorError)
+        full = not isinstance(e, (OSError, KeyboardInterrupt)) and _disk_full(tmp_path.parent)
         tmp_path.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"no space left on the disk while writing {dest.name} (the earlier file, "
+                                        f"if any, is intact)", str(dest)) from e
         raise
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def sync(path: Path) -> None:

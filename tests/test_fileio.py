@@ -130,3 +130,32 @@ def test_what_a_killed_write_left_is_removed_and_nothing_else(tmp_path):
     (tmp_path / kept[3]).mkdir()  # one set aside while being replaced: resume puts it back
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted([*left, ".state-00000004.ab_cd123"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_a_full_disk_is_named_as_one(tmp_path, monkeypatch):
+    """torch reports a full disk as "unexpected pos" and safetensors as its own error: the write says what happened,
+    naming the file, as an OSError the CLI prints as one line; the earlier file is intact."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from lorakit.fileio import torch_save
+
+    dest = tmp_path / "train_state.pt"
+    torch_save({"step": 1}, dest)
+    before = dest.read_bytes()
+
+    def torch_full(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 64")
+
+    monkeypatch.setattr("torch.save", torch_full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 10, 0))
+    with pytest.raises(OSError) as info:
+        torch_save({"step": 2}, dest)
+    assert info.value.errno == errno.ENOSPC and "no space left on the disk while writing train_state.pt" in str(
+        info.value)
+    assert dest.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 0, 10 << 30))  # a real bug stays itself
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        torch_save({"step": 2}, dest)
