@@ -112,9 +112,14 @@ def build_tiny(family: str | Family = "sd1", seed: int = 0, folder: str | Path |
     torch.manual_seed(seed)
     unet, vae, text_encoder = modules_from_configs(cfg)
     scheduler = DDPMScheduler(**cfg["scheduler"])
-    tok_dir = Path(folder) / "tokenizer" if folder else Path(tempfile.mkdtemp(prefix="lorakit-tok-"))
-    write_clip_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    if folder:
+        tok_dir = Path(folder) / "tokenizer"
+        write_clip_tokenizer(tok_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lorakit-tok-") as tmp:  # read into memory, the files not kept
+            write_clip_tokenizer(Path(tmp))
+            tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=77)
     comps = SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
                          noise_scheduler=scheduler, family=fam,
                          prediction_type=cfg["scheduler"]["prediction_type"], source=str(folder or "tiny"))

@@ -266,3 +266,14 @@ def test_tiny_cli_writes_folder_and_single_file(tmp_path):
     a, b = load_models(str(out)), load_models(str(out / "model.safetensors"))
     assert a.family is b.family is SD2 and b.prediction_type == "v_prediction"
     assert_same_weights(a, b)
+
+
+def test_a_tiny_model_in_memory_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from lorakit.tiny import build_tiny
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    comps = build_tiny("sd1", seed=0)
+    assert comps.tokenizer("a photo").input_ids[0] == comps.tokenizer.bos_token_id
+    assert list(tmp_path.iterdir()) == []
