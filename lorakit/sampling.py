@@ -34,6 +34,7 @@ SAMPLERS = {
     "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
     "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
 }
@@ -83,8 +84,8 @@ def prompt_inputs(comps, prompt: str, negative_prompt: str | None, clip_skip: in
 # samplers that step through noise levels (k-diffusion's, as A1111 and ComfyUI run them) and start at the largest:
 # t = 999 spaced evenly down to 0 ("linspace"), where SD's scheduler config ("leading", offset 1) starts lower
 # (t = 951 at 20 steps, σ 11.1 instead of 14.6); DDIM, PNDM and DDPM keep the model's spacing (A1111's DDIM/PLMS)
-_FROM_THE_TOP = {"lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++", "dpmsingle",
-                 "unipc"}
+_FROM_THE_TOP = {"lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                 "dpmsolver++_karras", "dpmsingle", "unipc"}
 
 
 def make_sampler(name: str, train_scheduler):
@@ -118,7 +119,8 @@ def save_png(image: Image.Image, dest: Path, info: PngImagePlugin.PngInfo | None
 
 SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler",
                   "euler_a": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_a": "DPM2 a",
-                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
+                  "dpmsolver": "DPM-Solver", "dpmsolver++": "DPM++ 2M", "dpmsolver++_karras": "DPM++ 2M",
+                  "dpmsingle": "DPM++ 2S", "unipc": "UniPC"}
 
 
 # the samplers A1111 runs through k-diffusion, whose noise levels A1111 spaces by its "Schedule type": lorakit's are
@@ -135,7 +137,8 @@ def png_parameters(spec: PromptSpec, sampler: str, *, model: str | None = None,
     tags = "".join(f" <lora:{Path(p).stem}:{m:g}>" for p, m in loras)
     lines = [spec.prompt + tags] + ([f"Negative prompt: {spec.negative_prompt}"] if spec.negative_prompt else [])
     settings = {"Steps": spec.num_inference_steps, "Sampler": SAMPLER_LABELS.get(sampler, sampler),
-                "Schedule type": "Uniform" if sampler in UNIFORM_SCHEDULE else None,
+                "Schedule type": "Uniform" if sampler in UNIFORM_SCHEDULE else "Karras" if sampler.endswith("_karras")
+                else None,
                 "CFG scale": f"{spec.guidance_scale:g}", "Seed": spec.seed, "Size": f"{spec.width}x{spec.height}",
                 "Model": Path(model).stem if model else None, "Clip skip": clip_skip if clip_skip > 1 else None,
                 "RNG": "CPU"}

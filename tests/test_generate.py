@@ -288,6 +288,12 @@ def test_png_parameters_read_like_a1111s():
     assert png_parameters(spec, "euler_a") == ("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Uniform, CFG scale: "
                                                "7.5, Seed: 3, Size: 64x48, RNG: CPU")
     assert "Sampler: DPM++ 2M, Schedule type: Uniform," in png_parameters(spec, "dpmsolver++")
+    assert "Sampler: DPM++ 2M, Schedule type: Karras," in png_parameters(spec, "dpmsolver++_karras")
+    from lorakit.config import GenerateConfig
+
+    # A1111's names are read: what its PNG info shows, what lorakit's PNGs write
+    assert [GenerateConfig(scheduler=n).scheduler for n in ("Euler a", "DPM++ 2M Karras", "DPM++ 2M", "PLMS")] == [
+        "euler_a", "dpmsolver++_karras", "dpmsolver++", "pndm"]
     text = png_parameters(PromptSpec("a cat", "dog", 64, 64, 20, 7.0, 3), "ddim", model="models/base.safetensors",
                           loras=[("out/a.safetensors", 0.8)], clip_skip=2)
     assert text == ("a cat <lora:a:0.8>\nNegative prompt: dog\nSteps: 20, Sampler: DDIM, CFG scale: 7, Seed: 3, "

@@ -53,6 +53,11 @@ def test_every_sampler_name_builds_its_diffusers_scheduler():
             make_sampler("lms", train)
     assert type(built["dpm_2_a"]).__name__ == "KDPM2AncestralDiscreteScheduler"
     assert built["dpmsolver"].config.algorithm_type == "dpmsolver"
+    karras, plain = built["dpmsolver++_karras"], built["dpmsolver++"]  # A1111's "DPM++ 2M Karras"
+    karras.set_timesteps(20)
+    plain.set_timesteps(20)
+    assert karras.config.use_karras_sigmas and not plain.config.use_karras_sigmas
+    assert karras.sigmas[-2] < plain.sigmas[-2]  # Karras spends more of the steps at low noise
     assert all(s.config.num_train_timesteps == 1000 and s.config.beta_end == 0.012 for s in built.values())
 
 

@@ -29,9 +29,11 @@ LOSS_TYPES = ("l2", "l1", *HUBER_LOSSES)
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 SAVE_PRECISIONS = ("float", "fp16", "bf16")
 SAMPLERS = ("ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
-            "dpmsingle", "unipc")
+            "dpmsolver++_karras", "dpmsingle", "unipc")
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
-                   "k_dpm_2_a": "dpm_2_a"}  # sd-scripts' other names
+                   "k_dpm_2_a": "dpm_2_a",  # sd-scripts' other names; A1111's (as lorakit's PNGs write them):
+                   "Euler a": "euler_a", "DPM2": "dpm_2", "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmsolver++",
+                   "PLMS": "pndm", "DPM++ 2M Karras": "dpmsolver++_karras"}
 
 
 # sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, valid, what it must be)}
