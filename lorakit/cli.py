@@ -157,6 +157,39 @@ def _unknown_argument(cls: type[JobConfig], arg: str) -> str:
     return f"unknown option `{arg.split('=', 1)[0]}` for `{cls.job}`{hint}"
 
 
+def _datasets_read(cfg) -> str:
+    """For `train --dry_run`: the datasets as the run will read them (a dataset TOML checked, and its values shown:
+    they win over the train options, as in sd-scripts), as TOML comments; the folders must exist."""
+    from .data.dataset import dataset_specs
+
+    if not cfg.dataset_config and not cfg.train_data_dir:
+        return ""  # the options alone (a config being written)
+    specs = dataset_specs(cfg, None)
+    for name in ("train_data_dir", "reg_data_dir"):
+        folder = getattr(cfg, name)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"`{name}` does not exist: {folder}")
+    if not cfg.dataset_config:
+        return ""
+
+    def shown(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+
+    lines = [f"\n# {cfg.dataset_config}, as this run reads it (its values win over the options above):"]
+    for i, spec in enumerate(specs, 1):
+        reso = f"{spec.resolution[0]}x{spec.resolution[1]}" if spec.resolution else "the model's size"
+        buckets = (f" ({spec.min_bucket_reso}-{spec.max_bucket_reso}, step {spec.bucket_reso_steps})"
+                   if spec.enable_bucket else "")
+        lines.append(f"# [[datasets]] {i}: resolution {reso}, batch_size {spec.batch_size}, enable_bucket "
+                     f"{shown(spec.enable_bucket)}{buckets}")
+        for sub in spec.subsets:
+            keys = ("num_repeats", "is_reg", "class_tokens", "caption_extension", "shuffle_caption", "keep_tokens",
+                    "flip_aug")
+            lines.append(f"#   {sub.image_dir}: " + ", ".join(f"{k} {shown(getattr(sub, k))}" for k in keys
+                                                              if getattr(sub, k) is not None))
+    return "\n".join(lines) + "\n"
+
+
 def run_job(cfg: JobConfig):
     module, func = RUNNERS[cfg.job].split(":")
     return getattr(importlib.import_module(module), func)(cfg)
@@ -167,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, dry_run = parse_config(argv)
         if dry_run:
-            print(cfg.to_toml(), end="")
+            print(cfg.to_toml() + (_datasets_read(cfg) if cfg.job == "train" else ""), end="")
             return 0
         run_job(cfg)
     except LorakitError as e:

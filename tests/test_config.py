@@ -393,3 +393,23 @@ def test_text_encoder_lr_reads_sd_scripts_list_of_one():
     assert TrainConfig.from_dict({"text_encoder_lr": []}).text_encoder_lr is None
     with pytest.raises(ConfigError, match="two are SDXL's"):
         TrainConfig.from_dict({"text_encoder_lr": [1e-5, 2e-5]})
+
+
+def test_train_dry_run_checks_and_shows_the_datasets(tmp_path, capsys):
+    """`--dry_run` reads a dataset TOML as the run would (a misspelt key is an error) and shows its values, which win
+    over the train options (as in sd-scripts); a missing folder is named."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ds.toml").write_text('[general]\nshuffle_caption = true\n[[datasets]]\nresolution = 32\n'
+                                      'batch_size = 2\n  [[datasets.subsets]]\n  image_dir = "img"\n'
+                                      '  num_repeats = 3\n  class_tokens = "sks shape"\n')
+    assert main(["train", "--dataset_config", str(tmp_path / "ds.toml"), "--train_batch_size", "4", "--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "train_batch_size = 4" in out and "as this run reads it (its values win over the options above)" in out
+    assert "# [[datasets]] 1: resolution 32x32, batch_size 2, enable_bucket false" in out
+    assert f"#   {tmp_path / 'img'}: num_repeats 3, is_reg false, class_tokens 'sks shape'" in out
+    assert "shuffle_caption true" in out
+    (tmp_path / "ds.toml").write_text('[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "img"\n  num_repeat = 3\n')
+    assert main(["train", "--dataset_config", str(tmp_path / "ds.toml"), "--dry_run"]) == 2
+    assert "unknown or unsupported key `num_repeat`" in capsys.readouterr().err
+    assert main(["train", "--train_data_dir", str(tmp_path / "nope"), "--dry_run"]) == 2
+    assert "`train_data_dir` does not exist" in capsys.readouterr().err
