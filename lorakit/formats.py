@@ -151,6 +151,9 @@ _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_st
 def _foreign_hint(keys: list[str]) -> str:
     from .diffusers_lora import is_diffusers_format
 
+    if any(k.startswith("diffusion_model.") and ".lora_" in k for k in keys):
+        return (" (they look like a LoRA saved by ComfyUI, with the original model's `diffusion_model.` names, "
+                "which lorakit does not read)")
     if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys):
         return (" (this is a model checkpoint, not a LoRA: use it as the model, `sd_model` or "
                 "`pretrained_model_name_or_path`)")
@@ -279,8 +282,11 @@ def detect_family(weights: dict[str, LoraWeights], metadata: dict[str, str] | No
     `ss_v2`, `modelspec.architecture`). None for models of other sizes (the tiny test models) without metadata.
     """
     metadata = metadata or {}
-    if any(n.startswith(("lora_te1_", "lora_te2_")) or "input_blocks" in n for n in weights):
-        return "sdxl", "it has SDXL keys (lora_te1_/lora_te2_/input_blocks)"
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in weights):
+        return "sdxl", "it has SDXL keys (lora_te1_/lora_te2_)"
+    if any("input_blocks" in n or "output_blocks" in n for n in weights):  # A1111 also loads SD1 LoRAs spelt so
+        return "sdxl", ("its U-Net keys use the original model's block names (input_blocks/output_blocks), as SDXL "
+                        "LoRAs do; an SD 1.x LoRA in that spelling is not read by lorakit either")
     for name, w in weights.items():
         if name.startswith("lora_te_") and name.endswith(_TE_HIDDEN_INPUTS):
             width = w.down.shape[1]

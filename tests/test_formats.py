@@ -387,3 +387,22 @@ def test_modelspec_architecture_follows_the_prediction_type_not_the_size():
     assert arch(SD2, "v_prediction", 512) == ("stable-diffusion-v2-768-v/lora", "v")
     assert arch(SD2, "epsilon", 768) == ("stable-diffusion-v2-512/lora", "epsilon")
     assert arch(SD1, "epsilon", 768) == ("stable-diffusion-v1/lora", "epsilon")
+
+
+def test_loras_in_the_original_models_names_are_named_as_such(tmp_path):
+    """A LoRA spelt with the LDM block names (input_blocks…, A1111 loads such SD1 files) is not called an SDXL file
+    without saying so; ComfyUI's own `diffusion_model.` spelling is named."""
+    from lorakit.formats import detect_family
+
+    ldm = parse_kohya({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.ones(2, 8),
+                       "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.ones(8, 2)})
+    family, why = detect_family(ldm)
+    assert family == "sdxl" and "input_blocks/output_blocks" in why and "SD 1.x LoRA in that spelling" in why
+    assert detect_family(parse_kohya({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(
+        2, 8), "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(8, 2)}))[1] == (
+        "it has SDXL keys (lora_te1_/lora_te2_)")
+    comfy = tmp_path / "comfy.safetensors"
+    save_file({"diffusion_model.input_blocks.1.1.proj_in.lora_up.weight": torch.ones(8, 2),
+               "diffusion_model.input_blocks.1.1.proj_in.lora_down.weight": torch.ones(2, 8)}, str(comfy))
+    with pytest.raises(LoraFormatError, match="a LoRA saved by ComfyUI, with the original model's `diffusion_model.`"):
+        parse_kohya(load_lora_file(comfy)[0])
