@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import JOB_CONFIGS, FieldSpec, JobConfig
-from .config.schema import toml_value
+from .config.schema import BOOL_WORDS, toml_value
 from .errors import ConfigError, LorakitError
 
 # job name -> "module:function" taking the job's config object; imported only when the job runs
@@ -68,8 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SWITCH_WORDS = {"true": True, "yes": True, "on": True, "1": True,
-                 "false": False, "no": False, "off": False, "0": False}
 _SCRIPTS = {"train_network.py": "train", "gen_img.py": "generate", "gen_img_diffusers.py": "generate"}  # sd-scripts'
 # scripts whose options a job reads
 
@@ -94,8 +92,8 @@ def _pasted(argv: list[str]) -> list[str]:
         switches = {s.name for s in JOB_CONFIGS[argv[0]].specs() if s.type is bool}
         out = []
         for word in argv:
-            if out and out[-1].startswith("--") and out[-1][2:] in switches and word.lower() in _SWITCH_WORDS:
-                out[-1] = out[-1] if _SWITCH_WORDS[word.lower()] else f"--no-{out[-1][2:]}"
+            if out and out[-1].startswith("--") and out[-1][2:] in switches and word.lower() in BOOL_WORDS:
+                out[-1] = out[-1] if BOOL_WORDS[word.lower()] else f"--no-{out[-1][2:]}"
                 continue
             out.append(word)
         argv = out
@@ -160,15 +158,12 @@ def _unknown_argument(cls: type[JobConfig], arg: str) -> str:
 def _datasets_read(cfg) -> str:
     """For `train --dry_run`: the datasets as the run will read them (a dataset TOML checked, and its values shown:
     they win over the train options, as in sd-scripts), as TOML comments; the folders must exist."""
-    from .data.dataset import dataset_specs
+    from .data.dataset import dataset_layout
+    from .data.folders import LoadReport
 
     if not cfg.dataset_config and not cfg.train_data_dir:
         return ""  # the options alone (a config being written)
-    specs = dataset_specs(cfg, None)
-    for name in ("train_data_dir", "reg_data_dir"):
-        folder = getattr(cfg, name)
-        if folder and not Path(folder).is_dir():
-            raise ConfigError(f"`{name}` does not exist: {folder}")
+    specs = dataset_layout(cfg, LoadReport())
     if not cfg.dataset_config:
         return ""
 

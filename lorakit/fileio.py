@@ -67,10 +67,15 @@ def temp_folder(dest: Path) -> Path:
     permissions a new folder gets from the umask (mkdtemp's are owner-only: a web UI running as another user could
     not read a merged model)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: it is put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
-    return tmp
+    return mask
 
 
 # what `atomic_path` and `temp_folder` leave behind when the process is killed mid-write
@@ -100,9 +105,7 @@ def _file_mode(dest: Path) -> int:
     try:
         return dest.stat().st_mode & 0o777
     except OSError:
-        mask = os.umask(0)
-        os.umask(mask)
-        return 0o666 & ~mask
+        return 0o666 & ~_umask()
 
 
 def write_text(dest: str | os.PathLike, text: str) -> Path:

@@ -20,6 +20,7 @@ from pathlib import Path
 TRAINING_CONFIG_KEY = "lorakit.training_config"
 VERSION_KEY = "lorakit.version"
 SESSION_TEXT = "lorakit_session"  # a training sample PNG's text chunk: the ss_session_id of its run
+STEP_TEXT = "lorakit_step"  # and the optimizer step it shows
 # sd-scripts keeps these even with `no_metadata`: readers need them to know what the file is
 MINIMAL_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")

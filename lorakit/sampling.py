@@ -18,7 +18,7 @@ from PIL import Image, PngImagePlugin
 
 from .errors import ConfigError
 from .fileio import atomic_path
-from .lora_metadata import SESSION_TEXT
+from .lora_metadata import SESSION_TEXT, STEP_TEXT
 from .prompts import PromptSpec, read_prompt_file
 from .text_encoding import COMMA_BACKTRACK, apply_emphasis, encode_windows, has_break, prompt_windows
 
@@ -151,9 +151,6 @@ def _quoted(value) -> str:
     return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
-STEP_TEXT = "lorakit_step"  # a training sample PNG's text chunk: the optimizer step it shows
-
-
 def saved_rounds(folder: Path, session_id, up_to_step: int, prompts: list[str]) -> list[tuple[int, list[Path]]]:
     """The sampling rounds run `session_id` already wrote to `folder` (`<step>_<index>.png`) up to `up_to_step`, as
     (step, PNG paths in prompt order): what a resumed run's grid starts from. A round drawn from other `prompts`
@@ -174,9 +171,8 @@ def saved_rounds(folder: Path, session_id, up_to_step: int, prompts: list[str]) 
             found.setdefault(int(step_part), {})[int(index_part)] = path, str(info.get("prompt", ""))
     rounds = []
     for step, images in sorted(found.items()):
-        if [images[i][1] if i in images else None for i in range(len(prompts))] == list(prompts) \
-                and len(images) == len(prompts):
-            rounds.append((step, [images[i][0] for i in range(len(prompts))]))
+        if sorted(images) == list(range(len(prompts))) and [images[i][1] for i in sorted(images)] == list(prompts):
+            rounds.append((step, [images[i][0] for i in sorted(images)]))
     return rounds
 
 

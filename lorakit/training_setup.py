@@ -21,7 +21,7 @@ from .devices import pick_device
 from .errors import ConfigError, TrainingError
 from .fileio import remove_stale_temporaries, write_json, write_text
 from .host_memory import keep_freed_memory
-from .lora_metadata import SESSION_TEXT, unix_time
+from .lora_metadata import SESSION_TEXT, STEP_TEXT, unix_time
 from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
 from .text_encoding import (
     WINDOW,
@@ -208,7 +208,7 @@ class Run:
     def sample(self, step: int, callbacks) -> None:
         """Generate the sample prompts with the current LoRA (PNG files in samples/, callbacks told) — once a step,
         when an epoch's end falls on a step that `sample_every_n_steps` samples too."""
-        from .sampling import STEP_TEXT, generate_samples
+        from .sampling import generate_samples
 
         if not self.prompts or (self.sample_rounds and self.sample_rounds[-1][0] == step):
             return

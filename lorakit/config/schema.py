@@ -107,13 +107,17 @@ def _type_name(spec: FieldSpec) -> str:
         spec.type, str(spec.type))
 
 
+# how a switch's value is written on a command line (also `--shuffle_caption true`, as pasted commands have it)
+BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
 def _coerce_scalar(spec: FieldSpec, tp, value, where: str):
     """Check/convert one scalar. Strings from the CLI are parsed; values from TOML must already have the type."""
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -96,10 +96,9 @@ class ScannedDataset:
     items: list[tuple[list[ImageItem], list[ImageItem]]]
 
 
-def scan_dataset(cfg) -> ScannedDataset:
-    """Find, read and check the images of `cfg`'s datasets (folders, captions, masks, validation split, regularisation
-    balance); bad inputs are listed in the report or refused with an error naming them."""
-    report = LoadReport()
+def dataset_layout(cfg, report: LoadReport) -> list[DatasetSpec]:
+    """`cfg`'s datasets with their subsets (a dataset TOML's, or the folders' layout detected), no image read yet:
+    missing or misnamed folders and a bad dataset TOML are refused here."""
     specs = dataset_specs(cfg, None)
     if not cfg.dataset_config:
         opts = _subset_options(cfg)
@@ -113,6 +112,14 @@ def scan_dataset(cfg) -> ScannedDataset:
     elif cfg.masked_loss and not any(sub.mask_dir or sub.alpha_mask for spec in specs for sub in spec.subsets):
         raise ConfigError(f"`masked_loss` is on, but no subset of {Path(cfg.dataset_config).name} has a "
                           f"`conditioning_data_dir` of mask images (or `alpha_mask = true`)")
+    return specs
+
+
+def scan_dataset(cfg) -> ScannedDataset:
+    """Find, read and check the images of `cfg`'s datasets (folders, captions, masks, validation split, regularisation
+    balance); bad inputs are listed in the report or refused with an error naming them."""
+    report = LoadReport()
+    specs = dataset_layout(cfg, report)
     items = []
     for spec in specs:
         _round_bucket_range(spec, report)
