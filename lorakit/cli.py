@@ -49,10 +49,17 @@ def _add_field(parser: argparse.ArgumentParser, spec: FieldSpec, positional: boo
         parser.add_argument(f"--{spec.name}", metavar=metavar, **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, as lorakit's own are (argparse prints the whole usage first:
+    95 lines for `train`), with a pointer to `--help`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # no abbreviations: `--learning 5e-3` or `--overwrite` must not silently set the option they happen to prefix
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA training kit for Stable Diffusion.",
-                                     allow_abbrev=False)
+    parser = _Parser(prog="lorakit", description="LoRA training kit for Stable Diffusion.", allow_abbrev=False)
     sub = parser.add_subparsers(dest="job", metavar="<job>")
     for name, cls in JOB_CONFIGS.items():
         p = sub.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,

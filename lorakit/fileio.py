@@ -19,10 +19,16 @@ from .errors import ModelLoadError, UnsafeCheckpointError
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; on success rename it onto `dest`, on error remove it."""
+    """Yield a temporary path next to `dest`; on success rename it onto `dest`, on error remove it.
+
+    A `dest` that is a symbolic link (a LoRA linked into a web UI's folder, a file kept on Drive) is written through:
+    the file it points at is replaced and the link stays.
+    """
     dest = Path(dest)
+    if dest.is_symlink():
+        dest = Path(os.path.realpath(dest))
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,6 +45,17 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
             raise OSError(errno.ENOSPC, f"no space left on the disk while writing {dest.name} (the earlier file, "
                                         f"if any, is intact)", str(dest)) from e
         raise
+
+
+def _temp_prefix(dest: Path) -> str:
+    """`.<name>.` for a temporary next to `dest`, the name shortened where the random part and `.tmp` would make it
+    longer than a file name may be (255 bytes on the usual file systems)."""
+    room = _NAME_MAX - len(".") - len(".12345678.tmp")
+    name = dest.name.encode("utf-8", "surrogateescape")[:room].decode("utf-8", "ignore")
+    return f".{name}."
+
+
+_NAME_MAX = 255
 
 
 def _disk_full(folder: Path) -> bool:
@@ -66,7 +83,7 @@ def temp_folder(dest: Path) -> Path:
     """A new empty folder next to `dest` (`.<name>.<random>`), to be renamed onto it when complete, with the
     permissions a new folder gets from the umask (mkdtemp's are owner-only: a web UI running as another user could
     not read a merged model)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
 

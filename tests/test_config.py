@@ -109,6 +109,16 @@ def test_cli_prints_one_clear_line(capsys, tmp_path):
     assert "choose one" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["train", "--learning_rate", "--dry_run"], ["trian"], ["train", "--no-flip_aug=1"]])
+def test_a_malformed_command_line_is_one_line_not_the_whole_usage(capsys, argv):
+    """argparse prints `train`'s 95-line usage before its error; lorakit prints the error and where help is."""
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: argument" in err[0] and "--help` lists the options" in err[0], err[:3]
+
+
 def test_dry_run_prints_resolved_toml(capsys):
     assert main(["train", "--network_dim", "4", "--dry_run"]) == 0
     assert "network_dim = 4" in capsys.readouterr().out

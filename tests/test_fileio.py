@@ -159,3 +159,29 @@ def test_a_full_disk_is_named_as_one(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10, 0, 10 << 30))  # a real bug stays itself
     with pytest.raises(RuntimeError, match="unexpected pos"):
         torch_save({"step": 2}, dest)
+
+
+def test_a_linked_file_is_written_through_its_link(tmp_path):
+    """A LoRA linked into a web UI's folder (or kept on Drive) is updated where it lives; the link stays a link."""
+    (tmp_path / "drive").mkdir()
+    target = tmp_path / "drive" / "style.safetensors"
+    save_safetensors({"w": torch.zeros(2)}, target)
+    link = tmp_path / "style.safetensors"
+    link.symlink_to(target)
+    save_safetensors({"w": torch.ones(2)}, link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    with safe_open(str(target), framework="pt") as f:
+        assert torch.equal(f.get_tensor("w"), torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["drive", "style.safetensors"]
+    assert [p.name for p in (tmp_path / "drive").iterdir()] == ["style.safetensors"]
+
+
+def test_a_name_near_the_length_limit_is_written(tmp_path):
+    """The temporary's random suffix must not push a long (or multi-byte) name over the file system's limit."""
+    for name in ("a" * 250 + ".json", "é" * 120 + ".txt"):
+        assert len(name.encode()) <= 255
+        with atomic_path(tmp_path / name) as tmp:
+            assert len(tmp.name.encode()) <= 255
+            tmp.write_text("x")
+        assert (tmp_path / name).read_text() == "x"
+    assert len(list(tmp_path.iterdir())) == 2
