@@ -17,7 +17,7 @@ from .errors import ConfigError, LorakitError
 
 # job name -> "module:function" taking the job's config object; imported only when the job runs
 RUNNERS = {
-    "train": "lorakit.training:train",
+    "train": "lorakit.cli:train_with_plot",
     "merge": "lorakit.merging:merge",
     "extract": "lorakit.extraction:extract",
     "generate": "lorakit.generation:generate",
@@ -190,6 +190,19 @@ def _datasets_read(cfg) -> str:
             lines.append(f"#   {sub.image_dir}: " + ", ".join(f"{k} {shown(getattr(sub, k))}" for k in keys
                                                               if getattr(sub, k) is not None))
     return "\n".join(lines) + "\n"
+
+
+def train_with_plot(cfg):
+    """`lorakit train`: the run, then its loss curve as `<output_name>_loss.png` beside the LoRA (in a notebook the
+    live view draws and saves it)."""
+    from . import plots
+    from .training import train
+
+    result = train(cfg)
+    if result.loss_history:
+        path = plots.save_loss_plot(result.loss_history, result.output_dir / f"{cfg.output_name}_loss.png")
+        print(f"saved the loss plot {path}", flush=True)
+    return result
 
 
 def run_job(cfg: JobConfig):

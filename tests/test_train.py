@@ -674,6 +674,8 @@ def test_cli_trains_from_a_toml_and_reports_bad_data(tmp_path, tiny_sd1_dir, cap
     assert main(["train", "--config", str(toml), "--network_dim", "4"]) == 0
     _, meta = read_lora(tmp_path / "out" / "lora.safetensors")
     assert meta["ss_network_dim"] == "4"
+    with Image.open(tmp_path / "out" / "lora_loss.png") as plot:  # the curve a notebook's live view would draw
+        assert plot.format == "PNG" and plot.width > 200
     assert "b.png: empty file (0 bytes)" in (tmp_path / "out" / "dataset_report.txt").read_text()
     (d / "a.png").unlink()
     assert main(["train", "--config", str(toml), "--overwrite"]) == 2
