@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import JOB_CONFIGS, FieldSpec, JobConfig
-from .config.schema import BOOL_WORDS, toml_value
+from .config.schema import BOOL_WORDS, flat_toml, read_toml, toml_value
 from .errors import ConfigError, LorakitError
 
 # job name -> "module:function" taking the job's config object; imported only when the job runs
@@ -79,10 +79,11 @@ _SCRIPTS = {"train_network.py": "train", "gen_img.py": "generate", "gen_img_diff
 # scripts whose options a job reads
 
 
-def _pasted(argv: list[str]) -> list[str]:
+def _pasted(argv: list[str]) -> tuple[list[str], str | None]:
     """`argv` with what a pasted sd-scripts command line brings and lorakit does not need: the launcher and script
     before the options (`accelerate launch --num_cpu_threads_per_process 1 train_network.py --opt …`), and switches
-    written with a value (`--shuffle_caption true`, as GUIs' configs spell them)."""
+    written with a value (`--shuffle_caption true`, as GUIs' configs spell them); and the script's name, if any."""
+    name = None
     if len(argv) > 1 and argv[0] in JOB_CONFIGS:
         script = next((i for i, word in enumerate(argv[1:], 1)
                        if word.endswith(".py") and not argv[i - 1].startswith("--")), None)  # not an option's value
@@ -104,12 +105,12 @@ def _pasted(argv: list[str]) -> list[str]:
                 continue
             out.append(word)
         argv = out
-    return argv
+    return argv, name
 
 
 def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
     """Parse `argv` (without the program name) into (config, dry_run)."""
-    argv = _pasted(argv)
+    argv, script = _pasted(argv)
     parser = build_parser()
     namespace, unknown = parser.parse_known_args(argv)
     ns = vars(namespace)
@@ -123,9 +124,23 @@ def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
     for key, value in cls.resolve_foreign(foreign, where).items():
         ns[key] = cls.coerce(cls.spec(key), value, where)  # an alias of an option: `--caption_extention .txt`
     config_path, dry_run = ns.pop("_config"), ns.pop("_dry_run")
-    if config_path:
-        return cls.from_toml(config_path, overrides=ns), dry_run
-    return cls.from_dict(ns, where=""), dry_run
+    cfg = cls.from_toml(config_path, overrides=ns) if config_path else cls.from_dict(ns, where="")
+    if job == "train" and (script or "--config_file" in argv):  # brought from sd-scripts (its own spellings)
+        given = set(ns) | {cls.aliases.get(k, k) for k in (flat_toml(config_path) if config_path else ())}
+        if cfg.dataset_config and Path(cfg.dataset_config).is_file():  # its keys win over the options
+            given |= _keys(read_toml(cfg.dataset_config))
+        differ = cfg.sd_scripts_default_differences(given)
+        if differ:
+            print(f"note: lorakit's defaults, which differ from sd-scripts', apply to {len(differ)} option(s) this "
+                  f"config leaves unset: {'; '.join(differ)}", file=sys.stderr)
+    return cfg, dry_run
+
+
+def _keys(data) -> set[str]:
+    """Every key in a TOML document, at any depth (a dataset TOML's [general], [[datasets]], [[datasets.subsets]])."""
+    if isinstance(data, list):
+        return set().union(*map(_keys, data))
+    return set(data).union(*map(_keys, data.values())) if isinstance(data, dict) else set()
 
 
 def _foreign_flags(cls: type[JobConfig], unknown: list[str]) -> dict:

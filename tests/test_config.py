@@ -289,6 +289,50 @@ def test_a_whole_pasted_command_with_its_launcher_and_gen_img_options(capsys):
     assert "`network_module` (on the command line) is not used by lorakit" in capsys.readouterr().err
 
 
+def test_a_config_brought_from_sd_scripts_is_told_which_of_lorakits_defaults_differ(tmp_path, capsys):
+    """A pasted train_network.py command that sets only `--unet_lr` trains sd-scripts' text encoder at its default
+    learning_rate (2e-6) and lorakit's at 1e-4; a LoCon without conv_alpha at 1/conv_dim vs 1. The run says so for
+    every such option it leaves unset, and for none it sets (also in a config file or a dataset TOML)."""
+    def note(argv):
+        capsys.readouterr()
+        parse_config(["train", *argv])
+        lines = [x for x in capsys.readouterr().err.splitlines() if "differ from sd-scripts'" in x]
+        return lines[0] if lines else ""
+
+    pasted = ["accelerate", "launch", "train_network.py", "--unet_lr=1e-4", "--network_dim=32", "--network_args",
+              "conv_dim=8"]
+    text = note(pasted)
+    for part in ["learning_rate = 0.0001 (sd-scripts: 2e-06", "network_alpha = 8 (sd-scripts: 1)",
+                 'caption_extension = ".txt" (sd-scripts: ".caption")', "seed = 42", "cache_latents = true",
+                 'save_precision = "fp16" (sd-scripts: fp32)', 'output_name = "lora" (sd-scripts: "last")',
+                 "conv_alpha = 8, conv_dim's (sd-scripts: 1)"]:
+        assert part in text, (part, text)
+    assert "network_dim" not in text and "8 option(s)" in text
+    # what the command sets is not listed; with both rates set, learning_rate is unused
+    text = note([*pasted[:3], "--unet_lr=1e-4", "--text_encoder_lr=5e-5", "--network_alpha", "16", "--seed", "1",
+                 "--network_args", "conv_dim=8", "conv_alpha=1"])
+    assert text and not any(f"{k} =" in text for k in ("learning_rate", "network_alpha", "seed", "conv_alpha"))
+    (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'x'\n"
+                                      "caption_extension = '.caption'\n")
+    (tmp_path / "t.toml").write_text(f"learning_rate = 1e-4\n[saving]\noutput_name = 'last'\nsave_precision = 'fp16'\n"
+                                     f"dataset_config = '{tmp_path / 'ds.toml'}'\n")
+    text = note(["--config_file", str(tmp_path / "t.toml")])  # sd-scripts' spelling of --config
+    assert "network_alpha = 8" in text and not any(f"{k} =" in text for k in (
+        "learning_rate", "output_name", "save_precision", "caption_extension"))
+    assert note(["--unet_lr=1e-4"]) == "" and note(["--config", str(tmp_path / "t.toml")]) == ""  # lorakit's own
+
+
+def test_the_sd_scripts_defaults_table_names_options_whose_defaults_differ():
+    from lorakit.config.train import SD_SCRIPTS_DEFAULTS
+
+    theirs = {"learning_rate": 2e-6, "network_dim": 4, "network_alpha": 1.0, "caption_extension": ".caption",
+              "seed": None, "cache_latents": False, "save_precision": None, "output_name": "last"}
+    assert set(SD_SCRIPTS_DEFAULTS) == set(theirs)
+    defaults = TrainConfig()
+    for name, value in theirs.items():
+        assert getattr(defaults, name) != value, name
+
+
 def test_command_line_sd_scripts_flags_and_a_config_file_together(tmp_path, capsys):
     (tmp_path / "t.toml").write_text("caption_extension = '.txt'\nnetwork_dim = 4\n")
     cfg, _ = parse_config(["train", "--config", str(tmp_path / "t.toml"), "--caption_extention", ".caption",

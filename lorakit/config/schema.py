@@ -329,15 +329,7 @@ class JobConfig:
     @classmethod
     def from_toml(cls, path: str | os.PathLike, overrides: dict | None = None):
         """Load a TOML file (flat `name = value`, sections are allowed and flattened); `overrides` win."""
-        data = read_toml(path)
-        flat, seen = {}, {}
-        for k, v in data.items():
-            # [model], [training] ... groups are a convenience, keys stay flat: one key may be set once only
-            for key, value, where in ([(sub, x, f"[{k}]") for sub, x in v.items()] if isinstance(v, dict)
-                                      else [(k, v, "the top level")]):
-                if key in seen:
-                    raise ConfigError(f"`{key}` is set twice in {Path(path).name} (at {seen[key]} and in {where})")
-                flat[key], seen[key] = value, where
+        flat = flat_toml(path)
         specs = cls.spec_map()
         for key, value in (overrides or {}).items():  # errors in a command-line value say so
             flat[key] = cls.coerce(specs[key], value, " (on the command line)") if key in specs else value
@@ -400,6 +392,19 @@ def read_toml(path: str | os.PathLike) -> dict:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path.name}: invalid TOML ({e})") from None
+
+
+def flat_toml(path: str | os.PathLike) -> dict:
+    """A config file's `name = value` pairs, its [model], [training] … sections flattened (they are a convenience:
+    one key may be set once only)."""
+    flat, seen = {}, {}
+    for k, v in read_toml(path).items():
+        for key, value, where in ([(sub, x, f"[{k}]") for sub, x in v.items()] if isinstance(v, dict)
+                                  else [(k, v, "the top level")]):
+            if key in seen:
+                raise ConfigError(f"`{key}` is set twice in {Path(path).name} (at {seen[key]} and in {where})")
+            flat[key], seen[key] = value, where
+    return flat
 
 
 def toml_value(text: str):

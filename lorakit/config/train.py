@@ -11,6 +11,7 @@ lorakit's defaults differ from sd-scripts' in a few deliberate places, each for 
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,6 +36,19 @@ SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "
                    "Euler a": "euler_a", "DPM2": "dpm_2", "DPM2 a": "dpm_2_a", "DPM++ 2M": "dpmsolver++",
                    "PLMS": "pndm", "DPM++ 2M Karras": "dpmsolver++_karras"}
 
+
+# train_network.py's defaults where lorakit's differ on purpose (README: "Defaults that differ from sd-scripts"),
+# in words: {option: sd-scripts' default}
+SD_SCRIPTS_DEFAULTS = {
+    "learning_rate": "2e-06, a full fine-tune's rate, which the text encoder's LoRA gets when only unet_lr is set",
+    "network_dim": "4",
+    "network_alpha": "1",
+    "caption_extension": '".caption"',
+    "seed": "a random one",
+    "cache_latents": "false",
+    "save_precision": "fp32",
+    "output_name": '"last"',
+}
 
 # sd-scripts' `network_args` for networks.lora that lorakit reads: {key: (type, valid, what it must be)}
 NETWORK_ARGS = {
@@ -515,6 +529,25 @@ class TrainConfig(JobConfig):
     def network_options(self) -> dict:
         """`network_args` as typed values: `{"conv_dim": 8, "loraplus_lr_ratio": 16.0, ...}` (only those given)."""
         return parse_network_args(self.network_args)
+
+    def sd_scripts_default_differences(self, given: set[str]) -> list[str]:
+        """The options not in `given` whose lorakit default differs from sd-scripts' (`SD_SCRIPTS_DEFAULTS`), as
+        `name = value (sd-scripts: …)`: what a config brought from sd-scripts trains differently unless it sets
+        them."""
+        out = []
+        for name, theirs in SD_SCRIPTS_DEFAULTS.items():
+            if name in given or (name in ("network_dim", "network_alpha") and self.dim_from_weights):
+                continue
+            if name == "learning_rate" and ("unet_lr" in given or not self.trains_unet) and (
+                    "text_encoder_lr" in given or not self.trains_text_encoder):
+                continue  # both parts have their own rate: learning_rate is not used
+            value = getattr(self, name)
+            shown = f"{value:g}" if isinstance(value, float) else json.dumps(value)
+            out.append(f"{name} = {shown} (sd-scripts: {theirs})")
+        conv_dim, conv_alpha = self.resolved_conv
+        if conv_dim is not None and "conv_alpha" not in given and "conv_alpha" not in self.network_options:
+            out.append(f"conv_alpha = {conv_alpha:g}, conv_dim's (sd-scripts: 1)")
+        return out
 
     @property
     def resolved_conv(self) -> tuple[int | None, float | None]:
