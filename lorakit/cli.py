@@ -120,7 +120,7 @@ def parse_config(argv: list[str]) -> tuple[JobConfig, bool]:
         raise SystemExit(2)
     cls = JOB_CONFIGS[job]
     where = " (on the command line)"
-    foreign = _foreign_flags(cls, unknown)
+    foreign = _foreign_flags(cls, unknown, argv)
     for key, value in cls.resolve_foreign(foreign, where).items():
         ns[key] = cls.coerce(cls.spec(key), value, where)  # an alias of an option: `--caption_extention .txt`
     config_path, dry_run = ns.pop("_config"), ns.pop("_dry_run")
@@ -143,7 +143,7 @@ def _keys(data) -> set[str]:
     return set(data).union(*map(_keys, data.values())) if isinstance(data, dict) else set()
 
 
-def _foreign_flags(cls: type[JobConfig], unknown: list[str]) -> dict:
+def _foreign_flags(cls: type[JobConfig], unknown: list[str], argv: list[str]) -> dict:
     """The words argparse did not take, read as other tools' flags (`--network_module=networks.lora`,
     `--max_data_loader_n_workers 0`, `--zero_terminal_snr`) when the job's tables know them (sd-scripts users paste
     their command lines); anything else is an error naming the word, with the closest option."""
@@ -154,7 +154,7 @@ def _foreign_flags(cls: type[JobConfig], unknown: list[str]) -> dict:
         arg = unknown[i]
         name, eq, text = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if name not in known:
-            raise ConfigError(_unknown_argument(cls, arg))
+            raise ConfigError(_unknown_argument(cls, arg, argv))
         values = [text] if eq else []
         while not eq and i + 1 < len(unknown) and not unknown[i + 1].startswith("--"):
             i += 1
@@ -165,8 +165,14 @@ def _foreign_flags(cls: type[JobConfig], unknown: list[str]) -> dict:
     return flags
 
 
-def _unknown_argument(cls: type[JobConfig], arg: str) -> str:
+def _unknown_argument(cls: type[JobConfig], arg: str, argv: list[str]) -> str:
     """The message for a command-line word the job does not take, with the closest option when there is one."""
+    at = argv.index(arg) if arg in argv else 0
+    if not arg.startswith("-") and at >= 2 and argv[at - 2].startswith("--"):  # `--text_encoder_lr 5e-5 1e-5`
+        spec = cls.spec_map().get(argv[at - 2][2:])
+        if spec is not None and spec.type not in (bool, list):
+            return (f"`--{spec.name}` takes one value, got {argv[at - 1]!r} and then {arg!r}"
+                    + (" (SD 1.x/2.x have one text encoder: one rate)" if spec.name == "text_encoder_lr" else ""))
     if not arg.startswith("-"):
         positional = ", ".join(f"<{name}>" for name in cls.positional)
         return (f"unexpected argument {arg!r} for `{cls.job}`"

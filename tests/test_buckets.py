@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
+import random
 
 import pytest
 
@@ -92,6 +94,21 @@ def test_fixed_size_covers_and_crops_centre():
     assert crop_box(choice.resized, choice.bucket) == (16, 0, 80, 64)
     assert crop_box((96, 64), (64, 64), random_offset=(0.0, 0.0)) == (0, 0, 64, 64)
     assert crop_box((96, 64), (64, 64), random_offset=(1.0, 1.0)) == (32, 0, 96, 64)
+
+
+@pytest.mark.parametrize("resized, bucket, left_top", [((683, 384), (640, 384), (21, 0)),  # 1920x1080 in 640x384
+                                                       ((512, 771), (512, 768), (0, 1)), ((98, 64), (64, 64), (17, 0))])
+def test_the_centre_crop_leaves_the_odd_pixel_on_the_right_as_sd_scripts(resized, bucket, left_top):
+    """sd-scripts crops at `excess // 2`; rounding half to even put the crop 1 px further for an excess of 43 or 3."""
+    assert crop_box(resized, bucket)[:2] == left_top
+
+
+def test_every_random_crop_position_is_equally_likely():
+    """sd-scripts draws `randint(0, excess)`: both end positions as likely as any other."""
+    rng = random.Random(0)
+    counts = collections.Counter(crop_box((70, 64), (64, 64), random_offset=(rng.random(), rng.random()))[0]
+                                 for _ in range(7000))
+    assert sorted(counts) == list(range(7)) and min(counts.values()) > 850 and max(counts.values()) < 1150
 
 
 def test_wide_resolution_table_is_area_bound():

@@ -254,7 +254,9 @@ def test_a_pasted_sd_scripts_command_line_is_read_as_its_config_file_would_be(ca
                         (["--stop_text_encoder_training", "100"], "text encoder stops training.*set it to 0"),
                         (["--full_bf16"], "bf16 LoRA weights.*set it to false"),
                         (["--learnin", "1"], "unknown option `--learnin` for `train`; did you mean `--learning_rate`"),
-                        (["--network_dim", "8", "oops"], "unexpected argument 'oops'")]:
+                        (["--network_dim", "8", "oops"], "`--network_dim` takes one value, got '8' and then 'oops'"),
+                        (["--text_encoder_lr", "5e-5", "1e-5"], "takes one value.*one text encoder: one rate"),
+                        (["--shuffle_caption", "oops"], "unexpected argument 'oops'")]:
         with pytest.raises(ConfigError, match=words):
             parse_config(["train", *argv])
     with pytest.raises(ConfigError) as info:

@@ -499,6 +499,15 @@ def test_metadata_json_joins_caption_and_tags_and_refuses_bad_shapes(tmp_path):
     cfg = cfg_for(tmp_path, dataset_config=str(toml))
     ds = TrainDataset.from_config(cfg, native_resolution=64)
     assert sorted(e.item.caption for e in ds.examples) == ["a dog, grass, sunny", "cat"]  # sd-scripts' join
+    # with another caption_separator the tags are joined by it (one shuffle unit each), with enable_wildcard after
+    # every line of the caption, as sd-scripts does
+    meta.write_text(json.dumps({"photo.001": {"caption": "a dog\na sks dog", "tags": "grass; sunny"}}))
+    for extra, caption in [("", "a dog\na sks dog; grass; sunny"),
+                           ("enable_wildcard = true\n", "a dog; grass; sunny\na sks dog; grass; sunny")]:
+        toml.write_text("[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = 'ft'\n"
+                        f"metadata_file = 'meta.json'\ncaption_separator = ';'\n{extra}")
+        ds = TrainDataset.from_config(cfg_for(tmp_path, dataset_config=str(toml)), native_resolution=64)
+        assert [e.item.caption for e in ds.examples] == [caption]
     for bad, message in [([1, 2], "expected a JSON object"), ({"b": {"tags": ["cat"]}}, "entry 'b' must be")]:
         meta.write_text(json.dumps(bad))
         with pytest.raises(DatasetError, match=message):

@@ -117,11 +117,14 @@ def fixed_size_choice(image_size: tuple[int, int], resolution: tuple[int, int]) 
 
 def crop_box(resized: tuple[int, int], bucket: tuple[int, int], *, random_offset: tuple[float, float] | None = None
              ) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the `bucket`-sized crop in an image of size `resized`: centred, or at a
-    fractional position `random_offset` in [0, 1]² for `random_crop`."""
+    """(left, top, right, bottom) of the `bucket`-sized crop in an image of size `resized`: centred (an odd pixel
+    left over goes to the right and bottom, as in sd-scripts), or for `random_crop` at `random_offset` (two uniform
+    draws in [0, 1)): each of the 0…dx left edges equally likely, as sd-scripts' `randint(0, dx)`."""
     dx, dy = resized[0] - bucket[0], resized[1] - bucket[1]
     if dx < 0 or dy < 0:
         raise ValueError(f"resized image {resized} does not cover bucket {bucket}")
-    fx, fy = random_offset if random_offset is not None else (0.5, 0.5)
-    left, top = int(round(dx * fx)), int(round(dy * fy))
+    if random_offset is None:
+        left, top = dx // 2, dy // 2
+    else:
+        left, top = (min(int(f * (d + 1)), d) for f, d in zip(random_offset, (dx, dy)))
     return left, top, left + bucket[0], top + bucket[1]

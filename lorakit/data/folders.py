@@ -261,11 +261,16 @@ def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
         if not isinstance(entry, dict) or not all(v is None or isinstance(v, str) for v in (caption, tags)):
             raise DatasetError(f"{meta}: entry {key!r} must be an object whose `caption` and `tags` are strings, "
                                f"got {json.dumps(entry)[:80]}")
-        # sd-scripts' rule: the caption, then ", " and the tags when both are there; the tags alone otherwise
+        # sd-scripts' rule: the caption, then `caption_separator` and the tags when both are there (with
+        # `enable_wildcard`, after each of the caption's lines); the tags alone otherwise
+        sep = subset.caption_separator
         if caption is None:
             caption = tags or ""
+        elif tags and subset.enable_wildcard:
+            tags = tags.replace("\n", sep)
+            caption = "\n".join(f"{line}{sep} {tags}" for line in caption.split("\n") if line.strip())
         elif tags:
-            caption = f"{caption}, {tags}"
+            caption = f"{caption}{sep} {tags}"
         out[_image_for_key(subset.image_dir, key)] = caption.strip()
     return out
 
