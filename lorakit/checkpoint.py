@@ -276,7 +276,7 @@ def read_single_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers and data
             raise ModelLoadError(f"{path.name}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); "
                                  "the download may be incomplete") from None
-    obj = safe_torch_load(path)
+    obj = safe_torch_load(path, mmap=True)
     metadata: dict[str, str] = {}
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         metadata.update({k: str(v) for k, v in obj.items() if isinstance(v, (str, int)) and not isinstance(v, bool)})

@@ -199,11 +199,31 @@ def torch_save(obj, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
-def safe_torch_load(path: str | os.PathLike):
+# What training frameworks pickle beside the weights, whose objects lorakit never uses: PyTorch Lightning's callback
+# state (`callbacks: {ModelCheckpoint: {...}}` in the original SD .ckpt files) and numpy numbers and arrays in it.
+# A1111's unpickler allows the same names.
+_INERT_GLOBALS = re.compile(r"(pytorch_lightning|lightning|lightning_fabric)\.[\w.]+"
+                            r"|numpy\.(_?core\.multiarray\.(scalar|_reconstruct)|dtype|ndarray|dtypes\.\w+)")
+
+
+class _Inert:
+    """Stands in for one of `_INERT_GLOBALS` while unpickling: takes any arguments and state and runs none of the
+    real object's code."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False):
     """Load a .ckpt/.pt/.bin with `weights_only=True`: plain tensors and containers only, never code.
 
+    The training framework's objects a model checkpoint carries (`_INERT_GLOBALS`) come back as inert stand-ins.
     A pickle that references anything else (a function to call, a class to build) is refused with
-    `UnsafeCheckpointError`; its payload is never executed.
+    `UnsafeCheckpointError` naming it; its payload is never executed. `mmap`: map the tensors from the file instead
+    of reading them into memory (a 7 GB .ckpt then costs page cache, not RAM; files in the old format are read).
     """
     import torch
 
@@ -211,11 +231,24 @@ def safe_torch_load(path: str | os.PathLike):
     if not path.is_file():
         raise ModelLoadError(f"file not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{path.name}: refused to load — this pickle file asks to run code or build objects that are not "
-            f"plain tensors ({str(e).splitlines()[0][:200]}). Convert it to .safetensors with a tool you trust."
-        ) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))  # a static scan: nothing runs
+    except Exception:  # the old (pre-zip) format or not a torch file: torch.load says which below
+        names, mmap = [], False
+    inert = [(_Inert, name) for name in names if _INERT_GLOBALS.fullmatch(name)]
+    for _ in range(16):  # the old format cannot be scanned: allow its inert names as the loader meets them
+        try:
+            with torch.serialization.safe_globals(inert):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as e:
+            blocked = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if blocked and _INERT_GLOBALS.fullmatch(blocked[1]) and (_Inert, blocked[1]) not in inert:
+                inert.append((_Inert, blocked[1]))
+                continue
+            what = (f"it asks for `{blocked[1]}`" if blocked else
+                    re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines()[0][:200])
+            raise UnsafeCheckpointError(
+                f"{path.name}: refused to load — this pickle file asks to run code or build objects that are not "
+                f"plain tensors ({what}). Convert it to .safetensors with a tool you trust.") from None
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+    raise UnsafeCheckpointError(f"{path.name}: refused to load — too many objects that are not tensors")

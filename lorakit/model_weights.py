@@ -108,7 +108,9 @@ def layout_from_ldm_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[LdmLayout,
         hidden = shapes[OPENCLIP_PREFIX + "token_embedding.weight"][1]
         pattern = re.escape(OPENCLIP_PREFIX) + r"transformer\.resblocks\.(\d+)\."
         blocks = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
-        te_layers = len(blocks) - 1  # diffusers drops the last OpenCLIP block (SD2 uses the penultimate layer)
+        # SD2 uses the penultimate OpenCLIP layer: diffusers drops the tower's last block, which the original files
+        # keep (with `text_projection`); a file converted back from diffusers has only the blocks in use
+        te_layers = len(blocks) - 1 if OPENCLIP_PREFIX + "text_projection" in shapes else len(blocks)
     else:
         embedding = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
         if embedding not in shapes:
@@ -320,7 +322,7 @@ class SingleFileWeights(ModelWeights):
         else:
             from .fileio import safe_torch_load
 
-            sd = safe_torch_load(path)
+            sd = safe_torch_load(path, mmap=True)
             sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
             if not isinstance(sd, dict):
                 raise ModelLoadError(f"{path.name}: not a state dict")

@@ -185,3 +185,50 @@ def test_a_name_near_the_length_limit_is_written(tmp_path):
             tmp.write_text("x")
         assert (tmp_path / name).read_text() == "x"
     assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_checkpoints_lightning_and_numpy_objects_are_read_as_inert_stand_ins(tmp_path, monkeypatch, zip_format):
+    """The original SD .ckpt files hold PyTorch Lightning's callback state (`callbacks: {ModelCheckpoint: {...}}`,
+    with numpy numbers): weights_only refused them whole. They load now, without running any of that code; another
+    class is still refused, by name."""
+    import sys
+    import types
+
+    import numpy as np
+
+    from lorakit.errors import UnsafeCheckpointError
+    from lorakit.fileio import safe_torch_load
+
+    ran = []
+
+    class ModelCheckpoint:
+        def __setstate__(self, state):
+            ran.append(state)
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.setitem(sys.modules, name, module if name == module.__name__ else types.ModuleType(name))
+    weights = {"model.diffusion_model.out.2.weight": torch.randn(4, 3)}
+    ckpt = {"state_dict": weights, "global_step": 470000,
+            "callbacks": {ModelCheckpoint: {"best_model_score": np.float64(0.1), "kth": np.zeros(2)}},
+            "checkpoint": ModelCheckpoint()}
+    path = tmp_path / "sd-v1-4.ckpt"
+    torch.save(ckpt, path, _use_new_zipfile_serialization=zip_format)
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        monkeypatch.delitem(sys.modules, name)  # as on a machine without Lightning
+    out = safe_torch_load(path, mmap=True)
+    assert torch.equal(out["state_dict"]["model.diffusion_model.out.2.weight"], weights[
+        "model.diffusion_model.out.2.weight"]) and out["global_step"] == 470000 and not ran
+
+    class Other:
+        pass
+
+    Other.__module__, Other.__qualname__ = "mytrainer.state", "Other"
+    monkeypatch.setitem(sys.modules, "mytrainer", types.ModuleType("mytrainer"))
+    monkeypatch.setitem(sys.modules, "mytrainer.state", types.SimpleNamespace(Other=Other))
+    torch.save({"state_dict": weights, "x": Other()}, path, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError, match=r"it asks for `mytrainer\.state\.Other`"):
+        safe_torch_load(path)

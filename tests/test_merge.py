@@ -420,3 +420,29 @@ def test_loras_on_the_layers_outside_the_blocks_merge_into_a_single_file(setup):
             torch.testing.assert_close(merged.get(param), layer.weight.detach() + 0.5 * 0.5 * delta, rtol=0,
                                        atol=2e-6, msg=f"{dst.name}: {param}")
         merged.close()
+
+
+def test_an_sd2_file_converted_back_from_diffusers_keeps_its_last_text_encoder_layer(tmp_path):
+    """diffusers' converter writes SD2's OpenCLIP tower without the unused last block and `text_projection`: every
+    block there is a layer in use, so a LoRA on the last one merges (it was called a module matching no layer)."""
+    import re
+
+    from lorakit.checkpoint_keys import OPENCLIP_PREFIX
+
+    comps = build_tiny("sd2", seed=0)
+    save_single_file(comps, tmp_path / "full.safetensors")
+    with open_weights(tmp_path / "full.safetensors") as full:
+        ldm = {k: full.read_ldm(k) for k in full.ldm_shapes}
+    last = comps.text_encoder.config.num_hidden_layers  # the original files' extra block
+    dropped = re.compile(re.escape(OPENCLIP_PREFIX)
+                         + rf"(transformer\.resblocks\.{last}\.|text_projection|logit_scale)")
+    save_safetensors({k: v for k, v in ldm.items() if not dropped.match(k)}, tmp_path / "from_diffusers.safetensors")
+    lora = make_lora(comps, tmp_path / "a.safetensors", rank=2, seed=1, alpha=1.0)
+    for name in ("full", "from_diffusers"):
+        merge(sd_model=str(tmp_path / f"{name}.safetensors"), models=[str(lora)], ratios=[1.0],
+              save_to=str(tmp_path / f"{name}_merged.safetensors"))
+    with open_weights(tmp_path / "full_merged.safetensors") as want, \
+            open_weights(tmp_path / "from_diffusers_merged.safetensors") as got:
+        changed = [k for k in got.ldm_shapes if f"resblocks.{last - 1}." in k and not torch.equal(
+            got.read_ldm(k), ldm[k])]
+        assert changed and all(torch.equal(got.read_ldm(k), want.read_ldm(k)) for k in got.ldm_shapes)
