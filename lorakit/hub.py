@@ -98,6 +98,15 @@ def _main_lora(files: list[Path], meta_name: str | None) -> Path:
     return max(finals or files, key=lambda p: p.stat().st_mtime)
 
 
+def _run_image(image: Path, out: Path) -> bool:
+    """Whether `image` is one a training run writes in `out`: a sample (in `samples/`, or tagged with its run's
+    session), `samples_grid.png`, or a notebook's `<name>_loss.png` / `<name>_samples.png`."""
+    rel = image.relative_to(out)
+    if len(rel.parts) == 1 and (image.name == "samples_grid.png" or image.stem.endswith(("_loss", "_samples"))):
+        return True
+    return rel.parts[0] == "samples" or _png_text(image, SESSION_TEXT) is not None
+
+
 def _png_text(image: Path, key: str) -> str | None:
     """A PNG's text chunk `key`, or None (no such chunk, or not a readable image)."""
     from PIL import Image
@@ -213,6 +222,9 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
 
     images = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                     and not any(part.startswith(".") for part in p.relative_to(out).parts))
+    # only the images a training run writes: a dataset kept inside output_dir is never published
+    private = [p for p in images if not _run_image(p, out)]
+    images = [p for p in images if p not in private]
     # an earlier run's saves and samples left in the folder (`overwrite`) are not this LoRA's: left out
     session = meta.get("ss_session_id")
     earlier = [p for p in loras if p != main and session and read_lora_metadata(p).get("ss_session_id")
@@ -223,6 +235,10 @@ def plan_upload(cfg: PushConfig | None = None, /, **kwargs) -> UploadPlan:
     files += [(p, "images/" + p.relative_to(out).as_posix()) for p in images]
     configs, withheld = _shareable_configs(out)
     withheld += [(p.relative_to(out).as_posix(), "from an earlier training run in this folder") for p in earlier]
+    if private:
+        withheld.append((f"{len(private)} other image(s), e.g. {private[0].relative_to(out).as_posix()}",
+                         "not written by training (such as a dataset kept in this folder): only the samples, "
+                         "the sample grid and the loss plot are uploaded"))
     files += [(p, p.name) for p in configs]
     samples = [p for p in images if "loss" not in p.stem.lower()]
     last = sorted(samples, key=lambda p: (p.stat().st_mtime, p.name))[-MAX_GALLERY:]

@@ -104,6 +104,22 @@ def test_upload_plan_is_one_commit_with_loras_samples_and_card(tmp_path):
         assert Path(op.path_or_fileobj).is_file()
 
 
+def test_a_dataset_kept_in_the_output_folder_is_not_published(tmp_path, capsys):
+    """Only the images training writes are uploaded: photos in `output_dir` (a Drive project folder holding its
+    `10_sks person/` dataset beside the outputs) are withheld, and the push says so."""
+    out = make_output(tmp_path / "output")
+    (out / "10_sks person").mkdir()
+    for name in ("IMG_0001.jpg", "IMG_0002.png"):
+        Image.new("RGB", (64, 64), "blue").save(out / "10_sks person" / name)
+    Image.new("RGB", (64, 64), "blue").save(out / "portrait.png")
+    plan = hub.plan_upload(repo_id="me/toy-lora", output_dir=str(out))
+    assert sorted(p for p in plan.paths_in_repo if p.startswith("images/")) == [
+        "images/samples/step100_0.png", "images/samples/step100_1.png", "images/toy_lora_loss.png"]
+    assert "IMG_" not in plan.card and "portrait" not in plan.card
+    (what, why), = [w for w in plan.withheld if "other image" in w[0]]
+    assert what.startswith("3 other image(s)") and "not written by training" in why
+
+
 @pytest.mark.parametrize("via", ["argument", "environment"])
 def test_token_appears_in_no_file_and_no_output(tmp_path, monkeypatch, capsys, via):
     import huggingface_hub
