@@ -8,7 +8,7 @@ The first code cell of every lorakit notebook installs lorakit if it is missing 
 - off Colab, asking for Drive is answered with one clear sentence and the local folder is used; a kernel that
   Jupyter started in a checkout's `notebooks/` folder works in the checkout (where README's paths point), so the
   notebooks do not write a second `data_examples/` and `output/` inside `notebooks/`;
-- on a Colab GPU runtime without bitsandbytes, installs it (the T4 presets train with 8-bit AdamW);
+- on Colab, says so when the files would be lost at a disconnect (Drive not used) or the runtime has no GPU;
 - makes lorakit's own errors (bad input, not bugs) show as one red line instead of a traceback wall.
 
 Installing lorakit never replaces the preinstalled torch: `install_command()` pins torch to the version already
@@ -27,7 +27,6 @@ from .errors import ConfigError, LorakitError
 
 DRIVE_MOUNT = "/content/drive"
 DRIVE_HOME = f"{DRIVE_MOUNT}/MyDrive"
-GPU_EXTRAS = ("bitsandbytes",)  # what the T4 presets need beyond lorakit's own dependencies (8-bit AdamW)
 
 
 def in_colab() -> bool:
@@ -128,7 +127,9 @@ def setup(use_drive: bool = False, drive_folder: str = "lorakit", *, quiet: bool
             root, on_drive = Path(DRIVE_HOME) / drive_folder, True
             root.mkdir(parents=True, exist_ok=True)
             os.chdir(root)
-        _install_gpu_extras(quiet)
+        if not quiet:
+            for note in colab_notes(on_drive, _has_cuda()):
+                print(f"⚠ {note}")
     else:
         checkout = _checkout_root(root)
         if checkout is not None:  # Jupyter starts a kernel in the notebook's folder
@@ -150,27 +151,28 @@ def _checkout_root(folder: Path) -> Path | None:
     return None
 
 
-def gpu_extras_command(cuda: bool, installed: set[str]) -> list[str] | None:
-    """The pip command for the GPU extras a T4 preset uses (bitsandbytes, for `AdamW8bit`), when a CUDA runtime
-    lacks them; None when there is nothing to install. xformers is left out: it pins its own torch."""
-    missing = [name for name in GPU_EXTRAS if name not in installed]
-    return [sys.executable, "-m", "pip", "install", "-q", *missing] if cuda and missing else None
+def colab_notes(on_drive: bool, cuda: bool) -> list[str]:
+    """What a Colab user should know before training: where files go when Drive is not used, and a runtime
+    without a GPU."""
+    notes = []
+    if not on_drive:
+        notes.append("files are kept in /content, which a disconnect or a new session wipes: set USE_DRIVE = True "
+                     "to keep datasets, LoRAs and saved training states on Google Drive (training then resumes)")
+    if not cuda:
+        notes.append(GPU_RUNTIME_HINT)
+    return notes
 
 
-def _install_gpu_extras(quiet: bool) -> None:
-    import importlib.util
-    import subprocess
+GPU_RUNTIME_HINT = ("this Colab runtime has no GPU: Runtime → Change runtime type → T4 GPU, then run all again "
+                    "(SD training on a CPU takes hours; the toy model is fine)")
 
-    import torch
 
-    installed = {name for name in GPU_EXTRAS if importlib.util.find_spec(name) is not None}
-    cmd = gpu_extras_command(torch.cuda.is_available(), installed)
-    if cmd is None:
-        return
-    if not quiet:
-        print(f"installing {', '.join(n for n in GPU_EXTRAS if n not in installed)} (8-bit AdamW on the GPU)")
-    if subprocess.run(cmd).returncode != 0 and not quiet:
-        print("could not install bitsandbytes: choose `optimizer_type = AdamW` instead of AdamW8bit")
+def _has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def _version() -> str:

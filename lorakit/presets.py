@@ -5,10 +5,11 @@ A preset is only a set of field values: it goes through the same schema as TOML 
 drop-down; notebooks name one in their parameters cell.
 
 Why these values:
-- **T4 presets** (Colab free tier, 15 GB VRAM, fp16 only — no bf16 on Turing): fp16 mixed precision, gradient
-  checkpointing and 8-bit AdamW keep SD1.5 at 512px well under the T4's memory; `save_state` with frequent saves so
-  a disconnect loses at most a few hundred steps; aspect-ratio buckets, so portraits and landscapes are trained
-  whole instead of cropped to a square.
+- **T4 presets** (Colab free tier, 15 GB VRAM, fp16 only — no bf16 on Turing): fp16 mixed precision. SD1.5 at
+  512 px then needs 3.7 GiB of GPU memory (benchmarks/RESULTS.md), so gradient checkpointing (3.0 GiB, but 1.7×
+  slower per step) and 8-bit AdamW (~0.1 GB saved for a LoRA's few million weights, and an extra install) are
+  left off; `save_state` with frequent saves so a disconnect loses at most a few hundred steps; aspect-ratio
+  buckets, so portraits and landscapes are trained whole instead of cropped to a square.
 - **character**: rank 16 / alpha 8 at 1e-4 (U-Net) and half that for the text encoder, ~1,600 steps — the settings
   the popular Colab kits converged on for 15–30 images of one subject; flips off (faces are asymmetric).
 - **style**: a style spreads over the whole image, so a higher rank (32), a lower text-encoder rate (it should
@@ -25,7 +26,7 @@ from .toy.examples import WORKSHOP
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 _T4 = dict(pretrained_model_name_or_path=SD15, resolution="512", enable_bucket=True, mixed_precision="fp16",
-           gradient_checkpointing=True, optimizer_type="AdamW8bit", cache_latents=True, train_batch_size=1,
+           gradient_checkpointing=False, optimizer_type="AdamW", cache_latents=True, train_batch_size=1,
            save_state=True, save_every_n_steps=400, sample_every_n_steps=200, save_precision="fp16", seed=42)
 
 PRESETS: dict[str, dict[str, dict]] = {

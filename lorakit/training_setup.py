@@ -108,10 +108,17 @@ def precision(cfg, device: torch.device) -> tuple[torch.dtype, torch.dtype | Non
     """(dtype of the frozen base weights, autocast dtype or None). LoRA weights always stay fp32."""
     if cfg.mixed_precision == "fp16":
         if device.type != "cuda":
-            raise ConfigError(f"`mixed_precision = fp16` needs a CUDA GPU (this run is on {device.type}): use "
-                              f"`mixed_precision = no` (or bf16 on recent CPUs)")
+            from .colab import GPU_RUNTIME_HINT, in_colab
+
+            raise ConfigError(f"`mixed_precision = fp16` needs a CUDA GPU (this run is on {device.type}): "
+                              + (f"{GPU_RUNTIME_HINT}; or " if in_colab() else "")
+                              + "use `mixed_precision = no` (or bf16 on recent CPUs)")
         return torch.float16, torch.float16
     if cfg.mixed_precision == "bf16":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            print(f"⚠ `mixed_precision = bf16` on {torch.cuda.get_device_name(device)}: this GPU has no bf16 "
+                  f"arithmetic (it came with Ampere), so it is emulated and slow; fp16 is this GPU's fast "
+                  f"precision", flush=True)
         return (torch.bfloat16 if device.type == "cuda" else torch.float32), torch.bfloat16
     return torch.float32, None
 

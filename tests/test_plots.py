@@ -159,14 +159,12 @@ def test_live_view_shows_the_validation_loss(tmp_path):
     assert files["loss_plot"].stat().st_size > 0
 
 
-def test_colab_gpu_runtime_gets_bitsandbytes_for_the_t4_presets():
-    """The T4 presets train with AdamW8bit: on a CUDA runtime without bitsandbytes, setup installs it; never on a
-    CPU runtime, never twice."""
-    import sys
-
-    assert colab.gpu_extras_command(True, set()) == [sys.executable, "-m", "pip", "install", "-q", "bitsandbytes"]
-    assert colab.gpu_extras_command(True, {"bitsandbytes"}) is None
-    assert colab.gpu_extras_command(False, set()) is None
+def test_colab_says_when_files_would_be_lost_or_the_runtime_has_no_gpu():
+    """On Colab without Drive a disconnect wipes /content (datasets, LoRAs, the state a resume needs); a CPU
+    runtime trains SD for hours. Setup says both, with what to do."""
+    notes = colab.colab_notes(on_drive=False, cuda=False)
+    assert len(notes) == 2 and "USE_DRIVE = True" in notes[0] and "Change runtime type → T4 GPU" in notes[1]
+    assert colab.colab_notes(on_drive=True, cuda=True) == []
 
 
 def test_a_kernel_started_in_a_checkouts_notebooks_folder_works_in_the_checkout(tmp_path, monkeypatch):

@@ -379,7 +379,7 @@ def test_the_gpu_fp16_loop_with_its_grad_scaler_runs_on_a_cpu(tmp_path, tiny_sd1
     assert any(t.abs().max() > 0 for k, t in weights.items() if k.endswith("lora_up.weight"))  # steps were taken
 
 
-def test_setup_errors_are_clear(tmp_path):
+def test_setup_errors_are_clear(tmp_path, monkeypatch, capsys):
     from lorakit.optim import make_optimizer
     from lorakit.training_setup import _attention, precision
 
@@ -388,6 +388,18 @@ def test_setup_errors_are_clear(tmp_path):
         precision(cfg, torch.device("cpu"))
     assert precision(cfg.replace(mixed_precision="bf16"), torch.device("cpu")) == (torch.float32, torch.bfloat16)
     p = [torch.nn.Parameter(torch.zeros(2))]
+    # on Colab the way out is a GPU runtime, not fp32 on a CPU (hours for SD1.5)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
+    with pytest.raises(ConfigError, match="Runtime → Change runtime type → T4 GPU"):
+        precision(cfg, torch.device("cpu"))
+    # bf16 on a GPU before Ampere (Colab's T4) is emulated: said before training starts
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert precision(cfg.replace(mixed_precision="bf16"), torch.device("cuda")) == (torch.bfloat16, torch.bfloat16)
+    assert "bf16` on Tesla T4: this GPU has no bf16 arithmetic" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    precision(cfg.replace(mixed_precision="bf16"), torch.device("cuda"))
+    assert "bf16" not in capsys.readouterr().out
     with pytest.raises(TrainingError, match="AdamW8bit.*CUDA"):
         make_optimizer("AdamW8bit", [{"params": p}], 1e-3, device="cpu")
 
