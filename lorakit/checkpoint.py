@@ -158,10 +158,12 @@ def _fit(name: str, tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
                          "diffusers config)")
 
 
-def ldm_to_diffusers(ldm: dict[str, torch.Tensor], configs: dict, modules=None) -> dict[str, dict]:
+def ldm_to_diffusers(ldm: dict[str, torch.Tensor], configs: dict, modules=None,
+                     components=("unet", "vae", "text_encoder")) -> dict[str, dict]:
     """One LDM state dict -> `{"unet": sd, "vae": sd, "text_encoder": sd}` for modules built from `configs`.
 
     `modules`: (unet, vae, text_encoder) to take key names and shapes from (default: built on the meta device).
+    `components`: those to convert (a VAE given separately need not be in the file).
     Text-encoder keys are returned in the spelling of the installed transformers' `CLIPTextModel`. Keys of the file
     with no diffusers counterpart (EMA copies, schedule buffers, SD2's unused last block) are ignored; a missing key
     raises `ModelLoadError` naming it.
@@ -170,6 +172,8 @@ def ldm_to_diffusers(ldm: dict[str, torch.Tensor], configs: dict, modules=None) 
     unet, vae, text_encoder = modules or empty_modules(configs)
     out: dict[str, dict] = {}
     for component, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        if component not in components:
+            continue
         sd = {}
         for name, param in module.state_dict().items():
             if component == "text_encoder" and name.endswith("position_ids"):
@@ -335,6 +339,18 @@ def standard_configs(ldm: dict, family: Family) -> dict:
     if conv_in is not None:
         configs["unet"]["in_channels"] = int(conv_in.shape[1])
     return configs
+
+
+def check_text_to_image(channels: int, source: str) -> None:
+    """Refuse a U-Net whose input is not the 4 latent channels alone (`channels`): an inpainting model's 9
+    (latents, mask, masked image) or an instruct-pix2pix model's 8, which training and generation cannot feed."""
+    if channels != 4:
+        kind = "an inpainting model" if channels == 9 else "not a text-to-image model"
+        raise ModelLoadError(
+            f"{source or 'this model'} is {kind} (its U-Net takes {channels} input channels, not the 4 latent "
+            f"channels): lorakit trains and generates with text-to-image models. Train on its base model (e.g. "
+            f"SD1.5): A1111 and ComfyUI apply that LoRA to the inpainting version too. merge and extract take this "
+            f"file.")
 
 
 __all__ += ["normalize_ldm_keys", "family_from_configs", "configs_from_metadata", "standard_configs",

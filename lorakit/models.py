@@ -151,7 +151,8 @@ def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization
       family from the text-encoder keys, prediction type from metadata or the weights (see
       `checkpoint.detect_prediction_type`). `.ckpt` is unpickled with weights_only=True (no code runs).
     - a local diffusers folder (with `model_index.json`);
-    - a Hugging Face Hub repo id in diffusers layout, e.g. `runwayml/stable-diffusion-v1-5` (downloads once);
+    - a Hugging Face Hub repo id in diffusers layout, e.g. `stable-diffusion-v1-5/stable-diffusion-v1-5`
+      (downloads once);
     - `lorakit-toy`, the small pretrained model shipped with lorakit.
     `v2` / `v_parameterization` override what was detected (None = detect). `vae`: a VAE to use instead (diffusers
     folder, single file, or repo id). Errors are `ModelLoadError` naming the input and the fix.
@@ -172,12 +173,16 @@ def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{path.name}: unsupported model file type; give a .safetensors or .ckpt "
                                  "single-file checkpoint, or a diffusers folder")
-        comps = load_single_file(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype)
+        comps = load_single_file(path, v2=v2, v_parameterization=v_parameterization, dtype=dtype,
+                                 with_vae=vae is None)
     elif _looks_like_repo_id(name):
         comps = _load_diffusers(name, local_files_only=local_files_only, dtype=dtype)
     else:
         raise ModelLoadError(f"model not found: {name} (no such file or folder, and not a Hub repo id "
                              "like `owner/name`)")
+    from .checkpoint import check_text_to_image
+
+    check_text_to_image(comps.unet.config.in_channels, comps.source or name)  # a diffusers inpainting model
     _apply_overrides(comps, v2, v_parameterization)
     if vae is not None:
         comps.vae = load_vae(vae, like=comps.vae, local_files_only=local_files_only)
@@ -263,19 +268,20 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_single_file(path: str | Path, *, v2: bool | None = None, v_parameterization: bool | None = None,
-                     dtype: torch.dtype | None = None) -> SDComponents:
-    """Load a single-file SD1.x/SD2.x checkpoint offline (see `load_models`)."""
+                     dtype: torch.dtype | None = None, with_vae: bool = True) -> SDComponents:
+    """Load a single-file SD1.x/SD2.x checkpoint offline (see `load_models`). `with_vae=False`: leave the file's
+    VAE out (one given separately replaces it; the file need not have one) — the VAE is then an empty module."""
     from .checkpoint import read_single_file
 
     ldm, metadata = read_single_file(path)
     return components_from_ldm(ldm, metadata=metadata, v2=v2, v_parameterization=v_parameterization,
-                               source=str(path), dtype=dtype)
+                               source=str(path), dtype=dtype, with_vae=with_vae)
 
 
 def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = None, *,
                         metadata: dict[str, str] | None = None, v2: bool | None = None,
                         v_parameterization: bool | None = None, source: str = "",
-                        tokenizer=None, dtype: torch.dtype | None = None) -> SDComponents:
+                        tokenizer=None, dtype: torch.dtype | None = None, with_vae: bool = True) -> SDComponents:
     """Build `SDComponents` from an LDM state dict (the tensors are used as parameters, not copied).
 
     `configs` (diffusers configs) default to the file's `lorakit.configs` metadata, else the bundled full-size
@@ -286,6 +292,7 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
     from .checkpoint import (
         CLIP_PREFIX,
         OPENCLIP_PREFIX,
+        check_text_to_image,
         configs_from_metadata,
         detect_family,
         detect_prediction_type,
@@ -315,9 +322,15 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
         prediction = detect_prediction_type(ldm, family, None if bundled else configs, metadata)
     if bundled and family.v2 and prediction == "epsilon":  # SD2-base: 512 px
         configs["unet"]["sample_size"], configs["vae"]["sample_size"] = 64, 512
+    conv_in = ldm.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is not None:
+        check_text_to_image(int(conv_in.shape[1]), source)
     unet, vae, text_encoder = empty_modules(configs)
-    state_dicts = ldm_to_diffusers(ldm, configs, modules=(unet, vae, text_encoder))
+    parts = ("unet", "vae", "text_encoder") if with_vae else ("unet", "text_encoder")
+    state_dicts = ldm_to_diffusers(ldm, configs, modules=(unet, vae, text_encoder), components=parts)
     for component, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        if component not in state_dicts:
+            continue
         sd = state_dicts[component]
         if dtype is not None:
             sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}

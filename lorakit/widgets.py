@@ -166,10 +166,12 @@ class Form:
 
     def __init__(self, cls: type[JobConfig], *, preset: str | None = None, values: dict | None = None,
                  on_submit: Callable[[JobConfig], Any] | None = None, run_label: str | None = None,
-                 toml_path: str | None = None):
+                 toml_path: str | None = None, remember: str | None = None):
         import ipywidgets as w
 
         self.cls, self.on_submit, self.result, self.error = cls, on_submit, None, ""
+        self._memory = memory_path(remember) if remember else None
+        self._started_from = _jsonable({"preset": preset, "values": values or {}})
         self._quiet = False
         self._values = dict(values or {})  # the notebook's values: they win over any preset
         start = initial_values(cls, preset, values)
@@ -214,6 +216,34 @@ class Form:
             f.widget.observe(lambda _ch: self._revalidate(), names="value")
         self._applied = self.raw()  # the values the form was last filled with (to tell what the user changed)
         self._revalidate()
+        self._restore()
+
+    # ---------------------------------------------------------------- memory
+    def _restore(self) -> None:
+        """Put back what was changed in this form before it last ran (`remember`): Colab keeps no widget state, so
+        after a disconnect "Run all" would otherwise train with the parameters cell's values instead. Only when the
+        parameters cell is as it was then: a value changed there since wins."""
+        saved = read_memory(self._memory) if self._memory else None
+        if not saved or saved.get("started_from") != self._started_from:
+            return
+        changed = {k: v for k, v in saved.get("changed", {}).items() if k in self.fields}
+        if not changed and saved.get("preset") == self.preset.value:
+            return  # nothing was changed in the form
+        if saved.get("preset") and saved["preset"] != self.preset.value and saved["preset"] in self.preset.options:
+            self.apply_preset(saved["preset"])
+        self.set(**changed)
+        message = (f"restored the preset and {len(changed)} value(s) changed in this form before it last ran "
+                   f"({', '.join(changed) or 'none'}); delete {self._memory} to start from the parameters cell")
+        print(message)  # in the form cell's output: "Run all" then trains with these values
+        self.status.value = html.escape(message)
+
+    def _remember(self) -> None:
+        if self._memory is None:
+            return
+        now = self.raw()
+        changed = {k: v for k, v in now.items() if v != self._applied.get(k) and not self.specs[k].secret}
+        write_memory(self._memory, {"started_from": self._started_from, "preset": self.preset.value,
+                                    "changed": _jsonable(changed)})
 
     # ---------------------------------------------------------------- values
     def raw(self) -> dict:
@@ -314,6 +344,7 @@ class Form:
         try:
             cfg = self.value
             check_drive_paths(cfg)
+            self._remember()
             self.status.value = "running…"
             self.result = self.on_submit(cfg) if self.on_submit is not None else cfg
         except (LorakitError, FileNotFoundError) as e:
@@ -382,13 +413,46 @@ class StaticForm:
 
 
 def form(cls: type[JobConfig], preset: str | None = None, on_submit: Callable[[JobConfig], Any] | None = None, *,
-         values: dict | None = None, run_label: str | None = None, use_widgets: bool | None = None):
+         values: dict | None = None, run_label: str | None = None, use_widgets: bool | None = None,
+         remember: str | None = None):
     """A form for `cls` (a job config class): an ipywidgets `Form`, or a `StaticForm` without ipywidgets.
 
     `preset` names one of `lorakit.presets.presets_for(cls)`; `values` (usually the notebook's parameters cell)
-    override it; `on_submit(config)` runs when the run button is clicked or `.submit()` is called.
+    override it; `on_submit(config)` runs when the run button is clicked or `.submit()` is called. `remember`: a
+    name under which the values changed in the form are kept when it runs (`memory_path`, in the working folder:
+    on Drive when mounted), and put back when the form is made again with the same parameters, so "Run all" after
+    a disconnect continues the run the form started.
     """
     if use_widgets is None:
         use_widgets = widgets_available()
     kind = Form if use_widgets else StaticForm
-    return kind(cls, preset=preset, values=values, on_submit=on_submit, run_label=run_label)
+    return kind(cls, preset=preset, values=values, on_submit=on_submit, run_label=run_label, remember=remember)
+
+
+def memory_path(name: str) -> Path:
+    """Where a form made with `remember=name` keeps its changed values (never a secret field's)."""
+    return Path(".lorakit") / f"form-{name}.json"
+
+
+def read_memory(path: Path) -> dict | None:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_memory(path: Path, data: dict) -> None:
+    from .fileio import write_json
+
+    write_json(path, data)
+
+
+def _jsonable(value):
+    """`value` as JSON would give it back (paths as strings, tuples as lists), so that saved and current values
+    compare equal."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))

@@ -185,6 +185,39 @@ def test_vae_override(tmp_path, tiny_sd1_dir):
         load_models(str(tiny_sd1_dir), vae=str(tmp_path / "nope.safetensors"))
 
 
+def test_a_checkpoint_without_a_vae_loads_with_one_given(tmp_path, tiny_sd1_file, tiny_sd1_dir):
+    """Checkpoints shared without a VAE ("noVAE") are meant to be used with one: the file's VAE is not read when
+    `vae` is given (it was converted first, so the missing keys stopped the load)."""
+    ldm, meta = read_single_file(tiny_sd1_file)
+    no_vae = write_single_file({k: v for k, v in ldm.items() if not k.startswith("first_stage_model.")},
+                               tmp_path / "model_noVAE.safetensors", meta)
+    with pytest.raises(ModelLoadError, match="first_stage_model"):
+        load_models(str(no_vae))
+    comps = load_models(str(no_vae), vae=str(Path(tiny_sd1_dir) / "vae"))
+    want = load_models(str(tiny_sd1_dir))
+    for part in ("vae", "unet"):
+        got = getattr(comps, part).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in getattr(want, part).state_dict().items()), part
+
+
+def test_an_inpainting_model_is_refused_by_name(tmp_path, tiny_sd1_file, tiny_sd1_dir):
+    """A 9-channel U-Net loaded as text-to-image failed deep inside the sampler ("size of tensor a (9) must match")."""
+    ldm, meta = read_single_file(tiny_sd1_file)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    ldm[key] = torch.cat([ldm[key], torch.zeros(ldm[key].shape[0], 5, *ldm[key].shape[2:])], dim=1)
+    path = write_single_file(ldm, tmp_path / "inpainting.safetensors", meta)
+    with pytest.raises(ModelLoadError, match="inpainting.safetensors is an inpainting model .*9 input channels.*"
+                                             "merge and extract take this file"):
+        load_models(str(path))
+    comps = load_models(str(tiny_sd1_dir))
+    old = comps.unet.conv_in
+    comps.unet.conv_in = torch.nn.Conv2d(9, old.out_channels, old.kernel_size, padding=old.padding)
+    comps.unet.register_to_config(in_channels=9)
+    comps.save_pretrained(tmp_path / "inpainting-folder")
+    with pytest.raises(ModelLoadError, match="inpainting model"):
+        load_models(str(tmp_path / "inpainting-folder"))
+
+
 def test_lorakit_toy(monkeypatch, tmp_path, tiny_sd1_file):
     import lorakit.models as models
 

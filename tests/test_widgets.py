@@ -208,3 +208,48 @@ def test_switching_presets_carries_nothing_over_but_what_the_user_typed():
     form.set(learning_rate=3e-4)  # typed by the user
     form.preset.value = "SD1.5 character, T4"
     assert form.value.learning_rate == 3e-4 and form.value.output_name == "sks_shape"
+
+
+def test_what_was_changed_in_the_form_is_put_back_when_run_all_makes_it_again(tmp_path, monkeypatch, capsys):
+    """Colab keeps no widget state: after a disconnect, "Run all" rebuilt the form from the parameters cell and
+    trained with its values, not the ones the run was started with. A form made with `remember` puts back the
+    preset and values changed in it before it last ran — unless the parameters cell changed since (it wins)."""
+    monkeypatch.chdir(tmp_path)
+    ran = []
+    params = dict(train_data_dir="my/data", output_dir="output/db", resume="auto")
+
+    def make(values=params):
+        return widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=values,
+                            on_submit=lambda cfg: ran.append(cfg) or cfg, remember="dreambooth", use_widgets=True)
+
+    first = make()
+    first.preset.value = "SD1.5 character, T4"
+    first.set(network_dim=24, train_data_dir="/data/me")
+    first.submit()
+    again = make()  # Run all after the disconnect
+    assert "restored the preset and 2 value(s) changed in this form before it last ran" in capsys.readouterr().out
+    cfg = again.submit()
+    assert (cfg.network_dim, cfg.train_data_dir, cfg.mixed_precision, cfg.output_dir) == (24, "/data/me", "fp16",
+                                                                                          "output/db")
+    assert again.preset.value == "SD1.5 character, T4"
+    assert cfg == ran[0]
+    # the parameters cell was edited since: its values win, the form's earlier changes are not applied
+    edited = make(dict(params, output_dir="output/other"))
+    workshop = apply_preset("workshop (CPU, toy model)").network_dim
+    assert (edited.value.network_dim, edited.value.train_data_dir, edited.preset.value) == (
+        workshop, "my/data", "workshop (CPU, toy model)") and workshop != 24
+    # without `remember`, nothing is kept
+    plain = widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=params, use_widgets=True)
+    assert plain.value.network_dim == workshop
+
+
+def test_a_remembered_push_form_keeps_no_token(tmp_path, monkeypatch):
+    from lorakit.config import PushConfig
+
+    monkeypatch.chdir(tmp_path)
+    f = widgets.form(PushConfig, values=dict(output_dir="out"), on_submit=lambda cfg: None, remember="push",
+                     use_widgets=True)
+    f.set(repo_id="me/lora", token="hf_" + "x" * 30)
+    f.submit()
+    text = widgets.memory_path("push").read_text()
+    assert "me/lora" in text and "hf_" not in text

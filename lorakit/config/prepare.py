@@ -25,7 +25,8 @@ REQUIRED = {
 }
 EXAMPLES = {"input_dir": "--input_dir my_photos", "output_dir": "--output_dir my_photos_clean",
             "identifier": "--identifier sks", "class_name": "--class_name dog",
-            "pretrained_model_name_or_path": "--pretrained_model_name_or_path runwayml/stable-diffusion-v1-5",
+            "pretrained_model_name_or_path":
+                "--pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5",
             "class_prompt": "--class_prompt 'a photo of a dog'"}
 
 
