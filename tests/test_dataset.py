@@ -771,3 +771,25 @@ def test_an_image_over_pillows_warning_size_trains_and_one_over_its_limit_is_ski
     assert load_rgb(tmp_path / "large.png").size == (80, 80)
     with pytest.raises(ImageProblem, match="too large .over 8192 pixels"):
         load_rgb(tmp_path / "bomb.png")
+
+
+def test_a_folder_of_photos_without_any_caption_is_called_out(tmp_path, capsys):
+    """The commonest mistake: `train_data_dir` pointing at a plain folder of photos. It trains (on purpose, a
+    caption-free LoRA is possible) but says, before training, that the LoRA will have no trigger word."""
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i in range(3):
+        pattern(64, 64, i).save(flat / f"IMG_{i}.png")
+    ds = TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(flat)), native_resolution=64)
+    assert len(ds.examples) == 3
+    out = capsys.readouterr().out
+    assert "⚠ none of the 3 training images has a caption" in out and "10_sks dog" in out and ".txt" in out
+    assert any("has no trigger word" in note for _, note in ds.report.notes)
+    (flat / "IMG_0.txt").write_text("a photo of sks")  # one caption is enough to be a deliberate caption set
+    TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(flat)), native_resolution=64)
+    assert "none of the" not in capsys.readouterr().out
+    db = tmp_path / "db" / "10_sks dog"  # folder tokens are captions
+    db.mkdir(parents=True)
+    pattern(64, 64, 0).save(db / "a.png")
+    TrainDataset.from_config(cfg_for(tmp_path, train_data_dir=str(tmp_path / "db")), native_resolution=64)
+    assert "none of the" not in capsys.readouterr().out

@@ -157,7 +157,24 @@ def scan_dataset(cfg) -> ScannedDataset:
         else:
             why = f"no image files there ({', '.join(IMAGE_EXTENSIONS)})"
         raise DatasetError(f"no usable training images in {where or cfg.train_data_dir}: {why}")
+    _note_uncaptioned(cfg, items, report)
     return ScannedDataset(report, specs, items)
+
+
+def _note_uncaptioned(cfg, items, report: LoadReport) -> None:
+    """Say it loudly when no training image has a caption: the usual cause is a plain folder of photos given as
+    `train_data_dir` (no `10_sks dog` folder, no caption files). It trains (a caption-free style LoRA is a choice
+    some make), but the LoRA then has no trigger word."""
+    train = [it for examples, _ in items for it in examples if not it.subset.is_reg]
+    if not train or any(it.caption.strip() or it.subset.caption_prefix or it.subset.caption_suffix for it in train):
+        return
+    extension = train[0].subset.caption_extension
+    message = (f"none of the {len(train)} training images has a caption, so the LoRA learns them with an empty prompt "
+               f"and has no trigger word: for DreamBooth, put them in a folder named `<repeats>_<identifier> "
+               f"<class>` (e.g. `{cfg.train_data_dir or 'train'}/10_sks dog/`); for captions, give each image a "
+               f"`<name>{extension}` file")
+    report.note(cfg.train_data_dir or "dataset", message)
+    print(f"⚠ {message}", flush=True)
 
 
 class TrainDataset:
