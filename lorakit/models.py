@@ -222,16 +222,31 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
     from .checkpoint_keys import family_from_configs
 
     kw = dict(local_files_only=local_files_only)
-    try:
+    folder = Path(repo_or_folder).is_dir()
+    variant = _folder_variant(Path(repo_or_folder)) if folder else "fp16" if dtype == torch.float16 else None
+
+    def load(variant):
+        weights = dict(kw, variant=variant) if variant else kw
         with warnings.catch_warnings():
             # diffusers still passes a deprecated huggingface_hub argument; the warning means nothing to users
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype, **kw)
+            unet = UNet2DConditionModel.from_pretrained(repo_or_folder, subfolder="unet", torch_dtype=dtype,
+                                                        **weights)
             scheduler = DDPMScheduler.from_pretrained(repo_or_folder, subfolder="scheduler", **kw)
             tokenizer = CLIPTokenizer.from_pretrained(repo_or_folder, subfolder="tokenizer", **kw)
             text_encoder = CLIPTextModel.from_pretrained(repo_or_folder, subfolder="text_encoder",
-                                                         **_transformers_dtype(dtype), **kw)
-            vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **kw)
+                                                         **_transformers_dtype(dtype), **weights)
+            vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **weights)
+        return unet, scheduler, tokenizer, text_encoder, vae_model
+
+    try:
+        try:
+            unet, scheduler, tokenizer, text_encoder, vae_model = load(variant)
+        except (OSError, ValueError) as e:
+            if folder or variant is None or "fp16" not in str(e):
+                raise
+            # a Hub repo without the fp16 files (half the download, for fp16 training): its full-precision ones
+            unet, scheduler, tokenizer, text_encoder, vae_model = load(None)
     except (OSError, ValueError, RuntimeError) as e:
         if not Path(repo_or_folder).is_dir() and _hub_offline(local_files_only):
             raise ModelLoadError(f"cannot load Hub repo {repo_or_folder}: it is not in the local Hugging Face cache "
@@ -246,6 +261,17 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
     return SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_model, unet=unet,
                         noise_scheduler=scheduler, family=family, prediction_type=scheduler.config.prediction_type,
                         source=repo_or_folder)
+
+
+def _folder_variant(folder: Path) -> str | None:
+    """The weights variant a diffusers folder holds when it has no plain weight files: `fp16` for
+    `unet/diffusion_pytorch_model.fp16.safetensors` (as `save_pretrained(variant="fp16")` writes)."""
+    unet = folder / "unet"
+    if any((unet / f"diffusion_pytorch_model{ext}").is_file() for ext in (".safetensors", ".bin")):
+        return None
+    plain = re.compile(r"diffusion_pytorch_model\.(?:(?:safetensors|bin)\.index\.)?(\w+)\.(?:safetensors|bin|json)")
+    names = sorted({m[1] for p in unet.glob("diffusion_pytorch_model.*") if (m := plain.fullmatch(p.name))})
+    return names[0] if names else None
 
 
 def _hub_offline(local_files_only: bool) -> bool:

@@ -228,6 +228,42 @@ def test_lorakit_toy(monkeypatch, tmp_path, tiny_sd1_file):
     assert load_models("lorakit-toy").family is SD1
 
 
+def test_a_diffusers_folder_of_fp16_variant_files_loads(tmp_path, tiny_sd1_dir):
+    """`save_pretrained(variant="fp16")` writes `diffusion_pytorch_model.fp16.safetensors` and nothing else: the folder
+    was refused ("no file named diffusion_pytorch_model.bin")."""
+    want = load_models(str(tiny_sd1_dir))
+    want.pipeline().save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert not (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    got = load_models(str(tmp_path / "fp16"))
+    for part in ("unet", "text_encoder", "vae"):
+        ref = getattr(want, part).state_dict()
+        assert all(torch.equal(v, ref[k]) for k, v in getattr(got, part).state_dict().items()), part
+
+
+def test_fp16_training_asks_the_hub_for_the_fp16_files_and_falls_back_to_the_full_ones(tiny_sd1_dir, monkeypatch):
+    """Half the download on Colab when the repo has them (stable-diffusion-v1-5 does); a repo without them still
+    loads, with its full-precision files."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    asked = []
+    for cls in (UNet2DConditionModel, DDPMScheduler, CLIPTokenizer, CLIPTextModel, AutoencoderKL):
+        def fake(repo, *args, _real=cls.from_pretrained, **kw):
+            assert repo == "someone/sd15-no-fp16"
+            asked.append(kw.get("variant"))
+            if kw.pop("variant", None) == "fp16":
+                raise OSError("someone/sd15-no-fp16 does not appear to have a file named "
+                              "unet/diffusion_pytorch_model.fp16.safetensors")
+            return _real(str(tiny_sd1_dir), *args, **kw)
+
+        monkeypatch.setattr(cls, "from_pretrained", fake)
+    comps = load_models("someone/sd15-no-fp16", dtype=torch.float16)
+    assert comps.unet.dtype == torch.float16 and asked[0] == "fp16" and asked[1:] == [None] * 5
+    asked.clear()
+    load_models("someone/sd15-no-fp16")  # full precision asked for: the full files, first time
+    assert set(asked) == {None}
+
+
 def test_hub_repo_id_offline_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="lorakit-test/no-such-model: it is not in the local Hugging Face cache"):
         load_models("lorakit-test/no-such-model", local_files_only=True)
