@@ -103,6 +103,8 @@ def layout_from_ldm_keys(shapes: dict[str, tuple[int, ...]]) -> tuple[LdmLayout,
     keys = list(shapes)
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ModelLoadError("not a Stable Diffusion checkpoint: no `model.diffusion_model.*` keys")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ModelLoadError("this is an SDXL checkpoint (conditioner.embedders.* keys); lorakit supports SD1.x/SD2.x")
     openclip = any(k.startswith(OPENCLIP_PREFIX) for k in keys)
     if openclip:
         hidden = shapes[OPENCLIP_PREFIX + "token_embedding.weight"][1]

@@ -389,6 +389,12 @@ def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
     save_safetensors({k: v for k, v in ldm.items() if not k.startswith(CLIP_PREFIX)}, tmp_path / "unet.safetensors")
     with pytest.raises(ModelLoadError, match="no text encoder in this checkpoint"):
         merge(sd_model=str(tmp_path / "unet.safetensors"), models=[str(a)], save_to=str(tmp_path / "u.safetensors"))
+    # SDXL keeps its text encoders under conditioner.embedders: named as SDXL, not as a file without a text encoder
+    sdxl = {k: v for k, v in ldm.items() if not k.startswith(CLIP_PREFIX)}
+    sdxl["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(4, 8)
+    save_safetensors(sdxl, tmp_path / "sdxl.safetensors")
+    with pytest.raises(ModelLoadError, match="this is an SDXL checkpoint"):
+        merge(sd_model=str(tmp_path / "sdxl.safetensors"), models=[str(a)], save_to=str(tmp_path / "x.safetensors"))
 
 
 def test_loras_on_the_layers_outside_the_blocks_merge_into_a_single_file(setup):
