@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -75,6 +76,9 @@ def test_card_parses_with_the_hubs_model_card_and_has_the_fields(tmp_path):
     data = card.data.to_dict()
     assert "base_model" not in data  # the Hub validates it as a model id: lorakit-toy is lorakit's own
     assert "pipe.load_lora_weights('me/toy-lora', weight_name='toy_lora.safetensors')" in card.text
+    snippet = card.text.split("```python\n")[1].split("```")[0]
+    ast.parse(snippet)  # runs as pasted: on a GPU, in half precision
+    assert "torch_dtype=torch.float16).to('cuda')" in snippet and "import torch" in snippet
     assert data["tags"] == ["lora", "text-to-image", "stable-diffusion", "lorakit"]
     assert data["instance_prompt"] == "sks shape"  # from the DreamBooth folder name
     assert data["license"] == "creativeml-openrail-m"
