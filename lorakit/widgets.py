@@ -161,7 +161,25 @@ class FieldWidget:
 
 
 # ------------------------------------------------------------------------------------------------------------ form
-class Form:
+class _RunResult:
+    """`.result`: what the form's last run returned; asked for before a run succeeded, a one-line error (the cells
+    after a stopped run otherwise fail with "'NoneType' object has no attribute 'lora_path'")."""
+
+    _result = None
+
+    @property
+    def result(self):
+        if self._result is None:
+            raise ConfigError(f"the {self.cls.job} form has no result: it has not run yet, or its last run stopped "
+                              f"(its message says why); run it first (its button, or `form.submit()`)")
+        return self._result
+
+    @result.setter
+    def result(self, value) -> None:
+        self._result = value
+
+
+class Form(_RunResult):
     """An ipywidgets form for one job config. `.widget` is what is displayed; `.value` is the config."""
 
     def __init__(self, cls: type[JobConfig], *, preset: str | None = None, values: dict | None = None,
@@ -341,6 +359,7 @@ class Form:
         from .colab import check_drive_paths
 
         self.show_error("")
+        self.result = None  # a stopped run leaves no earlier run's result behind
         try:
             cfg = self.value
             check_drive_paths(cfg)
@@ -354,7 +373,7 @@ class Form:
                 raise
             return None
         self.status.value = "done"
-        return self.result
+        return self._result
 
     def _on_click(self, _button=None) -> None:
         self.output.clear_output()
@@ -371,7 +390,7 @@ class Form:
         display(self.widget)
 
 
-class StaticForm:
+class StaticForm(_RunResult):
     """The form's stand-in without ipywidgets: the config comes from the parameters cell; same `.value`/`.submit()`."""
 
     widget = None
@@ -392,6 +411,7 @@ class StaticForm:
     def submit(self, *, raise_errors: bool = True):
         from .colab import check_drive_paths
 
+        self.result = None
         try:
             cfg = self.value
             check_drive_paths(cfg)
@@ -402,7 +422,7 @@ class StaticForm:
             if raise_errors:
                 raise
             return None
-        return self.result
+        return self._result
 
     def __repr__(self) -> str:
         try:

@@ -128,6 +128,27 @@ def test_button_click_runs_the_job_with_the_form_config():
     assert not form.run_button.disabled
 
 
+@pytest.mark.parametrize("use_widgets", [True, False])
+def test_the_result_of_a_form_that_did_not_run_is_a_clear_error(use_widgets):
+    """The cells after a stopped training read `form.result.lora_path`: one line saying why, not an AttributeError
+    on None, and never the result of an earlier run."""
+    outcome = ["trained"]
+
+    def job(cfg):
+        if not outcome:
+            raise ConfigError("`train_data_dir` does not exist")
+        return outcome.pop()
+
+    form = widgets.form(TrainConfig, on_submit=job, use_widgets=use_widgets)
+    with pytest.raises(ConfigError, match="the train form has no result: it has not run yet, or its last run stopped"):
+        _ = form.result
+    assert form.submit() == "trained" and form.result == "trained"
+    with pytest.raises(ConfigError, match="does not exist"):
+        form.submit()
+    with pytest.raises(ConfigError, match="has no result"):
+        _ = form.result
+
+
 def test_job_errors_from_the_button_are_one_line_next_to_the_form(tmp_path):
     from lorakit.errors import DatasetError
 
