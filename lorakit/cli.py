@@ -167,7 +167,7 @@ def _foreign_flags(cls: type[JobConfig], unknown: list[str], argv: list[str]) ->
 
 def _unknown_argument(cls: type[JobConfig], arg: str, argv: list[str]) -> str:
     """The message for a command-line word the job does not take, with the closest option when there is one."""
-    at = argv.index(arg) if arg in argv else 0
+    at = len(argv) - 1 - argv[::-1].index(arg) if arg in argv else 0  # the stray one comes after the option's value
     if not arg.startswith("-") and at >= 2 and argv[at - 2].startswith("--"):  # `--text_encoder_lr 5e-5 1e-5`
         spec = cls.spec_map().get(argv[at - 2][2:])
         if spec is not None and spec.type not in (bool, list):
