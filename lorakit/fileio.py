@@ -249,6 +249,9 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False):
             raise UnsafeCheckpointError(
                 f"{path.name}: refused to load — this pickle file asks to run code or build objects that are not "
                 f"plain tensors ({what}). Convert it to .safetensors with a tool you trust.") from None
-        except (RuntimeError, EOFError, ValueError) as e:
+        except (RuntimeError, EOFError, ValueError, OSError) as e:
+            if mmap:  # a file system that cannot map files (some network mounts): read it instead
+                mmap = False
+                continue
             raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
     raise UnsafeCheckpointError(f"{path.name}: refused to load — too many objects that are not tensors")

@@ -232,3 +232,18 @@ def test_a_checkpoints_lightning_and_numpy_objects_are_read_as_inert_stand_ins(t
     torch.save({"state_dict": weights, "x": Other()}, path, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(UnsafeCheckpointError, match=r"it asks for `mytrainer\.state\.Other`"):
         safe_torch_load(path)
+
+
+def test_a_checkpoint_on_a_file_system_that_cannot_map_files_is_read(tmp_path, monkeypatch):
+    from lorakit.fileio import safe_torch_load
+
+    torch.save({"w": torch.arange(3.0)}, tmp_path / "m.ckpt")
+    real = torch.load
+
+    def load(*args, mmap=None, **kwargs):
+        if mmap:
+            raise RuntimeError("unable to mmap 100 bytes from file </content/drive/m.ckpt>: Invalid argument (22)")
+        return real(*args, mmap=mmap, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    assert torch.equal(safe_torch_load(tmp_path / "m.ckpt", mmap=True)["w"], torch.arange(3.0))
