@@ -255,13 +255,27 @@ class Form(_RunResult):
         print(message)  # in the form cell's output: "Run all" then trains with these values
         self.status.value = html.escape(message)
 
-    def _remember(self) -> None:
+    def _remember(self) -> dict | None:
+        """Keep what was changed in the form (see `_restore`); returns what was kept before, to put back if this
+        run is refused."""
         if self._memory is None:
-            return
+            return None
+        before = read_memory(self._memory)
         now = self.raw()
         changed = {k: v for k, v in now.items() if v != self._applied.get(k) and not self.specs[k].secret}
         write_memory(self._memory, {"started_from": self._started_from, "preset": self.preset.value,
                                     "changed": _jsonable(changed)})
+        return before
+
+    def _forget(self, before: dict | None) -> None:
+        """A run refused for bad input (fp16 without a GPU, a missing folder) is not one to continue: the values
+        kept before it are put back, so the next Run-all does not make the same mistake again."""
+        if self._memory is None:
+            return
+        if before is None:
+            self._memory.unlink(missing_ok=True)
+        else:
+            write_memory(self._memory, before)
 
     # ---------------------------------------------------------------- values
     def raw(self) -> dict:
@@ -360,13 +374,16 @@ class Form(_RunResult):
 
         self.show_error("")
         self.result = None  # a stopped run leaves no earlier run's result behind
+        kept = remembering = None
         try:
             cfg = self.value
             check_drive_paths(cfg)
-            self._remember()
+            kept, remembering = self._remember(), True
             self.status.value = "running…"
             self.result = self.on_submit(cfg) if self.on_submit is not None else cfg
         except (LorakitError, FileNotFoundError) as e:
+            if remembering:
+                self._forget(kept)
             self.show_error(short_error(e))
             self.status.value = "stopped"
             if raise_errors:

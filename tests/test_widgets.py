@@ -259,6 +259,23 @@ def test_what_was_changed_in_the_form_is_put_back_when_run_all_makes_it_again(tm
     workshop = apply_preset("workshop (CPU, toy model)").network_dim
     assert (edited.value.network_dim, edited.value.train_data_dir, edited.preset.value) == (
         workshop, "my/data", "workshop (CPU, toy model)") and workshop != 24
+    # a run refused for bad input (the T4 preset on a CPU) is not remembered: Run-all would repeat the mistake
+    def refuse(cfg):
+        raise ConfigError("`mixed_precision = fp16` needs a CUDA GPU")
+
+    refused = widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=params, remember="dreambooth",
+                           on_submit=refuse, use_widgets=True)
+    capsys.readouterr()
+    refused.set(network_dim=40)
+    with pytest.raises(ConfigError):
+        refused.submit()
+    assert make().value.network_dim == 24  # what the last run that started was given
+    widgets.memory_path("dreambooth").unlink()
+    first_try = widgets.form(TrainConfig, values=params, remember="dreambooth", use_widgets=True, on_submit=refuse)
+    first_try.set(network_dim=40)
+    with pytest.raises(ConfigError):
+        first_try.submit()
+    assert not widgets.memory_path("dreambooth").exists()
     # without `remember`, nothing is kept
     plain = widgets.form(TrainConfig, preset="workshop (CPU, toy model)", values=params, use_widgets=True)
     assert plain.value.network_dim == workshop
