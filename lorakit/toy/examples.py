@@ -6,7 +6,7 @@
 - `captions/`: images of known shapes with a striped fill (a fill it never saw) and `.txt` captions such as
   "a red striped circle on a white background", and half as many solid ones (`solid_*.png`) captioned without the
   word: they tie the stripes to "striped" (without them the LoRA stripes every prompt).
-- `dreambooth.toml`, `captions.toml`: `lorakit train --config ...` settings that learn on a CPU in about a minute
+- `dreambooth.toml`, `captions.toml`: `lorakit train --config ...` settings that learn on a CPU in one to two minutes
   on the built-in `lorakit-toy` model; `sample_prompts.txt`: kohya-syntax prompts for samples during training.
 
 Everything is a pure function of the seed, so `scripts/make_data_examples.py` rewrites identical files.
@@ -32,7 +32,7 @@ WORKSHOP = dict(
     pretrained_model_name_or_path="lorakit-toy", network_dim=8, network_alpha=8.0, learning_rate=2e-3,
     text_encoder_lr=1e-3, train_batch_size=8, max_train_steps=500, lr_scheduler="constant", optimizer_type="AdamW",
     mixed_precision="no", save_precision="float", seed=42, device="cpu", cache_latents=True,
-    sample_every_n_steps=250, sample_sampler="ddim",
+    sample_every_n_steps=250, sample_at_first=True, sample_sampler="ddim",  # the grid's first row: before training
 )
 
 
