@@ -180,9 +180,6 @@ def load_models(name_or_path: str, *, v2: bool | None = None, v_parameterization
     else:
         raise ModelLoadError(f"model not found: {name} (no such file or folder, and not a Hub repo id "
                              "like `owner/name`)")
-    from .checkpoint import check_text_to_image
-
-    check_text_to_image(comps.unet.config.in_channels, comps.source or name)  # a diffusers inpainting model
     _apply_overrides(comps, v2, v_parameterization)
     if vae is not None:
         comps.vae = load_vae(vae, like=comps.vae, local_files_only=local_files_only)
@@ -219,6 +216,7 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .checkpoint import check_text_to_image
     from .checkpoint_keys import family_from_configs
 
     kw = dict(local_files_only=local_files_only)
@@ -248,15 +246,16 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
             # a Hub repo without the fp16 files (half the download, for fp16 training): its full-precision ones
             unet, scheduler, tokenizer, text_encoder, vae_model = load(None)
     except (OSError, ValueError, RuntimeError) as e:
-        if not Path(repo_or_folder).is_dir() and _hub_offline(local_files_only):
+        if not folder and _hub_offline(local_files_only):
             raise ModelLoadError(f"cannot load Hub repo {repo_or_folder}: it is not in the local Hugging Face cache "
                                  "and downloads are off (HF_HUB_OFFLINE / local_files_only); go online once, or give "
                                  "a local folder or .safetensors file") from None
-        where = "folder" if Path(repo_or_folder).is_dir() else "Hub repo"
-        hint = "" if Path(repo_or_folder).is_dir() else \
+        where = "folder" if folder else "Hub repo"
+        hint = "" if folder else \
             (" (no local file or folder has this name; offline or no access? download it once online, log in for "
              "gated repos, or give a local path)")
         raise ModelLoadError(f"cannot load diffusers {where} {repo_or_folder}: {_first_line(e)}{hint}") from None
+    check_text_to_image(unet.config.in_channels, repo_or_folder)  # a diffusers inpainting model
     family = family_from_configs({"text_encoder": text_encoder.config.to_dict()})
     return SDComponents(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae_model, unet=unet,
                         noise_scheduler=scheduler, family=family, prediction_type=scheduler.config.prediction_type,
@@ -318,6 +317,7 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
     from .checkpoint import (
         CLIP_PREFIX,
         OPENCLIP_PREFIX,
+        UNET_PREFIX,
         check_text_to_image,
         configs_from_metadata,
         detect_family,
@@ -348,8 +348,8 @@ def components_from_ldm(ldm: dict[str, torch.Tensor], configs: dict | None = Non
         prediction = detect_prediction_type(ldm, family, None if bundled else configs, metadata)
     if bundled and family.v2 and prediction == "epsilon":  # SD2-base: 512 px
         configs["unet"]["sample_size"], configs["vae"]["sample_size"] = 64, 512
-    conv_in = ldm.get("model.diffusion_model.input_blocks.0.0.weight")
-    if conv_in is not None:
+    conv_in = ldm.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is not None:  # before converting: a 9-channel file with 4-channel configs fails on the shape
         check_text_to_image(int(conv_in.shape[1]), source)
     unet, vae, text_encoder = empty_modules(configs)
     parts = ("unet", "vae", "text_encoder") if with_vae else ("unet", "text_encoder")
