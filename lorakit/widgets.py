@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import FieldSpec, JobConfig
 from .errors import ConfigError, LorakitError
+from .fileio import write_json
 from .presets import presets_for
 
 NO_PRESET = "(none)"
@@ -263,8 +264,8 @@ class Form(_RunResult):
         before = read_memory(self._memory)
         now = self.raw()
         changed = {k: v for k, v in now.items() if v != self._applied.get(k) and not self.specs[k].secret}
-        write_memory(self._memory, {"started_from": self._started_from, "preset": self.preset.value,
-                                    "changed": _jsonable(changed)})
+        write_json(self._memory, {"started_from": self._started_from, "preset": self.preset.value,
+                                  "changed": _jsonable(changed)})
         return before
 
     def _forget(self, before: dict | None) -> None:
@@ -275,7 +276,7 @@ class Form(_RunResult):
         if before is None:
             self._memory.unlink(missing_ok=True)
         else:
-            write_memory(self._memory, before)
+            write_json(self._memory, before)
 
     # ---------------------------------------------------------------- values
     def raw(self) -> dict:
@@ -479,12 +480,6 @@ def read_memory(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def write_memory(path: Path, data: dict) -> None:
-    from .fileio import write_json
-
-    write_json(path, data)
 
 
 def _jsonable(value):
