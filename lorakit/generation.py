@@ -21,6 +21,7 @@ from .config.jobs import GenerateConfig
 from .devices import pick_device
 from .errors import ConfigError
 from .host_memory import keep_freed_memory
+from .plots import image_grid
 from .prompts import PromptSpec, parse_prompt_line, read_prompt_file
 
 DTYPES = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,19 +35,6 @@ class GenerateResult:
     grid: Image.Image
     paths: list[Path] = field(default_factory=list)
     specs: list[PromptSpec] = field(default_factory=list)
-
-
-def image_grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
-    """Paste images into one grid (cells as large as the largest image), `cols` ≈ √n by default."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / cols)
-    w, h = max(i.width for i in images), max(i.height for i in images)
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for n, img in enumerate(images):
-        grid.paste(img, ((n % cols) * w, (n // cols) * h))
-    return grid
 
 
 def _prompts(cfg: GenerateConfig, width: int, height: int) -> list[PromptSpec]:
@@ -185,7 +173,7 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
                     info.add_text("parameters", png_parameters(image_spec, image_spec.sampler, loras=loras,
                                                                model=model_name, clip_skip=cfg.clip_skip))
                     paths.append(save_png(image, out_dir / f"{start + len(paths):05d}-{seed}.png", info))
-    grid = image_grid(images)
+    grid = image_grid(images, cols=math.ceil(math.sqrt(len(images))))  # small (toy) images enlarged to be seen
     if out_dir is not None and len(images) > 1:
         paths.append(save_png(grid, out_dir / f"grid-{start:05d}.png"))
     if out_dir is not None:

@@ -11,7 +11,7 @@ from lora_files import make_lora
 from PIL import Image
 
 from lorakit.errors import ConfigError
-from lorakit.generation import generate, image_grid
+from lorakit.generation import generate
 from lorakit.merging import merge
 from lorakit.model_weights import StateDictWeights
 from lorakit.models import load_models, save_single_file
@@ -117,8 +117,8 @@ def test_png_parameters_prompt_file_and_grid(model, tmp_path):
                            "Uniform, CFG scale: 7.5, Seed: 5, Size: 64x48")
     assert a1111_settings(text)["Model"] == Path(comps.source).stem  # the model it was made with
     assert "CFG scale: 3" in Image.open(result.paths[2]).text["parameters"]
-    assert result.grid.size == (128, 128)
-    assert image_grid(result.images[:3], cols=3).size == (192, 64)
+    assert result.grid.size == (256, 256)  # 2×2, the 64-px images enlarged to 128-px cells to be seen
+    assert Image.open(result.paths[4]).size == result.grid.size
 
 
 def test_a_prompt_line_chooses_its_sampler(model, tmp_path):

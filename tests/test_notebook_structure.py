@@ -87,3 +87,29 @@ def test_teaching_text_covers_the_concepts(name, words):
     text = "\n".join(c.source for c in load(name).cells if c.cell_type == "markdown")
     for word in words:
         assert word in text, word
+
+
+def _parameters(name) -> dict:
+    cell = next(c for c in load(name).cells if c.cell_type == "code" and "parameters" in tags(c))
+    values = {}
+    exec(compile(cell.source, name, "exec"), {}, values)  # the parameters cell is plain assignments
+    return values
+
+
+def test_the_readme_s_first_command_trains_the_lora_the_notebooks_use():
+    """`lorakit train --config data_examples/<lesson>.toml`, notebook 02/03 and the notebooks that use their LoRAs
+    (04, 05, 06) name one file, so a LoRA trained either way is found by the others."""
+    import tomllib
+
+    root = NOTEBOOKS.parent
+    lessons = {}
+    for lesson in ("dreambooth", "captions"):
+        toml = tomllib.loads((root / "data_examples" / f"{lesson}.toml").read_text())
+        lessons[lesson] = f"{toml['output_dir']}/{toml['output_name']}.safetensors"
+    assert f"It writes `{lessons['dreambooth']}`" in (root / "README.md").read_text()
+    p02, p03 = _parameters("02_train_dreambooth_lora"), _parameters("03_train_caption_lora")
+    assert f"{p02['OUTPUT_DIR']}/{p02['OUTPUT_NAME']}.safetensors" == lessons["dreambooth"]
+    assert f"{p03['OUTPUT_DIR']}/{p03['OUTPUT_NAME']}.safetensors" == lessons["captions"]
+    assert (_parameters("04_merge")["LORA_A"], _parameters("04_merge")["LORA_B"]) == (lessons["dreambooth"],
+                                                                                      lessons["captions"])
+    assert _parameters("05_extract")["LORA"] == _parameters("06_generate")["LORA"] == lessons["dreambooth"]

@@ -135,11 +135,11 @@ def make_data_examples(dest: str | Path, seed: int = 0, n_train: int = 16, n_reg
     db_toml = write_text(dest / "dreambooth.toml", _toml(
         f"DreamBooth lesson: teach the toy model a shape it never saw, as '{DREAMBOOTH_PROMPT}'.", dict(
         WORKSHOP, train_data_dir=str(rel / "dreambooth" / "img"), reg_data_dir=str(rel / "dreambooth" / "reg"),
-        prior_loss_weight=1.0, sample_prompts=str(rel / "sample_prompts.txt"), output_dir="output/toy_dreambooth",
+        prior_loss_weight=1.0, sample_prompts=str(rel / "sample_prompts.txt"), output_dir="output/dreambooth",
         output_name="sks_shape", overwrite=True)))
     cap_toml = write_text(dest / "captions.toml", _toml(
         f"Caption lesson: teach the toy model a fill it never saw, '{STYLE_WORD}'.", dict(
         WORKSHOP, train_data_dir=str(rel / "captions"), sample_prompts=str(rel / "sample_prompts.txt"),
-        output_dir="output/toy_captions", output_name="striped", overwrite=True)))
+        output_dir="output/captions", output_name="striped", overwrite=True)))
     return {"dreambooth": dest / "dreambooth", "captions": cap_dir, "dreambooth_toml": db_toml,
             "captions_toml": cap_toml, "sample_prompts": prompts}
