@@ -493,7 +493,43 @@ def _finish_setup(cfg, device, weight_dtype, autocast_dtype, components, dataset
             + (f" ({len(held_out)} more held out for the validation loss)" if held_out else "")
             + f", {len(dataset)} batches per epoch, {run.num_epochs} epochs, {run.max_steps} steps on {device}"
             + f"; buckets {dataset.bucket_counts()}")
+    if device.type == "cpu":
+        sizes = [ex.choice.bucket for ex in dataset.examples]
+        pixels = sum(w * h for w, h in sizes) / len(sizes)
+        note = cpu_training_note(sum(p.numel() for p in components.unet.parameters()), run.max_steps,
+                                 cfg.train_batch_size * cfg.gradient_accumulation_steps, pixels)
+        if note:
+            from .colab import GPU_RUNTIME_HINT, in_colab
+
+            run.log(note + (f"\n  {GPU_RUNTIME_HINT}" if in_colab() else ""))
     return run
+
+
+FULL_SIZE_UNET = 300_000_000  # parameters: SD1/SD2 U-Nets have ~865M; the toy and test models a few million
+CPU_SECONDS_PER_IMAGE = (10, 40)  # a 512-px SD1.5 step on CPU, batch 1: 12 s on 2 quiet cores, 40 s on busy ones
+
+
+def cpu_training_note(unet_params: int, steps: int, images_per_step: int, pixels: float) -> str | None:
+    """A warning when a full-size Stable Diffusion U-Net is about to train on the CPU: how long the run may take
+    (scaled from the measured 512-px step by images and pixels per step) and the RAM it needs; None otherwise."""
+    if unet_params < FULL_SIZE_UNET:
+        return None
+    work = images_per_step * pixels / (512 * 512)
+    low, high = (s * work for s in CPU_SECONDS_PER_IMAGE)
+    return (f"⚠ a full-size Stable Diffusion U-Net ({unet_params / 1e6:.0f}M parameters) is training on the CPU: "
+            f"about {_seconds(low)}–{_seconds(high)} s a step, so {steps} steps take about "
+            f"{_duration(steps * low)}–{_duration(steps * high)}, with about 8 GB of RAM; a CUDA GPU (Colab's free "
+            f"T4 included) is many times faster (`device = cuda`, `mixed_precision = fp16`)")
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds < 10 else f"{seconds:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
 
 
 def _attention(cfg, unet) -> None:

@@ -1184,3 +1184,24 @@ def test_loss_types_measure_the_same_prediction_as_their_formulas_say(tmp_path, 
         TrainConfig(train_data_dir="x", loss_type="huber", huber_c=0.0)
     with pytest.raises(ConfigError, match="must be < 1"):
         TrainConfig(train_data_dir="x", loss_type="huber", huber_schedule="exponential", huber_c=2.0)
+
+
+def test_a_full_size_unet_on_the_cpu_is_told_how_long_the_run_may_take(tmp_path, tiny_sd1_dir, monkeypatch, capsys):
+    from lorakit import training_setup
+    from lorakit.training_setup import cpu_training_note
+
+    assert cpu_training_note(3_000_000, 1000, 1, 512 * 512) is None  # the toy and test models: nothing to say
+    note = cpu_training_note(859_520_964, 1000, 1, 512 * 512)
+    assert "860M parameters" in note and "10–40 s a step" in note and "2.8 h–11.1 h" in note
+    assert "10–40 s" not in cpu_training_note(859_520_964, 60, 2, 768 * 768)  # 2 images of 2.25× the pixels
+    assert "45–180 s a step, so 60 steps take about 45 min–3.0 h" in cpu_training_note(859_520_964, 60, 2, 768 * 768)
+
+    data = one_image_data(tmp_path, "1_sks dog").parent
+    lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                  output_dir=str(tmp_path / "a"), max_train_steps=1, sample_at_end=False)
+    assert "full-size" not in capsys.readouterr().out
+    monkeypatch.setattr(training_setup, "FULL_SIZE_UNET", 1)  # the tiny U-Net counts as full size
+    lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data),
+                  output_dir=str(tmp_path / "b"), max_train_steps=1, sample_at_end=False, resolution="64")
+    out = capsys.readouterr().out
+    assert "⚠ a full-size Stable Diffusion U-Net" in out and "0.2–0.6 s a step" in out, out
