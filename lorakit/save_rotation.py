@@ -10,11 +10,14 @@ The final LoRA, an `-interrupted` save, the state `state-latest.txt` points at a
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import re
 import shutil
 from pathlib import Path
 
+from .errors import LorakitError
+from .lora_metadata import SESSION_TEXT
 from .train_state import LATEST, SAVED_WITH
 
 
@@ -72,3 +75,65 @@ def prune_saves(output_dir: str | Path, output_name: str, extension: str, *, ste
         shutil.rmtree(folder, ignore_errors=True)
     return deleted + old_states
 
+
+
+def earlier_run(output_dir: str | Path, output_name: str, extension: str) -> dict[Path, tuple[int, int]]:
+    """What an earlier run of `output_name` left in `output_dir` that a run with `overwrite` replaces: its
+    intermediate saves, its saved states (their config names `output_name`), the sample images and samples grid
+    tagged with its session (the `ss_session_id` of its LoRAs) and its loss plot. Another name's run in the same
+    folder keeps its files. Each path comes with its identity now (inode, modification time), by which
+    `remove_replaced` tells it from a file the new run writes at the same path (lorakit writes by rename, so a
+    rewritten file is a new inode)."""
+    import tomllib
+
+    from .hub import read_lora_metadata
+
+    output_dir = Path(output_dir)
+    saves = list(intermediate_saves(output_dir, output_name, extension).values())
+    sessions = set()
+    for lora in saves + [output_dir / f"{output_name}.{extension}"]:
+        with contextlib.suppress(OSError, LorakitError):
+            sessions.add(read_lora_metadata(lora).get("ss_session_id"))
+    sessions.discard(None)
+    paths = list(saves)
+    for folder in output_dir.glob("state-*"):
+        if folder.is_dir() and re.fullmatch(r"state-\d{8}", folder.name):
+            with contextlib.suppress(OSError, ValueError):
+                config = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8"))
+                if config.get("output_name") == output_name:
+                    paths.append(folder)
+    images = [p for p in (output_dir / "samples").glob("*.png") if re.fullmatch(r"\d{6}_\d{2,}\.png", p.name)]
+    paths += [p for p in images + [output_dir / "samples_grid.png"] if sessions and _session_of(p) in sessions]
+    paths.append(output_dir / f"{output_name}_loss.png")
+    return {p: _identity(p) for p in paths if p.exists()}
+
+
+def _session_of(image: Path) -> str | None:
+    """The run session a training PNG is tagged with (`SESSION_TEXT`), or None."""
+    from PIL import Image
+
+    try:
+        with Image.open(image) as im:
+            value = im.info.get(SESSION_TEXT)
+    except OSError:
+        return None
+    return None if value is None else str(value)
+
+
+def remove_replaced(earlier: dict[Path, tuple[int, int]]) -> list[Path]:
+    """Delete the files of `earlier` (from `earlier_run`) that are still as they were: the new run, now finished,
+    wrote none of them again. Returns what was deleted."""
+    removed = []
+    for path, identity in earlier.items():
+        if path.exists() and _identity(path) == identity:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns

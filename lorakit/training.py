@@ -35,7 +35,7 @@ from .noise import (
     weight_snr,
 )
 from .sampling import eval_mode
-from .save_rotation import prune_saves
+from .save_rotation import earlier_run, prune_saves, remove_replaced
 from .skip_gradients import frozen_skip_gradients
 from .train_state import (
     LATEST,
@@ -279,6 +279,9 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
                 f"starts at step 0 (set `resume = latest` or `auto` to continue it)")
         if cfg.overwrite:  # until this run saves its own, `resume = auto` must not pick up the run it replaces
             (Path(cfg.output_dir) / LATEST).unlink(missing_ok=True)
+    # a run that replaces an earlier one (`overwrite`) removes what that run left, once it has finished itself
+    replacing = cfg.overwrite and folder is None
+    earlier = earlier_run(cfg.output_dir, cfg.output_name, cfg.save_model_as) if replacing else {}
     layout = run_layout(cfg, dataset)
     if folder is not None:
         state = load_state(folder)
@@ -411,6 +414,9 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     if cfg.sample_at_end:
         run.sample(step, cbs)
     grid = run.save_grid()
+    if removed := remove_replaced(earlier):
+        run.log(f"removed {len(removed)} file(s) of the earlier run that this one replaced (`overwrite`), e.g. "
+                f"{removed[0].relative_to(run.output_dir)}")
     run.log(f"saved {lora_path} ({step} steps, final loss {history[-1]['loss']:.4f})" if history
             else f"saved {lora_path}")
     return TrainResult(lora_path=lora_path, output_dir=run.output_dir, steps=step, epochs=final_epoch,

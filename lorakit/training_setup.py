@@ -253,12 +253,17 @@ class Run:
         """samples_grid.png: one row per sampling round (the latest ones), one column per prompt."""
         if not self.sample_rounds:
             return None
-        from .plots import image_grid, save_image
+        from PIL import PngImagePlugin
+
+        from .plots import image_grid
+        from .sampling import save_png
 
         rounds = self.sample_rounds[-GRID_ROUNDS:]
         grid = image_grid([images for _, images in rounds], row_labels=[f"step {s}" for s, _ in rounds],
                           col_labels=[p.prompt for p in self.prompts])
-        return save_image(grid, self.output_dir / "samples_grid.png")
+        info = PngImagePlugin.PngInfo()
+        info.add_text(SESSION_TEXT, str(self.session_id))  # whose grid it is (`overwrite` replaces only its run's)
+        return save_png(grid, self.output_dir / "samples_grid.png", info)
 
 
 def final_lora_path(cfg) -> Path:
@@ -551,7 +556,8 @@ def _prepare_samples(cfg, run: Run) -> None:
     training, not after an hour)."""
     from .sampling import SampleSettings, load_prompts, make_sampler
 
-    if not (cfg.sample_prompts or cfg.sample_at_end or cfg.sample_at_first):
+    if not (cfg.sample_prompts or cfg.sample_at_end or cfg.sample_at_first or cfg.sample_every_n_steps
+            or cfg.sample_every_n_epochs):
         return
     run.prompts = load_prompts(cfg.sample_prompts, [] if cfg.sample_prompts else _first_captions(run.dataset, 2))
     w, h = run.dataset.resolution

@@ -250,17 +250,23 @@ def test_a_card_edited_on_the_hub_is_kept(tmp_path, capsys):
 def test_an_earlier_runs_saves_and_samples_in_the_folder_are_not_uploaded(tmp_path, tiny_sd1_dir):
     """sd-scripts' ss_session_id marks every save (and lorakit's samples) of one run, kept on resume: a run that
     replaced an earlier one (`overwrite`) uploads its own files only, the earlier ones are listed as withheld."""
+    import shutil
+
     import lorakit
 
-    data = tmp_path / "data" / "1_x"
+    data, old = tmp_path / "data" / "1_x", tmp_path / "old"
     data.mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(data / "a.png")
     (tmp_path / "p.txt").write_text("a red x --s 1 --w 32 --h 32\n")
     kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
               output_dir=str(tmp_path / "out"), sample_prompts=str(tmp_path / "p.txt"), sample_at_end=False,
               save_state=True, overwrite=True)
-    lorakit.train(max_train_steps=3, save_every_n_steps=1, sample_every_n_steps=1, **kw)  # the earlier run
+    # the earlier run; a finished `overwrite` run removes it, but one killed and resumed leaves it in the folder
+    lorakit.train(max_train_steps=3, save_every_n_steps=1, sample_every_n_steps=1, **{**kw, "output_dir": str(old)})
     lorakit.train(max_train_steps=4, save_every_n_steps=3, sample_every_n_steps=3, **kw)  # replaced by this one
+    shutil.copy(old / "lora-step00000001.safetensors", tmp_path / "out")
+    for sample in (old / "samples").glob("000001_*.png"):
+        shutil.copy(sample, tmp_path / "out" / "samples")
     # killed and resumed, a run keeps its session: its saves before and after the resume all go up
     lorakit.train(max_train_steps=5, resume="latest", **{**kw, "overwrite": False})
     plan = hub.plan_upload(repo_id="me/x", output_dir=str(tmp_path / "out"))

@@ -1205,3 +1205,34 @@ def test_a_full_size_unet_on_the_cpu_is_told_how_long_the_run_may_take(tmp_path,
                   output_dir=str(tmp_path / "b"), max_train_steps=1, sample_at_end=False, resolution="64")
     out = capsys.readouterr().out
     assert "⚠ a full-size Stable Diffusion U-Net" in out and "0.2–0.6 s a step" in out, out
+
+
+def test_overwrite_removes_the_replaced_run_s_leftovers_once_the_new_run_has_finished(tmp_path, tiny_sd1_dir, capsys):
+    """`overwrite` replaces the earlier run of its name: its intermediate saves, states, samples and grid do not
+    linger to be mistaken for the new run's (or pushed with it). Another name's run in the folder keeps its files,
+    and a replacing run that fails removes nothing."""
+    one_image_data(tmp_path, "1_sks dog")
+    out = tmp_path / "out"
+    kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+              output_dir=str(out), sample_at_end=False)
+    lorakit.train(**{**kw, "sample_at_end": True}, output_name="other", max_train_steps=1)
+    keep = {"other.safetensors", "samples/000001_00.png"}
+    lorakit.train(**kw, output_name="mine", max_train_steps=4, save_every_n_steps=2, save_state=True,
+                  sample_every_n_steps=2)
+    earlier = {"mine-step00000002.safetensors", "state-00000002", "state-00000004", "samples/000002_00.png",
+               "samples_grid.png"}  # the grid: now mine's
+    assert all((out / name).exists() for name in earlier | keep)
+    (out / "mine_loss.png").write_bytes(b"the earlier run's plot")
+
+    def fail(info):
+        raise RuntimeError("stopped by a callback")
+
+    with pytest.raises(RuntimeError, match="stopped by a callback"):
+        lorakit.train(**kw, output_name="mine", max_train_steps=2, overwrite=True, callbacks={"on_step": fail})
+    assert all((out / name).exists() for name in earlier | keep)  # a failed run replaced nothing
+    capsys.readouterr()
+    lorakit.train(**kw, output_name="mine", max_train_steps=3, overwrite=True, save_every_n_steps=2)
+    assert "removed 5 file(s) of the earlier run that this one replaced" in capsys.readouterr().out
+    rewritten = {"mine-step00000002.safetensors", "mine.safetensors"}  # by the new run, at the same paths
+    assert not any((out / name).exists() for name in (earlier - rewritten) | {"mine_loss.png"})
+    assert all((out / name).exists() for name in keep | rewritten)

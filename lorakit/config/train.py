@@ -436,8 +436,9 @@ class TrainConfig(JobConfig):
                               "exactly (use on Colab).", group="saving")
     save_state_on_train_end: bool = option(False, "Save the state once, when training ends (so a later run can "
                                            "resume to train on), without a state at each save.", group="saving")
-    overwrite: bool = option(False, "Replace an earlier run in output_dir (its LoRA of this output_name, saved "
-                             "states, samples). Without it, such a run is refused unless it resumes.",
+    overwrite: bool = option(False, "Replace an earlier run of this output_name in output_dir: its LoRA, and "
+                             "once this run has finished, its intermediate saves, saved states and samples. "
+                             "Without it, such a run is refused unless it resumes.",
                              group="saving")
     resume: str | None = option(None, "Resume from a state folder written by save_state, `latest` (the newest in "
                                       "output_dir), or `auto` (the newest if there is one, else a new run: for "
@@ -449,7 +450,9 @@ class TrainConfig(JobConfig):
     # ---- samples
     sample_prompts: str | None = option(None, "Prompt file, one per line, kohya syntax (--n --w --h --s --l --d --ss); "
                                         "or sd-scripts' .toml / .json prompt file.", group="samples")
-    sample_every_n_steps: int | None = option(None, "Generate samples every N steps.", group="samples", min=1)
+    sample_every_n_steps: int | None = option(None, "Generate samples every N steps (prompts from "
+                                              "sample_prompts, else the dataset's first captions).",
+                                              group="samples", min=1)
     sample_every_n_epochs: int | None = option(None, "Generate samples every N epochs.", group="samples", min=1)
     sample_sampler: str = option("ddim", "Sampler for the samples.", group="samples", choices=SAMPLERS,
                                  aliases=SAMPLER_ALIASES)
