@@ -237,6 +237,9 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
             vae_model = AutoencoderKL.from_pretrained(repo_or_folder, subfolder="vae", torch_dtype=dtype, **weights)
         return unet, scheduler, tokenizer, text_encoder, vae_model
 
+    if not folder and not _hub_offline(local_files_only) and not _cached(repo_or_folder) and \
+            _hub_reachable() is False:
+        raise _unreachable(repo_or_folder)  # at once, not after huggingface_hub's retries
     try:
         try:
             unet, scheduler, tokenizer, text_encoder, vae_model = load(variant)
@@ -250,6 +253,8 @@ def _load_diffusers(repo_or_folder: str, local_files_only: bool, dtype: torch.dt
             raise ModelLoadError(f"cannot load Hub repo {repo_or_folder}: it is not in the local Hugging Face cache "
                                  "and downloads are off (HF_HUB_OFFLINE / local_files_only); go online once, or give "
                                  "a local folder or .safetensors file") from None
+        if not folder and _hub_reachable() is False:
+            raise _unreachable(repo_or_folder) from None
         where = "folder" if folder else "Hub repo"
         hint = "" if folder else \
             (" (no local file or folder has this name; offline or no access? download it once online, log in for "
@@ -277,6 +282,45 @@ def _hub_offline(local_files_only: bool) -> bool:
     import os
 
     return local_files_only or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether a Hub repo's pipeline index is in the local Hugging Face cache (downloaded once)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _unreachable(repo_id: str) -> ModelLoadError:
+    return ModelLoadError(f"cannot load Hub repo {repo_id}: the Hub ({_hub_host()}) cannot be reached from this "
+                          "machine (no network?) and the repo is not in the local Hugging Face cache; connect and "
+                          "run again, or give a local folder or .safetensors file")
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool | None:
+    """Whether a TCP connection to the Hub opens (so that a failed download can say "no network" rather than
+    what the last retry saw); None when a proxy is set, as the direct connection then proves nothing."""
+    import os
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def _transformers_dtype(dtype) -> dict:

@@ -346,3 +346,36 @@ def test_a_tiny_model_in_memory_leaves_no_temporary_folder(tmp_path, monkeypatch
     comps = build_tiny("sd1", seed=0)
     assert comps.tokenizer("a photo").input_ids[0] == comps.tokenizer.bos_token_id
     assert not list(tmp_path.glob("lorakit-tok-*"))
+
+
+def test_a_hub_repo_id_without_a_network_says_so(monkeypatch):
+    """Online mode with no network: huggingface_hub's retries end in "does not appear to have a file named
+    config.json"; lorakit checks whether the Hub can be reached at all and says that instead."""
+    import socket
+
+    import diffusers
+
+    from lorakit import models
+
+    def no_route(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    tried = []
+
+    def offline_download(*args, **kwargs):
+        tried.append(args)
+        raise OSError("someone/sd15 does not appear to have a file named config.json.")
+
+    monkeypatch.setattr(diffusers.UNet2DConditionModel, "from_pretrained", offline_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    for cached in (False, True):  # not in the cache: said before any download is tried; cached: after it failed
+        monkeypatch.setattr(models, "_cached", lambda repo_id, cached=cached: cached)
+        with pytest.raises(ModelLoadError, match=r"someone/sd15: the Hub \(huggingface.co\) cannot be reached from "
+                                                 r"this machine \(no network\?\) and the repo is not in the local"):
+            models.load_models("someone/sd15")
+        assert bool(tried) == cached
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy a direct connection proves nothing
+    assert models._hub_reachable() is None
+    with pytest.raises(ModelLoadError, match="does not appear to have a file named config.json"):
+        models.load_models("someone/sd15")
