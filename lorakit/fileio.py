@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ModelLoadError, UnsafeCheckpointError
+from .errors import ConfigError, ModelLoadError, UnsafeCheckpointError
 
 
 @contextlib.contextmanager
@@ -255,3 +255,55 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False):
                 continue
             raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
     raise UnsafeCheckpointError(f"{path.name}: refused to load — too many objects that are not tensors")
+
+
+LOCK_NAME = ".lorakit.lock"
+
+
+class FolderLock:
+    """One run's hold on its output folder (an `flock` on `<folder>/.lorakit.lock`, which names the holder's pid):
+    a second run started on the same folder is refused, before it removes the first run's temporary files or writes
+    over its saves. The operating system drops the hold when the process ends, however it ends, so a killed run
+    leaves no stale lock. Where the folder's file system has no locks (some network mounts), runs go unguarded."""
+
+    def __init__(self, folder: Path, fd: int | None):
+        self.path, self._fd = folder / LOCK_NAME, fd
+
+    @classmethod
+    def take(cls, folder: str | os.PathLike) -> FolderLock:
+        folder = Path(folder)
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock
+            return cls(folder, None)
+        path = folder / LOCK_NAME
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(
+                        f"another lorakit run (process {holder or '?'}) is writing to {folder}: wait for it to end, "
+                        f"stop it, or choose another `output_dir`") from None
+                return cls(folder, None)  # no locks on this file system
+            try:  # the file may have been removed by a holder that released it just now: lock the one on disk
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                return cls(folder, fd)
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and let go (idempotent)."""
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None

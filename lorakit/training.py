@@ -103,6 +103,7 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
         with keep_freed_memory(run.device.type == "cpu"), frozen_skip_gradients(run.components.unet):
             return _train_loop(cfg, run, Callbacks(callbacks))
     finally:
+        run.lock.release()
         if components is not None:  # the caller's model, given back as it was
             run.network.remove()
             restore_weights(run.components, run.base_originals)
@@ -249,6 +250,15 @@ def _validates(cfg: TrainConfig, step: int, max_steps: int, epoch: int, epoch_do
     n_steps, n_epochs = cfg.validate_every_n_steps, cfg.validate_every_n_epochs
     return (step == max_steps or bool(n_steps and step % n_steps == 0)
             or (epoch_done and (n_epochs is None or bool(n_epochs and (epoch + 1) % n_epochs == 0))))
+
+
+def _sample_due_at_end(cfg: TrainConfig, step: int, resume_point: tuple[int, int]) -> bool:
+    """Whether the last step is one that `sample_every_n_steps` or (the last epoch having ended)
+    `sample_every_n_epochs` samples: the loop leaves the last step to the end of the run, after the final save."""
+    epochs_done, batches_into_next = resume_point
+    return bool(step and ((cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0)
+                          or (cfg.sample_every_n_epochs and batches_into_next == 0 and epochs_done
+                              and epochs_done % cfg.sample_every_n_epochs == 0)))
 
 
 def _saved_config(folder: Path) -> dict | None:
@@ -411,7 +421,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
     if cfg.save_state or cfg.save_state_on_train_end:
         save_full_state(*resume_point)
     csv_path = write_history(run.output_dir, history)
-    if cfg.sample_at_end:
+    if cfg.sample_at_end or _sample_due_at_end(cfg, step, resume_point):
         run.sample(step, cbs)
     grid = run.save_grid()
     if removed := remove_replaced(earlier):

@@ -19,7 +19,7 @@ from .data.captions import process_caption, tag_frequency
 from .data.latents import encode
 from .devices import pick_device
 from .errors import ConfigError, TrainingError
-from .fileio import remove_stale_temporaries, write_json, write_text
+from .fileio import FolderLock, remove_stale_temporaries, write_json, write_text
 from .host_memory import keep_freed_memory
 from .lora_metadata import SESSION_TEXT, STEP_TEXT, unix_time
 from .optim import check_optimizer, make_optimizer, make_scheduler, relative_step_size, resolve_warmup_steps
@@ -143,6 +143,7 @@ class Run:
         self.config_path: Path | None = None
         self.report_path: Path | None = None
         self.base_originals: dict[str, torch.Tensor] = {}  # weights base_weights changed in a caller's model
+        self.lock = None  # the hold on output_dir (`FolderLock`), released when `train` ends
         self.started_at = unix_time()  # as sd-scripts writes it
         # sd-scripts' ss_session_id: one number for all the saves and samples of a run (a resumed run keeps its)
         self.session_id = random.SystemRandom().randint(0, 2**32)
@@ -152,9 +153,9 @@ class Run:
         self.steps_per_epoch = spe
         self.max_steps = cfg.max_train_epochs * spe if cfg.max_train_epochs else cfg.max_train_steps
         self.num_epochs = math.ceil(self.max_steps / spe)
-        # epoch saves: every N epochs, or (sd-scripts' save_n_epoch_ratio) about that many saves in all
-        self.save_every_n_epochs = cfg.save_every_n_epochs or (
-            max(1, self.num_epochs // cfg.save_n_epoch_ratio) if cfg.save_n_epoch_ratio else None)
+        # epoch saves: every N epochs, or (sd-scripts' save_n_epoch_ratio, which wins as there) about that many in all
+        self.save_every_n_epochs = (max(1, self.num_epochs // cfg.save_n_epoch_ratio) if cfg.save_n_epoch_ratio
+                                    else cfg.save_every_n_epochs)
         self.prompts = []
         self.sample_settings = None
 
@@ -363,9 +364,7 @@ def _start_from(network, components, cfg) -> None:
 
 def prepare_run(cfg, components=None) -> Run:
     """Read and check the dataset, load the model (unless `components` are given), lay the dataset out for it (and
-    print/save its report), cache latents, add the LoRA."""
-    from .models import load_models
-
+    print/save its report), cache latents, add the LoRA. The run holds its output folder (`run.lock`) until released."""
     device = pick_device(cfg)
     weight_dtype, autocast_dtype = precision(cfg, device)
     output_dir = Path(cfg.output_dir)
@@ -376,10 +375,24 @@ def prepare_run(cfg, components=None) -> Run:
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,
                     warmup=bool(cfg.lr_warmup_steps))
     _check_not_toy_data(cfg)
-    given = components is not None
     # ---- data, read and checked before the model is loaded (a download): bad inputs are refused at once
     scanned = scan_dataset(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)  # only for a run that can start: a refused one leaves no folder
+    lock = FolderLock.take(output_dir)  # held until `train` ends: one run at a time in a folder
+    try:
+        run = _load_and_build(cfg, components, device, weight_dtype, autocast_dtype, scanned, output_dir)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _load_and_build(cfg, components, device, weight_dtype, autocast_dtype, scanned, output_dir: Path) -> Run:
+    """`prepare_run` from the checked data on, its output folder held."""
+    from .models import load_models
+
+    given = components is not None
     stale = remove_stale_temporaries(output_dir) + remove_stale_temporaries(output_dir / "samples")
     if stale:
         print(f"removed {len(stale)} unfinished file(s) an interrupted run left in {output_dir} (e.g. {stale[0]})",

@@ -247,3 +247,25 @@ def test_a_checkpoint_on_a_file_system_that_cannot_map_files_is_read(tmp_path, m
 
     monkeypatch.setattr(torch, "load", load)
     assert torch.equal(safe_torch_load(tmp_path / "m.ckpt", mmap=True)["w"], torch.arange(3.0))
+
+
+def test_a_folder_is_held_by_one_run_and_freed_when_its_process_dies(tmp_path):
+    import subprocess
+    import sys
+
+    from lorakit.errors import ConfigError
+    from lorakit.fileio import LOCK_NAME, FolderLock
+
+    held = FolderLock.take(tmp_path)
+    with pytest.raises(ConfigError, match=rf"another lorakit run \(process {__import__('os').getpid()}\) is writing"):
+        FolderLock.take(tmp_path)
+    held.release()
+    held.release()  # again: nothing happens
+    assert not (tmp_path / LOCK_NAME).exists()
+    FolderLock.take(tmp_path).release()
+    # a holder killed outright (a Colab disconnect) leaves its lock file, but no hold
+    code = (f"import os; from lorakit.fileio import FolderLock; FolderLock.take({str(tmp_path)!r}); "
+            "os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    assert (tmp_path / LOCK_NAME).exists()
+    FolderLock.take(tmp_path).release()

@@ -64,7 +64,8 @@ def test_training_deletes_older_saves_and_still_resumes(tmp_path, tiny_sd1_dir):
 
 def test_save_state_on_train_end_and_save_n_epoch_ratio(tmp_path, tiny_sd1_dir):
     """sd-scripts' save_state_on_train_end: one state, at the end (none with the intermediate saves), from which a
-    later run resumes; save_n_epoch_ratio = 2 over 4 epochs saves at epochs 2 and 4 (the last is the final LoRA)."""
+    later run resumes; save_n_epoch_ratio = 2 over 4 epochs saves at epochs 2 and 4 (the last is the final LoRA),
+    whatever save_every_n_epochs says (as in sd-scripts)."""
     from PIL import Image
 
     data = tmp_path / "data" / "1_sks dog"
@@ -72,7 +73,8 @@ def test_save_state_on_train_end_and_save_n_epoch_ratio(tmp_path, tiny_sd1_dir):
     Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "a.png")
     common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data.parent),
                   output_dir=str(tmp_path / "out"), output_name="dog", sample_at_end=False)
-    lorakit.train(max_train_epochs=4, save_n_epoch_ratio=2, save_state_on_train_end=True, **common)
+    lorakit.train(max_train_epochs=4, save_n_epoch_ratio=2, save_every_n_epochs=1, save_state_on_train_end=True,
+                  **common)
     out = tmp_path / "out"
     assert sorted(p.name for p in out.glob("dog-*")) == ["dog-000002.safetensors"]
     assert sorted(p.name for p in out.glob("state-0*")) == ["state-00000004"]

@@ -532,6 +532,44 @@ def test_an_epoch_end_on_a_sampled_step_samples_once(tmp_path, tiny_sd1_dir):
     assert len(names) == len(set(names)) == 2
 
 
+def test_the_last_step_is_sampled_when_its_schedule_says_so_without_sample_at_end(tmp_path, tiny_sd1_dir):
+    """As in sd-scripts, `sample_every_n_steps` samples the last step when it is a multiple, and
+    `sample_every_n_epochs` the end of the last epoch, with `sample_at_end` off."""
+    one_image_data(tmp_path)
+    (tmp_path / "p.txt").write_text("a red circle --s 2 --w 32 --h 32\n")
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                sample_prompts=str(tmp_path / "p.txt"), sample_at_end=False)
+    by_steps = lorakit.train(**base, output_dir=str(tmp_path / "a"), max_train_steps=4, sample_every_n_steps=2)
+    assert [p.name for p in by_steps.sample_paths] == ["000002_00.png", "000004_00.png"]
+    # one image, one step an epoch
+    by_epochs = lorakit.train(**base, output_dir=str(tmp_path / "b"), max_train_epochs=2, sample_every_n_epochs=1)
+    assert [p.name for p in by_epochs.sample_paths] == ["000001_00.png", "000002_00.png"]
+    off_schedule = lorakit.train(**base, output_dir=str(tmp_path / "c"), max_train_steps=3, sample_every_n_steps=2)
+    assert [p.name for p in off_schedule.sample_paths] == ["000002_00.png"]
+
+
+def test_a_second_run_in_a_held_folder_is_refused_and_touches_nothing(tmp_path, tiny_sd1_dir):
+    """Another run writing to `output_dir` (its temporary files in the making) makes a new run stop at once; when
+    the first has ended, the folder is free again and no lock file stays behind."""
+    from lorakit.fileio import LOCK_NAME, FolderLock
+
+    one_image_data(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    writing = out / ".lora.safetensors.abcd1234.tmp"  # the other run's save, half written
+    writing.write_bytes(b"half")
+    other = FolderLock.take(out)
+    base = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                output_dir=str(out), max_train_steps=1, sample_at_end=False)
+    with pytest.raises(ConfigError, match="another lorakit run .* is writing to"):
+        lorakit.train(**base)
+    assert writing.read_bytes() == b"half"
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, writing.name])
+    other.release()
+    lorakit.train(**base)
+    assert not writing.exists() and not (out / LOCK_NAME).exists() and (out / "lora.safetensors").is_file()
+
+
 def test_a_run_with_adafactor_records_the_rate_it_took(tmp_path, tiny_sd1_dir, capsys):
     """With the relative step, `learning_rate` is not used (1.0 here would wreck the LoRA): the history's `lr` is
     Adafactor's own rate, and the run says which options it leaves unused."""
@@ -1220,7 +1258,7 @@ def test_overwrite_removes_the_replaced_run_s_leftovers_once_the_new_run_has_fin
     lorakit.train(**kw, output_name="mine", max_train_steps=4, save_every_n_steps=2, save_state=True,
                   sample_every_n_steps=2)
     earlier = {"mine-step00000002.safetensors", "state-00000002", "state-00000004", "samples/000002_00.png",
-               "samples_grid.png"}  # the grid: now mine's
+               "samples/000004_00.png", "samples_grid.png"}  # the grid: now mine's
     assert all((out / name).exists() for name in earlier | keep)
     (out / "mine_loss.png").write_bytes(b"the earlier run's plot")
 
@@ -1232,7 +1270,7 @@ def test_overwrite_removes_the_replaced_run_s_leftovers_once_the_new_run_has_fin
     assert all((out / name).exists() for name in earlier | keep)  # a failed run replaced nothing
     capsys.readouterr()
     lorakit.train(**kw, output_name="mine", max_train_steps=3, overwrite=True, save_every_n_steps=2)
-    assert "removed 5 file(s) of the earlier run that this one replaced" in capsys.readouterr().out
+    assert "removed 6 file(s) of the earlier run that this one replaced" in capsys.readouterr().out
     rewritten = {"mine-step00000002.safetensors", "mine.safetensors"}  # by the new run, at the same paths
     assert not any((out / name).exists() for name in (earlier - rewritten) | {"mine_loss.png"})
     assert all((out / name).exists() for name in keep | rewritten)
