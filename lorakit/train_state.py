@@ -43,6 +43,7 @@ class TrainState:
     folder: Path
     layout: dict | None = None  # the run's batch layout when saved (`run_layout`); None in older states
     session_id: int | None = None  # the run's ss_session_id, kept by the resumed run; None in older states
+    replaces: dict | None = None  # {path in output_dir: identity}: what an `overwrite` run removes when it ends
 
 
 def rng_state() -> dict:
@@ -61,10 +62,11 @@ def set_rng_state(state: dict) -> None:
 def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler=None,
                step: int, epoch: int, batches_done: int, loss_history: list, config_toml: str = "",
                layout: dict | None = None, saved_with: str | None = None, rng: dict | None = None,
-               session_id: int | None = None) -> Path:
+               session_id: int | None = None, replaces: dict[Path, tuple[int, int]] | None = None) -> Path:
     """Write `state-<step>/` atomically and point `state-latest.txt` at it. Returns the folder. `saved_with`: the
     tag of the LoRA saved with it (`lorakit.save_rotation` deletes the two together); `rng`: the random numbers'
-    state as of `step` (`rng_state()` then; default: now)."""
+    state as of `step` (`rng_state()` then; default: now); `replaces`: the earlier run's files that an `overwrite`
+    run removes when it ends (`save_rotation.earlier_run`), so that it still does after a resume."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"state-{step:08d}"
@@ -75,7 +77,8 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
         torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "step": step, "epoch": epoch,
                     "batches_done": batches_done, "rng": rng if rng is not None else rng_state(),
-                    "loss_history": loss_history, "layout": layout, "session_id": session_id, "format": 1},
+                    "loss_history": loss_history, "layout": layout, "session_id": session_id, "format": 1,
+                    "replaces": {str(p.relative_to(output_dir)): list(i) for p, i in (replaces or {}).items()}},
                    tmp / "train_state.pt")
         if config_toml:
             write_text(tmp / "config.toml", config_toml)
@@ -141,7 +144,8 @@ def load_state(folder: str | Path) -> TrainState:
     return TrainState(params=params, optimizer=data["optimizer"], scheduler=data["scheduler"], scaler=data["scaler"],
                       step=int(data["step"]), epoch=int(data["epoch"]), batches_done=int(data["batches_done"]),
                       rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder,
-                      layout=data.get("layout"), session_id=data.get("session_id"))
+                      layout=data.get("layout"), session_id=data.get("session_id"),
+                      replaces={rel: tuple(i) for rel, i in (data.get("replaces") or {}).items()})
 
 
 def restore_params(named: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], folder: Path) -> None:

@@ -310,6 +310,9 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         set_rng_state(state.rng)
         step, start_epoch, skip_batches, history = state.step, state.epoch, state.batches_done, state.loss_history
         run.session_id = state.session_id if state.session_id is not None else run.session_id
+        # a run that was replacing an earlier one (`overwrite`) still removes that run's files when it ends
+        earlier = {Path(cfg.output_dir) / rel: identity for rel, identity in (state.replaces or {}).items()
+                   if ".." not in Path(rel).parts and not Path(rel).is_absolute()}
         cbs.on_resume(step=step, loss_history=list(history), samples=run.restore_samples(step))
         run.log(f"resumed from {state.folder} at step {step} (epoch {start_epoch + 1}, batch {skip_batches})"
                 + ("; set `resume = 'none'` to start over" if cfg.resume == "auto" else ""))
@@ -322,7 +325,8 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.state_dir = save_state(cfg.output_dir, params=named_params, optimizer=optimizer, scheduler=scheduler,
                                    scaler=scaler, step=step, epoch=epoch, batches_done=batches_done,
                                    loss_history=history, config_toml=cfg.to_toml(), layout=layout,
-                                   saved_with=saved_with, rng=rng_at_step, session_id=run.session_id)
+                                   saved_with=saved_with, rng=rng_at_step, session_id=run.session_id,
+                                   replaces=earlier)
 
     def checkpoint(tag: str, epoch: int, batches_done: int) -> None:
         """Save the LoRA (and, with save_state, the full state) mid-run; tell the callbacks."""

@@ -261,7 +261,7 @@ def test_an_earlier_runs_saves_and_samples_in_the_folder_are_not_uploaded(tmp_pa
     kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
               output_dir=str(tmp_path / "out"), sample_prompts=str(tmp_path / "p.txt"), sample_at_end=False,
               save_state=True, overwrite=True)
-    # the earlier run; a finished `overwrite` run removes it, but one killed and resumed leaves it in the folder
+    # files of an earlier run that the `overwrite` run did not know of (copied in from another folder) stay
     lorakit.train(max_train_steps=3, save_every_n_steps=1, sample_every_n_steps=1, **{**kw, "output_dir": str(old)})
     lorakit.train(max_train_steps=4, save_every_n_steps=3, sample_every_n_steps=3, **kw)  # replaced by this one
     shutil.copy(old / "lora-step00000001.safetensors", tmp_path / "out")

@@ -1274,3 +1274,27 @@ def test_overwrite_removes_the_replaced_run_s_leftovers_once_the_new_run_has_fin
     rewritten = {"mine-step00000002.safetensors", "mine.safetensors"}  # by the new run, at the same paths
     assert not any((out / name).exists() for name in (earlier - rewritten) | {"mine_loss.png"})
     assert all((out / name).exists() for name in keep | rewritten)
+
+
+def test_a_replacing_run_stopped_and_resumed_still_removes_the_earlier_run(tmp_path, tiny_sd1_dir, capsys):
+    """The earlier run's files that an `overwrite` run replaces are kept with its saved states: stopped and resumed,
+    it removes them when it ends, and keeps what it wrote itself at the same paths."""
+    one_image_data(tmp_path)
+    out = tmp_path / "out"
+    kw = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+              output_dir=str(out), sample_at_end=False, save_state=True)
+    lorakit.train(**kw, max_train_steps=4, save_every_n_steps=2)  # the earlier run: states at steps 2 and 4
+
+    def stop_at_2(info):
+        if info.step == 2:
+            raise RuntimeError("disconnected")
+
+    with pytest.raises(RuntimeError, match="disconnected"):
+        lorakit.train(**kw, max_train_steps=3, save_every_n_steps=1, overwrite=True, callbacks={"on_step": stop_at_2})
+    assert (out / "state-00000004").is_dir()  # not removed by a run that did not finish
+    capsys.readouterr()
+    lorakit.train(**kw, max_train_steps=3, save_every_n_steps=1, resume="latest")
+    assert "removed 1 file(s) of the earlier run that this one replaced" in capsys.readouterr().out
+    assert not (out / "state-00000004").exists()
+    assert sorted(p.name for p in out.glob("state-0*")) == ["state-00000001", "state-00000002", "state-00000003"]
+    assert TrainConfig.from_toml(out / "state-00000002" / "config.toml").max_train_steps == 3  # the new run's
