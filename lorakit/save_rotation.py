@@ -84,8 +84,6 @@ def earlier_run(output_dir: str | Path, output_name: str, extension: str) -> dic
     folder keeps its files. Each path comes with its identity now (inode, modification time), by which
     `remove_replaced` tells it from a file the new run writes at the same path (lorakit writes by rename, so a
     rewritten file is a new inode)."""
-    import tomllib
-
     from .hub import read_lora_metadata
 
     output_dir = Path(output_dir)
@@ -95,17 +93,25 @@ def earlier_run(output_dir: str | Path, output_name: str, extension: str) -> dic
         with contextlib.suppress(OSError, LorakitError):
             sessions.add(read_lora_metadata(lora).get("ss_session_id"))
     sessions.discard(None)
-    paths = list(saves)
-    for folder in output_dir.glob("state-*"):
-        if folder.is_dir() and re.fullmatch(r"state-\d{8}", folder.name):
-            with contextlib.suppress(OSError, ValueError):
-                config = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8"))
-                if config.get("output_name") == output_name:
-                    paths.append(folder)
+    paths = list(saves) + [folder for folder, name in state_names(output_dir).items() if name == output_name]
     images = [p for p in (output_dir / "samples").glob("*.png") if re.fullmatch(r"\d{6}_\d{2,}\.png", p.name)]
     paths += [p for p in images + [output_dir / "samples_grid.png"] if sessions and _session_of(p) in sessions]
     paths.append(output_dir / f"{output_name}_loss.png")
     return {p: _identity(p) for p in paths if p.exists()}
+
+
+def state_names(output_dir: str | Path) -> dict[Path, str | None]:
+    """The saved states in `output_dir` (`state-<step>`) and the `output_name` of the run each belongs to (from
+    its `config.toml`; None when unreadable)."""
+    import tomllib
+
+    names = {}
+    for folder in sorted(Path(output_dir).glob("state-*")):
+        if folder.is_dir() and re.fullmatch(r"state-\d{8}", folder.name):
+            names[folder] = None
+            with contextlib.suppress(OSError, ValueError):
+                names[folder] = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8")).get("output_name")
+    return names
 
 
 def _session_of(image: Path) -> str | None:

@@ -275,9 +275,16 @@ def final_lora_path(cfg) -> Path:
 def check_earlier_run(cfg) -> None:
     """Refuse to write over an earlier run in `output_dir` (its final LoRA of this name, or a saved state) unless
     this run continues it (`resume`) or replaces it (`overwrite`): nothing trained is lost by re-running a command."""
-    from .save_rotation import intermediate_saves
+    from .save_rotation import intermediate_saves, state_names
     from .train_state import find_state, saved_state_in
 
+    if cfg.save_state or cfg.save_state_on_train_end:  # states are named by step: another run's would be replaced
+        others = {f.name: n for f, n in state_names(cfg.output_dir).items() if n is not None and n != cfg.output_name}
+        if others:
+            folder, name = next(iter(others.items()))
+            raise ConfigError(f"{cfg.output_dir} holds the saved states of another run ({folder}: output_name "
+                              f"{name!r}), which this run's states would replace: choose another `output_dir` for "
+                              f"this run, or remove those states")
     if cfg.overwrite or (cfg.resume and find_state(cfg.resume, cfg.output_dir) is not None):
         return
     final = final_lora_path(cfg)

@@ -80,3 +80,26 @@ def test_save_state_on_train_end_and_save_n_epoch_ratio(tmp_path, tiny_sd1_dir):
     assert sorted(p.name for p in out.glob("state-0*")) == ["state-00000004"]
     result = lorakit.train(max_train_epochs=5, resume="latest", **common)
     assert result.steps == 5 and result.loss_history[0]["step"] == 1 and len(result.loss_history) == 5
+
+
+def test_a_run_saving_states_in_a_folder_of_another_run_s_states_is_refused(tmp_path, tiny_sd1_dir):
+    """States are named by step, not by run: a run that saves them where another run's are (another
+    `output_name`) would replace them, so it is refused, `overwrite` or not; without states it may share the folder."""
+    from PIL import Image
+
+    from lorakit.errors import ConfigError
+
+    data = tmp_path / "data" / "1_sks dog"
+    data.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(data / "a.png")
+    common = dict(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(data.parent),
+                  output_dir=str(tmp_path / "out"), max_train_steps=2, sample_at_end=False)
+    lorakit.train(output_name="dog", save_state=True, **common)
+    state = (tmp_path / "out" / "state-00000002" / "train_state.pt").read_bytes()
+    for kw in ({"save_state": True}, {"save_state_on_train_end": True, "overwrite": True}):
+        with pytest.raises(ConfigError, match=r"holds the saved states of another run \(state-00000002: output_name "
+                                              r"'dog'\)"):
+            lorakit.train(output_name="cat", **kw, **common)
+    assert (tmp_path / "out" / "state-00000002" / "train_state.pt").read_bytes() == state
+    lorakit.train(output_name="cat", overwrite=True, **common)
+    assert (tmp_path / "out" / "cat.safetensors").is_file()
