@@ -31,3 +31,38 @@ class TrainingError(LorakitError, RuntimeError):
 
 class HubError(LorakitError, RuntimeError):
     """A Hugging Face Hub request failed (network, permissions, a repo name taken); the message never holds a token."""
+
+
+class OutOfMemory(LorakitError, RuntimeError):
+    """The GPU's (or the machine's) memory ran out; the message says which settings need less."""
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    text = str(e)
+    return isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))) or (
+        isinstance(e, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text))
+
+
+class memory_advice:  # noqa: N801 (used as a context manager, like contextlib's)
+    """Turn running out of memory inside the block into `error_class` (an `OutOfMemory` by default) saying what
+    uses less (`advice`), the framework's own message kept as its cause; the GPU's cache is emptied so that a
+    notebook can try again with other settings."""
+
+    def __init__(self, advice: str, error_class: type[LorakitError] | None = None):
+        self.advice, self.error_class = advice, error_class or OutOfMemory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, LorakitError) or not _is_out_of_memory(exc):
+            return False
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = "the GPU" if "CUDA" in first or "cuda" in first else "this machine"
+        raise self.error_class(f"out of memory on {where} ({first[:160]}): {self.advice}") from exc

@@ -143,10 +143,15 @@ def _check_paths(cfg: ExtractConfig) -> Path:
     out = Path(cfg.save_to)
     if out.suffix.lower() not in (".safetensors", ".ckpt", ".pt"):
         raise ConfigError(f"`save_to` must end in .safetensors, .ckpt or .pt, got {out.name!r}")
+    if out.is_dir():
+        raise ConfigError(f"`save_to` {out} is a folder; the LoRA is not written over a folder: choose another name")
     for name in ("model_org", "model_tuned"):
         src = Path(getattr(cfg, name))
         if src.exists() and out.exists() and src.resolve() == out.resolve():
             raise ConfigError(f"`save_to` is the `{name}` file; choose another output path")
+        if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+            raise ConfigError(f"`save_to` {out} is inside the `{name}` folder {src}: a LoRA there could replace a "
+                              f"file of the model; write it outside the model's folder")
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"`save_to` {out} exists; set `overwrite` to replace it")
     return out

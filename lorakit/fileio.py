@@ -116,6 +116,19 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     return removed
 
 
+def read_utf8(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> str:
+    """A text file the user wrote (prompts, a config, captions' metadata) as UTF-8 (a byte-order mark, as Notepad
+    writes it, is not part of the text); another encoding is an `error` naming the file, line and byte."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{what} {path.name} is not UTF-8 text (byte {data[e.start]:#04x} on line {line}): save it as "
+                    f"UTF-8") from None
+
+
 def _file_mode(dest: Path) -> int:
     """The permissions a new file gets from the umask (usually 0644), or those of the file it replaces: a LoRA
     must stay readable by a web UI that runs as another user."""

@@ -98,12 +98,16 @@ class LoraWeights(LoraFactors):
         return tuple(self.down.shape[2:]) if self.is_conv else (1, 1)
 
 
+_FLOAT8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+           if hasattr(torch, n)}
+
+
 def parse_kohya(tensors: dict[str, torch.Tensor], *, where: str = "LoRA") -> dict[str, LoraWeights]:
     """Group a flat kohya tensor dict into `{module_name: LoraWeights}`, validating structure and values.
 
     Raises `LoraFormatError` for keys that are not kohya LoRA keys (naming the format they look like), modules
-    missing `lora_up`/`lora_down`, rank 0, rank disagreement between up and down, and NaN/inf values. Tensors
-    keep their dtype; names are normalised with `canonical_module_name`.
+    missing `lora_up`/`lora_down`, rank 0, rank disagreement between up and down, non-float tensors and NaN/inf
+    values. Tensors keep their dtype (fp8 ones are read as fp16); names are normalised with `canonical_module_name`.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
     foreign = []
@@ -126,6 +130,12 @@ def parse_kohya(tensors: dict[str, torch.Tensor], *, where: str = "LoRA") -> dic
         if "down" not in g or "up" not in g:
             missing = "lora_down.weight" if "down" not in g else "lora_up.weight"
             raise LoraFormatError(f"{where}: module `{name}` has no `{missing}`")
+        for part, t in g.items():
+            if t.dtype in _FLOAT8:  # stored in 8 bits to save space: every fp8 value is exact in fp16
+                g[part] = t.to(torch.float16)
+            elif not t.is_floating_point():
+                raise LoraFormatError(f"{where}: module `{name}` has {str(t.dtype).removeprefix('torch.')} values in "
+                                      f"its {part} tensor; a LoRA holds floating-point weights")
         down, up = g["down"], g["up"]
         if down.dim() not in (2, 4) or up.dim() != down.dim():
             raise LoraFormatError(f"{where}: module `{name}` has lora_down {tuple(down.shape)} and lora_up "

@@ -19,7 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from .config.jobs import GenerateConfig
 from .devices import pick_device
-from .errors import ConfigError
+from .errors import ConfigError, memory_advice
 from .host_memory import keep_freed_memory
 from .plots import image_grid
 from .prompts import PromptSpec, parse_prompt_line, read_prompt_file
@@ -134,6 +134,8 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     for p in cfg.network_weights:
         if not Path(p).is_file():
             raise ConfigError(f"`network_weights`: LoRA file not found: {p}")
+    if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+        raise ConfigError(f"`output_dir` {cfg.output_dir} is a file, not a folder: choose a folder for the images")
     dtype = DTYPES[cfg.dtype] if cfg.dtype else None
     comps = load_for(cfg) if components is None else components
     device = comps.unet.device
@@ -151,7 +153,8 @@ def generate(cfg: GenerateConfig | None = None, /, *, components=None, **kwargs)
     start = _next_index(out_dir) if out_dir and out_dir.is_dir() else 0
     images, paths, per_image = [], [], []
     # on a CPU, malloc keeps the memory each denoising step frees for the next one (no page faults per step)
-    with apply(comps, cfg.network_weights, cfg.resolved_mul), keep_freed_memory(device.type == "cpu"):
+    with memory_advice(f"lower `batch_size` ({cfg.batch_size}: the images stay the same) or the image size"), \
+            apply(comps, cfg.network_weights, cfg.resolved_mul), keep_freed_memory(device.type == "cpu"):
         for spec in specs:
             seeds = [(spec.seed if spec.seed is not None else int(torch.randint(0, 2**31 - 1, ()))) + i
                      for i in range(cfg.num_images)]

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,9 @@ def _check_output(save_to: str, inputs: Sequence[str], overwrite: bool, allow_fo
                           + (", or a folder name without extension (diffusers layout)" if allow_folder else ""))
     if not suffix and not allow_folder:
         raise ConfigError(f"`save_to` {out.name} needs an extension: .safetensors, .ckpt or .pt")
+    if suffix and out.is_dir():
+        raise ConfigError(f"`save_to` {out} is a folder; a merge into a file is not written over a folder: choose "
+                          f"another name")
     target = out.resolve()
     for src in inputs:
         if not src or not Path(src).exists():
@@ -144,7 +148,7 @@ def _check_output(save_to: str, inputs: Sequence[str], overwrite: bool, allow_fo
         source = Path(src).resolve()
         if source == target:
             raise ConfigError(f"`save_to` {out} is one of the inputs; refusing to write over an input file")
-        if target in source.parents or (out.is_dir() and source in target.parents):
+        if target in source.parents or (source.is_dir() and source in target.parents):
             raise ConfigError(f"`save_to` {out} {'holds' if target in source.parents else 'is inside'} the input "
                               f"{src}; write the merged model to a folder of its own")
     if out.exists() and not overwrite:
@@ -170,12 +174,18 @@ class _AtomicFolder:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
-        if self.dest.exists():
-            old = self.dest.with_name(f".{self.dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.dest, old)
-            os.replace(self.tmp, self.dest)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.dest.exists():  # the replaced folder moves aside (a name of its own) until the new one is in place
+            aside = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old.", dir=self.dest.parent))
+            os.replace(self.dest, aside / self.dest.name)
+            try:
+                os.replace(self.tmp, self.dest)
+            except BaseException:
+                os.replace(aside / self.dest.name, self.dest)
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
+            finally:
+                if self.dest.exists():
+                    shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(self.tmp, self.dest)
         sync(self.dest.parent)
@@ -226,9 +236,7 @@ def _merge_single_file(base: SingleFileWeights, plan, out: Path, dtype, save_pre
 def _merge_folder(base: FolderWeights, plan, out: Path, dtype, save_precision, device: str = "cpu") -> None:
     src = Path(base.source)
     with _AtomicFolder(out) as tmp:
-        rewritten = {Path(reader.path).resolve() for reader, _ in base._readers.values()}
-        shutil.copytree(src, tmp, dirs_exist_ok=True,
-                        ignore=lambda d, names: [n for n in names if (Path(d) / n).resolve() in rewritten])
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=_not_merged(src, base))
         for component, (reader, rename) in base._readers.items():
             inverse = {key: name for name, key in rename.items()}
             file = Path(reader.path)
@@ -243,6 +251,33 @@ def _merge_folder(base: FolderWeights, plan, out: Path, dtype, save_precision, d
 
             layout = [(k, reader.shape(k), _out_dtype(reader.dtype(k), save_precision)) for k in reader.keys()]
             write_safetensors(dest, layout, produce, reader.metadata or {"format": "pt"})
+
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5")
+
+
+def _not_merged(src: Path, base: FolderWeights):
+    """`copytree`'s `ignore` for a merged diffusers folder: leave out what would hold the unmerged weights — the
+    other weight files of the merged parts (fp16 variants, .bin twins: another loader would pick them), and
+    weight files and folders beside the diffusers parts (a single-file checkpoint kept in the repo). The files
+    being merged are written afresh; everything else (vae, tokenizer, scheduler, the model card) is copied."""
+    import json
+
+    merged = {Path(reader.path).resolve().parent: Path(reader.path).name for reader, _ in base._readers.values()}
+    index = src / "model_index.json"
+    parts = {k for k in json.loads(index.read_text(encoding="utf-8")) if not k.startswith("_")} \
+        if index.is_file() else None
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        here = Path(folder).resolve()
+        if here in merged:
+            return [n for n in names if n.lower().endswith(_WEIGHT_FILES) or n == merged[here]]
+        if here == src.resolve():
+            return [n for n in names if n.lower().endswith(_WEIGHT_FILES)
+                    or (parts is not None and (here / n).is_dir() and n not in parts)]
+        return []
+
+    return ignore
 
 
 def merge_into_components(comps, plan, dtype=torch.float32) -> None:

@@ -14,13 +14,16 @@ with sd-scripts' keys `prompt`, `negative_prompt`, `width`, `height`, `sample_st
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .config.schema import IMAGE_SIZE_MAX, SEED_MAX
 from .errors import ConfigError
+from .fileio import read_utf8
 
 # option letter -> (field, converter, description)
 _OPTIONS = {
@@ -98,13 +101,13 @@ def parse_prompt_line(line: str, where: str = "") -> PromptSpec:
 def _checked(field: str, value, name: str, where: str):
     """A prompt setting's value, range-checked (sizes multiples of 8, steps 1-1000, seed ≥ 0, guidance ≥ 1, a known
     sampler)."""
-    if field in ("width", "height") and (value < 8 or value % 8):
-        raise ConfigError(f"{name} must be a multiple of 8, got {value}{where}")
+    if field in ("width", "height") and (value < 8 or value % 8 or value > IMAGE_SIZE_MAX):
+        raise ConfigError(f"{name} must be a multiple of 8 up to {IMAGE_SIZE_MAX}, got {value}{where}")
     if field == "num_inference_steps" and not 1 <= value <= 1000:  # a sampler has at most the 1000 training steps
         raise ConfigError(f"{name} must be 1 to 1000, got {value}{where}")
-    if field == "seed" and value < 0:
-        raise ConfigError(f"{name} must be ≥ 0, got {value}{where}")
-    if field == "guidance_scale" and value < 1:
+    if field == "seed" and not 0 <= value <= SEED_MAX:
+        raise ConfigError(f"{name} must be 0 to {SEED_MAX} (2^32 − 1), got {value}{where}")
+    if field == "guidance_scale" and not (math.isfinite(value) and value >= 1):
         raise ConfigError(f"{name} must be ≥ 1 (1: no guidance, the negative prompt unused), got {value:g}{where}")
     return _sampler_name(value, where) if field == "sampler" else value
 
@@ -162,7 +165,7 @@ _EDITING = re.compile(r"(?<!\\)\[(?:[^\[\]]*:\s*[\d.]+\s*|[^\[\]|]*\|[^\[\]]*)(?
 
 def _tables_of(path: Path) -> list:
     """The entries of an sd-scripts .toml or .json prompt file: tables, or (JSON) prompt lines."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path, "prompt file")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -185,6 +188,9 @@ def _tables_of(path: Path) -> list:
                           f"defaults, then one [[prompt.subset]] per prompt)")
     defaults = {k: v for k, v in table.items() if k != "subset"}
     subsets = table.get("subset", [])
+    if not (isinstance(subsets, list) and all(isinstance(sub, dict) for sub in subsets)):
+        raise ConfigError(f"prompt file {path.name}: `subset` must be a list of tables, one per prompt "
+                          f"([[prompt.subset]] with prompt = \"...\"), got {subsets!r}")
     return [{**defaults, **sub} for sub in subsets] if subsets else [defaults]
 
 
@@ -224,7 +230,7 @@ def read_prompt_file(path: str | os.PathLike) -> list[PromptSpec]:
             else:
                 raise ConfigError(f"prompt {number} of {path.name} must be a prompt line or a table, got {entry!r}")
     else:
-        specs = parse_prompt_text(path.read_text(encoding="utf-8"), source=path.name)
+        specs = parse_prompt_text(read_utf8(path, "prompt file"), source=path.name)
     if not specs:
         raise ConfigError(f"prompt file {path} has no prompts")
     return specs

@@ -23,7 +23,7 @@ import torch
 
 from .config import TrainConfig
 from .config.train import HUBER_LOSSES
-from .errors import ConfigError, TrainingError
+from .errors import ConfigError, TrainingError, memory_advice
 from .host_memory import keep_freed_memory
 from .noise import (
     elementwise_loss,
@@ -84,6 +84,12 @@ class TrainResult:
         return f"TrainResult({self.lora_path}, steps={self.steps}, epochs={self.epochs}, final_loss={loss})"
 
 
+TRAIN_MEMORY_ADVICE = ("set `gradient_checkpointing = true`, a lower `train_batch_size` (with "
+                       "`gradient_accumulation_steps` to keep the effective batch), `mixed_precision = fp16` on a GPU, "
+                       "`cache_latents = true`, a smaller `resolution` / `max_bucket_reso`, or `optimizer_type = "
+                       "AdamW8bit`. The last saved LoRA and state are intact")
+
+
 def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **overrides) -> TrainResult:
     """Train a LoRA. `cfg` is a `TrainConfig` (or None: built from `overrides`); keyword overrides win.
 
@@ -96,11 +102,13 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
     cfg = TrainConfig.from_dict(overrides) if cfg is None else (cfg.replace(**overrides) if overrides else cfg)
     if cfg.seed is None:
         cfg = cfg.replace(seed=_seed_for(cfg))
-    run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA, outputs
+    with memory_advice(TRAIN_MEMORY_ADVICE):
+        run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA
     try:
         # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step); the U-Net's
         # backward pass skips the input gradient of skip connections that need none (conv_in's output)
-        with keep_freed_memory(run.device.type == "cpu"), frozen_skip_gradients(run.components.unet):
+        with memory_advice(TRAIN_MEMORY_ADVICE), keep_freed_memory(run.device.type == "cpu"), \
+                frozen_skip_gradients(run.components.unet):
             return _train_loop(cfg, run, Callbacks(callbacks))
     finally:
         run.lock.release()

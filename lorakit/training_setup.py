@@ -377,6 +377,11 @@ def prepare_run(cfg, components=None) -> Run:
     output_dir = Path(cfg.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"`output_dir` {output_dir} is a file, not a folder: choose a folder for the LoRA")
+    for option in ("train_data_dir", "reg_data_dir"):
+        data = getattr(cfg, option)
+        if data and output_dir.resolve().is_relative_to(Path(data).resolve()):
+            raise ConfigError(f"`output_dir` {output_dir} is inside `{option}` {data}: the next run would train on "
+                              f"its samples and plots. Choose a folder outside the images")
     check_earlier_run(cfg)
     torch.manual_seed(cfg.seed or 0)
     check_optimizer(cfg.resolved_optimizer, cfg.learning_rate, cfg.optimizer_args, device,

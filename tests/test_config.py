@@ -81,6 +81,12 @@ def test_cli_lists_and_optional_bools():
                                                                                   "choose one"]),
     ({"color_aug": True}, ["color_aug", "cache_latents = false"]),
     ({"resolution": "big"}, ["resolution", "W,H"]),
+    ({"learning_rate": float("nan")}, ["learning_rate", "finite number, got nan"]),
+    ({"network_alpha": "inf"}, ["network_alpha", "finite number, got inf"]),
+    ({"seed": 2**32}, ["seed", "≤ 4294967295"]),
+    ({"output_name": ""}, ["output_name", "plain file name"]),
+    ({"output_name": "../escaped"}, ["output_name", "plain file name"]),
+    ({"output_name": ".hidden"}, ["output_name", "no leading dot"]),
 ])
 def test_bad_values_name_the_field(data, words):
     with pytest.raises(ConfigError) as e:
@@ -93,6 +99,23 @@ def test_toml_wrong_type_is_an_error(tmp_path):
     (tmp_path / "t.toml").write_text('network_dim = "sixteen"\n')
     with pytest.raises(ConfigError, match=r"network_dim.*t\.toml"):
         TrainConfig.from_toml(tmp_path / "t.toml")
+
+
+def test_a_config_file_not_in_utf8_is_one_line_naming_it(tmp_path):
+    (tmp_path / "t.toml").write_bytes(b'network_dim = 8\noutput_name = "caf\xe9"\n')  # Windows-1252
+    with pytest.raises(ConfigError, match=r"config file t\.toml is not UTF-8 text \(byte 0xe9 on line 2\)"):
+        TrainConfig.from_toml(tmp_path / "t.toml")
+    (tmp_path / "bom.toml").write_bytes("\ufeffnetwork_dim = 8\n".encode())  # as Notepad saves it
+    assert TrainConfig.from_toml(tmp_path / "bom.toml", {"train_data_dir": "x"}).network_dim == 8
+
+
+def test_other_jobs_refuse_non_finite_numbers_and_huge_seeds_and_sizes():
+    from lorakit.config import GenerateConfig
+
+    for kw, words in [({"guidance_scale": float("nan")}, "finite"), ({"network_mul": [float("inf")]}, "finite"),
+                      ({"seed": 10**23}, "≤ 4294967295"), ({"width": 1_000_000}, "≤ 4096")]:
+        with pytest.raises(ConfigError, match=words):
+            GenerateConfig(prompt="x", **kw)
 
 
 def test_ratios_must_match_models():

@@ -167,6 +167,16 @@ def test_bad_input_is_refused(tmp_path, sd1):
         extract(model_org=str(tmp_path / "missing.safetensors"), model_tuned=str(tmp_path / "base"),
                 save_to=str(tmp_path / "y.safetensors"))
     assert not (tmp_path / "y.safetensors").exists()
+    weights = tmp_path / "base" / "unet" / "diffusion_pytorch_model.safetensors"  # a file of a folder input
+    before = weights.read_bytes()
+    with pytest.raises(ConfigError, match="is inside the `model_org` folder"):
+        extract(model_org=str(tmp_path / "base"), model_tuned=str(tmp_path / "base"), save_to=str(weights),
+                overwrite=True)
+    assert weights.read_bytes() == before
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(ConfigError, match="dir.safetensors is a folder"):
+        extract(model_org=str(tmp_path / "base"), model_tuned=str(tmp_path / "base"),
+                save_to=str(tmp_path / "dir.safetensors"), overwrite=True)
     sd2 = build_tiny("sd2", seed=0)
     with pytest.raises(Exception, match="SD1 but model_tuned is SD2"):
         extract_lora(sd1, sd2, dim=2, log=None)

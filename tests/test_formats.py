@@ -289,6 +289,18 @@ def test_zero_rank_and_nan_files(tmp_path):
         parse_kohya(nan)
 
 
+def test_fp8_files_are_read_as_fp16_and_integer_ones_refused():
+    tensors = hand_written(HAND_SD1)
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}
+    weights = parse_kohya(fp8)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert weights[name].up.dtype == torch.float16
+    assert torch.equal(weights[name].up, fp8[name + ".lora_up.weight"].to(torch.float16))
+    ints = dict(tensors, **{name + ".lora_up.weight": tensors[name + ".lora_up.weight"].to(torch.int32)})
+    with pytest.raises(LoraFormatError, match=f"module `{name}` has int32 values in its up tensor"):
+        parse_kohya(ints)
+
+
 def test_pickle_with_code_is_refused_and_not_executed(tmp_path, tiny_sd1_dir):
     marker = tmp_path / "pwned"
 

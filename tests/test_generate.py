@@ -153,6 +153,28 @@ def test_bad_input(model, tmp_path):
         generate(components=comps, **FAST)
     with pytest.raises(ConfigError, match="multiple of 8"):
         generate(components=comps, prompt="x", width=60, **FAST)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="`output_dir` .*notes.txt is a file, not a folder"):
+        generate(components=comps, prompt="x", **{**FAST, "output_dir": str(tmp_path / "notes.txt")})
+
+
+def test_running_out_of_memory_names_the_batch_size(model, monkeypatch):
+    from lorakit.errors import OutOfMemory
+
+    d, comps, a, b = model
+
+    class Pipe:
+        scheduler = None
+
+        def set_progress_bar_config(self, **kw):
+            pass
+
+        def __call__(self, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(type(comps), "pipeline", lambda self, **kw: Pipe())
+    with pytest.raises(OutOfMemory, match=r"on the GPU .*: lower `batch_size` \(4: the images stay the same\)"):
+        generate(components=comps, prompt="x", **FAST)
 
 
 def test_a_device_this_machine_lacks_is_a_clear_error(model, monkeypatch):

@@ -225,6 +225,10 @@ def test_bad_input(setup, tmp_path):
         merge(sd_model=base, models=[str(a)], save_to=str(tmp_path / "m.bin"))
     with pytest.raises(ConfigError, match="one of the inputs"):
         merge(sd_model=base, models=[str(a)], save_to=base, overwrite=True)
+    (tmp_path / "m.ckpt").mkdir()
+    with pytest.raises(ConfigError, match="m.ckpt is a folder"):
+        merge(sd_model=base, models=[str(a)], save_to=str(tmp_path / "m.ckpt"), overwrite=True)
+    (tmp_path / "m.ckpt").rmdir()
     # resize_lora.py users pass only `new_rank`: a concat (or into-model) merge would ignore it
     with pytest.raises(ConfigError, match=r"`new_rank` is the rank of a LoRA re-factorised by `merge_mode = svd`.*"
                                           r"this merge is concat"):
@@ -280,15 +284,47 @@ def test_a_merge_replaces_no_folder_of_the_users_even_with_overwrite(setup, tmp_
         merge(sd_model=str(d / "base.safetensors"), models=[str(lora)], save_to=str(run), overwrite=True)
     model = tmp_path / "model"
     shutil.copytree(d / "folder", model)
-    with pytest.raises(ConfigError, match="is inside the input"):
-        merge(sd_model=str(model), models=[str(a)], save_to=str(model / "unet"), overwrite=True)
+    for inside in (model / "unet", model / "merged", model / "merged.safetensors"):  # whether it exists or not
+        with pytest.raises(ConfigError, match="is inside the input"):
+            merge(sd_model=str(model), models=[str(a)], save_to=str(inside), overwrite=True)
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in (d / "folder").iterdir())
     assert (notes / "precious_notes.txt").read_text() == "keep me" and (run / "a.safetensors").is_file()
     assert (model / "unet").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "my_stuff",
                                                                                           "training_run"]
     earlier = tmp_path / "merged"  # an earlier merge's folder is replaced
     merge(sd_model=str(d / "base.safetensors"), models=[str(a)], save_to=str(earlier))
+    (tmp_path / ".merged.old").mkdir()  # a folder of the user's whose name the replaced one might take
+    (tmp_path / ".merged.old" / "mine.txt").write_text("keep me")
     merge(sd_model=str(d / "base.safetensors"), models=[str(b)], save_to=str(earlier), overwrite=True)
-    assert (earlier / "model_index.json").is_file()
+    assert (earlier / "model_index.json").is_file() and (tmp_path / ".merged.old" / "mine.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.old", "merged", "model", "my_stuff",
+                                                          "training_run"]
+
+
+def test_a_folder_merge_leaves_out_what_would_hold_the_unmerged_weights(setup, tmp_path):
+    """Beside the diffusers parts a repo may keep a single-file checkpoint, and a part may hold an fp16 variant or a
+    .bin twin of its weights: copied unmerged into the merged folder, they would be what another loader reads."""
+    family, d, comps, a, b = setup
+    import shutil
+
+    src = tmp_path / "repo"
+    shutil.copytree(d / "folder", src)
+    shutil.copy(d / "base.safetensors", src / "v1-5-pruned.safetensors")
+    shutil.copy(src / "unet" / "diffusion_pytorch_model.safetensors",
+                src / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    (src / "text_encoder" / "pytorch_model.bin").write_bytes(b"unmerged")
+    (src / "unused").mkdir()
+    (src / "unused" / "x.safetensors").write_bytes(b"unmerged")
+    (src / "README.md").write_text("the model card")
+    out = tmp_path / "merged"
+    merge(sd_model=str(src), models=[str(a)], ratios=[0.5], save_to=str(out))
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    want = sorted(str(p.relative_to(d / "folder")) for p in (d / "folder").rglob("*") if p.is_file())
+    assert files == sorted(want + ["README.md"])
+    merged = open_weights(out)
+    for name, value in expected_weights(comps, [(a, 0.5)]).items():
+        torch.testing.assert_close(merged.get(name), value, rtol=0, atol=2e-6)
+    merged.close()
 
 
 def test_failed_merge_leaves_no_partial_output(setup, tmp_path, monkeypatch):

@@ -111,6 +111,10 @@ def test_defaults_fill_only_unset_fields():
     ("a [cat:dog:0.5] on grass", "`\\[cat:dog:0.5\\]` in the prompt is A1111's prompt editing or alternation"),
     ("a [red|blue] ball --d 2", "`\\[red\\|blue\\]` in the prompt is A1111's prompt editing"),
     ("a photo --n [blurry::10]", "`\\[blurry::10\\]`"),
+    ("a cat --l nan", "must be ≥ 1 .*got nan"),
+    ("a cat --l inf", "must be ≥ 1 .*got inf"),
+    ("a cat --d 99999999999999999999999", "must be 0 to 4294967295"),
+    ("a cat --w 1000000", "multiple of 8 up to 4096"),
 ])
 def test_bad_lines_are_clear_errors(line, match):
     with pytest.raises(ConfigError, match=match):
@@ -126,6 +130,11 @@ def test_file_skips_comments_and_names_the_bad_line(tmp_path):
         parse_prompt_text("ok\nbad --w 7", source="p.txt")
     with pytest.raises(ConfigError, match="not found"):
         read_prompt_file(tmp_path / "missing.txt")
+    (tmp_path / "bom.txt").write_bytes("\ufeff# a comment, first line\na cat\n".encode())  # as Notepad saves it
+    assert [s.prompt for s in read_prompt_file(tmp_path / "bom.txt")] == ["a cat"]
+    (tmp_path / "latin.txt").write_bytes(b"a cat\n\xff\xfe bad\n")
+    with pytest.raises(ConfigError, match=r"prompt file latin.txt is not UTF-8 text \(byte 0xff on line 2\)"):
+        read_prompt_file(tmp_path / "latin.txt")
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ConfigError, match="no prompts"):
         read_prompt_file(tmp_path / "empty.txt")
@@ -177,6 +186,10 @@ def test_sd_scripts_json_prompt_file(tmp_path):
     ("p.json", '[3]', "prompt 1 of p.json must be a prompt line or a table"),
     ("p.json", '[]', "has no prompts"),
     ("p.json", '[{"prompt": "a <lora:x:1> dog"}]', "`<lora:x:1>` in the prompt .prompt 1 of p.json"),
+    ("p.json", '[{"prompt": "x", "seed": 1e30}]', "must be 0 to 4294967295"),
+    ("p.toml", '[prompt]\nwidth = 64\nsubset = 3\n', "`subset` must be a list of tables"),
+    ("p.toml", '[prompt]\nwidth = 64\nsubset = ["a cat"]\n', "`subset` must be a list of tables"),
+    ("p.toml", '[prompt]\nscale = nan\n[[prompt.subset]]\nprompt = "x"\n', "must be ≥ 1 .*got nan"),
 ])
 def test_bad_toml_and_json_prompt_files_name_the_problem(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)

@@ -423,7 +423,7 @@ def test_bad_device_optimizer_and_network_args_fail_before_the_model_loads(tmp_p
 
     monkeypatch.setattr(lorakit.models, "load_models", no_loading)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    base = dict(train_data_dir=str(tmp_path), output_dir=str(tmp_path / "out"), max_train_steps=1)
+    base = dict(train_data_dir=str(tmp_path / "data"), output_dir=str(tmp_path / "out"), max_train_steps=1)
     from lorakit.toy.examples import MARKER
 
     toy = tmp_path / "lessons"
@@ -1298,3 +1298,36 @@ def test_a_replacing_run_stopped_and_resumed_still_removes_the_earlier_run(tmp_p
     assert not (out / "state-00000004").exists()
     assert sorted(p.name for p in out.glob("state-0*")) == ["state-00000001", "state-00000002", "state-00000003"]
     assert TrainConfig.from_toml(out / "state-00000002" / "config.toml").max_train_steps == 3  # the new run's
+
+
+def test_an_output_dir_inside_the_training_images_is_refused(tmp_path, tiny_sd1_dir):
+    """The next run would train on the samples grid and loss plot written there."""
+    folder = one_image_data(tmp_path, "10_sks dog")
+    for out in (folder / "out", tmp_path / "data"):
+        with pytest.raises(ConfigError, match=r"`output_dir` .* is inside `train_data_dir`"):
+            lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                          output_dir=str(out), max_train_steps=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.png"]
+
+
+def test_running_out_of_memory_says_what_needs_less(tmp_path, tiny_sd1_dir):
+    """Colab's T4 runs out of memory before anything else: the error names the settings that need less, with
+    torch's own message kept as its cause."""
+    from lorakit.errors import OutOfMemory, memory_advice
+
+    one_image_data(tmp_path)
+
+    def oom(info):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 14.75 GiB total)")
+
+    with pytest.raises(OutOfMemory, match=r"out of memory on the GPU \(CUDA out of memory\. Tried.*\): set "
+                                          r"`gradient_checkpointing = true`, a lower `train_batch_size`") as e:
+        lorakit.train(pretrained_model_name_or_path=str(tiny_sd1_dir), train_data_dir=str(tmp_path / "data"),
+                      output_dir=str(tmp_path / "out"), max_train_steps=2, callbacks={"on_step": oom})
+    assert isinstance(e.value.__cause__, torch.OutOfMemoryError)
+    with pytest.raises(OutOfMemory, match=r"on this machine \(\[enforce fail .*can't allocate memory.*\): lower"):
+        with memory_advice("lower it"):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    with pytest.raises(RuntimeError, match="^something else$"):  # other errors pass through as they are
+        with memory_advice("lower it"):
+            raise RuntimeError("something else")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError
-from .schema import JobConfig, option
+from .schema import IMAGE_SIZE_MAX, JobConfig, option
 from .train import SAMPLER_ALIASES, SAMPLERS, SAVE_PRECISIONS
 
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`: how far back a full prompt window looks for a comma
@@ -154,9 +154,9 @@ class GenerateConfig(JobConfig):
     guidance_scale: float = option(7.5, "Classifier-free guidance scale (1: no guidance, the negative prompt "
                                    "unused; below 1 diffusers would sample as 1).", group="sampling", min=1.0)
     width: int | None = option(None, "Image width (multiple of 8). Unset: the model's native size.",
-                               group="sampling", min=8)
+                               group="sampling", min=8, max=IMAGE_SIZE_MAX)
     height: int | None = option(None, "Image height (multiple of 8). Unset: the model's native size.",
-                                group="sampling", min=8)
+                                group="sampling", min=8, max=IMAGE_SIZE_MAX)
     seed: int | None = option(42, "Random seed (same seed, same image; none: a random one, written into each PNG).",
                               group="sampling", min=0)
     num_images: int = option(1, "Images per prompt.", group="sampling", min=1)

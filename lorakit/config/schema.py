@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import types
@@ -173,10 +174,19 @@ def _canonical_choice(spec: FieldSpec, value):
     return next((c for c in spec.choices if isinstance(c, str) and c.lower() == value.lower()), value)
 
 
+# seeds are A1111's 32-bit numbers; lorakit derives per-step and per-image seeds from them, all within torch's range
+SEED_MAX = 2**32 - 1
+IMAGE_SIZE_MAX = 4096  # pixels a side of a generated image: SD's U-Net at 4096² already needs tens of GB
+
+
 def _check_range(spec: FieldSpec, item, where: str = "") -> None:
-    """The field's choices and bounds, for one (scalar) value."""
+    """The field's choices and bounds, for one (scalar) value; a float is a finite number, a seed below 2^32."""
     if spec.choices is not None and item not in spec.choices:
         raise ConfigError(f"`{spec.name}` must be one of {', '.join(map(str, spec.choices))}; got {item!r}{where}")
+    if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"`{spec.name}` must be a finite number, got {item}{where}")
+    if spec.name.endswith("seed") and isinstance(item, int) and not isinstance(item, bool) and item > SEED_MAX:
+        raise ConfigError(f"`{spec.name}` must be ≤ {SEED_MAX} (2^32 − 1), got {item}{where}")
     if isinstance(item, (int, float)) and not isinstance(item, bool):
         if spec.min is not None and item < spec.min:
             random = " (A1111's -1 for a random seed is `none` here)" if spec.name.endswith("seed") and item == -1 \
@@ -387,9 +397,10 @@ def read_toml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    from ..fileio import read_utf8
+
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(read_utf8(path, "config file"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path.name}: invalid TOML ({e})") from None
 

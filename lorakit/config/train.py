@@ -462,6 +462,10 @@ class TrainConfig(JobConfig):
                                    "compare the LoRA's samples with.", group="samples")
 
     def check(self) -> None:
+        name = self.output_name
+        if not name.strip() or name.strip() != name or "/" in name or "\\" in name or name.startswith("."):
+            raise ConfigError(f"`output_name` must be a plain file name (no folders, not empty, no leading dot or "
+                              f"space), got {name!r}: the LoRA is `output_dir/<output_name>.{self.save_model_as}`")
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ConfigError("`network_train_unet_only` and `network_train_text_encoder_only` cannot both be set: "
                               "choose one, or neither to train both")

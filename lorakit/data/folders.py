@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DatasetError
+from ..fileio import read_utf8
 from .captions import caption_key, read_caption_file
 from .images import (
     IMAGE_EXTENSIONS,
@@ -228,7 +229,7 @@ def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
     out: dict[Path, str] = {}
     if meta.suffix == ".jsonl":
         data = {}
-        for n, line in enumerate(meta.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for n, line in enumerate(read_utf8(meta, "metadata file", DatasetError).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -249,7 +250,7 @@ def _metadata_captions(subset: Subset, report: LoadReport) -> dict[Path, str]:
             out[subset.image_dir / name] = caption.strip()
     else:
         try:
-            data = json.loads(meta.read_text(encoding="utf-8-sig"))
+            data = json.loads(read_utf8(meta, "metadata file", DatasetError))
         except json.JSONDecodeError as e:
             raise DatasetError(f"{meta}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
