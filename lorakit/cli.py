@@ -6,8 +6,10 @@ Precedence: schema default < TOML file < command-line flag. Errors become one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -239,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_toml() + (_datasets_read(cfg) if cfg.job == "train" else ""), end="")
             return 0
         run_job(cfg)
+        sys.stdout.flush()  # here, so that a reader gone away is the BrokenPipeError below, not one at exit
+    except BrokenPipeError:  # the output went to a reader that stopped (`lorakit inspect f | head`): stop quietly
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command ended by SIGPIPE
     except LorakitError as e:
         print(f"lorakit {argv[0] if argv else ''}: error: {e}", file=sys.stderr)
         return 2

@@ -386,6 +386,20 @@ def test_inspect_cli_prints_the_summary(tiny_sd1_dir, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`lorakit inspect f | head`: the pipe closes before the report is written; no 'Broken pipe' error."""
+    import subprocess
+    import sys
+
+    save_file(hand_written(HAND_SD1), str(tmp_path / "hand.safetensors"))
+    code = "import sys; from lorakit.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "inspect", str(tmp_path / "hand.safetensors")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == "", err
+
+
 def test_modelspec_architecture_follows_the_prediction_type_not_the_size():
     """sd-scripts' rule: an SD2 LoRA is `768-v` when its model predicts v, whatever size it was trained at — an
     SD2-768-v LoRA trained at 512 px and an SD2-base LoRA trained at 768 px keep their model's label."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import nbformat
@@ -106,7 +107,11 @@ def test_the_readme_s_first_command_trains_the_lora_the_notebooks_use():
     for lesson in ("dreambooth", "captions"):
         toml = tomllib.loads((root / "data_examples" / f"{lesson}.toml").read_text())
         lessons[lesson] = f"{toml['output_dir']}/{toml['output_name']}.safetensors"
-    assert f"It writes `{lessons['dreambooth']}`" in (root / "README.md").read_text()
+    readme = (root / "README.md").read_text()
+    assert f"It writes `{lessons['dreambooth']}`" in readme
+    # the README's examples that use a lesson's LoRA name the file the lesson writes
+    named = re.findall(r"[\w./-]*(?:sks_shape|striped)\.safetensors", readme)
+    assert named and set(named) <= set(lessons.values()), named
     p02, p03 = _parameters("02_train_dreambooth_lora"), _parameters("03_train_caption_lora")
     assert f"{p02['OUTPUT_DIR']}/{p02['OUTPUT_NAME']}.safetensors" == lessons["dreambooth"]
     assert f"{p03['OUTPUT_DIR']}/{p03['OUTPUT_NAME']}.safetensors" == lessons["captions"]
