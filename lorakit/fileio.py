@@ -98,6 +98,7 @@ def _umask() -> int:
 # what `atomic_path` and `temp_folder` leave behind when the process is killed mid-write
 _STALE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 _STALE_STATE = re.compile(r"^\.state-\d{8}\.[a-z0-9_]{8}$")
+_STALE_SAFETENSORS = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")  # safetensors' own temporary file, inside ours
 
 
 def remove_stale_temporaries(folder: Path) -> list[str]:
@@ -106,7 +107,7 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     (`.state-<step>.old.<random>`) is kept: resuming puts it back."""
     removed = []
     for path in folder.iterdir() if folder.is_dir() else ():
-        if path.is_file() and _STALE.match(path.name):
+        if path.is_file() and (_STALE.match(path.name) or _STALE_SAFETENSORS.match(path.name)):
             path.unlink(missing_ok=True)
         elif path.is_dir() and not path.is_symlink() and _STALE_STATE.match(path.name):
             shutil.rmtree(path, ignore_errors=True)
@@ -266,7 +267,8 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False):
             if mmap:  # a file system that cannot map files (some network mounts): read it instead
                 mmap = False
                 continue
-            raise ModelLoadError(f"{path.name}: not a readable checkpoint ({str(e).splitlines()[0][:200]})") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ModelLoadError(f"{path.name}: not a readable checkpoint ({reason})") from None
     raise UnsafeCheckpointError(f"{path.name}: refused to load — too many objects that are not tensors")
 
 

@@ -26,6 +26,7 @@ from .errors import TrainingError
 from .fileio import safe_torch_load, save_safetensors, sync, temp_folder, torch_save, write_text
 
 LATEST = "state-latest.txt"
+CLEARED = "none"  # what state-latest.txt holds when it deliberately names no state
 SAVED_WITH = "saved_with.txt"  # in a state folder: the tag of the LoRA save it was written with
 
 
@@ -103,17 +104,21 @@ def save_state(output_dir: str | Path, *, params: dict[str, torch.Tensor], optim
 
 def find_state(resume: str, output_dir: str | Path) -> Path | None:
     """The state folder named by `resume`: a folder path, `latest` (the newest in `output_dir`), or `auto` (the
-    newest in `output_dir` if there is one, else None: a new run)."""
+    newest in `output_dir` if there is one, else None: a new run). The newest is the one `state-latest.txt` names;
+    when that file is lost or damaged, the state folder of the highest step."""
     output_dir = Path(output_dir)
     if resume in ("latest", "auto"):
-        pointer = output_dir / LATEST
-        if not pointer.is_file() and resume == "auto":
-            return None
-        if not pointer.is_file():
-            raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is missing): "
-                                f"train with `save_state = true` first")
-        folder = output_dir / pointer.read_text(encoding="utf-8").strip()
-        _put_back(folder)
+        folder = _latest_named(output_dir)
+        if folder is None:
+            newest = [] if _pointer_text(output_dir) == CLEARED else _complete_states(output_dir)
+            if not newest:
+                if resume == "auto":
+                    return None
+                raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is "
+                                    f"missing): train with `save_state = true` first")
+            folder = newest[-1]
+            print(f"note: {LATEST} in {output_dir} is missing or names no state; resuming from the state of the "
+                  f"highest step, {folder.name}", flush=True)
     else:
         folder = Path(resume)
     if not (folder / "train_state.pt").is_file() or not (folder / "lora_params.safetensors").is_file():
@@ -124,6 +129,37 @@ def find_state(resume: str, output_dir: str | Path) -> Path | None:
         raise TrainingError(f"`resume`: {folder} is not a state folder written by `save_state` "
                             f"(needs train_state.pt and lora_params.safetensors)")
     return folder
+
+
+def _pointer_text(output_dir: Path) -> str | None:
+    pointer = output_dir / LATEST
+    return pointer.read_bytes().decode("utf-8", errors="replace").strip() if pointer.is_file() else None
+
+
+def clear_latest(output_dir: str | Path) -> None:
+    """Make `state-latest.txt` name no state (a run replacing an earlier one, until it saves its own): `resume =
+    auto` then starts afresh rather than continuing the replaced run's highest state."""
+    write_text(Path(output_dir) / LATEST, CLEARED + "\n")
+
+
+def _latest_named(output_dir: Path) -> Path | None:
+    """The state folder `state-latest.txt` names (a state of this folder: `state-<step>`), or None."""
+    import re
+
+    name = _pointer_text(output_dir)
+    if name is None or not re.fullmatch(r"state-\d{8}", name):
+        return None
+    folder = output_dir / name
+    _put_back(folder)
+    return folder if folder.is_dir() else None
+
+
+def _complete_states(output_dir: Path) -> list[Path]:
+    """The state folders in `output_dir` that hold both files, by step."""
+    import re
+
+    return sorted(f for f in output_dir.glob("state-*") if re.fullmatch(r"state-\d{8}", f.name)
+                  and (f / "train_state.pt").is_file() and (f / "lora_params.safetensors").is_file())
 
 
 def _put_back(folder: Path) -> None:
@@ -139,8 +175,17 @@ def load_state(folder: str | Path) -> TrainState:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    data = safe_torch_load(folder / "train_state.pt")
-    params = load_file(str(folder / "lora_params.safetensors"))
+    try:
+        data = safe_torch_load(folder / "train_state.pt")
+        params = load_file(str(folder / "lora_params.safetensors"))
+        if not isinstance(data, dict) or "optimizer" not in data:
+            raise ValueError("train_state.pt holds no training state")
+    except Exception as e:  # a state damaged on the disk (a sync gone wrong): name it, and the one before
+        earlier = [f for f in _complete_states(folder.parent) if f.name < folder.name]
+        hint = (f"; resume from the one before it: `resume = \"{earlier[-1]}\"`" if earlier else
+                "; no earlier state is in its folder (`resume = none` starts afresh)")
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainingError(f"`resume`: the state {folder} is damaged ({reason}){hint}") from None
     return TrainState(params=params, optimizer=data["optimizer"], scheduler=data["scheduler"], scaler=data["scaler"],
                       step=int(data["step"]), epoch=int(data["epoch"]), batches_done=int(data["batches_done"]),
                       rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder,
@@ -165,11 +210,12 @@ def restore_params(named: dict[str, torch.nn.Parameter], saved: dict[str, torch.
 
 def saved_state_in(output_dir: str | Path) -> Path | None:
     """The newest state folder `save_state` left in `output_dir`, or None."""
-    pointer = Path(output_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    folder = Path(output_dir) / pointer.read_text(encoding="utf-8").strip()
-    return folder if (folder / "train_state.pt").is_file() else None
+    output_dir = Path(output_dir)
+    folder = _latest_named(output_dir)
+    if folder is not None and (folder / "train_state.pt").is_file():
+        return folder
+    states = [] if _pointer_text(output_dir) == CLEARED else _complete_states(output_dir)
+    return states[-1] if states else None
 
 
 def check_layout(saved: dict | None, current: dict, folder: Path) -> None:
@@ -200,7 +246,9 @@ def check_config(saved: dict | None, current: dict, folder: Path) -> None:
     """A state continues its own run: refuse one saved with other training options (learning rates, network,
     optimizer, noise, captions, ...), naming what changed, instead of continuing with the saved optimizer's rates
     under the new settings' name. `saved`/`current`: `TrainConfig.to_dict()` of the state's config and this run's."""
-    if saved is None:
+    if saved is None:  # lost, damaged, or written by another version: the options cannot be compared
+        print(f"warning: {folder} has no readable config.toml, so this run's options cannot be checked against "
+              f"those it was saved with: resuming exactly needs the same options", flush=True)
         return
     changed = [f"{key} {saved.get(key)!r} → {current.get(key)!r}" for key in sorted(set(saved) | set(current))
                if key not in RESUMABLE_CHANGES and saved.get(key) != current.get(key)]

@@ -38,9 +38,9 @@ from .sampling import eval_mode
 from .save_rotation import earlier_run, prune_saves, remove_replaced
 from .skip_gradients import frozen_skip_gradients
 from .train_state import (
-    LATEST,
     check_config,
     check_layout,
+    clear_latest,
     find_state,
     load_state,
     restore_params,
@@ -153,11 +153,22 @@ def optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm: float | 
     return stepped
 
 
+def _identity(path: Path) -> str:
+    """An image as a resumed run must find it again: its folder's and its own name (the data may move, with
+    `train_data_dir`), and its size in bytes (other pixels under the same name)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    return f"{path.parent.name}/{path.name}:{size}"
+
+
 def run_layout(cfg: TrainConfig, dataset) -> dict:
-    """What a saved position means: the images (and repeats) drawn, batches per epoch, accumulation."""
+    """What a saved position means: the images (their folders, names and sizes) and repeats drawn, batches per
+    epoch, accumulation."""
     import hashlib
 
-    images = sorted(f"{ex.item.path.name}:{ex.item.repeats}:{ex.batch_size}" for ex in dataset.examples)
+    images = sorted(f"{_identity(ex.item.path)}:{ex.item.repeats}:{ex.batch_size}" for ex in dataset.examples)
     return {"images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16] + f" ({len(images)} draws)",
             "batches per epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
@@ -296,7 +307,7 @@ def _train_loop(cfg: TrainConfig, run, cbs: Callbacks) -> TrainResult:
         run.log(f"note: {cfg.output_dir} holds a saved state ({found.name}) that this run does not continue: it "
                 f"starts at step 0 (set `resume = latest` or `auto` to continue it)")
         if cfg.overwrite:  # until this run saves its own, `resume = auto` must not pick up the run it replaces
-            (Path(cfg.output_dir) / LATEST).unlink(missing_ok=True)
+            clear_latest(cfg.output_dir)
     # a run that replaces an earlier one (`overwrite`) removes what that run left, once it has finished itself
     replacing = cfg.overwrite and folder is None
     earlier = earlier_run(cfg.output_dir, cfg.output_name, cfg.save_model_as) if replacing else {}

@@ -122,7 +122,8 @@ def test_folders_written_whole_get_the_umask_mode(tmp_path):
 def test_what_a_killed_write_left_is_removed_and_nothing_else(tmp_path):
     from lorakit.fileio import remove_stale_temporaries
 
-    left = [".lora.safetensors.k2j_9xq1.tmp", ".loss_history.csv.abcdefgh.tmp"]
+    # the last: safetensors' own temporary file, written inside lorakit's when the run was killed
+    left = [".lora.safetensors.k2j_9xq1.tmp", ".loss_history.csv.abcdefgh.tmp", ".tmpuDrLVR"]
     kept = ["lora.safetensors", ".hidden.tmp", "notes.tmp", ".state-00000004.old.abcd1234"]
     for name in left + kept[:3]:
         (tmp_path / name).write_text("x")

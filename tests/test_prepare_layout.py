@@ -75,6 +75,15 @@ def test_explicit_repeats_nested_sources_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         make_dreambooth_layout(tmp_path / "empty", tmp_path / "out2", "sks", "dog")
+    # files that only have an image's name are left out, and not counted in the repeats' steps
+    (src / "a" / "fake.jpg").write_text("not an image")
+    (src / "a" / "cut.png").write_bytes(encode(drawn_image(5, (64, 64)), "PNG")[:60])
+    layout = make_dreambooth_layout(src, tmp_path / "out3", "ohwx", "woman", repeats=3, verbose=False)
+    assert sorted(p.name for p in layout.folder.iterdir()) == ["b_x.png", "x.png"] and layout.n_images == 2
+    (tmp_path / "fakes").mkdir()
+    (tmp_path / "fakes" / "a.png").write_text("text")
+    with pytest.raises(DatasetError, match=r"no images .*: its 1 file\(s\) with an image's name do not decode"):
+        make_dreambooth_layout(tmp_path / "fakes", tmp_path / "out4", "sks", "dog")
 
 
 def test_prepare_dreambooth_action(flat, tmp_path, capsys):
@@ -184,3 +193,21 @@ def test_a_replace_output_run_that_fails_leaves_the_earlier_output(flat, tmp_pat
     monkeypatch.setattr(layout, "write_bytes", real)
     prepare(**run, replace_output=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db", "flat"]
+
+
+def test_replace_output_replaces_the_latents_training_cached_in_it(flat, tmp_path):
+    """A notebook's Run-all: prepare, train with `cache_latents_to_disk` (the cache lands beside the images), and
+    prepare again; the cache is lorakit's own, so it does not count as a file the user added."""
+    out = tmp_path / "db"
+    run = dict(action="dreambooth", input_dir=str(flat), output_dir=str(out), identifier="sks", class_name="dog",
+               repeats=2)
+    prepare(**run)
+    cache = out / "2_sks dog" / ".lorakit_latents"
+    cache.mkdir()
+    (cache / "img0.png.64x64.safetensors").write_bytes(b"cached latents")
+    (out / "2_sks dog" / "mine.txt").write_text("a file of the user's")
+    with pytest.raises(DatasetError, match=r"would delete 1 file\(s\) .*: 2_sks dog/mine.txt; move them"):
+        prepare(**run, replace_output=True)
+    (out / "2_sks dog" / "mine.txt").unlink()
+    prepare(**run, replace_output=True)
+    assert not cache.exists() and (out / "2_sks dog" / "img0.png").is_file()

@@ -243,6 +243,12 @@ def test_resume_refuses_a_state_saved_over_other_batches(tmp_path, tiny_sd1_dir,
                                             r"\(5 draws\)' → '\w+ \(6 draws\)'; batches per epoch 5 → 6"):
         lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
     (dataset / "1_sks toy" / "9.png").unlink()
+    # the same names, other pixels (another dataset copied over, inverted images)
+    original = (dataset / "1_sks toy" / "4.png").read_bytes()
+    Image.new("RGB", (80, 64), "white").save(dataset / "1_sks toy" / "4.png")
+    with pytest.raises(TrainingError, match=r"since it was saved, images '\w+ \(5 draws\)' → '\w+ \(5 draws\)'"):
+        lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
+    (dataset / "1_sks toy" / "4.png").write_bytes(original)
     with pytest.raises(TrainingError, match="gradient_accumulation_steps 2 → 1"):
         lorakit.train(resume="latest", **{**settings(tiny_sd1_dir, dataset, out), "gradient_accumulation_steps": 1})
     assert lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out)).steps == 7
@@ -339,3 +345,35 @@ def test_a_state_folder_of_another_tool_is_named_as_such(tmp_path):
         find_state(str(theirs), tmp_path)
     with pytest.raises(TrainingError, match="is not a state folder written by `save_state`"):
         find_state(str(tmp_path), tmp_path)
+
+
+def test_a_damaged_or_lost_state_pointer_and_a_damaged_state(tmp_path, tiny_sd1_dir, dataset, capsys):
+    """On Drive a sync can lose `state-latest.txt` or damage a state: `latest` then takes the state of the highest
+    step, never a folder outside the run's; a damaged state is named, with the one before it to resume from."""
+    import shutil
+
+    out = tmp_path / "run"
+    with pytest.raises(Killed):
+        lorakit.train(callbacks=KillAt(5), **settings(tiny_sd1_dir, dataset, out))  # states at steps 2 and 4
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    pointer = out / "state-latest.txt"
+    for damage in (b"\x00\xff\xfegarbage\n", b"", b"../other/state-00000004\n", None):
+        pointer.unlink()
+        if damage is not None:
+            pointer.write_bytes(damage)
+        from lorakit.train_state import find_state
+
+        assert find_state("latest", out) == find_state("auto", out) == out / "state-00000004"
+        assert "resuming from the state of the highest step, state-00000004" in capsys.readouterr().out
+    state = out / "state-00000004"
+    for name, damage in (("train_state.pt", b""), ("lora_params.safetensors", b"\x10\x00")):
+        kept = (state / name).read_bytes()
+        (state / name).write_bytes(damage)
+        with pytest.raises(TrainingError, match=rf"the state .*state-00000004 is damaged \(.+\); resume from the "
+                                                rf"one before it: `resume = \"{out / 'state-00000002'}\"`"):
+            lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out))
+        (state / name).write_bytes(kept)
+    (state / "config.toml").unlink()  # the options cannot be compared: said, and the run goes on
+    assert lorakit.train(resume="latest", **settings(tiny_sd1_dir, dataset, out)).steps == 7
+    assert "has no readable config.toml, so this run's options cannot be checked" in capsys.readouterr().out

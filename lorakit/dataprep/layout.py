@@ -62,6 +62,20 @@ class DreamBoothLayout:
         return self.summary()
 
 
+def _decodes(data: bytes) -> bool:
+    """Whether an image file's bytes decode whole (not a renamed text file, not cut short)."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+        return True
+    except Exception:  # PIL raises many kinds for broken files
+        return False
+
+
 def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, identifier: str, class_name: str,
                            repeats: int | None = None, target_steps: int = 1600, batch_size: int = 1, *,
                            epochs: int = 10, with_reg: bool = False, caption_extension: str = ".txt",
@@ -76,9 +90,15 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
         raise DatasetError(f"`output_dir` ({dst}) must be outside the input folder {src}")
     with DatasetSource(src) as source:
         files = source.files()
-        images = [rel for rel, size in files if rel.lower().endswith(IMAGE_EXTENSIONS) and size > 0]
+        named = [rel for rel, size in files if rel.lower().endswith(IMAGE_EXTENSIONS) and size > 0]
+        images = [rel for rel in named if _decodes(source.read(rel))]  # the repeats are sized for these
         if not images:
-            raise DatasetError(f"{src} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise DatasetError(f"{src} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                               + (f": its {len(named)} file(s) with an image's name do not decode" if named else ""))
+        unreadable = [rel for rel in named if rel not in set(images)]
+        if unreadable and verbose:
+            print(f"left out {len(unreadable)} file(s) that do not decode as images (`prepare check` lists why): "
+                  + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
         captions = {stem_key(rel): rel for rel, _ in files if rel.lower().endswith(caption_extension)}
         if repeats is None:
             repeats = suggest_repeats(len(images), target_steps, epochs, batch_size, with_reg)

@@ -17,10 +17,13 @@ OUTPUT_MARKER = ".lorakit-prepare"
 
 
 def _files(folder: Path) -> dict[str, list[int]]:
-    """`{relative path: [size, mtime_ns]}` of every file under `folder` but the marker."""
+    """`{relative path: [size, mtime_ns]}` of every file under `folder` but the marker and the latents a training
+    run cached beside the images (`cache_latents_to_disk`: lorakit's own, made again when needed)."""
+    from ..data.latents import CACHE_DIR
+
     out = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != OUTPUT_MARKER:
+        if path.is_file() and path.name != OUTPUT_MARKER and CACHE_DIR not in path.relative_to(folder).parts:
             stat = path.stat()
             out[path.relative_to(folder).as_posix()] = [stat.st_size, stat.st_mtime_ns]
     return out
