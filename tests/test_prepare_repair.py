@@ -185,6 +185,11 @@ def test_refuses_to_write_into_the_originals(tmp_path):
     with pytest.raises(ValueError, match="`background`"):
         repair_dataset(src, tmp_path / "new", background="not-a-colour")
     assert sorted(p.name for p in src.iterdir()) == ["a.png"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("no images here")
+    with pytest.raises(DatasetError, match="holds no image files to repair"):
+        repair_dataset(tmp_path / "empty", tmp_path / "clean")
+    assert not (tmp_path / "clean").exists()
 
 
 def test_default_caption_leaves_dreambooth_folder_tokens_alone(tmp_path):

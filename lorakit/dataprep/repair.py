@@ -154,6 +154,8 @@ def repair_dataset(
     aside = dst.parent / f"{dst.name}_set_aside"
     before = check_dataset(src, resolution, caption_extension=caption_extension, tokenizer=tokenizer,
                            workers=workers)
+    if not before.records:
+        raise DatasetError(f"{src} holds no image files to repair")
     policy = {"duplicate": duplicates, "near_duplicate": near_duplicates, "too_small": too_small}
 
     plans: list[tuple[ImageRecord, str, str]] = []  # (record, action, reason)
