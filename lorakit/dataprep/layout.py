@@ -95,7 +95,8 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
         if not images:
             raise DatasetError(f"{src} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                                + (f": its {len(named)} file(s) with an image's name do not decode" if named else ""))
-        unreadable = [rel for rel in named if rel not in set(images)]
+        decoded = set(images)
+        unreadable = [rel for rel in named if rel not in decoded]
         if unreadable and verbose:
             print(f"left out {len(unreadable)} file(s) that do not decode as images (`prepare check` lists why): "
                   + ", ".join(unreadable[:5]) + (" ..." if len(unreadable) > 5 else ""))
