@@ -65,8 +65,9 @@ def get_family(name_or_v2: str | bool) -> Family:
 
 
 def base_model_version(family: Family, prediction_type: str) -> str:
-    """ss_base_model_version: `sd_v1`, `sd_v2`, `sd_v2_v` (v-prediction)."""
-    return family.base_model_version + ("_v" if family.v2 and prediction_type == "v_prediction" else "")
+    """ss_base_model_version: `sd_v1`, `sd_v2`, and `_v` after either for v-prediction (`sd_v2_v`; an SD1
+    v-prediction fine-tune's `sd_v1_v`), as sd-scripts' `get_model_version_str_for_sd1_sd2` writes it."""
+    return family.base_model_version + ("_v" if prediction_type == "v_prediction" else "")
 
 
 def modelspec_architecture(family: Family, prediction_type: str) -> str:

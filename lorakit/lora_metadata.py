@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import io
 import json
@@ -107,6 +108,31 @@ def lora_base_metadata(family, prediction_type: str, *, network_dim: int | None,
     return stringify_metadata(meta)
 
 
+def base_model_hashes(model: str) -> dict[str, str]:
+    """`ss_sd_model_hash` (A1111's old 8-digit hash) and `ss_new_sd_model_hash` (the file's sha256) of a base model
+    given as a single file, as sd-scripts writes them: A1111 and model sites find the base checkpoint by them. A
+    folder or a Hub id has none."""
+    path = Path(str(model))
+    if not path.is_file():
+        return {}
+    st = path.stat()
+    legacy, full = _file_hashes(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    return {"ss_sd_model_hash": legacy, "ss_new_sd_model_hash": full}
+
+
+@functools.lru_cache(maxsize=4)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> tuple[str, str]:
+    """Read once per run (a multi-GB checkpoint): keyed by the file's size and modification time too."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        legacy = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+        f.seek(0)
+        full = hashlib.sha256()
+        while chunk := f.read(1 << 24):
+            full.update(chunk)
+    return legacy, full.hexdigest()
+
+
 def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | None = None,
                    training_started_at: str | None = None, training_finished_at: str | None = None,
                    resolution: int | tuple | None = None, num_train_images: int | None = None,
@@ -118,7 +144,7 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
 
     `cfg` is the `TrainConfig` (the only source of option values), `components` the `SDComponents` trained on;
     the keyword arguments are what only the training run knows. With `cfg.no_metadata` only the keys readers
-    need to identify the file are kept (as sd-scripts does).
+    need to identify the file are kept, the modelspec block with them (as sd-scripts does).
     """
     conv_dim, conv_alpha = cfg.resolved_conv
     if resolution is None:
@@ -130,8 +156,9 @@ def build_metadata(cfg, components, *, steps: int | None = None, epoch: int | No
         conv_dim=conv_dim, conv_alpha=conv_alpha, resolution=resolution, title=cfg.output_name,
         clip_skip=cfg.clip_skip, network_args={k: v for k, v in cfg.network_options.items()
                                                if k not in ("conv_dim", "conv_alpha")})  # those come resolved
-    if cfg.no_metadata:
-        return {k: v for k, v in meta.items() if k in MINIMAL_KEYS}
+    if cfg.no_metadata:  # as sd-scripts: the minimal ss_* keys, and the modelspec block all the same
+        return {k: v for k, v in meta.items() if k in MINIMAL_KEYS or k.startswith("modelspec.")}
+    meta.update(base_model_hashes(cfg.pretrained_model_name_or_path))
     meta.update(stringify_metadata({
         "ss_sd_model_name": Path(str(cfg.pretrained_model_name_or_path)).name,
         "ss_output_name": cfg.output_name,

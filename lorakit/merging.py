@@ -159,6 +159,13 @@ def _check_output(save_to: str, inputs: Sequence[str], overwrite: bool, allow_fo
     return out
 
 
+def merged_from(loras: Sequence[LoadedLora], base: str | None = None) -> str:
+    """`modelspec.merged_from` as sd-scripts writes it: the titles of the inputs (a file's `modelspec.title`, else
+    its name), the base model's first when merging into one."""
+    titles = [lo.metadata.get("modelspec.title") or Path(lo.path).stem for lo in loras]
+    return ", ".join(([base] if base else []) + titles)
+
+
 class _AtomicFolder:
     """A temporary folder next to `dest`, moved onto `dest` on success and removed on failure."""
 
@@ -305,6 +312,10 @@ def _merge_into_model(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult
             # the base's hashes describe the base's weights, not the merged ones
             meta = {k: v for k, v in meta.items() if not k.startswith(("sshs_", "modelspec.hash_"))}
             meta["lorakit.merged_loras"] = ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios))
+            meta["modelspec.merged_from"] = merged_from(loras, base=meta.get("modelspec.title")
+                                                        or Path(cfg.sd_model).stem)
+            if "modelspec.title" in meta:  # the merged model is a model of its own name
+                meta["modelspec.title"] = out.stem
             _merge_single_file(base, plan, out, dtype, cfg.save_precision, meta, cfg.device)
         elif streamable_folder:
             _merge_folder(base, plan, out, dtype, cfg.save_precision, cfg.device)
@@ -386,6 +397,7 @@ def _merge_loras(cfg: MergeConfig, loras, ratios, out: Path) -> MergeResult:
         network_alpha=(linear[0].alpha if linear else None), title=out.stem, resolution=_resolution_of(first_meta),
         conv_dim=max(f.rank for f in conv) if conv else None, conv_alpha=conv[0].alpha if conv else None,
         extra={"lorakit.merged_loras": ", ".join(f"{Path(lo.path).name}:{r:g}" for lo, r in zip(loras, ratios)),
+               "modelspec.merged_from": merged_from(loras),
                "lorakit.merge_mode": cfg.merge_mode,
                **({"lorakit.dynamic_rank": f"{cfg.dynamic_method}={cfg.dynamic_param:g}"} if dynamic else {}),
                **({"lorakit.merge_relative_error": {c: f"{e:.6f}" for c, e in errors.items()}} if errors else {})})

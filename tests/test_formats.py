@@ -244,7 +244,8 @@ def test_build_metadata_from_the_train_config(tiny_sd1_dir):
     assert json.loads(meta["ss_tag_frequency"]) == {"10_sks dog": {"sks": 10, "dog": 10}}
     assert TrainConfig.from_dict(json.loads(meta[TRAINING_CONFIG_KEY])).to_dict() == cfg.to_dict()
     minimal = build_metadata(cfg.replace(no_metadata=True), comps)
-    assert set(minimal) == set(MINIMAL_KEYS)
+    assert {k for k in minimal if not k.startswith("modelspec.")} == set(MINIMAL_KEYS)
+    assert minimal["modelspec.architecture"] == "stable-diffusion-v1/lora"  # sd-scripts writes modelspec all the same
     assert minimal["ss_base_model_version"] == "sd_v1" and TRAINING_CONFIG_KEY not in minimal
 
 
@@ -400,6 +401,21 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     assert proc.wait() == 141 and err == "", err
 
 
+def test_a_single_file_base_model_is_named_by_a1111_s_hashes(tmp_path, tiny_sd1_dir):
+    """As sd-scripts: the old 8-digit hash (64 KiB at 1 MiB) and the sha256 of the whole file; none for a folder."""
+    import hashlib
+
+    comps = load_models(str(tiny_sd1_dir))
+    data = bytes(range(256)) * 5000  # 1.28 MB
+    (tmp_path / "model.safetensors").write_bytes(data)
+    cfg = TrainConfig.from_dict({"pretrained_model_name_or_path": str(tmp_path / "model.safetensors")})
+    meta = build_metadata(cfg, comps)
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == hashlib.sha256(data).hexdigest()
+    assert "ss_sd_model_hash" not in build_metadata(cfg.replace(pretrained_model_name_or_path=str(tiny_sd1_dir)),
+                                                    comps)
+
+
 def test_modelspec_architecture_follows_the_prediction_type_not_the_size():
     """sd-scripts' rule: an SD2 LoRA is `768-v` when its model predicts v, whatever size it was trained at — an
     SD2-768-v LoRA trained at 512 px and an SD2-base LoRA trained at 768 px keep their model's label."""
@@ -413,6 +429,10 @@ def test_modelspec_architecture_follows_the_prediction_type_not_the_size():
     assert arch(SD2, "v_prediction", 512) == ("stable-diffusion-v2-768-v/lora", "v")
     assert arch(SD2, "epsilon", 768) == ("stable-diffusion-v2-512/lora", "epsilon")
     assert arch(SD1, "epsilon", 768) == ("stable-diffusion-v1/lora", "epsilon")
+    # ss_base_model_version marks v-prediction for either family, as sd-scripts does
+    versions = [lora_base_metadata(f, p, network_dim=4, network_alpha=4, resolution=512)["ss_base_model_version"]
+                for f, p in ((SD1, "epsilon"), (SD1, "v_prediction"), (SD2, "epsilon"), (SD2, "v_prediction"))]
+    assert versions == ["sd_v1", "sd_v1_v", "sd_v2", "sd_v2_v"]
 
 
 def test_loras_in_the_original_models_names_are_named_as_such(tmp_path):

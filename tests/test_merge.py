@@ -57,6 +57,10 @@ def test_merged_single_file_is_w_plus_deltas_and_diffusers_reads_it(setup):
     merge(sd_model=str(d / "base.safetensors"), models=[str(a), str(b)], ratios=[0.7, 0.4], save_to=str(out),
           overwrite=True)
     expected = expected_weights(comps, [(a, 0.7), (b, 0.4)])
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:  # sd-scripts' record of what was merged: the base, then the LoRAs
+        assert f.metadata()["modelspec.merged_from"] == f"base, {a.stem}, {b.stem}"
     merged = open_weights(out)
     base = StateDictWeights.from_components(comps)
     kinds = set()
@@ -146,8 +150,9 @@ def test_lora_plus_lora_exact_modes(setup, mode):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     if mode == "svd":
         assert max(result.errors.values()) < 1e-3
-    modules = parse_kohya(load_lora_file(out)[0])
-    assert max(m.rank for m in modules.values()) == 5
+    tensors, meta = load_lora_file(out)
+    assert max(m.rank for m in parse_kohya(tensors).values()) == 5
+    assert meta["modelspec.merged_from"] == f"{a.stem}, {b.stem}" and meta["modelspec.title"] == out.stem
 
 
 def test_resize_reports_its_error(setup):
@@ -417,8 +422,9 @@ def test_old_clip_key_spelling_and_missing_text_encoder(tmp_path):
     from lorakit.hub import read_lora_metadata
 
     merged_meta = read_lora_metadata(tmp_path / "o.safetensors")  # the base's hashes would be stale: dropped
-    assert merged_meta["modelspec.title"] == "base" and not any(k.startswith(("sshs_", "modelspec.hash"))
-                                                                for k in merged_meta)
+    assert not any(k.startswith(("sshs_", "modelspec.hash")) for k in merged_meta)
+    # a model of its own name, made from the base (by its title) and the LoRA, as sd-scripts records it
+    assert merged_meta["modelspec.title"] == "o" and merged_meta["modelspec.merged_from"] == "base, a"
     with open_weights(tmp_path / "o.safetensors") as got, open_weights(tmp_path / "n.safetensors") as want:
         assert got.ldm_shapes.keys() == want.ldm_shapes.keys()
         assert all(torch.equal(got.read_ldm(k), want.read_ldm(k)) for k in want.ldm_shapes)

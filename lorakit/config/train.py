@@ -444,7 +444,8 @@ class TrainConfig(JobConfig):
                                       "output_dir), or `auto` (the newest if there is one, else a new run: for "
                                       "notebooks run again after a disconnect).",
                                 group="saving")
-    no_metadata: bool = option(False, "Write no training metadata into the LoRA file.", group="saving")
+    no_metadata: bool = option(False, "Write no training metadata into the LoRA file (only what readers need to "
+                               "identify it, and the modelspec block, as sd-scripts).", group="saving")
     training_comment: str | None = option(None, "A comment stored in the metadata.", group="saving")
 
     # ---- samples
