@@ -390,6 +390,11 @@ class Form(_RunResult):
             if raise_errors:
                 raise
             return None
+        except BaseException:  # the stop button, or a fault that is not bad input: shown as it is, the run stopped
+            if remembering:
+                self._forget(kept)
+            self.status.value = "stopped"
+            raise
         self.status.value = "done"
         return self._result
 

@@ -75,6 +75,11 @@ def test_buckets_follow_aspect_ratio(tmp_path):
         assert abs(bw / bh - w / h) < 0.2, (name, bw, bh)
         assert bw % 64 == 0 and bh % 64 == 0 and bw * bh <= 512 * 512
     assert report.record("wide.png").bucket[0] > 512 > report.record("wide.png").bucket[1]
+    # a small model's resolution (the toy's 32 px), below min_bucket_reso: square crops, and images large enough
+    small = check_dataset(tmp_path, resolution=32)
+    assert {small.record(name).bucket for name in encode_to} == {(32, 32)}
+    assert "below min_bucket_reso 256" in small.bucketing
+    assert not any(p.kind == "too_small" for name in encode_to for p in small.record(name).problems)
 
 
 def test_json_roundtrip(problem_dataset):

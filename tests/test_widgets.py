@@ -162,6 +162,20 @@ def test_job_errors_from_the_button_are_one_line_next_to_the_form(tmp_path):
         form.submit()
 
 
+def test_a_fault_in_the_job_is_shown_and_the_form_says_stopped(tmp_path):
+    def job(cfg):
+        raise RuntimeError("a fault, not bad input")
+
+    form = widgets.form(TrainConfig, values=dict(train_data_dir=str(tmp_path)), on_submit=job)
+    with pytest.raises(RuntimeError, match="a fault"):
+        form.submit()
+    assert form.status.value == "stopped"
+    with pytest.raises(ConfigError, match="`output_dir` is empty: set it"):
+        TrainConfig(train_data_dir=str(tmp_path), output_dir=" ")
+    with pytest.raises(ConfigError, match="`pretrained_model_name_or_path` is empty: set it"):
+        TrainConfig(train_data_dir=str(tmp_path), pretrained_model_name_or_path="")
+
+
 def test_drive_path_off_colab_is_a_clear_message():
     form = widgets.form(TrainConfig, values=dict(train_data_dir="/content/drive/MyDrive/data"),
                         on_submit=lambda cfg: pytest.fail("must not run"))

@@ -463,6 +463,10 @@ class TrainConfig(JobConfig):
                                    "compare the LoRA's samples with.", group="samples")
 
     def check(self) -> None:
+        for field_name, what in (("pretrained_model_name_or_path", "a Hub id, a folder or file, or `lorakit-toy`"),
+                                 ("output_dir", "the folder for the LoRA")):
+            if not str(getattr(self, field_name)).strip():
+                raise ConfigError(f"`{field_name}` is empty: set it ({what})")
         name = self.output_name
         if not name.strip() or name.strip() != name or "/" in name or "\\" in name or name.startswith("."):
             raise ConfigError(f"`output_name` must be a plain file name (no folders, not empty, no leading dot or "

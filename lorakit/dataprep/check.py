@@ -52,8 +52,10 @@ def check_dataset(
     start = time.perf_counter()
     huge_side = huge_side or max(4 * resolution, 2048)
     count_tokens, counter_name = make_counter(tokenizer)
+    # below `min_bucket_reso` (a small model such as the toy's) there are no buckets: images are cropped square
+    bucketed = enable_bucket and resolution >= min_bucket_reso
     buckets = make_bucket_resolutions((resolution, resolution), min_bucket_reso, max_bucket_reso, bucket_reso_steps) \
-        if enable_bucket else [(resolution, resolution)]
+        if bucketed else [(resolution, resolution)]
     workers = workers or min(8, os.cpu_count() or 1)
 
     with DatasetSource(folder_or_zip) as src:
@@ -115,7 +117,9 @@ def check_dataset(
             continue
         b.problems.append(Problem("near_duplicate", b.path, f"looks like {a.path} (dHash distance {d}/64)"))
 
-    bucketing = "sd-scripts buckets (lorakit.data.buckets)" if enable_bucket else "off (square crops)"
+    bucketing = ("sd-scripts buckets (lorakit.data.buckets)" if bucketed else
+                 f"off (square crops; resolution below min_bucket_reso {min_bucket_reso})" if enable_bucket
+                 else "off (square crops)")
     return DatasetReport(source=str(folder_or_zip), resolution=resolution, caption_extension=caption_extension,
                          token_counter=counter_name, bucketing=bucketing, records=records, other_problems=other,
                          seconds=time.perf_counter() - start)
