@@ -352,6 +352,8 @@ class Form(_RunResult):
     def save_toml(self, path: str | os.PathLike | None = None) -> Path:
         """Save the (validated) config as TOML; `lorakit <job> --config file.toml` runs the same job."""
         path = Path(path or self.toml_path.value)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give the TOML file's name (e.g. {path / (self.cls.job + '.toml')})")
         out = self.value.save_toml(path)
         self.status.value = f"saved {html.escape(str(out))}"
         return out

@@ -214,6 +214,9 @@ def test_toml_save_and_load_from_the_form(tmp_path):
     path.write_text("network_dimm = 3\n")
     other.load_button.click()
     assert "network_dimm" in other.error and "network_dim" in other.error
+    form.toml_path.value = str(tmp_path)  # a folder: named as one, with a file name to give
+    form.save_button.click()
+    assert f"{tmp_path} is a folder: give the TOML file's name (e.g. {tmp_path / 'train.toml'})" in form.error
 
 
 def test_static_form_without_widgets_uses_the_parameters():
