@@ -33,6 +33,11 @@ class HubError(LorakitError, RuntimeError):
     """A Hugging Face Hub request failed (network, permissions, a repo name taken); the message never holds a token."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message as one line of a lorakit error: its first line (its type's name when empty), cut."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 class OutOfMemory(LorakitError, RuntimeError):
     """The GPU's (or the machine's) memory ran out; the message says which settings need less."""
 
@@ -63,6 +68,6 @@ class memory_advice:  # noqa: N801 (used as a context manager, like contextlib's
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 160)
         where = "the GPU" if "CUDA" in first or "cuda" in first else "this machine"
-        raise self.error_class(f"out of memory on {where} ({first[:160]}): {self.advice}") from exc
+        raise self.error_class(f"out of memory on {where} ({first}): {self.advice}") from exc

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ConfigError, ModelLoadError, UnsafeCheckpointError
+from .errors import ConfigError, ModelLoadError, UnsafeCheckpointError, first_line
 
 
 @contextlib.contextmanager
@@ -267,8 +267,7 @@ def safe_torch_load(path: str | os.PathLike, *, mmap: bool = False):
             if mmap:  # a file system that cannot map files (some network mounts): read it instead
                 mmap = False
                 continue
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise ModelLoadError(f"{path.name}: not a readable checkpoint ({reason})") from None
+            raise ModelLoadError(f"{path.name}: not a readable checkpoint ({first_line(e)})") from None
     raise UnsafeCheckpointError(f"{path.name}: refused to load — too many objects that are not tensors")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import LorakitError
 from .lora_metadata import SESSION_TEXT
-from .train_state import LATEST, SAVED_WITH
+from .train_state import LATEST, SAVED_WITH, STATE_FOLDER
 
 
 def _epoch_number(tag: str) -> int | None:
@@ -107,7 +107,7 @@ def state_names(output_dir: str | Path) -> dict[Path, str | None]:
 
     names = {}
     for folder in sorted(Path(output_dir).glob("state-*")):
-        if folder.is_dir() and re.fullmatch(r"state-\d{8}", folder.name):
+        if folder.is_dir() and STATE_FOLDER.fullmatch(folder.name):
             names[folder] = None
             with contextlib.suppress(OSError, ValueError):
                 names[folder] = tomllib.loads((folder / "config.toml").read_text(encoding="utf-8")).get("output_name")

@@ -15,6 +15,7 @@ bits). The folder appears atomically: it is written under a temporary name and r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import TrainingError
+from .errors import TrainingError, first_line
 from .fileio import safe_torch_load, save_safetensors, sync, temp_folder, torch_save, write_text
 
 LATEST = "state-latest.txt"
+STATE_FOLDER = re.compile(r"state-\d{8}")  # `state-<step>`, the name of a state folder
 CLEARED = "none"  # what state-latest.txt holds when it deliberately names no state
 SAVED_WITH = "saved_with.txt"  # in a state folder: the tag of the LoRA save it was written with
 
@@ -110,13 +112,12 @@ def find_state(resume: str, output_dir: str | Path) -> Path | None:
     if resume in ("latest", "auto"):
         folder = _latest_named(output_dir)
         if folder is None:
-            newest = [] if _pointer_text(output_dir) == CLEARED else _complete_states(output_dir)
-            if not newest:
+            folder = _highest_state(output_dir)
+            if folder is None:
                 if resume == "auto":
                     return None
                 raise TrainingError(f"`resume = latest` but {output_dir} has no saved state yet ({LATEST} is "
                                     f"missing): train with `save_state = true` first")
-            folder = newest[-1]
             print(f"note: {LATEST} in {output_dir} is missing or names no state; resuming from the state of the "
                   f"highest step, {folder.name}", flush=True)
     else:
@@ -144,10 +145,8 @@ def clear_latest(output_dir: str | Path) -> None:
 
 def _latest_named(output_dir: Path) -> Path | None:
     """The state folder `state-latest.txt` names (a state of this folder: `state-<step>`), or None."""
-    import re
-
     name = _pointer_text(output_dir)
-    if name is None or not re.fullmatch(r"state-\d{8}", name):
+    if name is None or not STATE_FOLDER.fullmatch(name):
         return None
     folder = output_dir / name
     _put_back(folder)
@@ -156,10 +155,15 @@ def _latest_named(output_dir: Path) -> Path | None:
 
 def _complete_states(output_dir: Path) -> list[Path]:
     """The state folders in `output_dir` that hold both files, by step."""
-    import re
-
-    return sorted(f for f in output_dir.glob("state-*") if re.fullmatch(r"state-\d{8}", f.name)
+    return sorted(f for f in output_dir.glob("state-*") if STATE_FOLDER.fullmatch(f.name)
                   and (f / "train_state.pt").is_file() and (f / "lora_params.safetensors").is_file())
+
+
+def _highest_state(output_dir: Path) -> Path | None:
+    """The complete state of the highest step, the newest when `state-latest.txt` is lost or damaged; None when
+    there is none or the pointer was cleared on purpose (`clear_latest`)."""
+    states = [] if _pointer_text(output_dir) == CLEARED else _complete_states(output_dir)
+    return states[-1] if states else None
 
 
 def _put_back(folder: Path) -> None:
@@ -184,8 +188,7 @@ def load_state(folder: str | Path) -> TrainState:
         earlier = [f for f in _complete_states(folder.parent) if f.name < folder.name]
         hint = (f"; resume from the one before it: `resume = \"{earlier[-1]}\"`" if earlier else
                 "; no earlier state is in its folder (`resume = none` starts afresh)")
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise TrainingError(f"`resume`: the state {folder} is damaged ({reason}){hint}") from None
+        raise TrainingError(f"`resume`: the state {folder} is damaged ({first_line(e)}){hint}") from None
     return TrainState(params=params, optimizer=data["optimizer"], scheduler=data["scheduler"], scaler=data["scaler"],
                       step=int(data["step"]), epoch=int(data["epoch"]), batches_done=int(data["batches_done"]),
                       rng=data["rng"], loss_history=list(data["loss_history"]), folder=folder,
@@ -212,10 +215,7 @@ def saved_state_in(output_dir: str | Path) -> Path | None:
     """The newest state folder `save_state` left in `output_dir`, or None."""
     output_dir = Path(output_dir)
     folder = _latest_named(output_dir)
-    if folder is not None and (folder / "train_state.pt").is_file():
-        return folder
-    states = [] if _pointer_text(output_dir) == CLEARED else _complete_states(output_dir)
-    return states[-1] if states else None
+    return folder if folder is not None and (folder / "train_state.pt").is_file() else _highest_state(output_dir)
 
 
 def check_layout(saved: dict | None, current: dict, folder: Path) -> None:

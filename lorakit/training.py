@@ -104,17 +104,16 @@ def train(cfg: TrainConfig | None = None, /, callbacks=None, components=None, **
         cfg = cfg.replace(seed=_seed_for(cfg))
     with memory_advice(TRAIN_MEMORY_ADVICE):
         run = prepare_run(cfg, components)  # device, precision, models, dataset (+ report), latent cache, LoRA
-    try:
-        # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step); the U-Net's
-        # backward pass skips the input gradient of skip connections that need none (conv_in's output)
-        with memory_advice(TRAIN_MEMORY_ADVICE), keep_freed_memory(run.device.type == "cpu"), \
-                frozen_skip_gradients(run.components.unet):
-            return _train_loop(cfg, run, Callbacks(callbacks))
-    finally:
-        run.lock.release()
-        if components is not None:  # the caller's model, given back as it was
-            run.network.remove()
-            restore_weights(run.components, run.base_originals)
+        try:
+            # on a CPU, malloc keeps the memory each step frees for the next one (no page faults per step); the
+            # U-Net's backward pass skips the input gradient of skip connections that need none (conv_in's output)
+            with keep_freed_memory(run.device.type == "cpu"), frozen_skip_gradients(run.components.unet):
+                return _train_loop(cfg, run, Callbacks(callbacks))
+        finally:
+            run.lock.release()
+            if components is not None:  # the caller's model, given back as it was
+                run.network.remove()
+                restore_weights(run.components, run.base_originals)
 
 
 def _seed_for(cfg: TrainConfig) -> int:
@@ -153,7 +152,7 @@ def optimizer_step(optimizer, scheduler, scaler, params, max_grad_norm: float | 
     return stepped
 
 
-def _identity(path: Path) -> str:
+def _image_key(path: Path) -> str:
     """An image as a resumed run must find it again: its folder's and its own name (the data may move, with
     `train_data_dir`), and its size in bytes (other pixels under the same name)."""
     try:
@@ -168,7 +167,7 @@ def run_layout(cfg: TrainConfig, dataset) -> dict:
     epoch, accumulation."""
     import hashlib
 
-    images = sorted(f"{_identity(ex.item.path)}:{ex.item.repeats}:{ex.batch_size}" for ex in dataset.examples)
+    images = sorted(f"{_image_key(ex.item.path)}:{ex.item.repeats}:{ex.batch_size}" for ex in dataset.examples)
     return {"images": hashlib.sha256("\n".join(images).encode()).hexdigest()[:16] + f" ({len(images)} draws)",
             "batches per epoch": len(dataset), "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 

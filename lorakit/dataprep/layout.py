@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, DatasetError
 from ..fileio import write_bytes
+from .probe import probe
 from .sources import IMAGE_EXTENSIONS, DatasetSource, dreambooth_name_tokens, stem_key, unique_name
 
 
@@ -62,20 +63,6 @@ class DreamBoothLayout:
         return self.summary()
 
 
-def _decodes(data: bytes) -> bool:
-    """Whether an image file's bytes decode whole (not a renamed text file, not cut short)."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:  # PIL raises many kinds for broken files
-        return False
-
-
 def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, identifier: str, class_name: str,
                            repeats: int | None = None, target_steps: int = 1600, batch_size: int = 1, *,
                            epochs: int = 10, with_reg: bool = False, caption_extension: str = ".txt",
@@ -91,7 +78,8 @@ def make_dreambooth_layout(src: str | os.PathLike, dst: str | os.PathLike, ident
     with DatasetSource(src) as source:
         files = source.files()
         named = [rel for rel, size in files if rel.lower().endswith(IMAGE_EXTENSIONS) and size > 0]
-        images = [rel for rel in named if _decodes(source.read(rel))]  # the repeats are sized for these
+        # the repeats are sized for the images that decode whole, as `prepare check` reads them
+        images = [rel for rel in named if probe(source.read(rel), looks_like_image=True).kind is None]
         if not images:
             raise DatasetError(f"{src} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                                + (f": its {len(named)} file(s) with an image's name do not decode" if named else ""))
